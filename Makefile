@@ -1,0 +1,38 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Each sets itself up first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.fastalign-installed
+
+.PHONY: setup test demo gpu-check bench-cpu clean
+
+setup: $(STAMP)
+
+# The CPU wheel torch==2.13.0 lies on this kind of machine's disk; a CUDA machine takes its own torch.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(PY) -m pip install --quiet torch; \
+	else \
+		$(PY) -m pip install --quiet torch==2.13.0; \
+	fi
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m fastalign.demo
+
+# For a lent GPU machine (no network, no venv): uses the image's python and the source tree.
+gpu-check:
+	PYTHONPATH=. $(PYTHON) benchmarks/gpu_check.py
+
+bench-cpu: $(STAMP)
+	$(PY) benchmarks/loss_head.py --preset cpu
+	$(PY) benchmarks/train_throughput.py --preset cpu-tiny
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

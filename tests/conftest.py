@@ -1,0 +1,24 @@
+"""Test-wide setup.
+
+Without CUDA, Triton kernels run under Triton's interpreter: TRITON_INTERPRET must be set before
+`triton` (and so `kernels`) is imported, which is why it is set here, at collection start.
+Tests marked `gpu` are skipped without CUDA; `make gpu-check` runs them on a GPU machine.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA (run by `make gpu-check`)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
