@@ -1,0 +1,458 @@
+"""Shared helpers for the benchmark scripts: machine description, timing, peak memory, MFU,
+result files, tables, and isolated worker processes.
+
+Scripts are run as `python benchmarks/<name>.py` (or with `PYTHONPATH=.` on a GPU machine); each
+starts with the two lines below so that `benchmarks.common` and `fastalign` import from the tree:
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    from benchmarks.common import ...
+
+Memory conventions (the same for every benchmark):
+- CUDA: `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()` (allocator bytes,
+  so caching slack and the CUDA context are not counted).
+- CPU: peak resident set size (VmHWM) of a process that runs one side only, minus its resident set
+  at the moment the peak was reset (after imports and data preparation, before the model is
+  built). Linux resets VmHWM when "5" is written to /proc/self/clear_refs; where that is refused
+  the peak since process start is used and the JSON says so (`peak_reset: false`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+
+# Peak dense bf16 tensor-core throughput per GPU (TFLOP/s, without sparsity), from the vendors'
+# data sheets. Matched against torch.cuda.get_device_name() in order: the first key contained in
+# the name wins, so the more specific names come first.
+PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H200", 989.0),
+    ("H100", 989.0),  # SXM
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+)
+
+
+# ----------------------------------------------------------------------------- dates and names
+
+
+def utc_now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def utc_date() -> str:
+    return utc_now().strftime("%Y-%m-%d")
+
+
+def slug(text: str) -> str:
+    """`NVIDIA H100 80GB HBM3` -> `nvidia-h100-80gb-hbm3` (safe in file names)."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def device_tag(device: "str | Any") -> str:
+    """Short device name for result file names: `cpu-2c` or the GPU name slug."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return slug(torch.cuda.get_device_name(device))
+    return f"cpu-{_cpu_count()}c"
+
+
+def results_path(benchmark: str, preset: str, device: "str | Any", out_dir: Path | None = None) -> Path:
+    """benchmarks/results/<benchmark>-<date>-<device>-<preset>.json (the date is UTC)."""
+    out_dir = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    return out_dir / f"{benchmark}-{utc_date()}-{device_tag(device)}-{preset}.json"
+
+
+# ----------------------------------------------------------------------------- machine
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _mem_total_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _version(module: str) -> str | None:
+    try:
+        mod = __import__(module)
+    except Exception:  # absent or broken install: report it as missing, do not fail the benchmark
+        return None
+    return getattr(mod, "__version__", "unknown")
+
+
+def _git_commit() -> str | None:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("-dirty" if dirty else "")) or None
+
+
+def machine_info(device: "str | Any" = "cpu") -> dict[str, Any]:
+    """What ran the benchmark: CPU, memory, GPU, library versions, source commit."""
+    import torch
+
+    device = torch.device(device)
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": _cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "mem_total_bytes": _mem_total_bytes(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "flash_attn": _version("flash_attn"),
+        "git_commit": _git_commit(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(
+            gpu_name=props.name,
+            gpu_count=torch.cuda.device_count(),
+            gpu_mem_bytes=props.total_memory,
+            gpu_capability=f"{props.major}.{props.minor}",
+            cuda=torch.version.cuda,
+            peak_bf16_tflops=peak_bf16_tflops(props.name),
+        )
+    return info
+
+
+def machine_summary(info: dict[str, Any]) -> str:
+    """One line for tables and RESULTS.md."""
+    if "gpu_name" in info:
+        return f"1x {info['gpu_name']}, torch {info['torch']}"
+    return f"{info['cpu_model']} ({info['cpu_count']} cores), torch {info['torch']}"
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def synchronize(device: "str | Any") -> None:
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: "str | Any") -> tuple[Any, float]:
+    """Run fn once; return (its result, wall seconds) with the device synchronised on both ends."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    n = len(ordered)
+    if n == 0:
+        raise ValueError("median of no values")
+    mid = n // 2
+    return ordered[mid] if n % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+
+
+def summarize_times(times: Sequence[float]) -> dict[str, float]:
+    return {"median_s": median(times), "min_s": min(times), "max_s": max(times), "mean_s": sum(times) / len(times),
+            "n": len(times)}
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _proc_status_kib(field_name: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process."""
+    kib = _proc_status_kib("VmRSS")
+    if kib is not None:
+        return kib * 1024
+    return peak_rss_bytes()  # no /proc: the best available upper bound
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (VmHWM, else ru_maxrss)."""
+    kib = _proc_status_kib("VmHWM")
+    if kib is not None:
+        return kib * 1024
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss if sys.platform == "darwin" else maxrss * 1024  # bytes on macOS, KiB on Linux
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0); False where refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class PeakMemory:
+    """Peak memory of what runs after `reset()` on one device (see the module docstring).
+
+    `peak_bytes()`: CUDA: max allocated bytes since reset (absolute, so weights already on the
+    GPU count). CPU: peak RSS above the RSS at reset (weights loaded after reset count).
+    """
+
+    device: Any
+    base_bytes: int = 0
+    peak_reset: bool = True
+
+    def reset(self) -> "PeakMemory":
+        import torch
+
+        self.device = torch.device(self.device)
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base_bytes = 0
+        else:
+            self.peak_reset = reset_peak_rss()
+            self.base_bytes = rss_bytes()
+        return self
+
+    def peak_bytes(self) -> int:
+        import torch
+
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return max(peak_rss_bytes() - self.base_bytes, 0)
+
+    def describe(self) -> dict[str, Any]:
+        if self.device.type == "cuda":
+            return {"method": "torch.cuda.max_memory_allocated after reset_peak_memory_stats"}
+        return {"method": "VmHWM - VmRSS at reset (own process)", "peak_reset": self.peak_reset,
+                "base_rss_bytes": self.base_bytes}
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+# ----------------------------------------------------------------------------- FLOPs and MFU
+
+
+def peak_bf16_tflops(device_name: str) -> float | None:
+    for key, tflops in PEAK_BF16_TFLOPS:
+        if key.lower() in device_name.lower():
+            return tflops
+    return None
+
+
+def llama_training_flops(*, non_embedding_params: int, num_layers: int, hidden_size: int,
+                         seq_lens: Iterable[int]) -> float:
+    """Model FLOPs of one forward+backward over sequences of the given lengths (real tokens only).
+
+    Per token: 6 * N (N = parameters of the decoder layers plus the LM head, embeddings excluded:
+    a lookup is no matmul) plus attention scores and values, 12 * L * H * s for a token in a
+    sequence of length s (the PaLM-paper convention, which counts the full, not the causal,
+    square). Padding does no useful work and is not counted, so two implementations of the same
+    step get the same FLOPs and MFU compares them fairly.
+    """
+    total = 0.0
+    for s in seq_lens:
+        total += s * (6.0 * non_embedding_params + 12.0 * num_layers * hidden_size * s)
+    return total
+
+
+def mfu(flops_per_second: float, device: "str | Any") -> float | None:
+    """Model FLOPs utilisation against the device's peak dense bf16 throughput (None on CPU)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    peak = peak_bf16_tflops(torch.cuda.get_device_name(device))
+    return None if peak is None else flops_per_second / (peak * 1e12)
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> Path:
+    """Write atomically (tmp + rename) so a killed run never leaves half a JSON file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def result_header(benchmark: str, preset: str, device: "str | Any") -> dict[str, Any]:
+    """The fields every result JSON starts with."""
+    return {
+        "benchmark": benchmark,
+        "preset": preset,
+        "date_utc": utc_now().strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": " ".join([Path(sys.executable).name] + [_rel(a) for a in sys.argv]),
+        "machine": machine_info(device),
+    }
+
+
+def _rel(arg: str) -> str:
+    try:
+        return str(Path(arg).resolve().relative_to(REPO_ROOT)) if Path(arg).exists() else arg
+    except ValueError:
+        return arg
+
+
+def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A fixed-width text table (numbers right-aligned)."""
+    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for n, row in enumerate(cells):
+        lines.append("  ".join(c.rjust(w) if n and _numeric(c) else c.ljust(w) for c, w in zip(row, widths)))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def _numeric(text: str) -> bool:
+    return bool(re.fullmatch(r"[-+]?[0-9][0-9.,eE+-]*(x|%| B| [KMG]iB| s)?", text))
+
+
+# ----------------------------------------------------------------------------- worker processes
+
+_REPLY = "@@fastalign-bench@@ "
+
+
+@dataclass
+class Worker:
+    """A child Python process that serves commands over stdin/stdout, one JSON line each way.
+
+    Used to give each side of a comparison its own process (clean peak-RSS accounting, no shared
+    allocator) while the parent interleaves their steps. The child runs `serve(handlers)`.
+    Anything else the child prints to stdout (library chatter) is passed through to stderr.
+    """
+
+    argv: list[str]
+    env: dict[str, str] | None = None
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+
+    def start(self) -> "Worker":
+        env = dict(os.environ if self.env is None else self.env)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        self.proc = subprocess.Popen([sys.executable, *self.argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=env, cwd=REPO_ROOT, bufsize=1)
+        return self
+
+    def call(self, cmd: str, **args: Any) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps({"cmd": cmd, "args": args}) + "\n")
+        self.proc.stdin.flush()
+        for line in self.proc.stdout:
+            if line.startswith(_REPLY):
+                reply = json.loads(line[len(_REPLY):])
+                if "error" in reply:
+                    raise RuntimeError(f"worker {self.argv} failed on {cmd!r}:\n{reply['error']}")
+                return reply
+            sys.stderr.write(line)
+        raise RuntimeError(f"worker {self.argv} exited (status {self.proc.wait()}) before answering {cmd!r}")
+
+    def close(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            if self.proc.poll() is None:
+                self.call("exit")
+        except (RuntimeError, BrokenPipeError, OSError):
+            pass
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+def serve(handlers: dict[str, Callable[..., dict[str, Any]]]) -> int:
+    """Child side of `Worker`: answer JSON commands until `exit` (or stdin closes)."""
+    import traceback
+
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        request = json.loads(line)
+        if request["cmd"] == "exit":
+            print(_REPLY + json.dumps({"ok": True}), flush=True)
+            return 0
+        try:
+            reply = handlers[request["cmd"]](**request.get("args", {}))
+        except Exception:  # the parent re-raises it with the child's traceback
+            reply = {"error": traceback.format_exc()}
+        print(_REPLY + json.dumps(reply, default=str), flush=True)
+    return 0
