@@ -1,0 +1,393 @@
+"""Convert other people's preference data into Sandbox records {"query", "responses", "scores"}.
+
+    python -m fastalign.convert --format hh-rlhf|pairs|ratings --input FILE --output FILE
+        [--chosen_score 7] [--rejected_score 1] [--no_template] [--rating_scale 7] [--skip_invalid]
+
+Input formats (one record each):
+
+    hh-rlhf  {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}   (Anthropic hh-rlhf)
+             Each text is split at its *last* "\\n\\nAssistant:"; the dialogue before it must be the
+             same in both (else the record is invalid); the two replies (whitespace-stripped)
+             become the responses, rated --chosen_score and --rejected_score.
+    pairs    {"prompt": "...", "chosen": "...", "rejected": "..."}
+    ratings  {"prompt": "...", "completions": ["...", ...], "ratings": [6, 2, ...]}
+             (ratings must lie in [1, --rating_scale], as the trainer requires)
+
+The query is the prompt in the Alpaca template of the original Sandbox data,
+"### Instruction:\\n<prompt>\\n\\n### Response:" (for hh-rlhf the prompt is the dialogue before the
+final assistant turn). `--no_template` keeps the raw prompt: for hh-rlhf that is the dialogue up to
+and including the final "\\n\\nAssistant:", i.e. the prompt exactly as hh-rlhf writes it.
+
+A record whose chosen and rejected texts are identical is invalid: it carries no preference, and
+the objective would push the same text up and down at once.
+
+Files: `.json` (one array), `.jsonl` (one record per line), and `.json.gz` / `.jsonl.gz`, chosen by
+the extension, for input and output alike. The output is written to a temporary file and renamed,
+so a failed run never leaves a half-written file behind. An invalid record stops the conversion
+with a message naming the file, record, field and reason; with `--skip_invalid` it is dropped and
+counted. A summary (records in, written, skipped per reason) is always printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import io
+import json
+import math
+import os
+import sys
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+from fastalign.cli import run_main
+from fastalign.errors import ConfigError, DataError
+
+FORMATS = ("hh-rlhf", "pairs", "ratings")
+ALPACA_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:"
+ASSISTANT_MARKER = "\n\nAssistant:"
+FILE_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: JSON array / JSONL, optionally gzip-compressed, chosen by extension
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileKind:
+    lines: bool  # JSONL (one record per line) rather than one JSON array
+    gzipped: bool
+
+
+def file_kind(path: Path, flag: str) -> FileKind:
+    """The format a path's extension names; `flag` is the option that gave the path (for errors)."""
+    name = path.name.lower()
+    gzipped = name.endswith(".gz")
+    if gzipped:
+        name = name[: -len(".gz")]
+    if name.endswith(".jsonl"):
+        return FileKind(lines=True, gzipped=gzipped)
+    if name.endswith(".json"):
+        return FileKind(lines=False, gzipped=gzipped)
+    raise ConfigError(f"{flag} {path}: unknown file type; use one of {', '.join(FILE_SUFFIXES)}")
+
+
+@contextlib.contextmanager
+def _open_text(path: Path, mode: str, gzipped: bool) -> Iterator[io.TextIOBase]:
+    """Open a UTF-8 text file ("r" or "w"), through gzip when `gzipped`."""
+    if not gzipped:
+        with open(path, mode, encoding="utf-8", newline="\n" if mode == "w" else None) as handle:
+            yield handle
+    elif mode == "w":
+        # mtime=0 and no stored file name: the same records always give the same bytes.
+        with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,
+                                                     compresslevel=6) as packed:
+            with io.TextIOWrapper(packed, encoding="utf-8", newline="\n") as handle:
+                yield handle
+    else:
+        with gzip.open(path, "rt", encoding="utf-8") as handle:
+            yield handle
+
+
+def iter_json_records(path: Path, flag: str = "--input") -> Iterator[tuple[int, str, object]]:
+    """Yield (record index, location, record) for each record of a JSON / JSONL(.gz) file.
+
+    The index is 0-based over records; the location is "line N" for JSONL (blank lines are
+    skipped) and "" for a JSON array. Unreadable files raise a DataError naming file and line.
+    """
+    kind = file_kind(path, flag)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    try:
+        with _open_text(path, "r", kind.gzipped) as handle:
+            if kind.lines:
+                index = 0
+                for line_number, line in enumerate(handle, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise DataError(f"{path}: line {line_number}: invalid JSON: {err.msg} "
+                                        f"(column {err.colno})") from None
+                    yield index, f"line {line_number}", record
+                    index += 1
+            else:
+                try:
+                    records = json.load(handle)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: "
+                                    f"{err.msg}") from None
+                if not isinstance(records, list):
+                    raise DataError(f"{path}: expected a JSON array of records, got "
+                                    f"{_type_name(records)} (for one record per line, use .jsonl)")
+                for index, record in enumerate(records):
+                    yield index, "", record
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        raise DataError(f"{path}: not a valid gzip file ({err or 'truncated'})") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read: {err.strerror or err}") from None
+
+
+@contextlib.contextmanager
+def record_writer(path: Path, flag: str = "--output") -> Iterator[Callable[[dict], None]]:
+    """Context manager yielding `write(record)`; the file appears at `path` only on a clean exit.
+
+    Records go to a temporary file beside `path`, renamed over it at the end (atomic on POSIX); an
+    exception inside the block removes the temporary file and leaves any old `path` untouched.
+    """
+    kind = file_kind(path, flag)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _open_text(tmp, "w", kind.gzipped) as out:
+            written = 0
+
+            def write(record: dict) -> None:
+                nonlocal written
+                text = json.dumps(record, ensure_ascii=False)
+                if kind.lines:
+                    out.write(text + "\n")
+                else:
+                    out.write(("[\n" if written == 0 else ",\n") + text)
+                written += 1
+
+            yield write
+            if not kind.lines:
+                out.write("\n]\n" if written else "[]\n")
+        os.replace(tmp, path)
+    except OSError as err:
+        raise DataError(f"{path}: cannot write: {err.strerror or err}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Record conversion: one raw record -> one Sandbox record, or InvalidRecord
+# ---------------------------------------------------------------------------------------------
+
+
+class InvalidRecord(Exception):
+    """A record that cannot be converted. `reason` is value-free so skipped records group by it."""
+
+    def __init__(self, field_name: str | None, reason: str, detail: str = ""):
+        where = f"field '{field_name}': " if field_name else ""
+        super().__init__(f"{where}{reason}{f' ({detail})' if detail else ''}")
+        self.key = f"{field_name}: {reason}" if field_name else reason  # what skipped records group by
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    template: bool = True  # wrap prompts in the Alpaca template of the original data
+    chosen_score: float = 7.0  # hh-rlhf / pairs: rating of the chosen response
+    rejected_score: float = 1.0  # hh-rlhf / pairs: rating of the rejected response
+    rating_scale: float = 7.0  # ratings must lie in [1, rating_scale]
+
+
+def _type_name(value: object) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null",
+            int: "number", float: "number"}.get(type(value), type(value).__name__)
+
+
+def _field(record: dict, name: str, expected: type):
+    if name not in record:
+        raise InvalidRecord(name, "missing field")
+    value = record[name]
+    if not isinstance(value, expected):
+        raise InvalidRecord(name, f"must be {'a string' if expected is str else 'an array'}",
+                            f"got {_type_name(value)}")
+    return value
+
+
+def _text(record: dict, name: str) -> str:
+    value = _field(record, name, str)
+    if not value.strip():
+        raise InvalidRecord(name, "empty text")
+    return value
+
+
+def _query(prompt: str, options: ConvertOptions) -> str:
+    return ALPACA_TEMPLATE.format(prompt=prompt.strip()) if options.template else prompt
+
+
+def _score(value: float) -> float | int:
+    """Whole ratings are written as integers, as in the original Sandbox data."""
+    return int(value) if float(value).is_integer() else value
+
+
+def _preference_pair(query: str, chosen: str, rejected: str, options: ConvertOptions) -> dict:
+    if chosen == rejected:
+        raise InvalidRecord("chosen/rejected", "chosen and rejected are identical")
+    return {"query": query, "responses": [chosen, rejected],
+            "scores": [_score(options.chosen_score), _score(options.rejected_score)]}
+
+
+def split_last_assistant_turn(dialogue: str, name: str) -> tuple[str, str]:
+    """Split an hh-rlhf text at its last "\\n\\nAssistant:" into (dialogue before it, reply)."""
+    cut = dialogue.rfind(ASSISTANT_MARKER)
+    if cut < 0:
+        raise InvalidRecord(name, "no '\\n\\nAssistant:' turn")
+    return dialogue[:cut], dialogue[cut + len(ASSISTANT_MARKER):]
+
+
+def convert_hh_rlhf(record: dict, options: ConvertOptions) -> dict:
+    chosen_dialogue, chosen = split_last_assistant_turn(_text(record, "chosen"), "chosen")
+    rejected_dialogue, rejected = split_last_assistant_turn(_text(record, "rejected"), "rejected")
+    if chosen_dialogue != rejected_dialogue:
+        raise InvalidRecord("chosen/rejected", "chosen and rejected do not share a prompt")
+    if not chosen_dialogue.strip():
+        raise InvalidRecord("chosen", "no dialogue before the final assistant turn")
+    for name, reply in (("chosen", chosen), ("rejected", rejected)):
+        if not reply.strip():
+            raise InvalidRecord(name, "empty final assistant reply")
+    prompt = chosen_dialogue.strip() if options.template else chosen_dialogue + ASSISTANT_MARKER
+    return _preference_pair(_query(prompt, options), chosen.strip(), rejected.strip(), options)
+
+
+def convert_pair(record: dict, options: ConvertOptions) -> dict:
+    query = _query(_text(record, "prompt"), options)
+    return _preference_pair(query, _text(record, "chosen"), _text(record, "rejected"), options)
+
+
+def convert_ratings(record: dict, options: ConvertOptions) -> dict:
+    query = _query(_text(record, "prompt"), options)
+    completions = _field(record, "completions", list)
+    ratings = _field(record, "ratings", list)
+    if not completions:
+        raise InvalidRecord("completions", "empty array")
+    if len(completions) != len(ratings):
+        raise InvalidRecord("ratings", "length differs from completions",
+                            f"{len(ratings)} ratings, {len(completions)} completions")
+    for position, completion in enumerate(completions):
+        if not isinstance(completion, str):
+            raise InvalidRecord("completions", "must hold strings",
+                                f"item {position} is {_type_name(completion)}")
+        if not completion.strip():
+            raise InvalidRecord("completions", "empty text", f"item {position}")
+    for position, rating in enumerate(ratings):
+        if isinstance(rating, bool) or not isinstance(rating, (int, float)) or not math.isfinite(rating):
+            raise InvalidRecord("ratings", "not a finite number", f"item {position} is {rating!r}")
+        if not 1 <= rating <= options.rating_scale:
+            raise InvalidRecord("ratings", f"rating outside [1, {_score(options.rating_scale)}]",
+                                f"item {position} is {rating!r}")
+    return {"query": query, "responses": list(completions), "scores": list(ratings)}
+
+
+CONVERTERS: dict[str, Callable[[dict, ConvertOptions], dict]] = {
+    "hh-rlhf": convert_hh_rlhf,
+    "pairs": convert_pair,
+    "ratings": convert_ratings,
+}
+
+
+def convert_record(fmt: str, record: object, options: ConvertOptions) -> dict:
+    if not isinstance(record, dict):
+        raise InvalidRecord(None, "record is not a JSON object", f"got {_type_name(record)}")
+    return CONVERTERS[fmt](record, options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole files
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ConversionReport:
+    records_in: int = 0
+    records_out: int = 0
+    skipped: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))  # reason -> indices
+
+    def summary(self, input_path: Path, output_path: Path, fmt: str) -> str:
+        skipped = sum(len(indices) for indices in self.skipped.values())
+        lines = [f"{fmt}: {input_path} -> {output_path}",
+                 f"  records in: {self.records_in}, written: {self.records_out}, skipped: {skipped}"]
+        for reason, indices in sorted(self.skipped.items(), key=lambda item: -len(item[1])):
+            shown = ", ".join(map(str, indices[:5])) + (", ..." if len(indices) > 5 else "")
+            lines.append(f"  skipped {len(indices)}: {reason} (record{'s' * (len(indices) > 1)} {shown})")
+        return "\n".join(lines)
+
+
+def validate_options(fmt: str, options: ConvertOptions) -> None:
+    """Flag values the trainer would reject (scores outside [1, rating_scale]) or that invert a pair."""
+    if fmt not in CONVERTERS:
+        raise ConfigError(f"--format {fmt}: unknown format; use one of {', '.join(FORMATS)}")
+    if not (math.isfinite(options.rating_scale) and options.rating_scale >= 1):
+        raise ConfigError(f"--rating_scale {options.rating_scale}: must be a finite number >= 1")
+    if fmt == "ratings":
+        return
+    for flag, score in (("--chosen_score", options.chosen_score), ("--rejected_score", options.rejected_score)):
+        if not (math.isfinite(score) and 1 <= score <= options.rating_scale):
+            raise ConfigError(f"{flag} {score}: must lie in [1, --rating_scale {options.rating_scale}]")
+    if options.chosen_score <= options.rejected_score:
+        raise ConfigError(f"--chosen_score {options.chosen_score} must be greater than "
+                          f"--rejected_score {options.rejected_score}")
+
+
+def convert_file(fmt: str, input_path: Path, output_path: Path, options: ConvertOptions = ConvertOptions(),
+                 *, skip_invalid: bool = False) -> ConversionReport:
+    """Convert a whole file; raises DataError on the first invalid record unless `skip_invalid`."""
+    validate_options(fmt, options)
+    file_kind(output_path, "--output")  # a bad output name fails before any reading
+    report = ConversionReport()
+    with record_writer(output_path) as write:
+        for index, location, record in iter_json_records(input_path):
+            report.records_in += 1
+            try:
+                converted = convert_record(fmt, record, options)
+            except InvalidRecord as invalid:
+                if not skip_invalid:
+                    where = f"record {index}" + (f" ({location})" if location else "")
+                    raise DataError(f"{input_path}: {where}: {invalid} "
+                                    "(--skip_invalid drops invalid records)") from None
+                report.skipped[invalid.key].append(index)
+                continue
+            write(converted)
+            report.records_out += 1
+        if report.records_out == 0:
+            if report.records_in:
+                print(report.summary(input_path, output_path, fmt), file=sys.stderr)
+            raise DataError(f"{input_path}: no valid {fmt} records to convert; nothing written")
+    return report
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m fastalign.convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--input", required=True, type=Path, help="file in --format (" + ", ".join(FILE_SUFFIXES) + ")")
+    parser.add_argument("--output", required=True, type=Path, help="Sandbox file to write (same extensions)")
+    parser.add_argument("--chosen_score", type=float, default=None, help="hh-rlhf/pairs: rating of chosen (7)")
+    parser.add_argument("--rejected_score", type=float, default=None, help="hh-rlhf/pairs: rating of rejected (1)")
+    parser.add_argument("--no_template", action="store_true", help="keep the raw prompt as the query")
+    parser.add_argument("--rating_scale", type=float, default=7.0, help="scores must lie in [1, this] (7)")
+    parser.add_argument("--skip_invalid", action="store_true", help="drop invalid records and report them")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.format == "ratings":
+        for flag in ("chosen_score", "rejected_score"):
+            if getattr(args, flag) is not None:
+                raise ConfigError(f"--{flag} applies to --format hh-rlhf and pairs only "
+                                  "(ratings records carry their own ratings)")
+    defaults = ConvertOptions()
+    options = ConvertOptions(
+        template=not args.no_template,
+        chosen_score=defaults.chosen_score if args.chosen_score is None else args.chosen_score,
+        rejected_score=defaults.rejected_score if args.rejected_score is None else args.rejected_score,
+        rating_scale=args.rating_scale,
+    )
+    report = convert_file(args.format, args.input, args.output, options, skip_invalid=args.skip_invalid)
+    print(report.summary(args.input, args.output, args.format))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
