@@ -1,0 +1,681 @@
+"""Stable Alignment training: the command line and the loop.
+
+    python -m fastalign.train --model_name_or_path DIR --data_path FILE --output_dir OUT ...
+    torchrun --nproc_per_node=8 -m fastalign.train ...        (same flags as train_alignment.py)
+
+Every process runs the same code: a plain `python -m` run is a one-rank process group, so the
+sharding, mixed precision and checkpointing paths are the same at any world size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastalign import checkpoint as ckpt
+from fastalign import distributed as fdist
+from fastalign.attention import BACKENDS as ATTN_BACKENDS
+from fastalign.cli import run_main
+from fastalign.errors import ConfigError, DataError, FastalignError
+
+log = logging.getLogger("fastalign.train")
+
+LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+STRATEGIES = ("no", "steps", "epoch")
+
+# Dense bf16 peak of common training GPUs (TFLOP/s), for MFU; matched by substring, first wins.
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200", 989.0), ("H100", 989.0),
+    ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10G", 70.0),
+)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def str_to_bool(value: str) -> bool:
+    """HF's boolean flag values: True/False, yes/no, y/n, 1/0, t/f (any case)."""
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "y", "1", "t"):
+        return True
+    if text in ("false", "no", "n", "0", "f"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+def _number(kind, *, low=None, high=None, low_open=False, what=""):
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what or kind.__name__}, got {text!r}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if low is not None and (value <= low if low_open else value < low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low}, got {text!r}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {text!r}")
+        return value
+
+    convert.__name__ = what or kind.__name__
+    return convert
+
+
+positive_int = _number(int, low=1, what="a positive integer")
+nonneg_float = _number(float, low=0.0, what="a number >= 0")
+positive_float = _number(float, low=0.0, low_open=True, what="a number > 0")
+interval_steps = _number(float, low=0.0, low_open=True, what="a number > 0 (< 1: a fraction of the total steps)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastalign.train",
+        description="Stable Alignment training (drop-in for train_alignment.py's command line). "
+        "Boolean flags take True/False (a bare flag means True). Run under "
+        "`torchrun --nproc_per_node=N -m fastalign.train` for N processes (FSDP2); multi-node: "
+        "torchrun --nnodes=M --node_rank=R --rdzv_backend=c10d --rdzv_endpoint=HOST:PORT.",
+        usage="%(prog)s --model_name_or_path DIR --data_path FILE --output_dir DIR [FLAGS] (see --help)",
+        allow_abbrev=False,
+    )
+    boolean = dict(type=str_to_bool, nargs="?", const=True, metavar="True|False")
+
+    orig = parser.add_argument_group("flags of the original train_alignment.py command")
+    orig.add_argument("--model_name_or_path", required=True, help="HF Llama directory (config.json, safetensors or .bin weights, tokenizer).")
+    orig.add_argument("--data_path", required=True, help="Sandbox records: JSON array or JSONL (.gz welcome).")
+    orig.add_argument("--output_dir", required=True, help="Where metrics.jsonl, checkpoint-<step>/ and the final HF model go.")
+    orig.add_argument("--bf16", default=False, help="bf16 compute with fp32 master weights and fp32 gradient reduction (FSDP2 MixedPrecisionPolicy).", **boolean)
+    orig.add_argument("--num_train_epochs", type=positive_float, default=3.0, help="Epochs (fractions allowed); ignored when --max_steps > 0. Default 3.")
+    orig.add_argument("--per_device_train_batch_size", type=positive_int, default=8, help="Groups (query + its responses) per micro-batch per process. Default 8 (HF).")
+    orig.add_argument("--per_device_eval_batch_size", type=positive_int, default=8, help="Groups per evaluation micro-batch per process. Default 8.")
+    orig.add_argument("--gradient_accumulation_steps", type=positive_int, default=1, help="Micro-batches per optimizer step per process. Default 1.")
+    orig.add_argument("--evaluation_strategy", "--eval_strategy", dest="evaluation_strategy", choices=STRATEGIES, default="no", help="Evaluate on --eval_data_path every --eval_steps (steps) or each epoch. Default no.")
+    orig.add_argument("--save_strategy", choices=STRATEGIES, default="steps", help="Write a resumable checkpoint every --save_steps (steps), each epoch, or never (no). Default steps.")
+    orig.add_argument("--save_steps", type=interval_steps, default=500, help="Optimizer steps between checkpoints (< 1: fraction of total steps). Default 500.")
+    orig.add_argument("--save_total_limit", type=positive_int, default=None, help="Keep at most this many checkpoints (oldest deleted). Default: keep all.")
+    orig.add_argument("--learning_rate", type=nonneg_float, default=5e-5, help="Peak AdamW learning rate. Default 5e-5.")
+    orig.add_argument("--weight_decay", type=nonneg_float, default=0.0, help="AdamW weight decay (not applied to norms and biases, as HF). Default 0.")
+    orig.add_argument("--warmup_ratio", type=_number(float, low=0.0, high=1.0, what="a number in [0, 1]"), default=0.0, help="Linear warmup over ceil(ratio * total steps). Default 0.")
+    orig.add_argument("--lr_scheduler_type", choices=LR_SCHEDULERS, default="linear", help="Decay after warmup. Default linear.")
+    orig.add_argument("--logging_steps", type=interval_steps, default=500, help="Optimizer steps between metrics.jsonl lines (< 1: fraction of total). Default 500.")
+    orig.add_argument("--fsdp", default="", help="HF FSDP options, e.g. 'full_shard auto_wrap'. full_shard: FSDP2, params re-gathered in backward; shard_grad_op: kept gathered forward->backward; hybrid_shard[_zero2]: shard per node, replicate across nodes; no_shard or empty: replicate; offload: CPU offload; auto_wrap: always on (one FSDP unit per decoder layer). Default empty.")
+    orig.add_argument("--fsdp_transformer_layer_cls_to_wrap", default=None, help="Accepted for compatibility: fastalign always wraps each decoder layer (LlamaDecoderLayer) as one FSDP unit.")
+    orig.add_argument("--tf32", default=True, help="Allow TF32 matmuls on CUDA (fp32 parts of the computation). Default True.", **boolean)
+    orig.add_argument("--model_max_length", type=positive_int, default=512, help="Longest query+response in tokens; responses are cut from the end. Default 512.")
+    orig.add_argument("--rating_scale", type=positive_float, default=7.0, help="Highest rating; also validates scores (1..rating_scale). Default 7.")
+    orig.add_argument("--margin", type=float, default=1.0, help="Margin multiplier m in (s_best - s_j)/rating_scale * m. Default 1.")
+    orig.add_argument("--max_flow", default=False, help="Penalty = max over the other responses instead of their mean. Default False.", **boolean)
+    orig.add_argument("--ratio", type=nonneg_float, default=0.2, help="Weight of the penalty term. Default 0.2.")
+    orig.add_argument("--num_comp", type=positive_int, default=3, help="Responses per query used in a step (sampled, seeded, when a record has more). Default 3.")
+
+    own = parser.add_argument_group("fastalign flags")
+    own.add_argument("--seed", type=int, default=42, help="Seed for shuffling and candidate sampling. Default 42.")
+    own.add_argument("--max_steps", type=int, default=-1, help="Total optimizer steps; overrides --num_train_epochs when > 0. Default -1.")
+    own.add_argument("--max_tokens_per_batch", type=positive_int, default=None, help="Pack whole groups into micro-batches of at most this many tokens instead of --per_device_train_batch_size groups.")
+    own.add_argument("--gradient_checkpointing", default=False, help="Recompute each decoder layer in backward (less memory, ~30%% more compute). Default False.", **boolean)
+    own.add_argument("--compile", default=False, help="torch.compile each decoder layer. Default False.", **boolean)
+    own.add_argument("--attn_implementation", choices=("auto",) + ATTN_BACKENDS + ("flash_attention_2",), default="auto", help="Packed attention backend; auto: flash_attn, then torch_varlen, then sdpa. Default auto.")
+    own.add_argument("--loss_backend", choices=("auto", "triton", "torch"), default="auto", help="Loss head: fused Triton kernel or its PyTorch twin; auto: triton on CUDA. Default auto.")
+    own.add_argument("--margin_mode", choices=("paper", "seed"), default="paper", help="paper: margin from each response's own rating; seed: the original code's index pairing (reproduces the released model). Default paper.")
+    own.add_argument("--skip_invalid", default=False, help="Drop invalid records (counted per reason) instead of stopping. Default False.", **boolean)
+    own.add_argument("--stop_response", default=False, help="Cut responses at the first '\\n\\nHuman:' / '\\n\\nAssistant:' marker. Default False.", **boolean)
+    own.add_argument("--no_append_eos", default=False, help="Do not append EOS to responses. Default False.", **boolean)
+    own.add_argument("--resume_from_checkpoint", default=None, metavar="PATH|auto", help="Resume from a checkpoint-<step> directory, or the latest complete one in --output_dir (auto; a fresh start when there is none).")
+    own.add_argument("--max_grad_norm", type=nonneg_float, default=1.0, help="Clip the global gradient norm to this (0: no clipping). Default 1.")
+    own.add_argument("--warmup_steps", type=int, default=0, help="Warmup steps; overrides --warmup_ratio when > 0. Default 0.")
+    own.add_argument("--report_to", choices=("none", "tensorboard", "all"), default="none", help="Also log to TensorBoard (output_dir/runs) when installed. Default none.")
+    own.add_argument("--eval_data_path", default=None, help="Held-out Sandbox records for --evaluation_strategy steps|epoch.")
+    own.add_argument("--eval_steps", type=interval_steps, default=None, help="Steps between evaluations (default: --logging_steps).")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and cross-check flags; errors exit with status 2 and a message naming the flag."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.evaluation_strategy != "no" and not args.eval_data_path:
+        parser.error(f"--evaluation_strategy {args.evaluation_strategy} needs --eval_data_path")
+    if args.warmup_steps < 0:
+        parser.error(f"argument --warmup_steps: must be >= 0, got {args.warmup_steps}")
+    if args.max_steps == 0 or args.max_steps < -1:
+        parser.error(f"argument --max_steps: must be > 0 (or -1 to use --num_train_epochs), got {args.max_steps}")
+    try:
+        fdist.parse_fsdp(args.fsdp)
+    except ConfigError as err:
+        parser.error(str(err))
+    if args.fsdp_transformer_layer_cls_to_wrap not in (None, "", "LlamaDecoderLayer"):
+        parser.error(f"argument --fsdp_transformer_layer_cls_to_wrap: fastalign trains Llama models and wraps "
+                     f"each LlamaDecoderLayer; got {args.fsdp_transformer_layer_cls_to_wrap!r}")
+    return args
+
+
+def interval(value: float | None, total_steps: int) -> int:
+    """HF's step intervals: an integer count, or a fraction (< 1) of the total steps."""
+    if value is None:
+        return 0
+    return max(1, math.ceil(value * total_steps)) if value < 1 else int(value)
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def lr_lambda_for(kind: str, warmup_steps: int, total_steps: int):
+    """The multiplier of the peak LR at optimizer step `step` (0-based), as HF's schedules."""
+
+    def factor(step: int) -> float:
+        if kind == "constant":
+            return 1.0
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        if kind == "constant_with_warmup":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))  # cosine
+
+    return factor
+
+
+def warmup_steps_for(args: argparse.Namespace, total_steps: int) -> int:
+    return args.warmup_steps if args.warmup_steps > 0 else math.ceil(args.warmup_ratio * total_steps)
+
+
+# ----------------------------------------------------------------------------- model + loss
+
+
+class AlignmentModel(nn.Module):
+    """Llama and the Stable Alignment loss head in one forward.
+
+    FSDP2 gathers the root's parameters (embedding, final norm, lm_head) only around the root's
+    forward; computing the loss inside it lets the loss read the gathered `lm_head.weight`.
+    Returns a dict of tensors (FSDP hooks traverse dicts): loss (scalar), nll [S], penalty [G],
+    best [G].
+    """
+
+    def __init__(self, llama: nn.Module, *, rating_scale: float, margin: float, ratio: float,
+                 max_flow: bool, margin_mode: str, loss_backend: str):
+        super().__init__()
+        self.llama = llama
+        self.loss_kwargs = dict(rating_scale=rating_scale, margin=margin, ratio=ratio,
+                                max_flow=max_flow, margin_mode=margin_mode, backend=loss_backend)
+
+    def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int, targets,
+                response_index, scores, group_index) -> dict[str, torch.Tensor]:
+        from fastalign.loss import stable_alignment_loss
+
+        hidden = self.llama(input_ids, position_ids, cu_seqlens, max_seqlen)  # [T, H]
+        out = stable_alignment_loss(hidden, self.llama.lm_head.weight, targets, response_index,
+                                    scores, group_index, **self.loss_kwargs)
+        return {"loss": out.loss, "nll": out.nll, "penalty": out.penalty, "best": out.best}
+
+
+PREFIX = "llama."  # AlignmentModel's parameter names = "llama." + the HF names without "model."
+
+
+def run_batch(model: nn.Module, batch) -> dict[str, torch.Tensor]:
+    return model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen,
+                 batch.targets, batch.response_index, batch.scores, batch.group_index)
+
+
+def build_model(args, env: fdist.DistEnv, plan: fdist.FsdpPlan):
+    """Meta-device Llama -> AC -> compile -> FSDP2 -> materialise -> load local shards.
+
+    Returns (model, llama, attention backend, parameter count before sharding).
+    """
+    from fastalign.model import CheckpointReader, Llama, LlamaConfig
+
+    config = LlamaConfig.from_pretrained(args.model_name_or_path)
+    compute_dtype = torch.bfloat16 if args.bf16 else torch.float32
+    from fastalign.attention import resolve_backend
+
+    backend = resolve_backend(args.attn_implementation, env.device, compute_dtype,
+                              getattr(config, "head_dim", None))
+    with torch.device("meta"):
+        llama = Llama(config)  # fp32 parameters: the master weights
+    llama.set_attention_backend(backend)
+    num_params = sum(p.numel() for p in llama.parameters())
+    model = AlignmentModel(llama, rating_scale=args.rating_scale, margin=args.margin,
+                           ratio=args.ratio, max_flow=args.max_flow, margin_mode=args.margin_mode,
+                           loss_backend=args.loss_backend)
+    if args.gradient_checkpointing:
+        fdist.apply_ac(llama.layers)
+    if args.compile:
+        fdist.apply_compile(llama.layers)
+    mesh = fdist.build_mesh(env, plan)
+    fdist.apply_fsdp(model, llama.layers, mesh,
+                     param_dtype=torch.bfloat16 if args.bf16 else None,
+                     reshard_after_forward=plan.reshard_after_forward, offload=plan.offload)
+    model.to_empty(device="cpu" if plan.offload else env.device)
+    fdist.load_sharded_weights(model, CheckpointReader(args.model_name_or_path), prefix=PREFIX)
+    llama.init_buffers()
+    return model, llama, backend, num_params
+
+
+def build_optimizer(model: nn.Module, args, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; like HF, no weight decay on biases and norm weights (the 1-D parameters)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+                             fused=device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_groups(path: str, tokenizer, args, what: str):
+    """Records -> tokenized groups, with the statistics that go into the log."""
+    from fastalign.data import load_records, tokenize_records
+
+    loaded = load_records(path, rating_scale=args.rating_scale, skip_invalid=args.skip_invalid)
+    tokenized = tokenize_records(loaded.records, tokenizer, model_max_length=args.model_max_length,
+                                 append_eos=not args.no_append_eos, stop_response=args.stop_response)
+    if not tokenized.groups:
+        raise DataError(f"{path}: no usable {what} records (skipped: {loaded.skipped or 'none'}, "
+                        f"tokenization: {tokenized.stats})")
+    skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(loaded.skipped.items())) or "none"
+    stats = ", ".join(f"{k}={v}" for k, v in tokenized.stats.items())
+    summary = (f"{what} data {path}: {len(loaded.records)} valid records, skipped {skipped}; "
+               f"{len(tokenized.groups)} groups; {stats}")
+    return tokenized, summary
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+@dataclass
+class Window:
+    """Statistics of the optimizer steps since the last metrics line.
+
+    `device_sums` stays on the device (no host sync per micro-batch): [sum loss_g, sum nll_best,
+    sum penalty, active penalties]; host-side counts come from the batches' shapes.
+    """
+
+    device_sums: torch.Tensor
+    groups: int = 0
+    tokens: int = 0
+    tokens_x_len: int = 0  # sum over sequences of length^2 (for the attention FLOPs)
+    steps: int = 0
+    lr: float = 0.0  # the LR of the window's last step
+    started: float = 0.0
+
+    @classmethod
+    def new(cls, device) -> "Window":
+        return cls(torch.zeros(4, dtype=torch.float64, device=device), started=time.perf_counter())
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_BF16_TFLOPS:
+        if key.lower() in name.lower():
+            return tflops * 1e12
+    return None
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
+
+
+class MetricsLog:
+    """metrics.jsonl (+ TensorBoard) on rank 0."""
+
+    def __init__(self, output_dir: Path, enabled: bool, report_to: str, resume_step: int | None):
+        self.enabled = enabled
+        self.path = output_dir / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            # Drop lines written after the checkpoint by the interrupted run: they are redone.
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        if report_to in ("tensorboard", "all"):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                log.warning("--report_to %s: tensorboard is not installed; metrics go to %s only",
+                            report_to, self.path)
+            else:
+                self.tb = SummaryWriter(str(output_dir / "runs"))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"train/{key}" if not key.startswith("eval_") else f"eval/{key[5:]}",
+                                       value, record["step"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    def __init__(self, args: argparse.Namespace, env: fdist.DistEnv):
+        self.args = args
+        self.env = env
+        self.output_dir = Path(args.output_dir)
+        self.plan = fdist.parse_fsdp(args.fsdp)
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        args, env = self.args, self.env
+        from fastalign.data import GroupBatcher
+        from fastalign.model import load_tokenizer
+
+        torch.manual_seed(args.seed)
+        if env.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = args.tf32
+            torch.backends.cudnn.allow_tf32 = args.tf32
+        if env.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        fdist.barrier()
+
+        tokenizer = load_tokenizer(args.model_name_or_path)
+        train_data, summary = load_groups(args.data_path, tokenizer, args, "train")
+        log.info("%s", summary)
+        self.batcher = GroupBatcher(
+            train_data, num_comp=args.num_comp, seed=args.seed,
+            batch_size=None if args.max_tokens_per_batch else args.per_device_train_batch_size,
+            max_tokens_per_batch=args.max_tokens_per_batch,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            world_size=env.world_size, rank=env.rank, shuffle=True)
+        self.eval_batcher = None
+        if args.evaluation_strategy != "no":
+            eval_data, summary = load_groups(args.eval_data_path, tokenizer, args, "eval")
+            log.info("%s", summary)
+            self.eval_batcher = GroupBatcher(
+                eval_data, num_comp=args.num_comp, seed=args.seed,
+                batch_size=args.per_device_eval_batch_size, gradient_accumulation_steps=1,
+                world_size=env.world_size, rank=env.rank, shuffle=False)
+
+        self.steps_per_epoch = self.batcher.steps_per_epoch()
+        if args.max_steps > 0:
+            self.total_steps = args.max_steps
+        else:
+            self.total_steps = max(1, math.ceil(args.num_train_epochs * self.steps_per_epoch))
+        self.logging_steps = interval(args.logging_steps, self.total_steps)
+        self.save_steps = interval(args.save_steps, self.total_steps)
+        self.eval_steps = interval(args.eval_steps, self.total_steps) or self.logging_steps
+
+        self.model, self.llama, attn_backend, num_params = build_model(args, env, self.plan)
+        config = self.llama.config
+        # FLOPs count matmul parameters only: the input embedding is a lookup (when tied, its
+        # one copy is counted as the LM head, which is a matmul).
+        embed = config.vocab_size * config.hidden_size
+        self.matmul_params = num_params - (0 if config.tie_word_embeddings else embed)
+        self.flops_layers_hidden = 12.0 * config.num_hidden_layers * config.hidden_size
+        self.peak_flops = peak_flops(env.device)
+
+        self.optimizer = build_optimizer(self.model, args, env.device)
+        warmup = warmup_steps_for(args, self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda_for(args.lr_scheduler_type, warmup, self.total_steps))
+
+        from fastalign.loss import resolve_backend as resolve_loss_backend
+
+        loss_backend = resolve_loss_backend(args.loss_backend, env.device)
+        log.info(
+            "world size %d (%s on %s), fsdp %s%s, %s parameters, dtype: fp32 master weights, %s "
+            "compute, fp32 gradient reduction, attention: %s, loss backend: %s, activation "
+            "checkpointing %s, compile %s",
+            env.world_size, env.backend, env.device.type, self.plan.strategy,
+            " + cpu offload" if self.plan.offload else "", f"{num_params:,}",
+            "bf16" if args.bf16 else "fp32", attn_backend, loss_backend,
+            "on" if args.gradient_checkpointing else "off", "on" if args.compile else "off")
+        log.info("%d optimizer steps (%d per epoch; %d micro-batches x %d processes per step), "
+                 "warmup %d, %s schedule, logging every %d, %s", self.total_steps,
+                 self.steps_per_epoch, args.gradient_accumulation_steps, env.world_size, warmup,
+                 args.lr_scheduler_type, self.logging_steps,
+                 f"checkpoint every {self.save_steps} steps" if args.save_strategy == "steps"
+                 else f"checkpoint {'each epoch' if args.save_strategy == 'epoch' else 'never'}")
+
+        self.start_step = 0
+        resume = ckpt.agree_on_resume(
+            ckpt.resolve_resume(args.resume_from_checkpoint, self.output_dir) if env.is_main else None)
+        if resume is not None:
+            self._check_resumable(ckpt.read_trainer_state(resume))
+            state = ckpt.load_checkpoint(resume, self.model, self.optimizer, self.scheduler)
+            self.start_step = state["step"]
+            log.info("resumed from %s at step %d (epoch %d, step %d of the epoch)", resume,
+                     self.start_step, state["epoch"], state["step_in_epoch"])
+        elif args.resume_from_checkpoint is not None:
+            log.info("--resume_from_checkpoint %s: no complete checkpoint in %s, starting fresh",
+                     args.resume_from_checkpoint, self.output_dir)
+        self.metrics = MetricsLog(self.output_dir, env.is_main, args.report_to,
+                                  self.start_step if resume is not None else None)
+
+    def _batch_layout(self) -> dict:
+        """What fixes the sequence of batches: a resumed run must match it exactly."""
+        a = self.args
+        return {"world_size": self.env.world_size, "gradient_accumulation_steps": a.gradient_accumulation_steps,
+                "per_device_train_batch_size": a.per_device_train_batch_size,
+                "max_tokens_per_batch": a.max_tokens_per_batch, "num_comp": a.num_comp, "seed": a.seed,
+                "steps_per_epoch": self.steps_per_epoch}
+
+    def _check_resumable(self, state: dict) -> None:
+        saved, now = state.get("batch_layout", {}), self._batch_layout()
+        differing = [f"{k} (checkpoint {saved.get(k)!r}, now {v!r})" for k, v in now.items() if saved.get(k) != v]
+        if differing:
+            raise ConfigError("--resume_from_checkpoint: the checkpoint was written with a different "
+                              "batch layout, so the run cannot continue with the same batches: "
+                              + "; ".join(differing))
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        args, env = self.args, self.env
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.total_steps, initial=self.start_step, disable=not env.is_main,
+                   desc="train", unit="step", dynamic_ncols=True)
+        window = Window.new(env.device)
+        nonfinite = torch.zeros((), dtype=torch.bool, device=env.device)
+        step = self.start_step
+        num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        for epoch in range(step // self.steps_per_epoch, num_epochs):
+            first = step - epoch * self.steps_per_epoch
+            for opt_step in self.batcher.iter_steps(epoch, first):
+                if step >= self.total_steps:
+                    break
+                grad_norm = self._train_step(opt_step, window)
+                nonfinite |= ~torch.isfinite(grad_norm)
+                step += 1
+                bar.update(1)
+                epoch_done = step % self.steps_per_epoch == 0
+                if step % self.logging_steps == 0 or step == self.total_steps:
+                    record = self._log(step, window, grad_norm, nonfinite)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    window = Window.new(env.device)
+                if self.eval_batcher is not None and (
+                        (args.evaluation_strategy == "steps" and step % self.eval_steps == 0)
+                        or (args.evaluation_strategy == "epoch" and epoch_done)):
+                    self._evaluate(step)
+                if (args.save_strategy == "steps" and step % self.save_steps == 0) or (
+                        args.save_strategy == "epoch" and epoch_done):
+                    self._save(step, nonfinite)
+        bar.close()
+        self._check_finite(nonfinite, step)
+        log.info("training done at step %d; writing the model to %s", step, self.output_dir)
+        ckpt.export_hf(self.model, self.llama, self.output_dir, self.args.model_name_or_path, prefix=PREFIX)
+        self.metrics.close()
+
+    def _train_step(self, opt_step, window: Window) -> torch.Tensor:
+        """Forward+backward every micro-batch, clip, update. Returns the (device) grad norm.
+
+        Each micro-batch's loss (the mean over its groups) is scaled by its share of the global
+        batch's groups, so the gradient is that of the mean over all groups of the step on all
+        ranks. FSDP averages gradients over ranks; the world-size factor undoes that average.
+        """
+        env = self.env
+        scale = env.world_size / opt_step.global_groups
+        for batch in opt_step.micro_batches:
+            if batch.num_groups:  # real tokens only: a filler batch's work is thrown away
+                lengths = batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]  # host tensor, [S]
+                window.tokens += batch.num_tokens
+                window.tokens_x_len += int((lengths.long() ** 2).sum())
+            batch = batch.to(env.device, non_blocking=True)
+            try:
+                out = run_batch(self.model, batch)
+                (out["loss"] * (batch.num_groups * scale)).backward()
+            except torch.OutOfMemoryError as err:
+                raise FastalignError(
+                    f"out of memory on rank {env.rank} in a micro-batch of {batch.num_tokens} tokens: "
+                    "lower --max_tokens_per_batch or --per_device_train_batch_size, or use "
+                    "--gradient_checkpointing True or more processes. "
+                    f"The last complete checkpoint in {self.output_dir} is intact.") from err
+            if batch.num_groups:  # filler micro-batches (num_groups 0) only keep collectives matched
+                with torch.no_grad():
+                    penalty = out["penalty"].double()
+                    window.device_sums += torch.stack([
+                        out["loss"].double() * batch.num_groups,
+                        out["nll"].double()[out["best"]].sum(),
+                        penalty.sum(),
+                        (penalty > 0).double().sum()])
+                window.groups += batch.num_groups
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads)
+        if isinstance(grad_norm, torch.distributed.tensor.DTensor):
+            grad_norm = grad_norm.full_tensor()
+        if self.args.max_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(
+                [p for p in self.model.parameters() if p.grad is not None],
+                self.args.max_grad_norm, grad_norm)
+        window.lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        window.steps += 1
+        return grad_norm
+
+    def _log(self, step: int, window: Window, grad_norm: torch.Tensor, nonfinite: torch.Tensor) -> dict:
+        env = self.env
+        host = torch.tensor([window.groups, window.tokens, window.tokens_x_len], dtype=torch.float64,
+                            device=env.device)
+        sums = torch.cat([window.device_sums, host, nonfinite.double().view(1)])
+        dist.all_reduce(sums)
+        memory = torch.tensor([peak_memory_gb(env.device)], device=env.device)
+        dist.all_reduce(memory, op=dist.ReduceOp.MAX)
+        loss, nll_best, penalty, active, groups, tokens, tokens_x_len, bad = sums.tolist()
+        if bad or not math.isfinite(loss):
+            self._fail_nonfinite(step)
+        elapsed = time.perf_counter() - window.started
+        tokens_per_s = tokens / elapsed if elapsed > 0 else 0.0
+        mfu = None
+        if self.peak_flops and tokens:
+            flops = 6.0 * self.matmul_params * tokens + self.flops_layers_hidden * tokens_x_len
+            mfu = flops / elapsed / (self.peak_flops * env.world_size)
+        record = {
+            "step": step,
+            "epoch": round(step / self.steps_per_epoch, 4),
+            "loss": loss / groups,
+            "nll_best": nll_best / groups,
+            "penalty": penalty / groups,
+            "penalty_active_frac": active / groups,
+            "lr": window.lr,
+            "grad_norm": grad_norm.item(),
+            "tokens_per_s": tokens_per_s,
+            "mfu": mfu,
+            "peak_mem_gb": round(memory.item(), 3),
+        }
+        self.metrics.write(record)
+        return record
+
+    def _check_finite(self, nonfinite: torch.Tensor, step: int) -> None:
+        flag = nonfinite.double().view(1).clone()
+        dist.all_reduce(flag)
+        if flag.item():
+            self._fail_nonfinite(step)
+
+    def _fail_nonfinite(self, step: int) -> None:
+        last = ckpt.latest_checkpoint(self.output_dir)
+        raise FastalignError(
+            f"the loss or gradient became NaN/inf by step {step}; stopping without saving. "
+            + (f"The last good checkpoint is {last}." if last else "No checkpoint was written.")
+            + " Try a lower --learning_rate, --max_grad_norm 1.0, or check the data.")
+
+    @torch.no_grad()
+    def _evaluate(self, step: int) -> None:
+        env = self.env
+        sums = torch.zeros(5, dtype=torch.float64, device=env.device)
+        for opt_step in self.eval_batcher.iter_steps(0):
+            for batch in opt_step.micro_batches:
+                if not batch.num_groups:
+                    run_batch(self.model, batch.to(env.device))  # keeps collectives matched
+                    continue
+                out = run_batch(self.model, batch.to(env.device))
+                penalty = out["penalty"].double()
+                sums += torch.stack([out["loss"].double() * batch.num_groups,
+                                     out["nll"].double()[out["best"]].sum(), penalty.sum(),
+                                     (penalty > 0).double().sum(),
+                                     torch.tensor(float(batch.num_groups), device=env.device, dtype=torch.float64)])
+        self.model.reshard()
+        dist.all_reduce(sums)
+        loss, nll_best, penalty, active, groups = sums.tolist()
+        record = {"step": step, "epoch": round(step / self.steps_per_epoch, 4),
+                  "eval_loss": loss / groups, "eval_nll_best": nll_best / groups,
+                  "eval_penalty": penalty / groups, "eval_penalty_active_frac": active / groups}
+        self.metrics.write(record)
+        log.info("eval at step %d: loss %.4f", step, record["eval_loss"])
+
+    def _save(self, step: int, nonfinite: torch.Tensor) -> None:
+        self._check_finite(nonfinite, step)  # never checkpoint NaN weights
+        state = {"step": step, "epoch": step // self.steps_per_epoch,
+                 "step_in_epoch": step % self.steps_per_epoch, "total_steps": self.total_steps,
+                 "batch_layout": self._batch_layout(), "args": vars(self.args)}
+        path = ckpt.save_checkpoint(self.output_dir, step, self.model, self.optimizer, self.scheduler,
+                                    state, save_total_limit=self.args.save_total_limit)
+        log.info("saved %s", path)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def setup_logging(is_main: bool) -> None:
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, stream=sys.stderr,
+                        format="[fastalign %(asctime)s] %(message)s", datefmt="%H:%M:%S")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    env = fdist.init_distributed()
+    setup_logging(env.is_main)
+    trainer = Trainer(args, env)
+    trainer.setup()
+    trainer.train()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
