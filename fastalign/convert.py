@@ -81,7 +81,9 @@ def file_kind(path: Path, flag: str) -> FileKind:
 def _open_text(path: Path, mode: str, gzipped: bool) -> Iterator[io.TextIOBase]:
     """Open a UTF-8 text file ("r" or "w"), through gzip when `gzipped`."""
     if not gzipped:
-        with open(path, mode, encoding="utf-8", newline="\n" if mode == "w" else None) as handle:
+        # utf-8-sig: a leading byte-order mark (Windows editors) is dropped when reading.
+        with open(path, mode, encoding="utf-8" if mode == "w" else "utf-8-sig",
+                  newline="\n" if mode == "w" else None) as handle:
             yield handle
     elif mode == "w":
         # mtime=0 and no stored file name: the same records always give the same bytes.
@@ -90,7 +92,7 @@ def _open_text(path: Path, mode: str, gzipped: bool) -> Iterator[io.TextIOBase]:
             with io.TextIOWrapper(packed, encoding="utf-8", newline="\n") as handle:
                 yield handle
     else:
-        with gzip.open(path, "rt", encoding="utf-8") as handle:
+        with gzip.open(path, "rt", encoding="utf-8-sig") as handle:
             yield handle
 
 
@@ -137,14 +139,16 @@ def iter_json_records(path: Path, flag: str = "--input") -> Iterator[tuple[int, 
 
 
 @contextlib.contextmanager
-def record_writer(path: Path, flag: str = "--output") -> Iterator[Callable[[dict], None]]:
+def record_writer(path: Path, flag: str = "--output", *,
+                  check: Callable[[Path], object] | None = None) -> Iterator[Callable[[dict], None]]:
     """Context manager yielding `write(record)`; the file appears at `path` only on a clean exit.
 
-    Records go to a temporary file beside `path`, renamed over it at the end (atomic on POSIX); an
-    exception inside the block removes the temporary file and leaves any old `path` untouched.
+    Records go to a temporary file beside `path` (same extension), which `check(tmp_path)` may
+    inspect once complete, then renamed over `path` (atomic on POSIX). An exception inside the
+    block or from `check` removes the temporary file and leaves any old `path` untouched.
     """
     kind = file_kind(path, flag)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with _open_text(tmp, "w", kind.gzipped) as out:
@@ -162,6 +166,8 @@ def record_writer(path: Path, flag: str = "--output") -> Iterator[Callable[[dict
             yield write
             if not kind.lines:
                 out.write("\n]\n" if written else "[]\n")
+        if check is not None:
+            check(tmp)
         os.replace(tmp, path)
     except OSError as err:
         raise DataError(f"{path}: cannot write: {err.strerror or err}") from None
@@ -178,8 +184,8 @@ class InvalidRecord(Exception):
     """A record that cannot be converted. `reason` is value-free so skipped records group by it."""
 
     def __init__(self, field_name: str | None, reason: str, detail: str = ""):
-        where = f"field '{field_name}': " if field_name else ""
-        super().__init__(f"{where}{reason}{f' ({detail})' if detail else ''}")
+        where = f", field '{field_name}'" if field_name else ""
+        super().__init__(f"{where}: {reason}{f' ({detail})' if detail else ''}")
         self.key = f"{field_name}: {reason}" if field_name else reason  # what skipped records group by
 
 
@@ -336,7 +342,17 @@ def convert_file(fmt: str, input_path: Path, output_path: Path, options: Convert
     validate_options(fmt, options)
     file_kind(output_path, "--output")  # a bad output name fails before any reading
     report = ConversionReport()
-    with record_writer(output_path) as write:
+
+    def check_sandbox(written: Path) -> None:
+        """What we write must be what the trainer reads: run its own loader over the result."""
+        from fastalign.data import load_records
+
+        try:
+            load_records(written, rating_scale=options.rating_scale)
+        except DataError as err:  # convert validates every field first, so this is a bug here
+            raise RuntimeError(f"converted records fail the trainer's validation: {err}") from err
+
+    with record_writer(output_path, check=check_sandbox) as write:
         for index, location, record in iter_json_records(input_path):
             report.records_in += 1
             try:
@@ -344,8 +360,8 @@ def convert_file(fmt: str, input_path: Path, output_path: Path, options: Convert
             except InvalidRecord as invalid:
                 if not skip_invalid:
                     where = f"record {index}" + (f" ({location})" if location else "")
-                    raise DataError(f"{input_path}: {where}: {invalid} "
-                                    "(--skip_invalid drops invalid records)") from None
+                    raise DataError(f"{input_path}: {where}{invalid} "
+                                    "(pass --skip_invalid to drop invalid records and go on)") from None
                 report.skipped[invalid.key].append(index)
                 continue
             write(converted)

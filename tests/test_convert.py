@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from fastalign.cli import run_main
-from fastalign.convert import main
+from fastalign.convert import main, record_writer
+from fastalign.data import load_records
 
 MULTI_TURN_CHOSEN = ("\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nHuman: And times 3?"
                      "\n\nAssistant: 12, since 4 x 3 = 12.")
@@ -79,8 +80,8 @@ def test_hh_rlhf_invalid_records_are_reported_by_reason(tmp_path, capsys):
 
     code, _, err = convert(capsys, "--format", "hh-rlhf", "--input", source, "--output", output)
     assert code == 2
-    assert err.strip() == (f"error: {source}: record 1 (line 2): field 'chosen/rejected': chosen and rejected "
-                           "do not share a prompt (--skip_invalid drops invalid records)")
+    assert err.strip() == (f"error: {source}: record 1 (line 2), field 'chosen/rejected': chosen and rejected "
+                           "do not share a prompt (pass --skip_invalid to drop invalid records and go on)")
     assert not output.exists()
 
     code, out, _ = convert(capsys, "--format", "hh-rlhf", "--input", source, "--output", output, "--skip_invalid")
@@ -89,7 +90,7 @@ def test_hh_rlhf_invalid_records_are_reported_by_reason(tmp_path, capsys):
     assert "records in: 6, written: 1, skipped: 5" in out
     assert "skipped 2: chosen/rejected: chosen and rejected do not share a prompt (records 1, 4)" in out
     assert "skipped 1: chosen/rejected: chosen and rejected are identical (record 2)" in out
-    assert "skipped 1: field 'chosen'" not in out and "chosen: no '\\n\\nAssistant:' turn (record 3)" in out
+    assert "skipped 1: chosen: no '\\n\\nAssistant:' turn (record 3)" in out
     assert "skipped 1: record is not a JSON object (record 5)" in out
 
 
@@ -119,7 +120,7 @@ def test_ratings_gzipped_json_round_trip_and_range_check(tmp_path, capsys):
 
     code, _, err = convert(capsys, "--format", "ratings", "--input", source, "--output", output)
     assert code == 2
-    assert "record 1: field 'ratings': rating outside [1, 7] (item 0 is 8)" in err
+    assert "record 1, field 'ratings': rating outside [1, 7] (item 0 is 8)" in err
 
     code, _, _ = convert(capsys, "--format", "ratings", "--input", source, "--output", output, "--rating_scale", "10",
                          "--no_template")
@@ -143,7 +144,7 @@ def test_ratings_record_validation_names_field_and_reason(tmp_path, capsys, reco
     source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "ok", "completions": ["a"], "ratings": [2]}, record])
     code, _, err = convert(capsys, "--format", "ratings", "--input", source, "--output", tmp_path / "o.jsonl")
     assert code == 2
-    assert err.startswith(f"error: {source}: record 1 (line 2): {message}")
+    assert err.startswith(f"error: {source}: record 1 (line 2), {message}")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -171,6 +172,7 @@ def test_score_flags_are_refused_for_ratings(tmp_path, capsys):
     ("obj.json", '{"prompt": "q", "chosen": "a", "rejected": "b"}', "expected a JSON array of records, got object"),
     ("bad.jsonl.gz", "not gzip at all", "not a valid gzip file"),
     ("latin1.jsonl", b'{"prompt": "caf\xe9"}\n', "not UTF-8 text"),
+    ("bom.jsonl", '\ufeff{"prompt": "q", "chosen": "a"}\n', "record 0 (line 1), field 'rejected': missing field"),
     ("empty.jsonl", "\n\n", "no valid pairs records to convert; nothing written"),
     ("data.csv", "prompt,chosen\n", "--input"),
 ])
@@ -216,11 +218,24 @@ def test_output_is_deterministic_and_loads_as_sandbox_data(tmp_path, capsys):
         assert convert(capsys, "--format", "hh-rlhf", "--input", source, "--output", output)[0] == 0
     assert first.read_bytes() == second.read_bytes()
 
-    from fastalign import data
-
-    if not hasattr(data, "load_records"):  # fastalign/data.py is being written concurrently
-        pytest.skip("fastalign.data.load_records does not exist yet")
-    loaded = data.load_records(str(first), rating_scale=7.0)
+    loaded = load_records(str(first), rating_scale=7.0)
     assert [(r.query, r.responses, list(r.scores)) for r in loaded.records] == [
         (f"### Instruction:\n{DIALOGUE}\n\n### Response:", ["12, since 4 x 3 = 12.", "I won't do math."], [7, 1])
     ] * 3
+
+
+def test_writer_check_failure_leaves_old_output_and_no_temp_file(tmp_path):
+    output = tmp_path / "out.json"
+    output.write_text("[]\n")
+    seen = []
+
+    def reject(written):
+        seen.append(read_records(written))
+        raise RuntimeError("rejected")
+
+    with pytest.raises(RuntimeError, match="rejected"):
+        with record_writer(output, check=reject) as write:
+            write({"query": "q", "responses": ["a"], "scores": [1]})
+    assert seen == [[{"query": "q", "responses": ["a"], "scores": [1]}]]  # checked the complete file
+    assert output.read_text() == "[]\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]

@@ -1,0 +1,161 @@
+"""A tiny, randomly initialised Llama in Hugging Face layout, built offline in seconds.
+
+For the demo and the tests: no download, no GPU. The directory holds what a real checkpoint holds
+(config.json, generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json),
+so everything that loads a real Llama (transformers, fastalign.model) loads it unchanged.
+
+    python -m fastalign.tiny OUT_DIR [--data FILE] [--vocab_size 2048] [--seed 0]
+
+The tokenizer is a byte-level BPE trained on the queries and responses of a Sandbox file (default:
+the bundled sample), with <s> (BOS, prepended like Llama's tokenizer does), </s> (EOS) and <unk>;
+no pad token. Byte-level means every text round-trips exactly through encode/decode. The same
+texts and seed always give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from fastalign.cli import run_main
+
+BOS, EOS, UNK = "<s>", "</s>", "<unk>"
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike, *,
+                    model_max_length: int | None = None) -> Path:
+    """Train a byte-level BPE on `texts` and save tokenizer.json + tokenizer_config.json in `out_dir`.
+
+    The vocabulary may come out smaller than `vocab_size` when the texts have fewer merges to
+    offer; read the real size with len(AutoTokenizer.from_pretrained(out_dir)).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(models.BPE(unk_token=UNK))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS, EOS, UNK],  # ids 0, 1, 2
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: nothing is ever <unk>
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    bos_id = tokenizer.token_to_id(BOS)
+    # Like Llama's tokenizer: BOS in front when special tokens are requested, no EOS.
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, bos_id)]
+    )
+    tokenizer.save(str(out / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "unk_token": UNK,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,  # exact round trips
+    }
+    if model_max_length is not None:
+        config["model_max_length"] = model_max_length
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def build_tiny_llama(
+    out_dir: str | os.PathLike,
+    texts: Iterable[str],
+    *,
+    vocab_size: int = 2048,
+    hidden_size: int = 128,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 344,
+    max_position_embeddings: int = 512,
+    seed: int = 0,
+) -> Path:
+    """Write a tokenizer trained on `texts` and a random LlamaForCausalLM (fp32 safetensors) to `out_dir`.
+
+    Files are built in a temporary directory beside `out_dir` and moved in at the end, config.json
+    last, so a directory with a config.json is always complete. Existing files of the same name in
+    `out_dir` are replaced; the global torch RNG is left as it was.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        build_tokenizer(texts, vocab_size, staging, model_max_length=max_position_embeddings)
+        tokenizer = AutoTokenizer.from_pretrained(staging)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads,
+            max_position_embeddings=max_position_embeddings,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=None,
+            tie_word_embeddings=False,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(config)
+        bars_were_on = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a one-shard "Writing model shards" bar is noise here
+        try:
+            model.save_pretrained(staging)
+        finally:
+            if bars_were_on:
+                hf_logging.enable_progress_bar()
+        out.mkdir(exist_ok=True)
+        names = sorted(p.name for p in staging.iterdir())
+        for name in sorted(names, key=lambda name: name == "config.json"):
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def sandbox_texts(path: str | os.PathLike) -> list[str]:
+    """The queries and responses of a Sandbox file: the tokenizer's training texts."""
+    from fastalign.data import load_records
+
+    texts = []
+    for record in load_records(path).records:
+        texts.append(record.query)
+        texts.extend(record.responses)
+    return texts
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from fastalign.data import sample_data_path
+
+    parser = argparse.ArgumentParser(prog="python -m fastalign.tiny", description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--data", type=Path, default=None, help="Sandbox file (default: the bundled sample)")
+    parser.add_argument("--vocab_size", type=int, default=2048)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    data = args.data or sample_data_path()
+    out = build_tiny_llama(args.out_dir, sandbox_texts(data), vocab_size=args.vocab_size, seed=args.seed)
+    print(f"wrote a tiny Llama (tokenizer trained on {data}) to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
