@@ -1,0 +1,233 @@
+"""The Stable Alignment objective on packed batches, with a fused streaming LM head.
+
+    out = stable_alignment_loss(hidden, weight, targets, response_index, scores, group_index,
+                                rating_scale=7.0, margin=1.0, ratio=0.2, max_flow=False,
+                                margin_mode="paper", backend="auto")
+
+hidden [T, H] (final-norm hidden states, any float dtype), weight [V, H] (lm_head, same dtype),
+targets int [T] (next token id, -100 = no loss), response_index int [T] (response of each
+position), scores float [S] (rating of each response), group_index int [S] (group of each
+response, 0..G-1). Returns `AlignmentLossOutput`: loss (fp32 scalar, mean of loss_g over the
+groups), nll (fp32 [S]), penalty (fp32 [G]), best (int64 [G], the best response of each group).
+loss, nll and penalty are differentiable w.r.t. hidden and weight.
+
+The math (DESIGN.md section 1) is in kernels/group_math.py, including `margin_mode="seed"`: a
+compatibility mode that reproduces the original code, which paired the response at position j of
+its group with the j-th largest rating of the group (ratings [3, 7, 5] give the 3-rated response
+margin 0 instead of (7 - 3) / rating_scale * margin).
+
+No [T, V] logits exist at any time: the forward streams the vocabulary in slices (running
+logsumexp + target logit per token), the backward recomputes each slice and turns it into the
+two gradient GEMMs. Positions with target -100 are dropped before any GEMM; in the backward,
+responses whose gradient weight is exactly zero (inactive penalty) are dropped as well.
+
+backend: "triton" (kernels/alignment_head.py; on CPU only under TRITON_INTERPRET=1),
+"torch" (kernels/alignment_head_torch.py, torch ops only) or "auto" (Triton on CUDA, else torch).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from fastalign.errors import FastalignError
+from kernels import alignment_head_torch
+from kernels.group_math import MARGIN_MODES, GroupLayout, GroupOptions, build_group_layout
+
+IGNORE_INDEX = -100
+BACKENDS = ("auto", "triton", "torch")
+
+
+class LossInputError(FastalignError, ValueError):
+    """Inputs the loss cannot use (names the argument, the offending index and the reason)."""
+
+
+@dataclass
+class AlignmentLossOutput:
+    loss: torch.Tensor  # fp32 scalar
+    nll: torch.Tensor  # fp32 [S]
+    penalty: torch.Tensor  # fp32 [G]
+    best: torch.Tensor  # int64 [G]
+
+
+@dataclass
+class _TokenPlan:
+    """The N positions that carry a target, sorted by response (the order every kernel uses)."""
+
+    position: torch.Tensor  # int64 [N], index into [0, T)
+    target: torch.Tensor  # int64 [N]
+    response: torch.Tensor  # int64 [N]
+    response_ptr: torch.Tensor  # int64 [S+1], response r owns tokens ptr[r]:ptr[r+1]
+    response_tokens: torch.Tensor  # int64 [S], n_r
+
+
+def stable_alignment_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          response_index: torch.Tensor, scores: torch.Tensor,
+                          group_index: torch.Tensor, rating_scale: float = 7.0,
+                          margin: float = 1.0, ratio: float = 0.2, max_flow: bool = False,
+                          margin_mode: str = "paper", backend: str = "auto") -> AlignmentLossOutput:
+    """Stable Alignment loss of one packed micro-batch; see the module docstring."""
+    opts = GroupOptions(rating_scale=float(rating_scale), margin=float(margin),
+                        ratio=float(ratio), max_flow=bool(max_flow), margin_mode=margin_mode)
+    _check_options(opts, backend)
+    _check_shapes(hidden, weight, targets, response_index, scores, group_index)
+    impl = _resolve_backend(backend, hidden.device)
+    plan = _plan_tokens(targets, response_index, group_index, vocab=weight.shape[0],
+                        num_responses=scores.shape[0])
+    num_groups = int(group_index.max()) + 1
+    sizes = torch.bincount(group_index, minlength=num_groups)
+    if bool((sizes == 0).any()):
+        empty = int(torch.nonzero(sizes == 0)[0])
+        raise LossInputError(f"group_index: group {empty} has no responses (groups must be "
+                             f"numbered 0..G-1 without gaps; G = {num_groups})")
+    layout = build_group_layout(group_index, num_groups)
+    loss, nll, penalty, best = _AlignmentHead.apply(hidden, weight, scores, plan, layout, opts,
+                                                    impl)
+    return AlignmentLossOutput(loss=loss, nll=nll, penalty=penalty, best=best)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def _resolve_backend(backend: str, device: torch.device) -> ModuleType:
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        return alignment_head_torch
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise LossInputError(
+            f"backend='triton' needs CUDA tensors (got {device.type}); on CPU it runs only under "
+            "Triton's interpreter (set TRITON_INTERPRET=1 before importing triton), otherwise "
+            "use backend='torch' or 'auto'")
+    try:
+        from kernels import alignment_head
+    except ImportError as err:
+        raise LossInputError(f"backend={backend!r} needs triton, which failed to import: {err}; "
+                             "use backend='torch'") from err
+    return alignment_head
+
+
+class _AlignmentHead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, scores, plan: _TokenPlan, layout: GroupLayout,
+                opts: GroupOptions, impl: ModuleType):
+        tokens_hidden = hidden.index_select(0, plan.position)  # [N, H]
+        chunk = impl.vocab_chunk(tokens_hidden.shape[0], weight)
+        lse, target_logit = impl.token_logsumexp(tokens_hidden, weight, plan.target, chunk)
+        nll = impl.response_mean(lse - target_logit, plan.response_ptr)  # [S]
+        group = impl.group_stats(nll, scores, layout, opts)
+        loss = group.loss_per_group.sum() / layout.num_groups
+        ctx.save_for_backward(hidden, weight, lse)
+        ctx.plan, ctx.layout, ctx.group, ctx.impl = plan, layout, group, impl
+        ctx.mark_non_differentiable(group.best)
+        ctx.set_materialize_grads(False)
+        return loss, nll, group.penalty, group.best
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_nll, grad_penalty, _grad_best):
+        hidden, weight, lse = ctx.saved_tensors
+        plan, group, impl = ctx.plan, ctx.group, ctx.impl
+        # d out / d nll_r, per response; the heads only ever see this per-token weight.
+        coef = torch.zeros_like(group.dloss_dnll)
+        if grad_loss is not None:
+            coef = coef + grad_loss.float() * group.dloss_dnll
+        if grad_nll is not None:
+            coef = coef + grad_nll.float()
+        if grad_penalty is not None:
+            coef = coef + grad_penalty.float()[ctx.layout.group_of] * group.dpenalty_dnll
+        token_weight = (coef / plan.response_tokens.float())[plan.response]  # [N]
+        active = torch.nonzero(token_weight != 0).squeeze(1)  # skip zero-weight responses
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        if active.numel() == 0:
+            grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+            return grad_hidden, grad_weight, None, None, None, None, None
+        position = plan.position[active]
+        tokens_hidden = hidden.index_select(0, position)
+        chunk = impl.vocab_chunk(tokens_hidden.shape[0], weight)
+        grad_tokens, grad_weight = impl.head_grads(tokens_hidden, weight, plan.target[active],
+                                                   lse[active], token_weight[active], chunk)
+        if grad_hidden is not None:
+            grad_hidden.index_copy_(0, position, grad_tokens.to(hidden.dtype))
+        if not ctx.needs_input_grad[1]:
+            grad_weight = None
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_options(opts: GroupOptions, backend: str) -> None:
+    if opts.margin_mode not in MARGIN_MODES:
+        raise LossInputError(f"margin_mode must be one of {MARGIN_MODES}, got {opts.margin_mode!r}")
+    if backend not in BACKENDS:
+        raise LossInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not opts.rating_scale > 0:
+        raise LossInputError(f"rating_scale must be > 0, got {opts.rating_scale}")
+
+
+def _check_shapes(hidden, weight, targets, response_index, scores, group_index) -> None:
+    if hidden.dim() != 2 or weight.dim() != 2:
+        raise LossInputError(f"hidden must be [T, H] and weight [V, H]; got hidden "
+                             f"{tuple(hidden.shape)} and weight {tuple(weight.shape)}")
+    if hidden.shape[1] != weight.shape[1]:
+        raise LossInputError(f"hidden size mismatch: hidden {tuple(hidden.shape)} vs weight "
+                             f"{tuple(weight.shape)} (both must end in H)")
+    if not hidden.dtype.is_floating_point or hidden.dtype != weight.dtype:
+        raise LossInputError(f"hidden and weight must share one float dtype; got {hidden.dtype} "
+                             f"and {weight.dtype}")
+    num_tokens, num_responses = hidden.shape[0], scores.shape[0] if scores.dim() == 1 else -1
+    for name, tensor, length in (("targets", targets, num_tokens),
+                                 ("response_index", response_index, num_tokens),
+                                 ("scores", scores, num_responses),
+                                 ("group_index", group_index, num_responses)):
+        if tensor.dim() != 1 or tensor.shape[0] != length:
+            expected = "[T] with T = hidden.shape[0]" if length == num_tokens else "[S]"
+            raise LossInputError(f"{name} must be {expected}; got shape {tuple(tensor.shape)} "
+                                 f"(T = {num_tokens}, S = {scores.shape[0]})")
+        if tensor.device != hidden.device:
+            raise LossInputError(f"{name} is on {tensor.device} but hidden is on {hidden.device}")
+    for name, tensor in (("targets", targets), ("response_index", response_index),
+                         ("group_index", group_index)):
+        if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
+            raise LossInputError(f"{name} must be an integer tensor, got {tensor.dtype}")
+    if num_responses == 0:
+        raise LossInputError("scores is empty: a batch needs at least one response")
+    if not bool(torch.isfinite(scores.float()).all()):
+        bad = int(torch.nonzero(~torch.isfinite(scores.float()))[0])
+        raise LossInputError(f"scores[{bad}] = {scores[bad].item()} is not a finite number")
+    if int(group_index.min()) < 0:
+        bad = int(torch.nonzero(group_index < 0)[0])
+        raise LossInputError(f"group_index[{bad}] = {int(group_index[bad])} is negative")
+
+
+def _plan_tokens(targets, response_index, group_index, *, vocab: int,
+                 num_responses: int) -> _TokenPlan:
+    targets = targets.long()
+    response_index = response_index.long()
+    has_target = targets != IGNORE_INDEX
+    out_of_range = has_target & ((targets < 0) | (targets >= vocab))
+    if bool(out_of_range.any()):
+        pos = int(torch.nonzero(out_of_range)[0])
+        raise LossInputError(f"targets[{pos}] = {int(targets[pos])} is out of range for a vocabulary "
+                             f"of {vocab} tokens (valid: 0..{vocab - 1}, or {IGNORE_INDEX} to ignore)")
+    bad_response = has_target & ((response_index < 0) | (response_index >= num_responses))
+    if bool(bad_response.any()):
+        pos = int(torch.nonzero(bad_response)[0])
+        raise LossInputError(f"response_index[{pos}] = {int(response_index[pos])} is out of range "
+                             f"for {num_responses} responses (len(scores))")
+    position = torch.nonzero(has_target).squeeze(1)
+    order = torch.argsort(response_index[position], stable=True)  # no-op for packed batches
+    position = position[order]
+    response = response_index[position]
+    counts = torch.bincount(response, minlength=num_responses)
+    if bool((counts == 0).any()):
+        empty = int(torch.nonzero(counts == 0)[0])
+        raise LossInputError(
+            f"response {empty} (group {int(group_index[empty])}) has no target tokens: every "
+            f"position with response_index == {empty} has target {IGNORE_INDEX}, so its NLL (a mean "
+            "over its tokens) is undefined")
+    ptr = torch.zeros(num_responses + 1, dtype=torch.int64, device=targets.device)
+    torch.cumsum(counts, 0, out=ptr[1:])
+    return _TokenPlan(position=position, target=targets[position], response=response,
+                      response_ptr=ptr, response_tokens=counts)

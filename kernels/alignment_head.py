@@ -1,0 +1,220 @@
+"""Fused Stable Alignment LM head: Triton kernels around cuBLAS slice GEMMs.
+
+Same algorithm and interface as the PyTorch twin (kernels/alignment_head_torch.py, the oracle of
+this module in tests); fastalign/loss.py drives both. The vocabulary is streamed in slices of C
+columns (chunk rule: `vocab_chunk_size`); per slice, the [N, C] logits come from one GEMM in the
+input dtype (fp32 accumulation inside the GEMM) and a Triton kernel consumes them in the same
+buffer, so no [N, V] tensor ever exists:
+
+- forward, `_lse_slice_kernel`: per token, updates the running max / sum-exp and picks the
+  target logit, all in fp32 (one read of the slice).
+- `_response_mean_kernel`: per response, the mean NLL over its tokens (fixed order, no atomics).
+- `_group_kernel`: per group, best response, margins (paper or seed), penalty, loss and each
+  response's d loss / d nll and d penalty / d nll (kernels/group_math.py is its reference).
+- backward, `_softmax_grad_slice_kernel`: recomputed slice -> dZ = w * (softmax - onehot) in fp32,
+  stored in place in the input dtype; then grad_weight[slice] = dZ^T @ hidden (one GEMM over all
+  tokens, each row block written once) and grad_hidden += dZ @ W[slice] (fp32 accumulator).
+  Tokens whose weight is zero never reach this path (loss.py compacts them away).
+
+Deterministic: every reduction has a fixed order (no atomics); GEMM shapes depend only on inputs.
+Importing needs triton but no GPU: on CPU the kernels run under TRITON_INTERPRET=1 (tests).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.alignment_head_torch import slice_view, vocab_slices, vocab_chunk_size
+from kernels.group_math import GroupLayout, GroupOptions, GroupResult
+
+ROWS_PER_PROGRAM = 4  # lse kernel: rows per program, looping over the slice's columns
+LSE_BLOCK_COLS = 1024
+GRAD_BLOCK_ROWS = 16  # grad kernel: a 2-D grid of [rows, cols] tiles
+GRAD_BLOCK_COLS = 512
+RESPONSE_BLOCK = 256
+
+
+@triton.jit
+def _lse_slice_kernel(logits_ptr, stride_row, n_rows, n_cols, target_ptr, col0,
+                      run_max_ptr, run_sum_ptr, target_logit_ptr,
+                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    run_max = tl.load(run_max_ptr + rows, mask=row_ok, other=0.0)
+    run_sum = tl.load(run_sum_ptr + rows, mask=row_ok, other=0.0)
+    target_logit = tl.load(target_logit_ptr + rows, mask=row_ok, other=0.0)
+    target_col = tl.load(target_ptr + rows, mask=row_ok, other=-1) - col0
+    row_base = logits_ptr + rows.to(tl.int64)[:, None] * stride_row
+    for start in range(0, n_cols, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C)
+        ok = row_ok[:, None] & (cols < n_cols)[None, :]
+        z = tl.load(row_base + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
+        new_max = tl.maximum(run_max, tl.max(z, 1))  # finite: every block has a real column
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), 1)
+        run_max = new_max
+        target_logit += tl.sum(tl.where(cols[None, :] == target_col[:, None], z, 0.0), 1)
+    tl.store(run_max_ptr + rows, run_max, mask=row_ok)
+    tl.store(run_sum_ptr + rows, run_sum, mask=row_ok)
+    tl.store(target_logit_ptr + rows, target_logit, mask=row_ok)
+
+
+@triton.jit
+def _response_mean_kernel(value_ptr, response_ptr, out_ptr, BLOCK: tl.constexpr):
+    response = tl.program_id(0)
+    lo = tl.load(response_ptr + response)
+    hi = tl.load(response_ptr + response + 1)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        acc += tl.load(value_ptr + idx, mask=idx < hi, other=0.0)
+    tl.store(out_ptr + response, tl.sum(acc, 0) / (hi - lo).to(tl.float32))
+
+
+@triton.jit
+def _group_kernel(slot_ptr, max_size, nll_ptr, score_ptr, loss_ptr, penalty_ptr, best_ptr,
+                  dloss_ptr, dpenalty_ptr, inv_groups, rating_scale, margin, ratio,
+                  MAX_FLOW: tl.constexpr, SEED_MARGINS: tl.constexpr, BLOCK_K: tl.constexpr):
+    group = tl.program_id(0)
+    col = tl.arange(0, BLOCK_K)
+    response = tl.load(slot_ptr + group * max_size + col, mask=col < max_size, other=-1)
+    present = response >= 0
+    safe = tl.where(present, response, 0)
+    nll = tl.load(nll_ptr + safe, mask=present, other=0.0)
+    score = tl.load(score_ptr + safe, mask=present, other=float("-inf"))
+    size = tl.sum(present.to(tl.int32), 0)
+
+    s_best = tl.max(score, 0)
+    best_slot = tl.min(tl.where(present & (score == s_best), col, BLOCK_K), 0)  # lowest index
+    is_best = col == best_slot
+    nll_best = tl.sum(tl.where(is_best, nll, 0.0), 0)
+    if SEED_MARGINS:
+        # ref[p] = p-th largest score: rank every slot (descending, stable), then pick rank p.
+        ahead = (score[None, :] > score[:, None]) | (
+            (score[None, :] == score[:, None]) & (col[None, :] < col[:, None]))
+        rank = tl.sum(ahead.to(tl.int32), 1)  # [K]: rank of slot i
+        ref = tl.sum(tl.where(rank[None, :] == col[:, None], score[None, :], 0.0), 1)
+    else:
+        ref = score
+    margins = (s_best - ref) / rating_scale * margin
+    others = present & (col != best_slot)
+    neg = nll_best - nll + margins
+    num_others = tl.maximum(size - 1, 1).to(tl.float32)
+    if MAX_FLOW:
+        neg_masked = tl.where(others, neg, float("-inf"))
+        aggregate = tl.max(neg_masked, 0)
+        worst = tl.min(tl.where(others & (neg_masked == aggregate), col, BLOCK_K), 0)
+        share = tl.where(col == worst, 1.0, 0.0)
+    else:
+        aggregate = tl.sum(tl.where(others, neg, 0.0), 0) / num_others
+        share = tl.zeros([BLOCK_K], dtype=tl.float32) + 1.0 / num_others
+    penalty = tl.where(size > 1, tl.maximum(aggregate, 0.0), 0.0)
+    active = tl.where(penalty > 0, 1.0, 0.0)
+    dpen = tl.where(is_best, active, -active * share)
+    dpen = tl.where(others | (is_best & (size > 1)), dpen, 0.0)
+    dloss = (tl.where(is_best, 1.0, 0.0) + ratio * dpen) * inv_groups
+
+    tl.store(loss_ptr + group, nll_best + ratio * penalty)
+    tl.store(penalty_ptr + group, penalty)
+    tl.store(best_ptr + group, tl.sum(tl.where(is_best, response, 0), 0))
+    tl.store(dloss_ptr + safe, dloss, mask=present)
+    tl.store(dpenalty_ptr + safe, dpen, mask=present)
+
+
+@triton.jit
+def _softmax_grad_slice_kernel(logits_ptr, stride_row, n_rows, n_cols, lse_ptr, target_ptr,
+                               weight_ptr, col0, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rows < n_rows
+    ok = row_ok[:, None] & (cols < n_cols)[None, :]
+    ptrs = logits_ptr + rows.to(tl.int64)[:, None] * stride_row + cols[None, :]
+    z = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    w = tl.load(weight_ptr + rows, mask=row_ok, other=0.0)
+    target_col = tl.load(target_ptr + rows, mask=row_ok, other=-1) - col0
+    onehot = tl.where(cols[None, :] == target_col[:, None], 1.0, 0.0)
+    dz = w[:, None] * (tl.exp(z - lse[:, None]) - onehot)
+    tl.store(ptrs, dz.to(logits_ptr.dtype.element_ty), mask=ok)
+
+
+# ----------------------------------------------------------------------------- drivers
+
+
+def vocab_chunk(num_tokens: int, weight: torch.Tensor) -> int:
+    """Slice width: logits slices are held in the input dtype (bf16 -> 2 bytes per logit)."""
+    return vocab_chunk_size(num_tokens, weight.shape[0], weight.shape[1], weight.element_size(),
+                            device=weight.device)
+
+
+def token_logsumexp(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                    chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden [N, H], weight [V, H], targets int64 [N] -> fp32 (lse [N], target logit [N])."""
+    num_tokens, vocab = hidden.shape[0], weight.shape[0]
+    run_max = torch.full((num_tokens,), float("-inf"), device=hidden.device)
+    run_sum = torch.zeros(num_tokens, device=hidden.device)
+    target_logit = torch.zeros(num_tokens, device=hidden.device)
+    buffer = torch.empty(num_tokens * min(chunk, vocab), dtype=hidden.dtype, device=hidden.device)
+    grid = (triton.cdiv(num_tokens, ROWS_PER_PROGRAM),)
+    for start, stop in vocab_slices(vocab, chunk):
+        logits = torch.mm(hidden, weight[start:stop].T,
+                          out=slice_view(buffer, num_tokens, stop - start))  # [N, C]
+        _lse_slice_kernel[grid](logits, logits.stride(0), num_tokens, stop - start, targets, start,
+                                run_max, run_sum, target_logit,
+                                BLOCK_R=ROWS_PER_PROGRAM, BLOCK_C=LSE_BLOCK_COLS)
+    return run_max + torch.log(run_sum), target_logit
+
+
+def response_mean(token_values: torch.Tensor, response_ptr: torch.Tensor) -> torch.Tensor:
+    """Mean of fp32 token values [N] per response (tokens sorted by response, none empty)."""
+    num_responses = response_ptr.numel() - 1
+    out = torch.empty(num_responses, dtype=torch.float32, device=token_values.device)
+    _response_mean_kernel[(num_responses,)](token_values.contiguous(), response_ptr, out,
+                                           BLOCK=RESPONSE_BLOCK)
+    return out
+
+
+def group_stats(nll: torch.Tensor, scores: torch.Tensor, layout: GroupLayout,
+                opts: GroupOptions) -> GroupResult:
+    """kernels.group_math.group_math as one Triton program per group."""
+    num_groups, max_size = layout.num_groups, layout.max_group_size
+    device = nll.device
+    loss = torch.empty(num_groups, dtype=torch.float32, device=device)
+    penalty = torch.empty_like(loss)
+    best = torch.empty(num_groups, dtype=torch.int64, device=device)
+    dloss = torch.zeros_like(nll, dtype=torch.float32)
+    dpen = torch.zeros_like(dloss)
+    _group_kernel[(num_groups,)](
+        layout.slot_response.contiguous(), max_size, nll.float().contiguous(),
+        scores.float().contiguous(), loss, penalty, best, dloss, dpen, 1.0 / num_groups,
+        opts.rating_scale, opts.margin, opts.ratio, MAX_FLOW=opts.max_flow,
+        SEED_MARGINS=opts.margin_mode == "seed", BLOCK_K=max(triton.next_power_of_2(max_size), 2))
+    return GroupResult(loss_per_group=loss, penalty=penalty, best=best, dloss_dnll=dloss,
+                       dpenalty_dnll=dpen)
+
+
+def head_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+               lse: torch.Tensor, token_weight: torch.Tensor,
+               chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of sum_t w_t * nll_t -> (grad_hidden fp32 [N, H], grad_weight [V, H] in W's dtype)."""
+    num_tokens, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    grad_hidden = torch.zeros(num_tokens, hidden_size, dtype=torch.float32, device=hidden.device)
+    partial = None if hidden.dtype == torch.float32 else torch.empty_like(hidden)  # [N, H]
+    grad_weight = torch.empty_like(weight)
+    buffer = torch.empty(num_tokens * min(chunk, vocab), dtype=hidden.dtype, device=hidden.device)
+    token_weight = token_weight.float().contiguous()
+    for start, stop in vocab_slices(vocab, chunk):
+        w_slice = weight[start:stop]  # [C, H]
+        dz = torch.mm(hidden, w_slice.T, out=slice_view(buffer, num_tokens, stop - start))
+        grid = (triton.cdiv(num_tokens, GRAD_BLOCK_ROWS), triton.cdiv(stop - start, GRAD_BLOCK_COLS))
+        _softmax_grad_slice_kernel[grid](dz, dz.stride(0), num_tokens, stop - start, lse, targets,
+                                         token_weight, start,
+                                         BLOCK_R=GRAD_BLOCK_ROWS, BLOCK_C=GRAD_BLOCK_COLS)
+        torch.mm(dz.T, hidden, out=grad_weight[start:stop])
+        if partial is None:
+            grad_hidden.addmm_(dz, w_slice)
+        else:
+            grad_hidden += torch.mm(dz, w_slice, out=partial)
+    return grad_hidden, grad_weight
