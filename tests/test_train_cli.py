@@ -1,0 +1,111 @@
+"""The command line: the original train_alignment.py flags, fastalign's own, errors, LR schedules."""
+
+import shlex
+
+import pytest
+
+from fastalign.train import build_parser, interval, lr_lambda_for, parse_args, warmup_steps_for
+
+# The README's command line of the released model, minus `torchrun ... train_alignment.py`.
+ORIGINAL = """
+    --model_name_or_path /workspace/hhh-sft --data_path /workspace/sandbox_v1.json --bf16 True
+    --output_dir /workspace/output_lm --num_train_epochs 2 --per_device_train_batch_size 1
+    --per_device_eval_batch_size 1 --gradient_accumulation_steps 8 --evaluation_strategy "no"
+    --save_strategy "steps" --save_steps 200 --save_total_limit 1 --learning_rate 2e-5
+    --weight_decay 0. --warmup_ratio 0.03 --lr_scheduler_type "cosine" --logging_steps 1
+    --fsdp "full_shard auto_wrap" --fsdp_transformer_layer_cls_to_wrap 'LlamaDecoderLayer'
+    --tf32 True --model_max_length 480 --rating_scale 7 --margin 1 --max_flow False --ratio 0.2
+    --num_comp 3
+"""
+REQUIRED = ["--model_name_or_path", "m", "--data_path", "d", "--output_dir", "o"]
+
+
+def test_original_command_line_parses_with_its_meaning():
+    args = parse_args(shlex.split(ORIGINAL))
+    assert args.bf16 is True and args.tf32 is True and args.max_flow is False
+    assert args.num_train_epochs == 2 and args.per_device_train_batch_size == 1
+    assert args.gradient_accumulation_steps == 8 and args.evaluation_strategy == "no"
+    assert args.save_strategy == "steps" and args.save_steps == 200 and args.save_total_limit == 1
+    assert args.learning_rate == 2e-5 and args.weight_decay == 0.0 and args.warmup_ratio == 0.03
+    assert args.lr_scheduler_type == "cosine" and args.logging_steps == 1
+    assert args.fsdp == "full_shard auto_wrap" and args.model_max_length == 480
+    assert (args.rating_scale, args.margin, args.ratio, args.num_comp) == (7, 1, 0.2, 3)
+
+
+def test_every_flag_is_documented_in_help():
+    text = build_parser().format_help()
+    flags = [a.option_strings[0] for a in build_parser()._actions if a.option_strings and a.help]
+    originals = [w for w in shlex.split(ORIGINAL) if w.startswith("--")]
+    own = ["--seed", "--max_steps", "--max_tokens_per_batch", "--gradient_checkpointing", "--compile",
+           "--attn_implementation", "--margin_mode", "--skip_invalid", "--resume_from_checkpoint",
+           "--max_grad_norm", "--warmup_steps", "--report_to", "--eval_data_path"]
+    for flag in originals + own:
+        assert flag in flags and flag in text, flag
+
+
+@pytest.mark.parametrize("text,value", [("True", True), ("false", False), ("1", True), ("0", False), ("yes", True)])
+def test_boolean_values(text, value):
+    assert parse_args(REQUIRED + ["--bf16", text]).bf16 is value
+
+
+def test_bare_boolean_flag_means_true():
+    args = parse_args(REQUIRED + ["--gradient_checkpointing", "--seed", "3"])
+    assert args.gradient_checkpointing is True and args.seed == 3
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--bogus_flag", "1"], "--bogus_flag"),
+    (["--bf16", "maybe"], "--bf16"),
+    (["--save_steps", "0"], "--save_steps"),
+    (["--learning_rate", "fast"], "--learning_rate"),
+    (["--lr_scheduler_type", "polynomial"], "--lr_scheduler_type"),
+    (["--fsdp", "full_shard autowrap"], "--fsdp"),
+    (["--fsdp", "full_shard shard_grad_op"], "--fsdp"),
+    (["--warmup_ratio", "1.5"], "--warmup_ratio"),
+    (["--max_steps", "0"], "--max_steps"),
+    (["--evaluation_strategy", "steps"], "--eval_data_path"),
+    (["--fsdp_transformer_layer_cls_to_wrap", "GPT2Block"], "--fsdp_transformer_layer_cls_to_wrap"),
+    (["--per_device_train_batch_size", "-1"], "--per_device_train_batch_size"),
+    (["--bf1", "True"], "--bf1"),  # no abbreviations: a typo is not silently another flag
+])
+def test_bad_flags_exit_2_naming_the_flag(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(REQUIRED + argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_missing_required_flag_is_named(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--data_path", "d", "--output_dir", "o"])
+    assert "--model_name_or_path" in capsys.readouterr().err
+
+
+def test_intervals_accept_fractions_of_total_steps():
+    assert interval(200, 1000) == 200
+    assert interval(0.1, 95) == 10
+    assert interval(None, 10) == 0
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant", "constant_with_warmup"])
+def test_lr_schedules_match_transformers(kind):
+    import torch
+    from transformers import get_scheduler
+
+    total, warmup = 37, 4
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    reference = get_scheduler(kind, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    ours = lr_lambda_for(kind, warmup, total)
+    for step in range(total):
+        assert ours(step) == pytest.approx(reference.get_last_lr()[0], abs=1e-12), step
+        optimizer.step()
+        reference.step()
+
+
+def test_warmup_steps_override_ratio():
+    args = parse_args(REQUIRED + ["--warmup_ratio", "0.03"])
+    assert warmup_steps_for(args, 1000) == 30  # HF: ceil(ratio * total)
+    args = parse_args(REQUIRED + ["--warmup_ratio", "0.03", "--warmup_steps", "5"])
+    assert warmup_steps_for(args, 1000) == 5
