@@ -1,0 +1,63 @@
+"""A small real HF tokenizer built offline, for tests that need actual tokenization.
+
+`build_tokenizer(directory)` trains a byte-level BPE on a few strings with the `tokenizers`
+library, wraps it in `transformers.PreTrainedTokenizerFast` (optionally with BOS/EOS), saves it to
+`directory` and reloads it with `AutoTokenizer.from_pretrained`, so tests exercise the same path as
+a user's model directory. No network, no pad token (fastalign never pads).
+
+pytest puts tests/ on sys.path (it has no __init__.py), so a test module uses it with
+`from tokenizer_fixture import build_tokenizer, hf_tokenizer` (importing the `hf_tokenizer`
+fixture into the module makes it available there).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+BOS_TOKEN = "<s>"
+EOS_TOKEN = "</s>"
+
+# Enough text for merges that make multi-byte tokens, including the chat-turn markers.
+TRAINING_TEXT = [
+    "### Instruction:\nWhat should I do if I find a lost wallet?\n\n### Response:",
+    "You should return it to its owner or hand it to the police.",
+    "Keep the money. Nobody will know.",
+    "\n\nHuman: is that legal?\n\nAssistant: No, it is not.",
+    "The quick brown fox jumps over the lazy dog. Stable alignment trains on rated responses.",
+    "Hello world! Unicode too: café, naïve, 東京, emoji 🙂.",
+]
+
+
+def build_tokenizer(directory: str | Path, *, bos: bool = True, eos: bool = True, vocab_size: int = 400):
+    """Train, save to `directory` and reload a byte-level BPE tokenizer; returns the reloaded one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    specials = [BOS_TOKEN, EOS_TOKEN]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(TRAINING_TEXT, trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS_TOKEN if bos else None,
+        eos_token=EOS_TOKEN if eos else None,
+    )
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    wrapped.save_pretrained(directory)
+    return AutoTokenizer.from_pretrained(directory)
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(tmp_path_factory):
+    """A reloaded byte-level BPE tokenizer with BOS `<s>` and EOS `</s>`, no pad token."""
+    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
