@@ -1,0 +1,163 @@
+"""Plot a training run's metrics.jsonl as one PNG.
+
+    python -m fastalign.plot OUTPUT_DIR [--output PNG]      # default: OUTPUT_DIR/metrics.png
+
+Panels over optimizer steps: loss, nll_best, penalty, active-penalty fraction, tokens/s and
+learning rate. Evaluation lines of the same file (`eval_loss`, `eval_nll_best`, ...) are drawn as
+markers on the matching panel; epoch boundaries as dotted vertical lines. A value that is null,
+missing or not finite is left out (e.g. `mfu` on CPU). If a step appears twice, its last line
+counts. The file may be plotted while training still writes it: an unfinished last line (no
+newline yet) is ignored; any other line that is not a JSON object with a numeric "step" is an error
+naming the line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from fastalign.cli import run_main
+from fastalign.errors import DataError, FastalignError
+
+METRICS_FILE = "metrics.jsonl"
+# (key in metrics.jsonl, panel title); each panel also shows "eval_<key>" when the file has it.
+PANELS = (
+    ("loss", "loss"),
+    ("nll_best", "NLL of the best response"),
+    ("penalty", "penalty"),
+    ("penalty_active_frac", "active-penalty fraction"),
+    ("tokens_per_s", "tokens / s"),
+    ("lr", "learning rate"),
+)
+
+PLOTTED_KEYS = frozenset(["epoch"] + [k for key, _ in PANELS for k in (key, f"eval_{key}")])
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The JSON objects of a metrics.jsonl file, each with a numeric "step" (DataError otherwise)."""
+    if not path.parent.is_dir():
+        raise DataError(f"{path.parent}: no such directory")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file (training writes it every --logging_steps steps)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read: {err.strerror or err}") from None
+    lines = text.split("\n")
+    records = []
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if line_number == len(lines):  # no newline after it: still being written
+                continue
+            raise DataError(f"{path}: line {line_number}: invalid JSON: {err.msg} (column {err.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: line {line_number}: expected a JSON object")
+        if not _is_number(record.get("step")):
+            raise DataError(f"{path}: line {line_number}: 'step' is missing or not a number")
+        for key in PLOTTED_KEYS & record.keys():  # other keys may hold anything: not ours to judge
+            value = record[key]
+            if value is not None and not _is_number(value):
+                raise DataError(f"{path}: line {line_number}: '{key}' is {json.dumps(value)[:40]}, "
+                                "expected a number or null")
+        records.append(record)
+    if not records:
+        raise DataError(f"{path}: no metrics logged yet (empty file)")
+    return records
+
+
+def series(records: Sequence[dict], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of `key`, sorted by step; null / missing / non-finite values left out,
+    the last line winning when a step repeats."""
+    by_step: dict[float, float] = {}
+    for record in records:
+        value = record.get(key)
+        if value is not None and math.isfinite(value):
+            by_step[record["step"]] = value
+    steps = sorted(by_step)
+    return steps, [by_step[step] for step in steps]
+
+
+def epoch_boundaries(records: Sequence[dict]) -> list[float]:
+    """Steps at which epochs 1, 2, ... end, from the lines' (step, epoch) pairs."""
+    steps, epochs = series(records, "epoch")
+    pairs = [(step, epoch) for step, epoch in zip(steps, epochs) if epoch > 0]
+    if not pairs:
+        return []
+    last_step, last_epoch = pairs[-1]
+    steps_per_epoch = last_step / last_epoch
+    return [k * steps_per_epoch for k in range(1, math.floor(last_epoch + 1e-6) + 1)]
+
+
+def plot_metrics(output_dir: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
+    """Draw OUTPUT_DIR/metrics.jsonl to a PNG (default OUTPUT_DIR/metrics.png); returns its path."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise FastalignError("plotting needs matplotlib: pip install matplotlib") from None
+
+    run_dir = Path(output_dir)
+    records = read_metrics(run_dir / METRICS_FILE)
+    target = Path(output) if output is not None else run_dir / "metrics.png"
+
+    # Figure + Agg canvas directly (no pyplot): no global backend state, no display needed.
+    figure = Figure(figsize=(12, 10), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(3, 2, sharex=True).ravel()
+    boundaries = epoch_boundaries(records)
+    for ax, (key, title) in zip(axes, PANELS):
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        for step in boundaries:
+            ax.axvline(step, color="grey", linestyle=":", linewidth=1)
+        steps, values = series(records, key)
+        eval_steps, eval_values = series(records, f"eval_{key}")
+        if steps:
+            ax.plot(steps, values, marker="." if len(steps) < 50 else None, label="train")
+        if eval_steps:
+            ax.plot(eval_steps, eval_values, marker="o", linestyle="--", label="eval")
+            ax.legend(loc="best", fontsize="small")
+        if not steps and not eval_steps:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
+    for ax in axes[-2:]:
+        ax.set_xlabel("optimizer step")
+    figure.suptitle(f"{run_dir.resolve().name}: metrics up to step {max(r['step'] for r in records):g}")
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
+    try:
+        figure.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, target)
+    except OSError as err:
+        raise DataError(f"{target}: cannot write: {err.strerror or err}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastalign.plot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("output_dir", type=Path, help="training --output_dir (holds metrics.jsonl)")
+    parser.add_argument("--output", type=Path, default=None, help="PNG to write (default OUTPUT_DIR/metrics.png)")
+    args = parser.parse_args(argv)
+    print(f"wrote {plot_metrics(args.output_dir, args.output)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
