@@ -222,23 +222,16 @@ def local_rows(param: torch.Tensor) -> tuple[torch.Tensor, slice | None]:
 
 @torch.no_grad()
 def load_sharded_weights(model: nn.Module, reader, *, prefix: str = "") -> None:
-    """Copy each rank's rows of every parameter from `reader` (a model.CheckpointReader).
+    """Fill each rank's rows of every parameter from `reader` (a model.CheckpointReader).
 
-    Only the local rows are read (safetensors slices), so no rank materialises a full copy of
-    the model. `model` must already be materialised (`to_empty`) and sharded.
+    Only the local rows are read from disk (positioned reads of the safetensors slice), so no
+    rank materialises a full copy of the model. `model` must already be sharded and materialised
+    (`to_empty`); shapes and names are checked beforehand by `Llama.check_checkpoint`.
     """
-    available = set(reader.names())
     for name, param in model.named_parameters():
-        key = canonical_name(name, prefix)
-        if key not in available:
-            raise ModelError(f"weight {key!r} is missing from the checkpoint")
-        stored = tuple(reader.shape(key))
-        if stored != tuple(param.shape):
-            raise ModelError(f"weight {key!r} has shape {stored} in the checkpoint, the model expects {tuple(param.shape)}")
         local, rows = local_rows(param)
-        if local.numel() == 0:
-            continue
-        local.copy_(reader.read(key, dtype=local.dtype, rows=rows))
+        if local.numel():
+            reader.read_into(canonical_name(name, prefix), local, rows)
 
 
 def barrier() -> None:

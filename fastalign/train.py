@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from fastalign import checkpoint as ckpt
 from fastalign import distributed as fdist
@@ -233,20 +234,18 @@ def run_batch(model: nn.Module, batch) -> dict[str, torch.Tensor]:
 def build_model(args, env: fdist.DistEnv, plan: fdist.FsdpPlan):
     """Meta-device Llama -> AC -> compile -> FSDP2 -> materialise -> load local shards.
 
-    Returns (model, llama, attention backend, parameter count before sharding).
+    Returns (model, llama, attention backend).
     """
     from fastalign.model import CheckpointReader, Llama, LlamaConfig
 
     config = LlamaConfig.from_pretrained(args.model_name_or_path)
-    compute_dtype = torch.bfloat16 if args.bf16 else torch.float32
-    from fastalign.attention import resolve_backend
-
-    backend = resolve_backend(args.attn_implementation, env.device, compute_dtype,
-                              getattr(config, "head_dim", None))
+    reader = CheckpointReader(args.model_name_or_path)
     with torch.device("meta"):
         llama = Llama(config)  # fp32 parameters: the master weights
-    llama.set_attention_backend(backend)
-    num_params = sum(p.numel() for p in llama.parameters())
+    llama.check_checkpoint(reader)  # names every missing / unknown / misshapen weight up front
+    backend = llama.set_attention_backend(
+        args.attn_implementation, device=env.device,
+        dtype=torch.bfloat16 if args.bf16 else torch.float32)
     model = AlignmentModel(llama, rating_scale=args.rating_scale, margin=args.margin,
                            ratio=args.ratio, max_flow=args.max_flow, margin_mode=args.margin_mode,
                            loss_backend=args.loss_backend)
@@ -259,9 +258,14 @@ def build_model(args, env: fdist.DistEnv, plan: fdist.FsdpPlan):
                      param_dtype=torch.bfloat16 if args.bf16 else None,
                      reshard_after_forward=plan.reshard_after_forward, offload=plan.offload)
     model.to_empty(device="cpu" if plan.offload else env.device)
-    fdist.load_sharded_weights(model, CheckpointReader(args.model_name_or_path), prefix=PREFIX)
+    fdist.load_sharded_weights(model, reader, prefix=PREFIX)
     llama.init_buffers()
-    return model, llama, backend, num_params
+    return model, llama, backend
+
+
+def loss_backend_name(requested: str, device: torch.device) -> str:
+    """What `--loss_backend` runs as here (stable_alignment_loss's `auto`: Triton on CUDA only)."""
+    return requested if requested != "auto" else ("triton" if device.type == "cuda" else "torch")
 
 
 def build_optimizer(model: nn.Module, args, device: torch.device) -> torch.optim.AdamW:
@@ -419,22 +423,17 @@ class Trainer:
                 batch_size=args.per_device_eval_batch_size, gradient_accumulation_steps=1,
                 world_size=env.world_size, rank=env.rank, shuffle=False)
 
-        self.steps_per_epoch = self.batcher.steps_per_epoch()
-        if args.max_steps > 0:
-            self.total_steps = args.max_steps
-        else:
-            self.total_steps = max(1, math.ceil(args.num_train_epochs * self.steps_per_epoch))
+        self.total_steps = self._total_steps()
         self.logging_steps = interval(args.logging_steps, self.total_steps)
         self.save_steps = interval(args.save_steps, self.total_steps)
         self.eval_steps = interval(args.eval_steps, self.total_steps) or self.logging_steps
 
-        self.model, self.llama, attn_backend, num_params = build_model(args, env, self.plan)
+        self.model, self.llama, attn_backend = build_model(args, env, self.plan)
         config = self.llama.config
-        # FLOPs count matmul parameters only: the input embedding is a lookup (when tied, its
-        # one copy is counted as the LM head, which is a matmul).
-        embed = config.vocab_size * config.hidden_size
-        self.matmul_params = num_params - (0 if config.tie_word_embeddings else embed)
-        self.flops_layers_hidden = 12.0 * config.num_hidden_layers * config.hidden_size
+        # FLOPs of a sequence of length s: s * flops_per_token(s), linear in s, so a micro-batch
+        # needs only sum(s) and sum(s^2). Counted on the unsharded model.
+        self.flops_per_token = config.flops_per_token(0)
+        self.flops_per_token_x_len = config.flops_per_token(1) - config.flops_per_token(0)
         self.peak_flops = peak_flops(env.device)
 
         self.optimizer = build_optimizer(self.model, args, env.device)
@@ -442,38 +441,46 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda_for(args.lr_scheduler_type, warmup, self.total_steps))
 
-        from fastalign.loss import resolve_backend as resolve_loss_backend
-
-        loss_backend = resolve_loss_backend(args.loss_backend, env.device)
         log.info(
             "world size %d (%s on %s), fsdp %s%s, %s parameters, dtype: fp32 master weights, %s "
             "compute, fp32 gradient reduction, attention: %s, loss backend: %s, activation "
             "checkpointing %s, compile %s",
             env.world_size, env.backend, env.device.type, self.plan.strategy,
-            " + cpu offload" if self.plan.offload else "", f"{num_params:,}",
-            "bf16" if args.bf16 else "fp32", attn_backend, loss_backend,
+            " + cpu offload" if self.plan.offload else "", f"{config.num_parameters():,}",
+            "bf16" if args.bf16 else "fp32", attn_backend,
+            loss_backend_name(args.loss_backend, env.device),
             "on" if args.gradient_checkpointing else "off", "on" if args.compile else "off")
-        log.info("%d optimizer steps (%d per epoch; %d micro-batches x %d processes per step), "
+        log.info("%d optimizer steps (%d in epoch 0; %d micro-batches x %d processes per step), "
                  "warmup %d, %s schedule, logging every %d, %s", self.total_steps,
-                 self.steps_per_epoch, args.gradient_accumulation_steps, env.world_size, warmup,
-                 args.lr_scheduler_type, self.logging_steps,
+                 self.batcher.steps_per_epoch(0), args.gradient_accumulation_steps, env.world_size,
+                 warmup, args.lr_scheduler_type, self.logging_steps,
                  f"checkpoint every {self.save_steps} steps" if args.save_strategy == "steps"
                  else f"checkpoint {'each epoch' if args.save_strategy == 'epoch' else 'never'}")
 
-        self.start_step = 0
+        self.position = (0, 0, 0)  # (global step, epoch, step in epoch) of the next step
         resume = ckpt.agree_on_resume(
             ckpt.resolve_resume(args.resume_from_checkpoint, self.output_dir) if env.is_main else None)
         if resume is not None:
             self._check_resumable(ckpt.read_trainer_state(resume))
             state = ckpt.load_checkpoint(resume, self.model, self.optimizer, self.scheduler)
-            self.start_step = state["step"]
-            log.info("resumed from %s at step %d (epoch %d, step %d of the epoch)", resume,
-                     self.start_step, state["epoch"], state["step_in_epoch"])
+            self.position = (state["step"], state["epoch"], state["step_in_epoch"])
+            log.info("resumed from %s at step %d (epoch %d, step %d of the epoch)", resume, *self.position)
         elif args.resume_from_checkpoint is not None:
             log.info("--resume_from_checkpoint %s: no complete checkpoint in %s, starting fresh",
                      args.resume_from_checkpoint, self.output_dir)
         self.metrics = MetricsLog(self.output_dir, env.is_main, args.report_to,
-                                  self.start_step if resume is not None else None)
+                                  self.position[0] if resume is not None else None)
+
+    def _total_steps(self) -> int:
+        """--max_steps, or HF's ceil(num_train_epochs x steps per epoch) (epochs may differ in
+        length when packing by --max_tokens_per_batch)."""
+        if self.args.max_steps > 0:
+            return self.args.max_steps
+        epochs = self.args.num_train_epochs
+        whole = int(epochs)
+        total = sum(self.batcher.steps_per_epoch(e) for e in range(whole))
+        total += math.ceil((epochs - whole) * self.batcher.steps_per_epoch(whole)) if epochs > whole else 0
+        return max(1, total)
 
     def _batch_layout(self) -> dict:
         """What fixes the sequence of batches: a resumed run must match it exactly."""
@@ -481,15 +488,15 @@ class Trainer:
         return {"world_size": self.env.world_size, "gradient_accumulation_steps": a.gradient_accumulation_steps,
                 "per_device_train_batch_size": a.per_device_train_batch_size,
                 "max_tokens_per_batch": a.max_tokens_per_batch, "num_comp": a.num_comp, "seed": a.seed,
-                "steps_per_epoch": self.steps_per_epoch}
+                "steps_in_epoch_0": self.batcher.steps_per_epoch(0), "total_steps": self.total_steps}
 
     def _check_resumable(self, state: dict) -> None:
         saved, now = state.get("batch_layout", {}), self._batch_layout()
         differing = [f"{k} (checkpoint {saved.get(k)!r}, now {v!r})" for k, v in now.items() if saved.get(k) != v]
         if differing:
             raise ConfigError("--resume_from_checkpoint: the checkpoint was written with a different "
-                              "batch layout, so the run cannot continue with the same batches: "
-                              + "; ".join(differing))
+                              "batch layout or length, so the run cannot continue with the same "
+                              "batches: " + "; ".join(differing))
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -497,14 +504,13 @@ class Trainer:
         args, env = self.args, self.env
         from tqdm import tqdm
 
-        bar = tqdm(total=self.total_steps, initial=self.start_step, disable=not env.is_main,
+        step, epoch, first = self.position
+        bar = tqdm(total=self.total_steps, initial=step, disable=not env.is_main,
                    desc="train", unit="step", dynamic_ncols=True)
         window = Window.new(env.device)
         nonfinite = torch.zeros((), dtype=torch.bool, device=env.device)
-        step = self.start_step
-        num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-        for epoch in range(step // self.steps_per_epoch, num_epochs):
-            first = step - epoch * self.steps_per_epoch
+        while step < self.total_steps:
+            steps_in_epoch = self.batcher.steps_per_epoch(epoch)
             for opt_step in self.batcher.iter_steps(epoch, first):
                 if step >= self.total_steps:
                     break
@@ -512,18 +518,22 @@ class Trainer:
                 nonfinite |= ~torch.isfinite(grad_norm)
                 step += 1
                 bar.update(1)
-                epoch_done = step % self.steps_per_epoch == 0
+                done_in_epoch = opt_step.step_in_epoch + 1
+                epoch_done = done_in_epoch == steps_in_epoch
+                epoch_float = epoch + done_in_epoch / steps_in_epoch
                 if step % self.logging_steps == 0 or step == self.total_steps:
-                    record = self._log(step, window, grad_norm, nonfinite)
+                    record = self._log(step, epoch_float, window, grad_norm, nonfinite)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                     window = Window.new(env.device)
                 if self.eval_batcher is not None and (
                         (args.evaluation_strategy == "steps" and step % self.eval_steps == 0)
                         or (args.evaluation_strategy == "epoch" and epoch_done)):
-                    self._evaluate(step)
+                    self._evaluate(step, epoch_float)
                 if (args.save_strategy == "steps" and step % self.save_steps == 0) or (
                         args.save_strategy == "epoch" and epoch_done):
-                    self._save(step, nonfinite)
+                    next_position = (epoch + 1, 0) if epoch_done else (epoch, done_in_epoch)
+                    self._save(step, next_position, nonfinite)
+            epoch, first = epoch + 1, 0
         bar.close()
         self._check_finite(nonfinite, step)
         log.info("training done at step %d; writing the model to %s", step, self.output_dir)
@@ -541,9 +551,9 @@ class Trainer:
         scale = env.world_size / opt_step.global_groups
         for batch in opt_step.micro_batches:
             if batch.num_groups:  # real tokens only: a filler batch's work is thrown away
-                lengths = batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]  # host tensor, [S]
+                lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()  # host tensor, [S]
                 window.tokens += batch.num_tokens
-                window.tokens_x_len += int((lengths.long() ** 2).sum())
+                window.tokens_x_len += int((lengths * lengths).sum())
             batch = batch.to(env.device, non_blocking=True)
             try:
                 out = run_batch(self.model, batch)
@@ -555,22 +565,14 @@ class Trainer:
                     "--gradient_checkpointing True or more processes. "
                     f"The last complete checkpoint in {self.output_dir} is intact.") from err
             if batch.num_groups:  # filler micro-batches (num_groups 0) only keep collectives matched
-                with torch.no_grad():
-                    penalty = out["penalty"].double()
-                    window.device_sums += torch.stack([
-                        out["loss"].double() * batch.num_groups,
-                        out["nll"].double()[out["best"]].sum(),
-                        penalty.sum(),
-                        (penalty > 0).double().sum()])
+                window.device_sums += group_sums(out, batch.num_groups)
                 window.groups += batch.num_groups
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm(grads)
-        if isinstance(grad_norm, torch.distributed.tensor.DTensor):
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if isinstance(grad_norm, DTensor):
             grad_norm = grad_norm.full_tensor()
         if self.args.max_grad_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(
-                [p for p in self.model.parameters() if p.grad is not None],
-                self.args.max_grad_norm, grad_norm)
+            torch.nn.utils.clip_grads_with_norm_(params, self.args.max_grad_norm, grad_norm)
         window.lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -578,12 +580,13 @@ class Trainer:
         window.steps += 1
         return grad_norm
 
-    def _log(self, step: int, window: Window, grad_norm: torch.Tensor, nonfinite: torch.Tensor) -> dict:
+    def _log(self, step: int, epoch: float, window: Window, grad_norm: torch.Tensor,
+             nonfinite: torch.Tensor) -> dict:
         env = self.env
         host = torch.tensor([window.groups, window.tokens, window.tokens_x_len], dtype=torch.float64,
                             device=env.device)
         sums = torch.cat([window.device_sums, host, nonfinite.double().view(1)])
-        dist.all_reduce(sums)
+        dist.all_reduce(sums)  # the one host sync of a logging step (with the .tolist() below)
         memory = torch.tensor([peak_memory_gb(env.device)], device=env.device)
         dist.all_reduce(memory, op=dist.ReduceOp.MAX)
         loss, nll_best, penalty, active, groups, tokens, tokens_x_len, bad = sums.tolist()
@@ -593,18 +596,18 @@ class Trainer:
         tokens_per_s = tokens / elapsed if elapsed > 0 else 0.0
         mfu = None
         if self.peak_flops and tokens:
-            flops = 6.0 * self.matmul_params * tokens + self.flops_layers_hidden * tokens_x_len
+            flops = self.flops_per_token * tokens + self.flops_per_token_x_len * tokens_x_len
             mfu = flops / elapsed / (self.peak_flops * env.world_size)
         record = {
             "step": step,
-            "epoch": round(step / self.steps_per_epoch, 4),
+            "epoch": round(epoch, 4),
             "loss": loss / groups,
             "nll_best": nll_best / groups,
             "penalty": penalty / groups,
             "penalty_active_frac": active / groups,
             "lr": window.lr,
             "grad_norm": grad_norm.item(),
-            "tokens_per_s": tokens_per_s,
+            "tokens_per_s": round(tokens_per_s, 1),
             "mfu": mfu,
             "peak_mem_gb": round(memory.item(), 3),
         }
@@ -620,42 +623,46 @@ class Trainer:
     def _fail_nonfinite(self, step: int) -> None:
         last = ckpt.latest_checkpoint(self.output_dir)
         raise FastalignError(
-            f"the loss or gradient became NaN/inf by step {step}; stopping without saving. "
+            f"the loss or gradient norm became NaN/inf by step {step}; stopped without saving. "
             + (f"The last good checkpoint is {last}." if last else "No checkpoint was written.")
-            + " Try a lower --learning_rate, --max_grad_norm 1.0, or check the data.")
+            + " Try a lower --learning_rate or check the data and model weights.")
 
     @torch.no_grad()
-    def _evaluate(self, step: int) -> None:
+    def _evaluate(self, step: int, epoch: float) -> None:
         env = self.env
-        sums = torch.zeros(5, dtype=torch.float64, device=env.device)
+        sums = torch.zeros(4, dtype=torch.float64, device=env.device)
+        groups = 0
         for opt_step in self.eval_batcher.iter_steps(0):
             for batch in opt_step.micro_batches:
-                if not batch.num_groups:
-                    run_batch(self.model, batch.to(env.device))  # keeps collectives matched
-                    continue
-                out = run_batch(self.model, batch.to(env.device))
-                penalty = out["penalty"].double()
-                sums += torch.stack([out["loss"].double() * batch.num_groups,
-                                     out["nll"].double()[out["best"]].sum(), penalty.sum(),
-                                     (penalty > 0).double().sum(),
-                                     torch.tensor(float(batch.num_groups), device=env.device, dtype=torch.float64)])
-        self.model.reshard()
+                out = run_batch(self.model, batch.to(env.device))  # fillers too: collectives match
+                if batch.num_groups:
+                    sums += group_sums(out, batch.num_groups)
+                    groups += batch.num_groups
+        self.model.reshard()  # the root stays gathered after a forward without backward
+        sums = torch.cat([sums, torch.tensor([float(groups)], dtype=torch.float64, device=env.device)])
         dist.all_reduce(sums)
         loss, nll_best, penalty, active, groups = sums.tolist()
-        record = {"step": step, "epoch": round(step / self.steps_per_epoch, 4),
+        record = {"step": step, "epoch": round(epoch, 4),
                   "eval_loss": loss / groups, "eval_nll_best": nll_best / groups,
                   "eval_penalty": penalty / groups, "eval_penalty_active_frac": active / groups}
         self.metrics.write(record)
         log.info("eval at step %d: loss %.4f", step, record["eval_loss"])
 
-    def _save(self, step: int, nonfinite: torch.Tensor) -> None:
+    def _save(self, step: int, next_position: tuple[int, int], nonfinite: torch.Tensor) -> None:
         self._check_finite(nonfinite, step)  # never checkpoint NaN weights
-        state = {"step": step, "epoch": step // self.steps_per_epoch,
-                 "step_in_epoch": step % self.steps_per_epoch, "total_steps": self.total_steps,
+        state = {"step": step, "epoch": next_position[0], "step_in_epoch": next_position[1],
                  "batch_layout": self._batch_layout(), "args": vars(self.args)}
         path = ckpt.save_checkpoint(self.output_dir, step, self.model, self.optimizer, self.scheduler,
                                     state, save_total_limit=self.args.save_total_limit)
         log.info("saved %s", path)
+
+
+def group_sums(out: dict[str, torch.Tensor], num_groups: int) -> torch.Tensor:
+    """float64 [4] on the device: sum of loss_g, of nll_best, of penalty, active penalties."""
+    penalty = out["penalty"].detach().double()
+    return torch.stack([out["loss"].detach().double() * num_groups,
+                        out["nll"].detach().double()[out["best"]].sum(),
+                        penalty.sum(), (penalty > 0).double().sum()])
 
 
 # ----------------------------------------------------------------------------- entry point
