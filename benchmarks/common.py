@@ -303,24 +303,12 @@ def peak_bf16_tflops(device_name: str) -> float | None:
     return None
 
 
-def llama_training_flops(*, non_embedding_params: int, num_layers: int, hidden_size: int,
-                         seq_lens: Iterable[int]) -> float:
-    """Model FLOPs of one forward+backward over sequences of the given lengths (real tokens only).
-
-    Per token: 6 * N (N = parameters of the decoder layers plus the LM head, embeddings excluded:
-    a lookup is no matmul) plus attention scores and values, 12 * L * H * s for a token in a
-    sequence of length s (the PaLM-paper convention, which counts the full, not the causal,
-    square). Padding does no useful work and is not counted, so two implementations of the same
-    step get the same FLOPs and MFU compares them fairly.
-    """
-    total = 0.0
-    for s in seq_lens:
-        total += s * (6.0 * non_embedding_params + 12.0 * num_layers * hidden_size * s)
-    return total
-
-
 def mfu(flops_per_second: float, device: "str | Any") -> float | None:
-    """Model FLOPs utilisation against the device's peak dense bf16 throughput (None on CPU)."""
+    """Model FLOPs utilisation against the device's peak dense bf16 throughput (None on CPU).
+
+    Count model FLOPs of real tokens only (fastalign.model.LlamaConfig.flops_per_token: 6 x the
+    matmul parameters before sharding, embeddings excluded, plus causal attention), so padding
+    earns no credit and two implementations of the same step get the same FLOPs."""
     import torch
 
     device = torch.device(device)

@@ -1,0 +1,345 @@
+"""Training throughput and memory: fastalign's optimizer step against the original approach.
+
+    python benchmarks/train_throughput.py --preset cpu-tiny [--plot]
+    PYTHONPATH=. python benchmarks/train_throughput.py --preset gpu-1b --plot      (CUDA)
+
+Both sides load the same HF Llama checkpoint (random weights of the preset's shape, tokenizer
+trained on the data; built in a temp dir) and train on the same optimizer steps: the same groups
+(queries), the same sampled candidates, the same token ids (fastalign.data's GroupBatcher with
+batch_size 1 and gradient_accumulation_steps = the preset's groups per step, as the original ran).
+
+- baseline: benchmarks/baseline_original.py, one group per padded micro-batch, full logits + HF's
+  own loss, per-response cross-entropy loop (the original `train_alignment.py` step);
+- fastalign: the trainer's own step (`fastalign.train.Trainer`: FSDP2 on one rank, packed varlen
+  Llama, streaming loss head, fused AdamW on CUDA), with the same groups packed into micro-batches
+  of at most `max_tokens_per_batch` tokens (several groups per micro-batch: one of fastalign's
+  advantages; the preset states the budget).
+Both use lr 2e-5, weight decay 0, gradient clipping at 1.0, `margin_mode=seed` (the original's
+margin indexing; speed is the same in either mode), fp32 on CPU, bf16 autocast/mixed precision
+with fp32 master weights on CUDA.
+
+Method. Each side runs in its own child process (benchmarks.common.Worker), so its peak memory is
+its own: CUDA max_memory_allocated, or on CPU the peak RSS above the RSS after imports and data
+preparation (weights, gradients, optimizer state and activations all count). The parent first
+checks that both sides compute the same loss on the first step's groups, then runs warm-up steps,
+then alternates one optimizer step of A and one of B (A B A B ...); each child times its own step
+(device synchronised) and the parent collects the times, so load changes on a shared machine hit
+both sides alike. Reported per side: real tokens/s (query+response tokens of the step, padding not
+counted, divided by the step's time; total over measured steps), median step time, peak memory,
+MFU on CUDA (fastalign.model.LlamaConfig.flops_per_token on real tokens over the peak dense bf16
+FLOP/s in benchmarks.common.PEAK_BF16_TFLOPS), and the ratios fastalign / baseline.
+A benchmark never asserts a time. JSON goes to benchmarks/results/train_throughput-<date>-<device>-
+<preset>.json (and a PNG with --plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (  # noqa: E402
+    TRAIN_PRESETS, PeakMemory, TrainPreset, Worker, fmt_bytes, format_table, machine_summary, mfu, result_header,
+    results_path, serve, summarize_times, timed, write_json)
+
+SIDES = ("baseline", "fastalign")
+LEARNING_RATE = 2e-5  # the original command's value; the same on both sides
+MARGIN_MODE = "seed"  # the original's margin indexing, so both sides compute the same number
+
+
+# ----------------------------------------------------------------------------- the shared steps
+
+
+def shared_steps(spec: dict[str, Any]) -> list[list[Any]]:
+    """The optimizer steps of the run, as lists of one-group PackedBatches (see original_steps)."""
+    from benchmarks.baseline_original import original_steps
+
+    preset = TRAIN_PRESETS[spec["preset"]]
+    return original_steps(Path(spec["model_dir"]), Path(spec["data_path"]), preset, spec["num_steps"],
+                          seed=spec["seed"])
+
+
+def unpack_group(batch) -> Any:
+    """The TokenizedGroup (query ids, sampled responses, scores) in a one-group PackedBatch."""
+    from fastalign.data import TokenizedGroup
+
+    bounds = batch.cu_seqlens.tolist()
+    ids = batch.input_ids.tolist()
+    # targets[t] != -100 from the last query token on: the query is everything up to there.
+    query_len = int((batch.targets[bounds[0]:bounds[1]] != -100).nonzero()[0]) + 1
+    return TokenizedGroup(record_index=batch.record_indices[0], query_ids=ids[bounds[0]:bounds[0] + query_len],
+                          response_ids=[ids[a + query_len:b] for a, b in zip(bounds[:-1], bounds[1:])],
+                          scores=batch.scores.tolist())
+
+
+def fastalign_step(groups_batches: list[Any], max_tokens_per_batch: int):
+    """The same groups as one fastalign OptimizerStep: packed by fastalign.data's token budget."""
+    from fastalign.data import STAT_KEYS, GroupBatcher, TokenizedData
+
+    groups = [unpack_group(b) for b in groups_batches]
+    batcher = GroupBatcher(TokenizedData(groups=groups, stats=dict.fromkeys(STAT_KEYS, 0)), num_comp=None, seed=0,
+                           batch_size=None, max_tokens_per_batch=max_tokens_per_batch,
+                           gradient_accumulation_steps=len(groups), shuffle=False)
+    (step,) = list(batcher.iter_steps(0))
+    return step
+
+
+# ----------------------------------------------------------------------------- the two sides
+
+
+class BaselineSide:
+    def __init__(self, spec: dict[str, Any], device, steps):
+        from benchmarks.baseline_original import AlignmentArgs, BaselineTrainer, pad_group
+
+        self.device = device
+        self.steps = [[pad_group(b) for b in step] for step in steps]
+        self.memory = PeakMemory(device).reset()
+        self.trainer = BaselineTrainer(spec["model_dir"], device, precision=spec["precision"],
+                                       args=AlignmentArgs(margin_mode=MARGIN_MODE), learning_rate=LEARNING_RATE)
+
+    def first_step_loss(self) -> float:
+        groups = self.steps[0]
+        return sum(self.trainer.group_loss(g) for g in groups) / len(groups)
+
+    def step(self, i: int) -> None:
+        self.trainer.step(self.steps[i])
+
+    def layout(self, i: int) -> dict[str, Any]:
+        step = self.steps[i]
+        return {"micro_batches": len(step), "padded_tokens": sum(g.input_ids.numel() for g in step)}
+
+
+class FastalignSide:
+    def __init__(self, spec: dict[str, Any], device, steps):
+        import torch
+
+        from fastalign import distributed as fdist
+        from fastalign import train as ftrain
+
+        preset = TRAIN_PRESETS[spec["preset"]]
+        self.steps = [fastalign_step(step, preset.max_tokens_per_batch) for step in steps]
+        self.memory = PeakMemory(device).reset()
+        self.ftrain = ftrain
+        args = ftrain.parse_args([
+            "--model_name_or_path", spec["model_dir"], "--data_path", spec["data_path"],
+            "--output_dir", spec["output_dir"], "--bf16", str(spec["precision"] == "bf16"),
+            "--learning_rate", str(LEARNING_RATE), "--weight_decay", "0", "--max_grad_norm", "1.0",
+            "--model_max_length", str(preset.model_max_length), "--num_comp", str(preset.num_comp),
+            "--max_tokens_per_batch", str(preset.max_tokens_per_batch), "--fsdp", "full_shard auto_wrap",
+            "--margin_mode", MARGIN_MODE, "--save_strategy", "no", "--logging_steps", "1000000",
+            "--max_steps", "1000000", "--seed", str(spec["seed"])])
+        self.env = fdist.init_distributed()
+        if self.env.device != torch.device(device):
+            raise RuntimeError(f"fastalign picked {self.env.device}, the benchmark runs on {device}")
+        self.trainer = ftrain.Trainer(args, self.env)
+        self.trainer.setup()
+
+    def first_step_loss(self) -> float:
+        import torch
+
+        step = self.steps[0]
+        with torch.no_grad():
+            total = sum(float(self.ftrain.run_batch(self.trainer.model, b.to(self.env.device))["loss"]) * b.num_groups
+                        for b in step.micro_batches)
+        return total / step.global_groups
+
+    def step(self, i: int) -> None:
+        # The trainer's own optimizer step (forward/backward per micro-batch, clip, AdamW).
+        self.trainer._train_step(self.steps[i], self.ftrain.Window.new(self.env.device))
+
+    def layout(self, i: int) -> dict[str, Any]:
+        step = self.steps[i]
+        return {"micro_batches": len(step.micro_batches), "padded_tokens": sum(b.num_tokens for b in step.micro_batches)}
+
+
+def worker_main(side: str, spec: dict[str, Any]) -> int:
+    """Child process: build one side, then serve `loss`, `step`, `layout`, `memory` commands."""
+    import torch
+
+    torch.manual_seed(spec["seed"])
+    device = torch.device(spec["device"])
+    steps = shared_steps(spec)
+    impl = (BaselineSide if side == "baseline" else FastalignSide)(spec, device, steps)
+
+    def step(i: int) -> dict[str, Any]:
+        _, seconds = timed(lambda: impl.step(i), device)
+        return {"seconds": seconds}
+
+    return serve({
+        "loss": lambda: {"loss": impl.first_step_loss()},
+        "step": step,
+        "layout": lambda i: impl.layout(i),
+        "memory": lambda: {"peak_bytes": impl.memory.peak_bytes(), "method": impl.memory.describe()},
+    })
+
+
+# ----------------------------------------------------------------------------- the parent
+
+
+def run(preset: TrainPreset, *, data_path: Path, model_dir: Path | None, device: str, warmup: int, measure: int,
+        seed: int, work_dir: Path) -> dict[str, Any]:
+    from benchmarks.baseline_original import build_benchmark_dir
+    from fastalign.model import LlamaConfig
+
+    precision = preset.precision if device == "cuda" else "fp32"
+    built = model_dir is None
+    if built:
+        started = time.perf_counter()
+        model_dir = build_benchmark_dir(preset, data_path, work_dir / "model", seed=seed)
+        print(f"built a random {preset.name} checkpoint in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    spec = {"preset": preset.name, "model_dir": str(model_dir), "data_path": str(data_path), "seed": seed,
+            "num_steps": warmup + measure, "device": device, "precision": precision,
+            "output_dir": str(work_dir / "fastalign-out")}
+    steps = shared_steps(spec)
+    seq_lens = [[int(n) for n in (b.cu_seqlens[1:] - b.cu_seqlens[:-1])] for b in sum(steps[warmup:], [])]
+    real_tokens = [sum(b.num_tokens for b in step) for step in steps]
+    config = LlamaConfig.from_pretrained(model_dir)
+    flops = sum(config.flops_per_token(n) * n for seqs in seq_lens for n in seqs)  # measured steps, real tokens
+
+    workers = {}
+    try:
+        for side in SIDES:  # both alive at once: each holds its own model; only one computes at a time
+            workers[side] = Worker([str(Path(__file__).resolve()), "--worker", side, "--spec", json.dumps(spec)]).start()
+        losses = {side: w.call("loss")["loss"] for side, w in workers.items()}
+        layouts = {side: w.call("layout", i=warmup) for side, w in workers.items()}
+        times: dict[str, list[float]] = {side: [] for side in SIDES}
+        for i in range(warmup + measure):
+            for side in SIDES:  # A B A B ...
+                seconds = workers[side].call("step", i=i)["seconds"]
+                if i >= warmup:
+                    times[side].append(seconds)
+            print(f"step {i + 1}/{warmup + measure}{' (warm-up)' if i < warmup else ''}: "
+                  + ", ".join(f"{s} {t[-1]:.3f} s" for s, t in times.items() if i >= warmup), file=sys.stderr)
+        memory = {side: w.call("memory") for side, w in workers.items()}
+    finally:
+        for w in workers.values():
+            w.close()
+
+    measured_tokens = sum(real_tokens[warmup:])
+    sides: dict[str, Any] = {}
+    for side in SIDES:
+        total_s = sum(times[side])
+        sides[side] = {
+            "tokens_per_s": measured_tokens / total_s,
+            "step_time": summarize_times(times[side]),
+            "step_times_s": times[side],
+            "peak_memory_bytes": memory[side]["peak_bytes"],
+            "memory_method": memory[side]["method"],
+            "mfu": mfu(flops / total_s, device),
+            "first_step_loss": losses[side],
+            "layout_first_measured_step": layouts[side],
+        }
+    base, fast = sides["baseline"], sides["fastalign"]
+    return {
+        "precision": precision,
+        "model": {"built_from_preset": built, **preset.model,
+                  "parameters": config.num_parameters(), "tokenizer_vocab_asked": preset.tokenizer_vocab},
+        "schedule": {"warmup_steps": warmup, "measured_steps": measure, "groups_per_step": preset.groups_per_step,
+                     "num_comp": preset.num_comp, "model_max_length": preset.model_max_length,
+                     "fastalign_max_tokens_per_batch": preset.max_tokens_per_batch, "order": "A B A B (baseline first)"},
+        "data_path": str(data_path),
+        "real_tokens_per_step": real_tokens[warmup:],
+        "model_flops_measured": flops,
+        "objective_check": {"baseline": losses["baseline"], "fastalign": losses["fastalign"],
+                            "abs_diff": abs(losses["baseline"] - losses["fastalign"])},
+        "sides": sides,
+        "ratios": {
+            "tokens_per_s": fast["tokens_per_s"] / base["tokens_per_s"],
+            "step_time": fast["step_time"]["median_s"] / base["step_time"]["median_s"],
+            "peak_memory": fast["peak_memory_bytes"] / base["peak_memory_bytes"],
+        },
+    }
+
+
+def print_report(result: dict[str, Any]) -> None:
+    rows = []
+    for side in SIDES:
+        s = result["sides"][side]
+        rows.append([side, f"{s['tokens_per_s']:.0f}", f"{s['step_time']['median_s']:.3f} s",
+                     fmt_bytes(s["peak_memory_bytes"]), "-" if s["mfu"] is None else f"{100 * s['mfu']:.1f}%",
+                     s["layout_first_measured_step"]["micro_batches"], f"{s['first_step_loss']:.5f}"])
+    r = result["ratios"]
+    rows.append(["fastalign/baseline", f"{r['tokens_per_s']:.2f}x", f"{r['step_time']:.2f}x", f"{r['peak_memory']:.2f}x",
+                 "", "", ""])
+    print(f"\n{result['preset']} on {machine_summary(result['machine'])}, {result['precision']}")
+    print(format_table(["side", "real tokens/s", "step time (median)", "peak memory", "MFU", "micro-batches/step",
+                        "first-step loss"], rows))
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_tok, ax_mem) = plt.subplots(1, 2, figsize=(9, 3.6))
+    colors = ["#999999", "#1f77b4"]
+    tok = [result["sides"][s]["tokens_per_s"] for s in SIDES]
+    mem = [result["sides"][s]["peak_memory_bytes"] / 2**20 for s in SIDES]
+    for ax, values, title in ((ax_tok, tok, "real tokens/s (higher is better)"),
+                              (ax_mem, mem, "peak memory, MiB (lower is better)")):
+        bars = ax.bar(SIDES, values, color=colors)
+        ax.bar_label(bars, fmt="%.0f")
+        ax.set_title(title, fontsize=10)
+    r = result["ratios"]
+    fig.suptitle(f"{result['preset']} ({machine_summary(result['machine'])}): "
+                 f"{r['tokens_per_s']:.2f}x tokens/s, {r['peak_memory']:.2f}x memory", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="cpu-tiny", choices=sorted(TRAIN_PRESETS))
+    parser.add_argument("--data_path", type=Path, default=None, help="Sandbox records (default: bundled sample)")
+    parser.add_argument("--model_dir", type=Path, default=None, help="HF Llama dir with tokenizer (default: random "
+                        "weights of the preset's shape)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per side (default: the preset's)")
+    parser.add_argument("--steps", type=int, default=None, help="measured steps per side (default: the preset's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out_dir", type=Path, default=None, help="where the JSON/PNG go (default benchmarks/results)")
+    parser.add_argument("--plot", action="store_true", help="also write a PNG of tokens/s and memory bars")
+    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker, json.loads(args.spec))
+
+    import torch
+
+    from benchmarks.baseline_original import default_data_path
+
+    preset = TRAIN_PRESETS[args.preset]
+    if preset.device == "cuda" and not torch.cuda.is_available():
+        print(f"error: --preset {preset.name} needs a CUDA device", file=sys.stderr)
+        return 2
+    device = preset.device
+    data_path = (args.data_path or default_data_path()).resolve()
+    with tempfile.TemporaryDirectory(prefix="fa-throughput-") as tmp:
+        result = run(preset, data_path=data_path, model_dir=args.model_dir, device=device,
+                     warmup=preset.warmup_steps if args.warmup is None else args.warmup,
+                     measure=preset.measure_steps if args.steps is None else args.steps, seed=args.seed,
+                     work_dir=Path(tmp))
+    result = {**result_header("train_throughput", preset.name, device), "note": preset.note, **result}
+    path = write_json(results_path("train_throughput", preset.name, device, args.out_dir), result)
+    print_report(result)
+    print(f"wrote {path}")
+    if args.plot:
+        print(f"wrote {plot(result, path.with_suffix('.png'))}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from fastalign.cli import run_main
+
+    sys.exit(run_main(main))
