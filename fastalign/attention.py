@@ -1,0 +1,150 @@
+"""Causal attention over a packed batch of sequences, behind one function and three backends.
+
+A packed batch is a flat stream of T tokens made of S sequences laid end to end; `cu_seqlens`
+(int32 [S+1]) holds the sequence boundaries. Every backend computes causal attention *within*
+each sequence only: no token ever attends across a boundary, and no FLOP is spent on padding
+(there is none).
+
+Backends, chosen once at start (`resolve_backend`, flag `--attn_implementation`):
+
+    flash_attn    flash-attn's `flash_attn_varlen_func` (pip package flash-attn; CUDA, bf16/fp16)
+    torch_varlen  torch's own `torch.nn.attention.varlen.varlen_attn` (recent torch; CUDA,
+                  bf16/fp16, a GPU that runs FlashAttention: sm80 or newer)
+    sdpa          `scaled_dot_product_attention` run once per sequence; works everywhere (CPU
+                  included) and in any float dtype, with autograd. The fallback and the oracle.
+
+"auto" picks the first available in that order.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import logging
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from fastalign.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("flash_attn", "torch_varlen", "sdpa")
+# Names users may know from transformers' `attn_implementation`, mapped to ours.
+_ALIASES = {"flash_attention_2": "flash_attn", "varlen": "torch_varlen"}
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@lru_cache(maxsize=1)
+def _torch_varlen_attn():
+    """torch's varlen_attn and the keyword that makes it causal, or None when this torch lacks it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    # torch 2.10+ takes window_size=(-1, 0) for causal; the first release (2.9) took is_causal.
+    if "window_size" in params:
+        causal_kwargs = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        causal_kwargs = {"is_causal": True}
+    else:
+        return None
+    return varlen_attn, causal_kwargs, "enable_gqa" in params
+
+
+def _unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int | None) -> str | None:
+    """Why `backend` cannot run with these settings, or None when it can."""
+    if backend == "sdpa":
+        return None
+    if device.type != "cuda":
+        return f"needs a CUDA device (the model is on {device.type})"
+    if dtype not in _HALF_DTYPES:
+        return f"needs bf16 or fp16 (the model computes in {str(dtype).removeprefix('torch.')})"
+    if head_dim is not None and (head_dim > 256 or head_dim % 8):
+        return f"needs head_dim <= 256 and a multiple of 8 (head_dim is {head_dim})"
+    if backend == "flash_attn":
+        if importlib.util.find_spec("flash_attn") is None:
+            return "the flash-attn package is not installed (pip install flash-attn)"
+        return None
+    if _torch_varlen_attn() is None:
+        return f"this torch ({torch.__version__}) has no torch.nn.attention.varlen.varlen_attn"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return "needs a GPU of compute capability 8.0 or newer"
+    return None
+
+
+def available_backends(device, dtype: torch.dtype, head_dim: int | None = None) -> list[str]:
+    """The backends that can run on `device` in `dtype`, best first (always ends with "sdpa")."""
+    device = torch.device(device)
+    return [b for b in BACKENDS if _unavailable_reason(b, device, dtype, head_dim) is None]
+
+
+def resolve_backend(name: str = "auto", device="cpu", dtype: torch.dtype = torch.float32,
+                    head_dim: int | None = None) -> str:
+    """Turn an `--attn_implementation` value into a backend that runs here, or say why it cannot.
+
+    "auto" picks the best available backend; a named backend that cannot run is an error (a
+    silent fallback would hide a 2-5x slowdown).
+    """
+    device = torch.device(device)
+    wanted = _ALIASES.get(name, name)
+    if wanted == "auto":
+        return available_backends(device, dtype, head_dim)[0]
+    if wanted not in BACKENDS:
+        raise ConfigError(f"--attn_implementation: unknown value {name!r}; "
+                          f"choose auto, {', '.join(BACKENDS)}")
+    reason = _unavailable_reason(wanted, device, dtype, head_dim)
+    if reason is not None:
+        raise ConfigError(f"--attn_implementation {name}: not available here: {reason}")
+    return wanted
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int, backend: str) -> torch.Tensor:
+    """Causal attention within each packed sequence.
+
+    q [T, Hq, D], k and v [T, Hkv, D] with Hq a multiple of Hkv (grouped-query attention);
+    cu_seqlens int32 [S+1]; max_seqlen = longest sequence. Returns [T, Hq, D] in q's dtype.
+    Scale is 1/sqrt(D).
+    """
+    if backend == "flash_attn":
+        from flash_attn import flash_attn_varlen_func
+
+        # flash-attn handles Hkv < Hq natively (each K/V head serves Hq/Hkv query heads).
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                      dropout_p=0.0, causal=True)
+    if backend == "torch_varlen":
+        varlen_attn, causal_kwargs, has_gqa_flag = _torch_varlen_attn()
+        if k.shape[1] != q.shape[1]:
+            if has_gqa_flag:
+                causal_kwargs = {**causal_kwargs, "enable_gqa": True}
+            else:
+                k, v = _repeat_kv(k, v, q.shape[1])
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **causal_kwargs)
+    if backend == "sdpa":
+        return _sdpa_per_sequence(q, k, v, cu_seqlens)
+    raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+
+
+def _repeat_kv(k: torch.Tensor, v: torch.Tensor, num_q_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expand [T, Hkv, D] K/V to [T, Hq, D]: query head h reads K/V head h // (Hq / Hkv)."""
+    groups = num_q_heads // k.shape[1]
+    return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+
+
+# Dynamo cannot trace a loop whose trip count comes from tensor data; keeping it out of the graph
+# lets a compiled decoder layer run this fallback with one graph break instead of failing.
+@torch.compiler.disable
+def _sdpa_per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """SDPA on each sequence's slice: O(sum L_i^2) work, no [T, T] mask over the whole pack."""
+    bounds = cu_seqlens.tolist()  # one host sync per layer: acceptable for the fallback
+    gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
+    outputs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        # [L, H, D] -> [H, L, D], the layout SDPA expects (heads as the batch dimension).
+        qi, ki, vi = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        outputs.append(F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, **gqa).transpose(0, 1))
+    return torch.cat(outputs, dim=0)
