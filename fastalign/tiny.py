@@ -123,12 +123,20 @@ def build_tiny_llama(
             if bars_were_on:
                 hf_logging.enable_progress_bar()
         out.mkdir(exist_ok=True)
+        file_mode = 0o666 & ~_current_umask()  # transformers writes the weights 0600 (via mkstemp)
         names = sorted(p.name for p in staging.iterdir())
         for name in sorted(names, key=lambda name: name == "config.json"):
+            os.chmod(staging / name, file_mode)
             os.replace(staging / name, out / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def sandbox_texts(path: str | os.PathLike) -> list[str]:

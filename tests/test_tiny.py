@@ -58,6 +58,8 @@ def test_model_loads_with_matching_config_and_runs(tiny_dir):
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
             config.intermediate_size, config.max_position_embeddings) == (64, 2, 4, 2, 96, 128)
     assert (tiny_dir / "model.safetensors").is_file()
+    # transformers writes weights 0600; the builder gives every file the umask's usual mode
+    assert {p.stat().st_mode for p in tiny_dir.iterdir()} == {(tiny_dir / "config.json").stat().st_mode}
     ids = torch.tensor([tokenizer(ROUND_TRIP[0]).input_ids])
     with torch.no_grad():
         logits = model(ids).logits
