@@ -81,7 +81,7 @@ import math
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -431,8 +431,11 @@ def tokenize_records(
     progress: bool = False,
     chunk_size: int = 1024,
 ) -> TokenizedData:
-    """Tokenize records into groups (rules in the module docstring); texts are tokenized in batches
-    of `chunk_size` records so a fast tokenizer runs in Rust over many strings at once."""
+    """Tokenize records into groups (rules in the module docstring).
+
+    Texts are tokenized in batches of `chunk_size` records, so a fast tokenizer runs in Rust (on
+    all cores) over many strings at once; `progress` shows a tqdm bar.
+    """
     if isinstance(records, LoadedRecords):
         records = records.records
     if model_max_length < 2:
@@ -444,6 +447,7 @@ def tokenize_records(
     stats = dict.fromkeys(STAT_KEYS, 0)
     stats["records"] = len(records)
     groups: list[TokenizedGroup] = []
+    encode = None  # chosen on the first chunk's texts
 
     from tqdm.auto import tqdm
 
@@ -460,8 +464,9 @@ def tokenize_records(
                         stopped.append(len(cut) != len(response))
                         response = cut
                     texts.append(response)
-            ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
-                            return_token_type_ids=False, verbose=False)["input_ids"]
+            if encode is None:
+                encode = _batch_encoder(tokenizer, texts[:64])
+            ids = encode(texts)
             position = 0
             response_position = 0
             for record in chunk:
@@ -478,6 +483,31 @@ def tokenize_records(
             bar.update(len(chunk))
     stats["groups"] = len(groups)
     return TokenizedData(groups=groups, stats=stats)
+
+
+def _batch_encoder(tokenizer: Any, sample_texts: list[str]) -> Callable[[list[str]], list[list[int]]]:
+    """The fastest function equal to `tokenizer(texts, add_special_tokens=False)["input_ids"]`.
+
+    For a fast (Rust) tokenizer that is the backend's `encode_batch_fast` (no offsets computed:
+    ~30% quicker) -- but only when it gives the same ids as the tokenizer's own call on
+    `sample_texts` (a subclass may preprocess text in Python). The reference call also resets the
+    backend to no truncation/padding, the state the direct call then runs in.
+    """
+    def through_tokenizer(texts: list[str]) -> list[list[int]]:
+        return tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
+                         return_token_type_ids=False, verbose=False)["input_ids"]
+
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    encode_batch = getattr(backend, "encode_batch_fast", None) or getattr(backend, "encode_batch", None)
+    if encode_batch is None:
+        return through_tokenizer
+
+    def through_backend(texts: list[str]) -> list[list[int]]:
+        return [encoding.ids for encoding in encode_batch(texts, add_special_tokens=False)]
+
+    probe = sample_texts + ["Hello world", " leading space", "trailing  \n\n", "### Instruction:\nQ?\n\n### Response:"]
+    reference = through_tokenizer(probe)  # first: it also sets the backend state the direct call needs
+    return through_backend if through_backend(probe) == reference else through_tokenizer
 
 
 def _build_group(record: Record, query_ids: list[int], responses_ids: list[list[int]], suffix: list[int],

@@ -400,3 +400,34 @@ def test_chunked_batch_tokenization_matches_one_by_one(tmp_path, hf_tokenizer):
         assert group.record_index == record.index
         assert group.query_ids == [hf_tokenizer.bos_token_id] + _ids(hf_tokenizer, record.query)
         assert group.response_ids == [_ids(hf_tokenizer, r) + [hf_tokenizer.eos_token_id] for r in record.responses]
+
+
+def test_backend_truncation_setting_does_not_leak_into_tokenization(tmp_path):
+    """A tokenizer.json may enable truncation; fastalign's ids must still be the untruncated ones."""
+    tok = build_tokenizer(tmp_path / "truncating")
+    tok.backend_tokenizer.enable_truncation(max_length=2)
+    text = "jumps over the lazy dog. Stable alignment trains on rated responses."
+    loaded = _records(tmp_path, [{"query": "The quick brown fox", "responses": [text], "scores": [3]}])
+    (group,) = tokenize_records(loaded, tok).groups
+    assert tok.backend_tokenizer.truncation is None
+    assert group.response_ids == [tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    assert len(group.response_ids[0]) > 3
+
+
+class CharTokenizer:
+    """A minimal non-HF, non-fast tokenizer: one id per character, BOS 1, EOS 2."""
+
+    bos_token_id = 1
+    eos_token_id = 2
+
+    def __call__(self, texts, add_special_tokens=True, **kwargs):
+        assert add_special_tokens is False and isinstance(texts, list)
+        return {"input_ids": [[ord(c) for c in text] for text in texts]}
+
+
+def test_any_tokenizer_with_the_call_interface_works(tmp_path):
+    loaded = _records(tmp_path, [{"query": "ab", "responses": ["c", "de"], "scores": [1, 7]}])
+    (group,) = tokenize_records(loaded, CharTokenizer(), model_max_length=4).groups
+    assert group.query_ids == [1, 97, 98]
+    assert group.response_ids == [[99], [100]]  # "c"+EOS and "de"+EOS cut to the 1 token of room
+    assert group.scores == [1.0, 7.0]

@@ -13,6 +13,7 @@ fixture into the module makes it available there).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable
 
 import pytest
 
@@ -30,8 +31,9 @@ TRAINING_TEXT = [
 ]
 
 
-def build_tokenizer(directory: str | Path, *, bos: bool = True, eos: bool = True, vocab_size: int = 400):
-    """Train, save to `directory` and reload a byte-level BPE tokenizer; returns the reloaded one."""
+def build_tokenizer(directory: str | Path, *, bos: bool = True, eos: bool = True, vocab_size: int = 400,
+                    texts: Iterable[str] = TRAINING_TEXT):
+    """Train on `texts`, save to `directory` and reload a byte-level BPE tokenizer; returns the reloaded one."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -45,7 +47,7 @@ def build_tokenizer(directory: str | Path, *, bos: bool = True, eos: bool = True
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(TRAINING_TEXT, trainer)
+    backend.train_from_iterator(texts, trainer)
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=BOS_TOKEN if bos else None,
