@@ -182,7 +182,8 @@ def _check_shapes(hidden, weight, targets, response_index, scores, group_index) 
                                  ("scores", scores, num_responses),
                                  ("group_index", group_index, num_responses)):
         if tensor.dim() != 1 or tensor.shape[0] != length:
-            expected = "[T] with T = hidden.shape[0]" if length == num_tokens else "[S]"
+            expected = ("[T] with T = hidden.shape[0]" if name in ("targets", "response_index")
+                        else "[S] with S = len(scores)")
             raise LossInputError(f"{name} must be {expected}; got shape {tuple(tensor.shape)} "
                                  f"(T = {num_tokens}, S = {scores.shape[0]})")
         if tensor.device != hidden.device:

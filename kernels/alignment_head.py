@@ -22,6 +22,8 @@ Importing needs triton but no GPU: on CPU the kernels run under TRITON_INTERPRET
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -34,6 +36,7 @@ LSE_BLOCK_COLS = 1024
 GRAD_BLOCK_ROWS = 16  # grad kernel: a 2-D grid of [rows, cols] tiles
 GRAD_BLOCK_COLS = 512
 RESPONSE_BLOCK = 256
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -54,7 +57,8 @@ def _lse_slice_kernel(logits_ptr, stride_row, n_rows, n_cols, target_ptr, col0,
         new_max = tl.maximum(run_max, tl.max(z, 1))  # finite: every block has a real column
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), 1)
         run_max = new_max
-        target_logit += tl.sum(tl.where(cols[None, :] == target_col[:, None], z, 0.0), 1)
+        hit = (cols[None, :] == target_col[:, None]) & ok  # a later slice's target is no hit
+        target_logit += tl.sum(tl.where(hit, z, 0.0), 1)
     tl.store(run_max_ptr + rows, run_max, mask=row_ok)
     tl.store(run_sum_ptr + rows, run_sum, mask=row_ok)
     tl.store(target_logit_ptr + rows, target_logit, mask=row_ok)
@@ -124,7 +128,8 @@ def _group_kernel(slot_ptr, max_size, nll_ptr, score_ptr, loss_ptr, penalty_ptr,
 
 @triton.jit
 def _softmax_grad_slice_kernel(logits_ptr, stride_row, n_rows, n_cols, lse_ptr, target_ptr,
-                               weight_ptr, col0, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                               weight_ptr, col0, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                               ROUND_TO_BF16: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     row_ok = rows < n_rows
@@ -136,6 +141,10 @@ def _softmax_grad_slice_kernel(logits_ptr, stride_row, n_rows, n_cols, lse_ptr, 
     target_col = tl.load(target_ptr + rows, mask=row_ok, other=-1) - col0
     onehot = tl.where(cols[None, :] == target_col[:, None], 1.0, 0.0)
     dz = w[:, None] * (tl.exp(z - lse[:, None]) - onehot)
+    if ROUND_TO_BF16:  # interpreter only: its bf16 cast truncates; GPUs round to nearest even
+        bits = dz.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        dz = bits.to(tl.float32, bitcast=True)
     tl.store(ptrs, dz.to(logits_ptr.dtype.element_ty), mask=ok)
 
 
@@ -205,13 +214,15 @@ def head_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     grad_weight = torch.empty_like(weight)
     buffer = torch.empty(num_tokens * min(chunk, vocab), dtype=hidden.dtype, device=hidden.device)
     token_weight = token_weight.float().contiguous()
+    round_by_hand = _INTERPRETED and hidden.dtype == torch.bfloat16
     for start, stop in vocab_slices(vocab, chunk):
         w_slice = weight[start:stop]  # [C, H]
         dz = torch.mm(hidden, w_slice.T, out=slice_view(buffer, num_tokens, stop - start))
         grid = (triton.cdiv(num_tokens, GRAD_BLOCK_ROWS), triton.cdiv(stop - start, GRAD_BLOCK_COLS))
         _softmax_grad_slice_kernel[grid](dz, dz.stride(0), num_tokens, stop - start, lse, targets,
                                          token_weight, start,
-                                         BLOCK_R=GRAD_BLOCK_ROWS, BLOCK_C=GRAD_BLOCK_COLS)
+                                         BLOCK_R=GRAD_BLOCK_ROWS, BLOCK_C=GRAD_BLOCK_COLS,
+                                         ROUND_TO_BF16=round_by_hand)
         torch.mm(dz.T, hidden, out=grad_weight[start:stop])
         if partial is None:
             grad_hidden.addmm_(dz, w_slice)

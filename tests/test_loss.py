@@ -1,0 +1,395 @@
+"""fastalign.loss.stable_alignment_loss against the full-logits oracle (tests/loss_oracle.py).
+
+Both backends run here: "torch" (the twin) and "triton" (on CPU under TRITON_INTERPRET=1, set by
+conftest.py; shapes stay small because the interpreter is slow). TestGPU repeats the checks
+compiled for real on CUDA, plus production-size shapes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastalign.errors import FastalignError
+from fastalign.loss import LossInputError, stable_alignment_loss
+from kernels import alignment_head_torch
+from kernels.alignment_head_torch import vocab_chunk_size
+from kernels.group_math import GroupOptions, build_group_layout, group_math
+from loss_oracle import oracle_alignment_loss
+
+try:
+    from kernels import alignment_head as triton_head
+except ImportError:  # no triton on this platform: the triton cases skip
+    triton_head = None
+
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    triton_head is None, reason="triton not importable"))]
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def make_batch(group_sizes, hidden_size, vocab, *, num_tokens=None, seed=0, dtype=torch.float32,
+               device="cpu", scale=1.0, scores=None, easy_best=(), hard_best=()):
+    """A packed batch like fastalign.data.pack_groups makes: one sequence per response, each a
+    query (targets -100 except its last position) followed by response tokens (last -100).
+
+    easy_best: groups whose best response's targets are the argmax tokens (low NLL, so the
+    penalty is inactive); hard_best: groups whose *other* responses get the argmax tokens (penalty
+    active). num_tokens fixes T exactly (sequence lengths are split to sum to it).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    num_responses = sum(group_sizes)
+    group_index = torch.repeat_interleave(torch.arange(len(group_sizes)), torch.tensor(group_sizes))
+    if scores is None:
+        scores = torch.randint(1, 8, (num_responses,), generator=gen).float()
+    scores = torch.as_tensor(scores, dtype=torch.float32)
+    if num_tokens is None:
+        lengths = torch.randint(4, 10, (num_responses,), generator=gen)
+    else:
+        lengths = torch.full((num_responses,), num_tokens // num_responses)
+        lengths[: num_tokens % num_responses] += 1
+    assert int(lengths.min()) >= 3, "each sequence needs a query token and a response token"
+    response_index = torch.repeat_interleave(torch.arange(num_responses), lengths)
+    total = int(lengths.sum())
+    hidden = torch.randn(total, hidden_size, generator=gen) * scale
+    weight = torch.randn(vocab, hidden_size, generator=gen) * (2.0 / math.sqrt(hidden_size))
+    targets = torch.randint(0, vocab, (total,), generator=gen)
+    argmax_tokens = (hidden @ weight.T).argmax(1) if (easy_best or hard_best) else None
+    starts = torch.cumsum(lengths, 0) - lengths
+    for r in range(num_responses):
+        s, n = int(starts[r]), int(lengths[r])
+        query = max(1, n // 3)
+        targets[s: s + query - 1] = -100  # query positions before the last one
+        targets[s + n - 1] = -100  # the last position predicts nothing in this sequence
+        g = int(group_index[r])
+        members = (group_index == g).nonzero().squeeze(1)
+        best = int(members[torch.argmax(scores[members])])
+        if (g in easy_best and r == best) or (g in hard_best and r != best):
+            span = slice(s + query - 1, s + n - 1)
+            targets[span] = argmax_tokens[span]
+    batch = dict(hidden=hidden.to(dtype), weight=weight.to(dtype), targets=targets,
+                 response_index=response_index, scores=scores, group_index=group_index)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def run_fused(batch, backend, grad_mix=None, **opts):
+    """Loss, nll, penalty, best and grads of (loss + mix . nll + mix' . penalty)."""
+    hidden = batch["hidden"].detach().clone().requires_grad_(True)
+    weight = batch["weight"].detach().clone().requires_grad_(True)
+    out = stable_alignment_loss(hidden, weight, batch["targets"], batch["response_index"],
+                                batch["scores"], batch["group_index"], backend=backend, **opts)
+    _backward(out.loss, out.nll, out.penalty, grad_mix)
+    return dict(loss=out.loss.detach(), nll=out.nll.detach(), penalty=out.penalty.detach(),
+                best=out.best, grad_hidden=hidden.grad, grad_weight=weight.grad)
+
+
+def run_oracle(batch, grad_mix=None, logits_dtype=None, **opts):
+    hidden = batch["hidden"].detach().clone().requires_grad_(True)
+    weight = batch["weight"].detach().clone().requires_grad_(True)
+    loss, nll, penalty, best = oracle_alignment_loss(
+        hidden, weight, batch["targets"], batch["response_index"], batch["scores"],
+        batch["group_index"], logits_dtype=logits_dtype, **opts)
+    _backward(loss, nll, penalty, grad_mix)
+    return dict(loss=loss.detach(), nll=nll.detach(), penalty=penalty.detach(), best=best,
+                grad_hidden=hidden.grad, grad_weight=weight.grad)
+
+
+def _backward(loss, nll, penalty, grad_mix):
+    total = loss
+    if grad_mix is not None:
+        nll_mix, penalty_mix = grad_mix
+        total = total + (nll * nll_mix.to(nll.device)).sum() + (penalty * penalty_mix.to(nll.device)).sum()
+    total.backward()
+
+
+def assert_matches(got, want, rtol=2e-5, atol=2e-6):
+    assert torch.equal(got["best"].cpu(), want["best"].cpu())
+    for key in ("loss", "nll", "penalty"):
+        torch.testing.assert_close(got[key].float().cpu(), want[key].float().cpu(), rtol=rtol,
+                                   atol=atol, msg=lambda m: f"{key}: {m}")
+    for key in ("grad_hidden", "grad_weight"):
+        g, w = got[key].float().cpu(), want[key].float().cpu()
+        scale = w.abs().max().item()
+        torch.testing.assert_close(g, w, rtol=rtol * 10, atol=atol + 5e-6 * scale,
+                                   msg=lambda m: f"{key}: {m}")
+
+
+def errors_vs(reference, got):
+    """Max abs error of each output against the fp32 reference."""
+    return {k: (got[k].float().cpu() - reference[k].float().cpu()).abs().max().item()
+            for k in ("loss", "nll", "penalty", "grad_hidden", "grad_weight")}
+
+
+# ----------------------------------------------------------------------------- fp32 vs oracle
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("max_flow", [False, True])
+@pytest.mark.parametrize("margin_mode", ["paper", "seed"])
+def test_fp32_matches_oracle_k1_to_8(backend, max_flow, margin_mode):
+    # groups of every size 1..8 in one call; penalty active in some groups, inactive in others
+    batch = make_batch([3, 1, 8, 2, 5, 4, 7, 6], 31, 123, seed=1, easy_best=(0, 3, 4),
+                       hard_best=(2, 5, 6, 7))
+    gen = torch.Generator().manual_seed(5)
+    mix = (torch.randn(36, generator=gen), torch.randn(8, generator=gen))
+    opts = dict(max_flow=max_flow, margin_mode=margin_mode, ratio=0.7, margin=1.5)
+    want = run_oracle(batch, grad_mix=mix, **opts)
+    got = run_fused(batch, backend, grad_mix=mix, **opts)
+    assert_matches(got, want)
+    active = want["penalty"] > 0
+    assert bool(active.any()) and bool((~active[[0, 3, 4]]).all()), "batch must mix both cases"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_T47_H31_V123(backend):
+    batch = make_batch([2, 3, 1], 31, 123, num_tokens=47, seed=2)
+    assert batch["hidden"].shape == (47, 31)
+    assert_matches(run_fused(batch, backend), run_oracle(batch))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_V32003_single_and_many_slices(backend, monkeypatch):
+    batch = make_batch([3, 2], 31, 32003, num_tokens=47, seed=3, hard_best=(0,))
+    want = run_oracle(batch)
+    assert_matches(run_fused(batch, backend), want)
+    if backend == "torch":  # a small budget: 16 slices of 2048 columns, the last one partial
+        monkeypatch.setattr(alignment_head_torch, "CPU_CHUNK_BYTES", 2048 * (47 * 4 + 31 * 4))
+        assert vocab_chunk_size(47, 32003, 31) == 2048
+        assert_matches(run_fused(batch, backend), want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_many_slices_partial_last(backend, monkeypatch):
+    # 128-column slices over V = 1000: 8 slices, the last one 104 columns wide
+    batch = make_batch([2, 3], 17, 1000, seed=4, hard_best=(1,))
+    monkeypatch.setattr(alignment_head_torch, "CPU_CHUNK_BYTES", 1)
+    assert vocab_chunk_size(40, 1000, 17) == 128
+    assert_matches(run_fused(batch, backend, max_flow=True), run_oracle(batch, max_flow=True))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ties_in_ratings(backend):
+    # best score tied (lowest index wins), ties among the others, and an all-equal group
+    scores = [5, 7, 7, 3, 3, 4, 4, 4, 2, 6, 6]
+    batch = make_batch([4, 4, 3], 19, 97, seed=6, scores=scores, hard_best=(0, 1, 2))
+    for max_flow in (False, True):
+        for margin_mode in ("paper", "seed"):
+            opts = dict(max_flow=max_flow, margin_mode=margin_mode)
+            got = run_fused(batch, backend, **opts)
+            assert got["best"].tolist() == [1, 5, 9]
+            assert_matches(got, run_oracle(batch, **opts))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unsorted_groups_and_responses(backend):
+    # groups interleaved in response order and responses interleaved in token order
+    batch = make_batch([2, 3, 2], 13, 61, seed=7, hard_best=(1,))
+    batch["group_index"] = torch.tensor([2, 0, 1, 2, 1, 0, 1])
+    perm = torch.randperm(batch["targets"].numel(), generator=torch.Generator().manual_seed(0))
+    for key in ("hidden", "targets", "response_index"):
+        batch[key] = batch[key][perm]
+    assert_matches(run_fused(batch, backend), run_oracle(batch))
+
+
+# ----------------------------------------------------------------------------- group math
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seed_margins_reproduce_original_indexing(backend):
+    # ratings [3, 7, 5] sort to [7, 5, 3]: response 0 (rated 3) is paired with 7 -> margin 0,
+    # response 2 (rated 5) with 3 -> margin 4/7. Paper margins are 4/7 and 2/7.
+    nll = torch.tensor([1.2, 1.0, 1.5])
+    scores = torch.tensor([3.0, 7.0, 5.0])
+    layout = build_group_layout(torch.zeros(3, dtype=torch.int64), 1)
+    stats = group_math if backend == "torch" else triton_head.group_stats
+    expected = {  # (margin_mode, max_flow) -> penalty
+        ("seed", True): 1.0 - 1.5 + 4 / 7,  # response 2 is the worst
+        ("seed", False): 0.0,  # mean(-0.2, 0.0714) < 0
+        ("paper", True): 1.0 - 1.2 + 4 / 7,  # response 0 is the worst
+        ("paper", False): ((1.0 - 1.2 + 4 / 7) + (1.0 - 1.5 + 2 / 7)) / 2,
+    }
+    for (mode, max_flow), penalty in expected.items():
+        opts = GroupOptions(rating_scale=7.0, margin=1.0, ratio=0.5, max_flow=max_flow,
+                            margin_mode=mode)
+        out = stats(nll, scores, layout, opts)
+        assert out.best.tolist() == [1]
+        assert out.penalty.item() == pytest.approx(penalty, abs=1e-6)
+        assert out.loss_per_group.item() == pytest.approx(1.0 + 0.5 * penalty, abs=1e-6)
+        active = float(penalty > 0)
+        if max_flow:
+            worst = 2 if mode == "seed" else 0
+            want = [0.0, 0.0, 0.0]
+            want[worst] = -0.5 * active
+        else:
+            want = [-0.5 * active / 2, 0.0, -0.5 * active / 2]
+        want[1] = 1.0 + 0.5 * active
+        torch.testing.assert_close(out.dloss_dnll, torch.tensor(want))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_response_groups_have_no_penalty(backend):
+    batch = make_batch([1, 1], 11, 50, seed=8)
+    got = run_fused(batch, backend, max_flow=True)
+    assert got["penalty"].tolist() == [0.0, 0.0]
+    assert_matches(got, run_oracle(batch, max_flow=True))
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inactive_penalty_responses_and_ignored_positions_get_no_gradient(backend):
+    batch = make_batch([3, 3], 23, 89, seed=9, easy_best=(0,), hard_best=(1,))
+    got = run_fused(batch, backend)
+    assert got["penalty"][0] == 0 and got["penalty"][1] > 0
+    grad_rows = got["grad_hidden"].abs().sum(1)
+    best0 = int(got["best"][0])
+    skipped = (batch["group_index"][batch["response_index"]] == 0) & (batch["response_index"] != best0)
+    ignored = batch["targets"] == -100
+    assert bool((grad_rows[skipped | ignored] == 0).all())
+    assert bool((grad_rows[~(skipped | ignored)] > 0).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [3e3, 1e-4])
+def test_extreme_logits_stay_finite(backend, scale):
+    # |logits| ~ 1e4 (exp overflows without the running max) and ~1e-4 (near-uniform softmax)
+    batch = make_batch([3, 2], 16, 300, seed=10, scale=scale)
+    got = run_fused(batch, backend)
+    for key in ("loss", "nll", "penalty", "grad_hidden", "grad_weight"):
+        assert bool(torch.isfinite(got[key]).all()), key
+    assert_matches(got, run_oracle(batch), rtol=1e-5, atol=1e-5 * max(scale, 1.0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic(backend):
+    batch = make_batch([4, 2], 29, 700, seed=11, hard_best=(0,))
+    first, second = run_fused(batch, backend), run_fused(batch, backend)
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+# ----------------------------------------------------------------------------- low precision
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("vocab", [123, 32003])
+def test_low_precision_no_worse_than_plain_torch(backend, dtype, vocab):
+    batch = make_batch([3, 4, 1], 31, vocab, num_tokens=47, seed=12, dtype=dtype, hard_best=(1,))
+    batch32 = dict(batch, hidden=batch["hidden"].float(), weight=batch["weight"].float())
+    reference = run_oracle(batch32)
+    plain = errors_vs(reference, run_oracle(batch, logits_dtype=dtype))
+    fused = run_fused(batch, backend)
+    assert fused["grad_hidden"].dtype == dtype and fused["grad_weight"].dtype == dtype
+    got = errors_vs(reference, fused)
+    for key, err in got.items():
+        ref_scale = reference[key].abs().max().item()
+        assert err <= 1.1 * plain[key] + 1e-4 * ref_scale + 1e-6, (key, err, plain[key])
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _call(batch, **kw):
+    return stable_alignment_loss(batch["hidden"], batch["weight"], batch["targets"],
+                                 batch["response_index"], batch["scores"], batch["group_index"], **kw)
+
+
+@pytest.mark.parametrize("bad_id", [123, 5000, -5])
+def test_out_of_range_target_is_a_clear_error(bad_id):
+    batch = make_batch([2], 8, 123, seed=13)
+    pos = int((batch["targets"] != -100).nonzero()[1])
+    batch["targets"][pos] = bad_id
+    with pytest.raises(LossInputError, match=rf"targets\[{pos}\] = {bad_id} is out of range "
+                                             r"for a vocabulary of 123 tokens"):
+        _call(batch)
+
+
+def test_response_without_target_tokens_names_it():
+    batch = make_batch([2, 2], 8, 50, seed=14)
+    batch["targets"][batch["response_index"] == 2] = -100
+    with pytest.raises(LossInputError, match=r"response 2 \(group 1\) has no target tokens"):
+        _call(batch)
+
+
+def test_shape_and_dtype_mismatches_are_clear_errors():
+    batch = make_batch([2], 8, 50, seed=15)
+    with pytest.raises(LossInputError, match="hidden size mismatch"):
+        _call(dict(batch, weight=batch["weight"][:, :7]))
+    with pytest.raises(LossInputError, match=r"group_index must be \[S\] with S = len\(scores\)"):
+        _call(dict(batch, scores=batch["scores"][:1]))
+    with pytest.raises(LossInputError, match="share one float dtype"):
+        _call(dict(batch, weight=batch["weight"].double()))
+    with pytest.raises(LossInputError, match="group 1 has no responses"):
+        _call(dict(batch, group_index=torch.tensor([0, 2])))
+    with pytest.raises(LossInputError, match="margin_mode"):
+        _call(batch, margin_mode="orig")
+    assert issubclass(LossInputError, FastalignError) and issubclass(LossInputError, ValueError)
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
+    batch = make_batch([2], 8, 50, seed=16)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(LossInputError, match="TRITON_INTERPRET=1"):
+        _call(batch, backend="triton")
+
+
+# ----------------------------------------------------------------------------- chunk rule
+
+
+def test_chunk_rule_bounds_the_transient():
+    for tokens, vocab, hidden in [(8192, 32000, 1024), (8192, 128256, 4096), (47, 123, 31),
+                                  (131072, 32000, 4096)]:
+        for logit_bytes in (2, 4):
+            for device in ("cpu", "cuda"):
+                chunk = vocab_chunk_size(tokens, vocab, hidden, logit_bytes, device=device)
+                budget = (alignment_head_torch.GPU_CHUNK_BYTES if device == "cuda"
+                          else alignment_head_torch.CPU_CHUNK_BYTES)
+                assert chunk & (chunk - 1) == 0 and chunk >= 128
+                assert chunk < 2 * vocab
+                transient = chunk * (tokens * logit_bytes + hidden * 4)
+                assert transient <= max(budget, 128 * (tokens * logit_bytes + hidden * 4))
+    assert vocab_chunk_size(8192, 32000, 1024, 4) == 1024  # 64 MiB / (8192*4 + 1024*4) = 1820
+    assert vocab_chunk_size(47, 123, 31) == 128
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+class TestGPU:
+    """The same checks compiled for real on CUDA (run by `make gpu-check`), plus large shapes."""
+
+    @pytest.mark.parametrize("max_flow", [False, True])
+    @pytest.mark.parametrize("margin_mode", ["paper", "seed"])
+    def test_fp32_matches_oracle(self, max_flow, margin_mode):
+        torch.backends.cuda.matmul.allow_tf32 = False
+        batch = make_batch([3, 1, 8, 2, 5, 4, 7, 6], 64, 32003, seed=1, device="cuda",
+                           easy_best=(0, 3), hard_best=(2, 5, 6, 7))
+        opts = dict(max_flow=max_flow, margin_mode=margin_mode)
+        assert_matches(run_fused(batch, "triton", **opts), run_oracle(batch, **opts), rtol=5e-5,
+                       atol=5e-6)
+
+    def test_deterministic(self):
+        batch = make_batch([4, 2, 3], 256, 32000, seed=11, device="cuda", dtype=torch.bfloat16)
+        first, second = run_fused(batch, "triton"), run_fused(batch, "triton")
+        for key in first:
+            assert torch.equal(first[key], second[key]), key
+
+    @pytest.mark.parametrize("vocab", [32000, 128256])
+    def test_large_bf16_no_worse_than_plain_torch(self, vocab):
+        # T = 8192 tokens, H = 4096: 16 groups of 4 responses of 128 tokens
+        batch = make_batch([4] * 16, 4096, vocab, num_tokens=8192, seed=17, device="cuda",
+                           dtype=torch.bfloat16)
+        batch32 = dict(batch, hidden=batch["hidden"].float(), weight=batch["weight"].float())
+        torch.backends.cuda.matmul.allow_tf32 = False
+        reference = run_fused(batch32, "torch")  # fp32 streaming twin (checked vs oracle above)
+        plain = errors_vs(reference, run_oracle(batch, logits_dtype=torch.bfloat16))
+        got = errors_vs(reference, run_fused(batch, "triton"))
+        for key, err in got.items():
+            ref_scale = reference[key].abs().max().item()
+            assert err <= 1.1 * plain[key] + 1e-4 * ref_scale, (key, err, plain[key])
