@@ -26,6 +26,11 @@ the extension, for input and output alike. The output is written to a temporary 
 so a failed run never leaves a half-written file behind. An invalid record stops the conversion
 with a message naming the file, record, field and reason; with `--skip_invalid` it is dropped and
 counted. A summary (records in, written, skipped per reason) is always printed.
+
+Every record written passes the trainer's validation (`fastalign.data.load_records` with the same
+--rating_scale): text fields are non-empty strings, one score per response, scores in
+[1, rating_scale] (the score flags are checked against it before any reading). This holds by
+construction, so the converter does not re-read its output (tests check it with load_records).
 """
 
 from __future__ import annotations
@@ -139,13 +144,12 @@ def iter_json_records(path: Path, flag: str = "--input") -> Iterator[tuple[int, 
 
 
 @contextlib.contextmanager
-def record_writer(path: Path, flag: str = "--output", *,
-                  check: Callable[[Path], object] | None = None) -> Iterator[Callable[[dict], None]]:
+def record_writer(path: Path, flag: str = "--output") -> Iterator[Callable[[dict], None]]:
     """Context manager yielding `write(record)`; the file appears at `path` only on a clean exit.
 
-    Records go to a temporary file beside `path` (same extension), which `check(tmp_path)` may
-    inspect once complete, then renamed over `path` (atomic on POSIX). An exception inside the
-    block or from `check` removes the temporary file and leaves any old `path` untouched.
+    Records go to a temporary file beside `path` (same extension), renamed over `path` at the end
+    (atomic on POSIX). An exception inside the block removes the temporary file and leaves any old
+    `path` untouched.
     """
     kind = file_kind(path, flag)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
@@ -166,8 +170,6 @@ def record_writer(path: Path, flag: str = "--output", *,
             yield write
             if not kind.lines:
                 out.write("\n]\n" if written else "[]\n")
-        if check is not None:
-            check(tmp)
         os.replace(tmp, path)
     except OSError as err:
         raise DataError(f"{path}: cannot write: {err.strerror or err}") from None
@@ -342,17 +344,7 @@ def convert_file(fmt: str, input_path: Path, output_path: Path, options: Convert
     validate_options(fmt, options)
     file_kind(output_path, "--output")  # a bad output name fails before any reading
     report = ConversionReport()
-
-    def check_sandbox(written: Path) -> None:
-        """What we write must be what the trainer reads: run its own loader over the result."""
-        from fastalign.data import load_records
-
-        try:
-            load_records(written, rating_scale=options.rating_scale)
-        except DataError as err:  # convert validates every field first, so this is a bug here
-            raise RuntimeError(f"converted records fail the trainer's validation: {err}") from err
-
-    with record_writer(output_path, check=check_sandbox) as write:
+    with record_writer(output_path) as write:
         for index, location, record in iter_json_records(input_path):
             report.records_in += 1
             try:

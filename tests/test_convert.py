@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from fastalign.cli import run_main
-from fastalign.convert import main, record_writer
+from fastalign.convert import main
 from fastalign.data import load_records
 
 MULTI_TURN_CHOSEN = ("\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nHuman: And times 3?"
@@ -211,31 +211,25 @@ def test_cli_subprocess_reports_malformed_line_without_traceback(tmp_path):
     assert not (tmp_path / "out.jsonl").exists()
 
 
-def test_output_is_deterministic_and_loads_as_sandbox_data(tmp_path, capsys):
+def test_output_is_deterministic(tmp_path, capsys):
     source = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": MULTI_TURN_CHOSEN, "rejected": MULTI_TURN_REJECTED}] * 3)
     first, second = tmp_path / "a" / "out.jsonl.gz", tmp_path / "b" / "out.jsonl.gz"
     for output in (first, second):
         assert convert(capsys, "--format", "hh-rlhf", "--input", source, "--output", output)[0] == 0
     assert first.read_bytes() == second.read_bytes()
 
-    loaded = load_records(str(first), rating_scale=7.0)
-    assert [(r.query, r.responses, list(r.scores)) for r in loaded.records] == [
-        (f"### Instruction:\n{DIALOGUE}\n\n### Response:", ["12, since 4 x 3 = 12.", "I won't do math."], [7, 1])
-    ] * 3
 
-
-def test_writer_check_failure_leaves_old_output_and_no_temp_file(tmp_path):
-    output = tmp_path / "out.json"
-    output.write_text("[]\n")
-    seen = []
-
-    def reject(written):
-        seen.append(read_records(written))
-        raise RuntimeError("rejected")
-
-    with pytest.raises(RuntimeError, match="rejected"):
-        with record_writer(output, check=reject) as write:
-            write({"query": "q", "responses": ["a"], "scores": [1]})
-    assert seen == [[{"query": "q", "responses": ["a"], "scores": [1]}]]  # checked the complete file
-    assert output.read_text() == "[]\n"
-    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+@pytest.mark.parametrize("fmt, record, extra", [
+    ("hh-rlhf", {"chosen": MULTI_TURN_CHOSEN, "rejected": MULTI_TURN_REJECTED}, ["--chosen_score", "5"]),
+    ("pairs", {"prompt": "q", "chosen": "a", "rejected": "b"}, ["--chosen_score", "4", "--rejected_score", "2.5"]),
+    ("ratings", {"prompt": "q", "completions": ["a", "b", "c"], "ratings": [1, 4.5, 4]}, []),
+])
+@pytest.mark.parametrize("suffix", [".json", ".jsonl.gz"])
+def test_outputs_pass_the_trainers_validation(tmp_path, capsys, fmt, record, extra, suffix):
+    source = write_jsonl(tmp_path / "in.jsonl", [record] * 2)
+    output = tmp_path / f"out{suffix}"
+    assert convert(capsys, "--format", fmt, "--input", source, "--output", output, "--rating_scale", "5", *extra)[0] == 0
+    loaded = load_records(output, rating_scale=5)
+    assert [(r.query, r.responses, r.scores) for r in loaded.records] == [
+        (w["query"], w["responses"], w["scores"]) for w in read_records(output)]
+    assert len(loaded.records) == 2 and not loaded.skipped
