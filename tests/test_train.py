@@ -1,0 +1,199 @@
+"""End-to-end training runs on a tiny Llama (CPU, gloo): learning, rank/accumulation invariance,
+resume, the original command line under torchrun, HF export, and failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(tiny HF Llama dir, 40-record Sandbox file) shared by the module's runs."""
+    from fastalign.data import sample_data_path
+    from fastalign.tiny import build_tiny_llama, sandbox_texts
+
+    root = tmp_path_factory.mktemp("tiny")
+    texts = sandbox_texts(sample_data_path())
+    model = build_tiny_llama(root / "model", texts, vocab_size=512, hidden_size=64, num_layers=2,
+                             num_heads=4, num_kv_heads=2, intermediate_size=128,
+                             max_position_embeddings=256)
+    data = root / "data.jsonl"
+    lines = sample_data_path().read_text().splitlines()[:40]
+    data.write_text("\n".join(lines) + "\n")
+    return model, data
+
+
+def run_train(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "fastalign.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", "-m", "fastalign.train", *args]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def common(model: Path, data: Path, out: Path, **flags) -> list[str]:
+    args = {"model_name_or_path": model, "data_path": data, "output_dir": out,
+            "model_max_length": 128, "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "no",
+            "lr_scheduler_type": "constant"}
+    args.update(flags)
+    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_weights(a: Path, b: Path, atol: float = 1e-6) -> None:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=atol, msg=name)
+
+
+LOGGED = ("loss", "nll_best", "penalty", "penalty_active_frac", "lr", "grad_norm")
+
+
+def assert_same_metrics(ma: list[dict], mb: list[dict]) -> None:
+    assert [m["step"] for m in ma] == [m["step"] for m in mb]
+    for a, b in zip(ma, mb):
+        for key in LOGGED:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
+
+
+def test_tiny_model_learns(tiny, tmp_path):
+    model, data = tiny
+    out = tmp_path / "out"
+    ok(run_train(common(model, data, out, max_steps=12, per_device_train_batch_size=4,
+                        learning_rate=3e-3, max_tokens_per_batch=600)))
+    losses = [m["loss"] for m in metrics(out)]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses
+    first = metrics(out)[0]
+    assert {"step", "epoch", "loss", "nll_best", "penalty", "penalty_active_frac", "lr", "grad_norm",
+            "tokens_per_s", "mfu", "peak_mem_gb"} <= first.keys()
+    assert first["mfu"] is None and first["tokens_per_s"] > 0 and first["peak_mem_gb"] > 0
+
+
+def test_one_rank_x4_accumulation_equals_two_ranks_x2(tiny, tmp_path):
+    """The step loss is the mean over the global batch's groups, however they are split."""
+    model, data = tiny
+    flags = dict(max_steps=3, per_device_train_batch_size=2, fsdp="full_shard auto_wrap")
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    ok(run_train(common(model, data, one, gradient_accumulation_steps=4, **flags)))
+    ok(run_train(common(model, data, two, gradient_accumulation_steps=2, **flags), nproc=2))
+    assert_same_metrics(metrics(one), metrics(two))
+    assert_same_weights(one, two)
+    start = load_file(model / "model.safetensors")["model.norm.weight"]
+    assert not torch.equal(start, load_file(one / "model.safetensors")["model.norm.weight"])
+
+
+def test_resume_after_step_3_equals_uninterrupted_run(tiny, tmp_path):
+    model, data = tiny
+    flags = dict(max_steps=6, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                 save_strategy="steps", save_steps=3, lr_scheduler_type="cosine", warmup_steps=2,
+                 num_comp=2)
+    full = tmp_path / "full"
+    ok(run_train(common(model, data, full, **flags)))
+    assert sorted(p.name for p in full.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+
+    # A run that died after step 5: checkpoint-3 complete, checkpoint-6 half written, metrics
+    # written up to step 5, no final model.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
+    shutil.copytree(full / "checkpoint-6", resumed / "checkpoint-6.tmp")
+    (resumed / "checkpoint-6.tmp" / "trainer_state.json").unlink()
+    partial = [line for line in (full / "metrics.jsonl").read_text().splitlines()][:5]
+    (resumed / "metrics.jsonl").write_text("\n".join(partial) + "\n")
+
+    result = ok(run_train(common(model, data, resumed, resume_from_checkpoint="auto", **flags)))
+    assert "resumed from" in result.stderr and "checkpoint-3" in result.stderr
+    assert_same_metrics(metrics(full), metrics(resumed))
+    assert_same_weights(full, resumed, atol=0)
+    assert not (resumed / "checkpoint-6.tmp").exists()
+
+
+def test_original_command_line_under_torchrun_loads_in_transformers(tiny, tmp_path):
+    """The README's train_alignment.py flags, tiny sizes, 2 processes; output is an HF model."""
+    model, data = tiny
+    out = tmp_path / "out"
+    args = [
+        "--model_name_or_path", str(model), "--data_path", str(data), "--bf16", "True",
+        "--output_dir", str(out), "--num_train_epochs", "2", "--per_device_train_batch_size", "1",
+        "--per_device_eval_batch_size", "1", "--gradient_accumulation_steps", "8",
+        "--evaluation_strategy", "no", "--save_strategy", "steps", "--save_steps", "2",
+        "--save_total_limit", "1", "--learning_rate", "2e-5", "--weight_decay", "0.",
+        "--warmup_ratio", "0.03", "--lr_scheduler_type", "cosine", "--logging_steps", "1",
+        "--fsdp", "full_shard auto_wrap", "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer",
+        "--tf32", "True", "--model_max_length", "96", "--rating_scale", "7", "--margin", "1",
+        "--max_flow", "False", "--ratio", "0.2", "--num_comp", "3",
+    ]
+    result = ok(run_train(args, nproc=2, timeout=400))
+    assert "world size 2" in result.stderr and "bf16" in result.stderr
+    # 40 groups / (2 ranks x 8) = 3 steps per epoch, 2 epochs; checkpoints at 2, 4, 6 with a
+    # limit of 1: only the newest is left.
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4, 5, 6]
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-6"]
+
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("### Instruction:\nHello\n\n### Response:", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = hf(ids).logits
+    assert torch.isfinite(logits).all()
+    trained, start = hf.state_dict(), load_file(model / "model.safetensors")
+    assert any(not torch.equal(trained[k].float(), start[k].float()) for k in start)
+
+
+def test_bad_flag_exits_2_with_message(tiny, tmp_path):
+    model, data = tiny
+    result = run_train(common(model, data, tmp_path / "out") + ["--num_compare", "3"])
+    assert result.returncode == 2
+    assert "--num_compare" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_data_exits_2_naming_the_record(tiny, tmp_path):
+    model, data = tiny
+    bad = tmp_path / "bad.jsonl"
+    records = data.read_text().splitlines()[:3]
+    broken = json.loads(records[1])
+    del broken["scores"]
+    bad.write_text("\n".join([records[0], json.dumps(broken), records[2]]) + "\n")
+    result = run_train(common(model, bad, tmp_path / "out", max_steps=1))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error:" in result.stderr and "scores" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path):
+    model, data = tiny
+    out = tmp_path / "out"
+    result = run_train(common(model, data, out, max_steps=6, per_device_train_batch_size=4,
+                              save_strategy="steps", save_steps=1, max_grad_norm=0,
+                              learning_rate=1e30, logging_steps=3))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "NaN" in result.stderr and "Traceback" not in result.stderr
+    kept = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert kept and all(not name.endswith(".tmp") for name in kept)
+    assert not (out / "model.safetensors").exists()
