@@ -183,7 +183,10 @@ def record_writer(path: Path, flag: str = "--output") -> Iterator[Callable[[dict
 
 
 class InvalidRecord(Exception):
-    """A record that cannot be converted. `reason` is value-free so skipped records group by it."""
+    """A record that cannot be converted; str() is ", field 'f': reason (detail)" for messages.
+
+    `key` ("field: reason") holds no record-specific values, so skipped records group by it.
+    """
 
     def __init__(self, field_name: str | None, reason: str, detail: str = ""):
         where = f", field '{field_name}'" if field_name else ""
