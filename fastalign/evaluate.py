@@ -26,11 +26,25 @@ that ordering with the ratings:
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import sys
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from fastalign.cli import run_main
+from fastalign.data import IGNORE_INDEX, GroupBatcher, load_records, select_candidates, tokenize_records
+from fastalign.distributed import init_distributed
+from fastalign.errors import DataError
+from fastalign.loss import stable_alignment_loss
+from fastalign.model import Llama, load_tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,3 +195,183 @@ def format_table(rows: dict[str, dict]) -> str:
              for row in [headers, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring responses with a model (packed batches + the fused loss head, no full logits)
+# ---------------------------------------------------------------------------------------------
+
+
+def llama_nll(model, rating_scale: float = 7.0) -> Callable:
+    """batch -> nll [S] of a plain (unsharded) fastalign Llama: hidden states + the fused loss head."""
+
+    def forward(batch) -> torch.Tensor:
+        hidden = model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)  # [T, H]
+        return stable_alignment_loss(hidden, model.lm_head.weight, batch.targets, batch.response_index,
+                                     batch.scores, batch.group_index, rating_scale=rating_scale).nll
+
+    return forward
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    records: Sequence,
+    *,
+    model_max_length: int = 512,
+    max_tokens_per_batch: int | None = 8192,
+    num_comp: int | None = None,
+    rating_scale: float = 7.0,
+    append_eos: bool = True,
+    stop_response: bool = False,
+    seed: int = 42,
+    progress: bool = False,
+    forward: Callable | None = None,
+) -> dict:
+    """Score every response of `records` (fastalign.data.Record) with `model` and compute metrics.
+
+    `model` is a fastalign Llama, scored by `llama_nll`. A caller whose Llama is wrapped (the
+    trainer's FSDP-sharded Llama + loss module) passes that module as `model` and
+    `forward(batch) -> nll [S]` that runs it. Under torch.distributed the records are split over
+    the ranks (every rank passes the same list and runs the same number of forwards, as FSDP
+    needs; fillers are dropped) and every rank returns the gathered result. The model is left in
+    the train/eval mode it had; gradients are off throughout.
+
+    Returns {"metrics": summarize(...), "by_category": {...}, "records": [per-record dicts],
+             "tokenization": data stats (dropped/truncated counts)}.
+    """
+    world_size, rank = _distributed()
+    data = tokenize_records(records, tokenizer, model_max_length=model_max_length,
+                            append_eos=append_eos, stop_response=stop_response, progress=progress)
+    categories = {r.index: r.category for r in records}
+    # the responses GroupBatcher scores for each record (all, or num_comp drawn as in epoch 0)
+    chosen_responses = {g.record_index: select_candidates(len(g.response_ids), g.record_index,
+                                                          num_comp=num_comp, seed=seed, epoch=0)
+                        for g in data.groups}
+    batcher = GroupBatcher(data, num_comp=num_comp, seed=seed, batch_size=8,
+                           max_tokens_per_batch=max_tokens_per_batch, world_size=world_size, rank=rank,
+                           shuffle=False)
+    forward = forward or llama_nll(model, rating_scale)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            local = _score_batches(batcher, forward, device, categories, chosen_responses, progress and rank == 0)
+    finally:
+        model.train(was_training)
+    if world_size > 1:
+        gathered: list = [None] * world_size
+        dist.all_gather_object(gathered, local)
+        local = [r for part in gathered for r in part]
+    results = sorted(local, key=lambda r: r.index)
+    return {
+        "metrics": summarize(results),
+        "by_category": summarize_by_category(results),
+        "records": [record_to_json(r) for r in results],
+        "tokenization": dict(data.stats),
+    }
+
+
+def _score_batches(batcher, forward, device, categories: dict, chosen_responses: dict,
+                   progress: bool) -> list[RecordResult]:
+    """RecordResults of this rank's groups (epoch 0 of `batcher`; fillers are run, then dropped)."""
+    results: list[RecordResult] = []
+    steps = batcher.iter_steps(epoch=0)
+    if progress:
+        steps = tqdm(steps, total=batcher.steps_per_epoch(), desc="evaluating", unit="batch")
+    for step in steps:
+        for batch in step.micro_batches:
+            nll = forward(batch.to(device)).float().cpu()  # [S]
+            if batch.num_groups == 0:  # a filler keeps the ranks' forwards matched; not counted
+                continue
+            tokens = torch.bincount(batch.response_index[batch.targets != IGNORE_INDEX],
+                                    minlength=batch.num_sequences)  # [S] response tokens averaged over
+            group_of = batch.group_index.tolist()
+            for g, record_index in enumerate(batch.record_indices):
+                members = [s for s, owner in enumerate(group_of) if owner == g]  # in response order
+                results.append(score_record(
+                    record_index, categories.get(record_index), chosen_responses[record_index],
+                    batch.scores[members].tolist(), (-nll[members]).tolist(), tokens[members].tolist(),
+                ))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # the trainer's flag types, so shared flags read and fail the same way in both commands
+    from fastalign.train import positive_float, positive_int, str_to_bool
+
+    boolean = dict(type=str_to_bool, nargs="?", const=True, default=False, metavar="True|False")
+    p = argparse.ArgumentParser(prog="python -m fastalign.evaluate", allow_abbrev=False,
+                                description="Ranking metrics of a model on rated Sandbox records: does it "
+                                "find the higher-rated responses more likely? (see the module docstring)")
+    p.add_argument("--model_name_or_path", required=True, help="HF Llama directory (config.json, weights, tokenizer).")
+    p.add_argument("--data_path", required=True, help="Sandbox records: JSON array or JSONL (.gz welcome).")
+    p.add_argument("--output_json", default=None, help="Write the metrics and per-record results here.")
+    p.add_argument("--model_max_length", type=positive_int, default=512, help="Longest query+response in tokens; responses are cut from the end, as in training. Default 512.")
+    p.add_argument("--max_tokens_per_batch", type=positive_int, default=8192, help="Tokens per packed forward (whole records). Default 8192.")
+    p.add_argument("--num_comp", type=positive_int, default=None, help="Responses scored per record, drawn with --seed when a record has more. Default: all.")
+    p.add_argument("--rating_scale", type=positive_float, default=7.0, help="Highest rating; scores must lie in 1..rating_scale. Default 7.")
+    p.add_argument("--bf16", help="Run the model in bfloat16. Default False.", **boolean)
+    p.add_argument("--skip_invalid", help="Drop invalid records (counted per reason) instead of stopping. Default False.", **boolean)
+    p.add_argument("--stop_response", help="As in training: cut responses at the first turn marker. Default False.", **boolean)
+    p.add_argument("--no_append_eos", help="As in training: no EOS after each response. Default False.", **boolean)
+    p.add_argument("--seed", type=int, default=42, help="Seed of the --num_comp draw. Default 42.")
+    return p
+
+
+def print_report(report: dict) -> None:
+    """The metrics table: all records, then one row per category."""
+    rows = {"all": report["metrics"]} | {f"category={c}": m for c, m in report["by_category"].items()}
+    print(format_table(rows))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    loaded = load_records(args.data_path, rating_scale=args.rating_scale, skip_invalid=args.skip_invalid)
+    if not loaded.records:
+        raise DataError(f"{args.data_path}: no valid records to evaluate ({loaded.skipped_summary()})")
+    env = init_distributed()
+    try:
+        model = Llama.from_pretrained(args.model_name_or_path, device=env.device,
+                                      dtype=torch.bfloat16 if args.bf16 else torch.float32)
+        tokenizer = load_tokenizer(args.model_name_or_path)
+        report = evaluate_model(
+            model, tokenizer, loaded.records, model_max_length=args.model_max_length,
+            max_tokens_per_batch=args.max_tokens_per_batch, num_comp=args.num_comp,
+            rating_scale=args.rating_scale, append_eos=not args.no_append_eos,
+            stop_response=args.stop_response, seed=args.seed, progress=env.is_main,
+        )
+    finally:
+        dist.destroy_process_group()
+    if not env.is_main:
+        return 0
+    report["skipped_invalid"] = dict(loaded.skipped)
+    report["settings"] = vars(args) | {"world_size": env.world_size}
+    if loaded.skipped:
+        print(loaded.skipped_summary())
+    dropped = {k: v for k, v in report["tokenization"].items() if k.startswith("dropped_") and v}
+    if dropped:
+        print(f"not scored after tokenization (--model_max_length {args.model_max_length}): {dropped}")
+    print_report(report)
+    if args.output_json:
+        path = Path(args.output_json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -125,3 +125,168 @@ def test_metrics_match_references(scores, data):
     ref_pairs, ref_correct, ref_margin = reference_pairs(scores, logliks)
     assert (pairs, correct) == (ref_pairs, ref_correct)
     assert margin == pytest.approx(ref_margin)
+
+
+# --- scoring with a real (tiny) model ---
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from fastalign.cli import run_main
+from fastalign.data import load_records, sample_data_path
+from fastalign.evaluate import evaluate_model, main
+from fastalign.model import Llama, load_tokenizer
+from fastalign.tiny import build_tiny_llama, sandbox_texts
+
+SHAPE = dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=96,
+             max_position_embeddings=256)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", sandbox_texts(sample_data_path()),
+                            seed=1, **SHAPE)
+
+
+@pytest.fixture(scope="module")
+def sample_records():
+    return load_records(sample_data_path()).records[:12]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return path
+
+
+def transformers_logliks(model_dir, record, max_length):
+    """Mean token log-likelihood of each response by the plain full-logits route in transformers."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    query = [tok.bos_token_id] + tok(record.query, add_special_tokens=False)["input_ids"]
+    out = []
+    for response in record.responses:
+        ids = (tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])[: max_length - len(query)]
+        full = torch.tensor([query + ids])
+        with torch.no_grad():
+            logp = model(full).logits[0].log_softmax(-1)
+        positions = torch.arange(len(query) - 1, full.shape[1] - 1)
+        out.append(logp[positions, full[0, positions + 1]].mean().item())
+    return out
+
+
+def test_logliks_match_transformers_full_logits(tiny_dir, sample_records):
+    model, tok = Llama.from_pretrained(tiny_dir), load_tokenizer(tiny_dir)
+    # small budget: several packed batches; short max length: truncated responses too
+    report = evaluate_model(model, tok, sample_records[:4], model_max_length=96, max_tokens_per_batch=300)
+    assert [r["index"] for r in report["records"]] == [0, 1, 2, 3]
+    assert report["tokenization"]["truncated_responses"] > 0
+    for row, record in zip(report["records"], sample_records):
+        assert row["response_indices"] == list(range(len(record.responses)))
+        assert row["scores"] == record.scores
+        assert row["category"] == record.category
+        assert row["logliks"] == pytest.approx(transformers_logliks(tiny_dir, record, 96), abs=1e-4)
+    assert model.training  # mode restored
+
+
+def test_metrics_follow_the_scored_logliks(tiny_dir, sample_records):
+    model, tok = Llama.from_pretrained(tiny_dir), load_tokenizer(tiny_dir)
+    report = evaluate_model(model, tok, sample_records)
+    expected = summarize([score_record(r["index"], r["category"], r["response_indices"], r["scores"], r["logliks"],
+                                       r["num_tokens"]) for r in report["records"]])
+    assert report["metrics"] == expected
+    assert report["metrics"]["num_records"] == len(sample_records)
+    assert set(report["by_category"]) == {r.category for r in sample_records}
+
+
+def test_num_comp_scores_a_subset_with_the_same_logliks(tiny_dir, sample_records):
+    model, tok = Llama.from_pretrained(tiny_dir), load_tokenizer(tiny_dir)
+    full = {r["index"]: r for r in evaluate_model(model, tok, sample_records)["records"]}
+    sub = evaluate_model(model, tok, sample_records, num_comp=2, seed=5)["records"]
+    assert len(sub) == len(sample_records)
+    for row in sub:
+        assert len(row["response_indices"]) == 2
+        reference = full[row["index"]]
+        assert row["logliks"] == pytest.approx([reference["logliks"][i] for i in row["response_indices"]], abs=1e-5)
+
+
+def test_cli_prints_table_and_writes_json(tiny_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "eval.jsonl", [json.loads(line) for line in
+                                                  sample_data_path().read_text().splitlines()[:6]])
+    out = tmp_path / "res" / "metrics.json"
+    assert run_main(main, ["--model_name_or_path", str(tiny_dir), "--data_path", str(data),
+                           "--output_json", str(out), "--max_tokens_per_batch", "2000", "--bf16", "False"]) == 0
+    printed = capsys.readouterr().out
+    assert "pair acc" in printed and "category=" in printed
+    report = json.loads(out.read_text())
+    assert report["metrics"]["num_records"] == 6 and len(report["records"]) == 6
+    assert report["settings"]["max_tokens_per_batch"] == 2000
+
+
+def test_cli_bad_record_is_a_clean_error(tiny_dir, tmp_path):
+    good = json.loads(sample_data_path().read_text().splitlines()[0])
+    data = write_jsonl(tmp_path / "bad.jsonl", [good, {**good, "scores": good["scores"][:-1]}])
+    proc = subprocess.run([sys.executable, "-m", "fastalign.evaluate", "--model_name_or_path", str(tiny_dir),
+                           "--data_path", str(data)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "error:" in proc.stderr and "record 1" in proc.stderr and "scores" in proc.stderr
+
+
+def test_cli_skip_invalid_goes_on_and_reports(tiny_dir, tmp_path, capsys):
+    good = json.loads(sample_data_path().read_text().splitlines()[0])
+    data = write_jsonl(tmp_path / "mixed.jsonl", [good, {**good, "scores": [9] * len(good["scores"])}, "{not json"])
+    out = tmp_path / "m.json"
+    assert run_main(main, ["--model_name_or_path", str(tiny_dir), "--data_path", str(data), "--skip_invalid",
+                           "--output_json", str(out)]) == 0
+    assert "skipped 2" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["metrics"]["num_records"] == 1
+    assert sum(report["skipped_invalid"].values()) == 2
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--data_path", "x.jsonl"], "--model_name_or_path"),
+    (["--model_name_or_path", "m", "--data_path", "x", "--num_comp", "0"], "--num_comp"),
+    (["--model_name_or_path", "m", "--data_path", "x", "--bf16", "maybe"], "--bf16"),
+    (["--model_name_or_path", "m", "--data_path", "x", "--no_such_flag"], "--no_such_flag"),
+])
+def test_cli_flag_errors_name_the_flag(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_cli_missing_inputs_are_clean_errors(tiny_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "ok.jsonl", sample_data_path().read_text().splitlines()[:1])
+    assert run_main(main, ["--model_name_or_path", str(tiny_dir), "--data_path", str(tmp_path / "nope.jsonl")]) == 2
+    assert "nope.jsonl" in capsys.readouterr().err
+    assert run_main(main, ["--model_name_or_path", str(tmp_path / "no_model"), "--data_path", str(data)]) == 2
+    assert "no_model" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_give_the_single_process_result(tiny_dir, tmp_path):
+    data = write_jsonl(tmp_path / "eval.jsonl", sample_data_path().read_text().splitlines()[:7])
+    outputs = {}
+    for ranks in (1, 2):
+        out = tmp_path / f"r{ranks}.json"
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if ranks == 2 else []
+        cmd = [sys.executable, *launcher, "-m", "fastalign.evaluate", "--model_name_or_path", str(tiny_dir), "--data_path", str(data),
+               "--output_json", str(out), "--max_tokens_per_batch", "1500"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs[ranks] = json.loads(out.read_text())
+    assert outputs[2]["settings"]["world_size"] == 2
+    one, two = outputs[1]["records"], outputs[2]["records"]
+    assert [r["index"] for r in two] == [r["index"] for r in one] == list(range(7))
+    for a, b in zip(one, two):
+        assert a["logliks"] == pytest.approx(b["logliks"], abs=1e-5)
+    assert outputs[2]["metrics"]["pairwise_accuracy"] == outputs[1]["metrics"]["pairwise_accuracy"]
