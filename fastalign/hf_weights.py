@@ -20,10 +20,13 @@ stays). Rotary `inv_freq` buffers that old conversions stored alongside the weig
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import mmap
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -47,6 +50,10 @@ _SAFETENSORS_DTYPES = {
 _SAFETENSORS_CODES = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
 # Linux returns at most this many bytes from one read(); larger tensors take several.
 _MAX_READ = 1 << 30
+# Rows staged at a time when a weight changes dtype or device, or comes from a mapped .bin.
+_CHUNK_BYTES = 16 << 20
+_MADV_PAGEOUT = 21  # Linux >= 5.4; older kernels refuse it (EINVAL), harmlessly
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
 def our_name(hf_name: str) -> str:
@@ -136,18 +143,29 @@ class CheckpointReader:
         if list(out.shape) != shape:
             raise ModelError(f"{self.path}: weight {hf_name(name)} has shape {shape} "
                              f"(rows {start}:{stop}) but the model expects {list(out.shape)}")
+        rows_view = out if out.dim() else out.unsqueeze(0)  # dim 0 = rows, also for a scalar
+        row_bytes = math.prod(rows_view.shape[1:]) * self.dtype(name).itemsize
+        # Weights that change dtype or device, and .bin weights, go through in chunks of rows, so
+        # host memory holds one chunk more than the model rather than one more copy of a weight.
+        step, n_rows = max(1, _CHUNK_BYTES // max(1, row_bytes)), rows_view.shape[0]
+        chunks = [(a, min(a + step, n_rows)) for a in range(0, n_rows, step)]
         with torch.no_grad():
             if not self._safetensors:
                 source = self._bin_tensor(name)
-                out.copy_(source[start:stop] if rows is not None else source)
+                source = source if source.dim() else source.unsqueeze(0)
+                for a, b in chunks:
+                    rows_view[a:b].copy_(source[start + a:start + b])
+                    _release_mapped_pages(source[start + a:start + b])
                 return
             entry = self._entry(name)
-            direct = out.device.type == "cpu" and out.dtype == entry.dtype and out.is_contiguous()
-            target = out if direct else torch.empty(shape, dtype=entry.dtype)
-            row_bytes = math.prod(entry.shape[1:]) * target.element_size()
-            _pread_into(entry.file, entry.offset + start * row_bytes, target)
-            if not direct:
-                out.copy_(target)
+            first_byte = entry.offset + start * row_bytes
+            if out.device.type == "cpu" and out.dtype == entry.dtype and out.is_contiguous():
+                _pread_into(entry.file, first_byte, out)  # straight into the parameter
+                return
+            for a, b in chunks:
+                block = torch.empty((b - a, *rows_view.shape[1:]), dtype=entry.dtype)
+                _pread_into(entry.file, first_byte + a * row_bytes, block)
+                rows_view[a:b].copy_(block)
 
     # -- safetensors -------------------------------------------------------------------------
 
@@ -241,6 +259,19 @@ def _pread_into(file: Path, offset: int, out: torch.Tensor) -> None:
             done += n
     finally:
         os.close(fd)
+
+
+def _release_mapped_pages(t: torch.Tensor) -> None:
+    """Drop the resident pages of a tensor that lives in a read-only file mapping (torch.load
+    mmap=True, MAP_PRIVATE, never written): once copied into the model they only inflate RSS, and
+    an access after this re-reads them from the file. Only pages wholly inside the tensor."""
+    if _libc is None:
+        return
+    begin = t.data_ptr()
+    end = begin + t.numel() * t.element_size()
+    first, last = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT)
 
 
 def plan_shards(sizes: Iterable[tuple[str, int]], max_shard_size: int) -> list[list[str]]:

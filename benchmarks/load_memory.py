@@ -1,0 +1,148 @@
+"""Host memory and bytes read while loading a Llama checkpoint: fastalign vs transformers.
+
+Target (DESIGN section 5, model issue): `Llama.from_pretrained` reads each weight once and peaks
+below 1.2x the model's size in its target dtype in host memory.
+
+A random Llama of a few hundred MB is saved (bf16, as released checkpoints are) as one
+safetensors file, as sharded safetensors and as a legacy pytorch_model.bin. Each load runs in its
+own fresh process: peak RSS (VmHWM) minus RSS just before the load (after imports), against the
+bytes of the loaded parameters; `rchar` is the bytes the process read through read() calls
+(mmap'd reads do not show there, so it is reported for fastalign's positioned reads only).
+transformers' `LlamaForCausalLM.from_pretrained` on the same files is the baseline.
+
+    python benchmarks/load_memory.py                 # ~310 MB bf16 model (150M parameters)
+    python benchmarks/load_memory.py --layers 2      # smaller, quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import (  # noqa: E402
+    PeakMemory, Worker, fmt_bytes, format_table, machine_summary, result_header, results_path, serve,
+    write_json,
+)
+
+TARGET_RATIO = 1.2
+SHARD_BYTES = 100 * 10**6
+
+
+def _rchar() -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    return 0
+
+
+def load(loader: str, path: str, dtype: str) -> dict:
+    """Child side: one load, measured."""
+    import torch
+
+    torch_dtype = getattr(torch, dtype)
+    mem = PeakMemory("cpu").reset()
+    read_before, start = _rchar(), time.perf_counter()
+    if loader == "fastalign":
+        from fastalign.model import Llama
+
+        model = Llama.from_pretrained(path, dtype=torch_dtype)
+    else:
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    seconds = time.perf_counter() - start
+    peak_bytes, rchar_bytes = mem.peak_bytes(), _rchar() - read_before
+    # A loader may leave weights as views of a mapped file, resident only once touched: touch
+    # every weight (as the first forward pass would) and report that peak too.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sum()
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"seconds": seconds, "peak_bytes": peak_bytes, "peak_after_use_bytes": mem.peak_bytes(),
+            "model_bytes": model_bytes, "rchar_bytes": rchar_bytes, "memory": mem.describe()}
+
+
+def serve_loads() -> int:
+    import torch  # noqa: F401  (imported before the measured region: its memory is baseline)
+    import transformers  # noqa: F401
+
+    import fastalign.model  # noqa: F401
+
+    return serve({"load": load})
+
+
+def build_checkpoints(root: Path, layers: int) -> tuple[dict[str, Path], int]:
+    """The same random bf16 weights in three layouts; returns the dirs and the file bytes."""
+    import torch
+
+    from fastalign.hf_weights import hf_name
+    from fastalign.model import Llama, LlamaConfig
+
+    config = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers,
+                         num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096)
+    model = Llama(config)
+    model.init_weights(torch.Generator().manual_seed(0))
+    model.to(torch.bfloat16)
+    dirs = {"safetensors": root / "single", "sharded": root / "sharded", "bin": root / "bin"}
+    model.save_pretrained(dirs["safetensors"])
+    model.save_pretrained(dirs["sharded"], max_shard_size=SHARD_BYTES)
+    dirs["bin"].mkdir()
+    torch.save({hf_name(k): v for k, v in model.state_dict().items()}, dirs["bin"] / "pytorch_model.bin")
+    (dirs["bin"] / "config.json").write_text((dirs["safetensors"] / "config.json").read_text())
+    file_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return dirs, file_bytes
+
+
+CASES = [  # (layout, target dtype, loader)
+    ("safetensors", "bfloat16", "fastalign"), ("safetensors", "bfloat16", "transformers"),
+    ("safetensors", "float32", "fastalign"), ("safetensors", "float32", "transformers"),
+    ("sharded", "bfloat16", "fastalign"), ("bin", "bfloat16", "fastalign"),
+]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=8, help="decoder layers (8: ~150M parameters)")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        return serve_loads()
+
+    header = result_header("load_memory", f"{args.layers}layers", "cpu")
+    rows, results = [], []
+    with tempfile.TemporaryDirectory(prefix="fastalign-load-") as tmp:
+        dirs, checkpoint_bytes = build_checkpoints(Path(tmp), args.layers)
+        for layout, dtype, loader in CASES:
+            worker = Worker([str(Path(__file__).resolve()), "--serve"]).start()
+            try:
+                r = worker.call("load", loader=loader, path=str(dirs[layout]), dtype=dtype)
+            finally:
+                worker.close()
+            ratio = r["peak_bytes"] / r["model_bytes"]
+            ratio_after_use = r["peak_after_use_bytes"] / r["model_bytes"]
+            r.update(layout=layout, dtype=dtype, loader=loader, ratio=ratio, ratio_after_use=ratio_after_use,
+                     read_ratio=r["rchar_bytes"] / checkpoint_bytes)
+            results.append(r)
+            pread = loader == "fastalign" and layout != "bin"  # mmap'd reads do not show in rchar
+            rows.append([loader, layout, dtype, fmt_bytes(r["model_bytes"]), fmt_bytes(r["peak_bytes"]),
+                         f"{ratio:.2f}x", f"{ratio_after_use:.2f}x",
+                         f"{r['read_ratio']:.2f}x" if pread else "-", f"{r['seconds']:.2f} s"])
+
+    print(f"load_memory on {machine_summary(header['machine'])}; checkpoint {fmt_bytes(checkpoint_bytes)} bf16")
+    print(format_table(["loader", "layout", "target dtype", "model", "peak RSS above base", "peak/model",
+                        "after use/model", "read/file", "time"], rows))
+    met = all(max(r["ratio"], r["ratio_after_use"]) < TARGET_RATIO for r in results if r["loader"] == "fastalign")
+    print(f"target: every fastalign load peaks below {TARGET_RATIO}x the model: {'met' if met else 'MISSED'}")
+    path = write_json(results_path("load_memory", f"{args.layers}layers", "cpu"),
+                      {**header, "checkpoint_bytes": checkpoint_bytes, "target_ratio": TARGET_RATIO,
+                       "target_met": met, "results": results})
+    print(f"wrote {path}")
+    return 0 if met else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
