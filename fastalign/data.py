@@ -85,6 +85,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from fastalign.errors import ConfigError, DataError
 
@@ -448,8 +449,7 @@ def tokenize_records(
     stats["records"] = len(records)
     groups: list[TokenizedGroup] = []
     encode = None  # chosen on the first chunk's texts
-
-    from tqdm.auto import tqdm
+    share_ints = _SharedInts()
 
     with tqdm(total=len(records), desc="tokenizing", unit="rec", disable=not progress) as bar:
         for start in range(0, len(records), chunk_size):
@@ -466,7 +466,7 @@ def tokenize_records(
                     texts.append(response)
             if encode is None:
                 encode = _batch_encoder(tokenizer, texts[:64])
-            ids = encode(texts)
+            ids = share_ints(encode(texts))
             position = 0
             response_position = 0
             for record in chunk:
@@ -483,6 +483,28 @@ def tokenize_records(
             bar.update(len(chunk))
     stats["groups"] = len(groups)
     return TokenizedData(groups=groups, stats=stats)
+
+
+class _SharedInts:
+    """Re-points token lists at one shared int object per id value.
+
+    A tokenizer returns a fresh Python int per token (28 bytes, plus the 8-byte list slot); with
+    shared ints a stored token costs 8 bytes: ~4.5x less memory for the tokenized data set, which
+    lives for the whole run in every rank's process. The lists stay plain `list[int]`.
+    """
+
+    def __init__(self) -> None:
+        self._ints: list[int] = []  # _ints[i] is i
+
+    def __call__(self, id_lists: list[list[int]]) -> list[list[int]]:
+        non_empty = [ids for ids in id_lists if ids]
+        if not non_empty or min(map(min, non_empty)) < 0:  # (negative ids: keep as they are)
+            return id_lists
+        top = max(map(max, non_empty))
+        if top >= len(self._ints):
+            self._ints.extend(range(len(self._ints), top + 1))
+        shared = self._ints.__getitem__
+        return [list(map(shared, ids)) for ids in id_lists]
 
 
 def _batch_encoder(tokenizer: Any, sample_texts: list[str]) -> Callable[[list[str]], list[list[int]]]:
