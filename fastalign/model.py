@@ -306,7 +306,7 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.register_buffer("inv_freq", rotary_inv_freq(config), persistent=False)
+        self.register_buffer("inv_freq", rotary_inv_freq(config), persistent=False)  # fp32 [head_dim/2]
         self.source_dir: Path | None = None  # where from_pretrained read it (tokenizer files come from here)
         self._tie_weights()
 
@@ -350,13 +350,16 @@ class Llama(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # Module._apply (behind .to(), .to_empty(), .cuda()) can replace each module's parameter by
-        # a new object, which would silently untie lm_head from the embedding: tie again after it.
+        # a new object, which would silently untie lm_head from the embedding, and casts the
+        # rotary frequencies with the weights (bf16 frequencies garble long positions) or leaves
+        # them uninitialised (to_empty): tie again and recompute them after it.
         result = super()._apply(fn, recurse)
         self._tie_weights()
+        self.init_buffers()
         return result
 
     def init_buffers(self) -> None:
-        """Recompute the non-persistent rotary frequencies (fp32) after to_empty / a dtype cast."""
+        """Recompute the non-persistent rotary frequencies in fp32 (also done by .to / to_empty)."""
         self.inv_freq = rotary_inv_freq(self.config, device=self.inv_freq.device)
 
     @torch.no_grad()
@@ -386,7 +389,6 @@ class Llama(nn.Module):
         model.to(dtype=dtype)  # on meta: records the dtype, allocates nothing
         model.to_empty(device=device)
         model.load_weights(reader)
-        model.init_buffers()
         model.source_dir = path
         model.set_attention_backend(attn_implementation)
         return model

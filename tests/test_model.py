@@ -233,6 +233,10 @@ def test_meta_load_in_bf16_keeps_ties_and_fp32_rotary(tmp_path):
     assert ours.inv_freq.dtype == torch.float32
     torch.testing.assert_close(ours.embed_tokens.weight, hf.model.embed_tokens.weight.to(torch.bfloat16))
     assert ours.num_parameters() == hf.num_parameters() == ours.config.num_parameters()
+    reference = ours.inv_freq.clone()
+    ours.to(torch.float16)  # a later cast keeps the frequencies fp32 and the weights tied
+    assert ours.inv_freq.dtype == torch.float32 and torch.equal(ours.inv_freq, reference)
+    assert ours.lm_head.weight is ours.embed_tokens.weight
 
 
 def test_reader_reads_row_ranges_in_any_dtype(tmp_path):

@@ -78,7 +78,6 @@ def test_model_with_backend_agrees_with_sdpa(backend):
 
     def run(backend_name, dtype):
         model.to(dtype)
-        model.init_buffers()
         model.set_attention_backend(backend_name)
         hidden = model(input_ids, position_ids, cu, max(LENGTHS))
         hidden.float().square().mean().backward()
