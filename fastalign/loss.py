@@ -22,7 +22,8 @@ two gradient GEMMs. Positions with target -100 are dropped before any GEMM; in t
 responses whose gradient weight is exactly zero (inactive penalty) are dropped as well.
 
 backend: "triton" (kernels/alignment_head.py; on CPU only under TRITON_INTERPRET=1),
-"torch" (kernels/alignment_head_torch.py, torch ops only) or "auto" (Triton on CUDA, else torch).
+"torch" (kernels/alignment_head_torch.py, torch ops only) or "auto" (Triton on CUDA, else torch;
+also torch on CUDA when triton cannot be imported).
 """
 
 from __future__ import annotations
@@ -103,8 +104,10 @@ def _resolve_backend(backend: str, device: torch.device) -> ModuleType:
     try:
         from kernels import alignment_head
     except ImportError as err:
-        raise LossInputError(f"backend={backend!r} needs triton, which failed to import: {err}; "
-                             "use backend='torch'") from err
+        if backend == "auto":  # CUDA without triton: the twin still works
+            return alignment_head_torch
+        raise LossInputError(f"backend='triton' needs triton, which failed to import: {err}; "
+                             "use backend='torch' or 'auto'") from err
     return alignment_head
 
 

@@ -18,7 +18,7 @@ import torch
 from kernels.group_math import group_math as group_stats  # noqa: F401  (the twin's group step)
 
 # Transient budget for one logits slice [N, C] (plus the fp32 copy of the weight slice [C, H]).
-CPU_CHUNK_BYTES = 64 << 20
+CPU_CHUNK_BYTES = 256 << 20
 GPU_CHUNK_BYTES = 256 << 20
 MIN_CHUNK_COLUMNS = 128
 
@@ -27,10 +27,11 @@ def vocab_chunk_size(num_tokens: int, vocab: int, hidden: int, logit_bytes: int 
                      budget_bytes: int | None = None, device: torch.device | str = "cpu") -> int:
     """Columns C of one vocabulary slice, from (T, V, H).
 
-    Rule: the largest power of two C with C * (T * logit_bytes + H * 4) <= budget (64 MiB on CPU,
-    256 MiB on CUDA), at least 128 columns (so GEMMs stay efficient: the transient is then
-    max(budget, T * 128 * logit_bytes)) and at most V rounded up to a power of two. No term grows
-    with T x V: the slice shrinks as T grows.
+    Rule: the largest power of two C with C * (T * logit_bytes + H * 4) <= budget (256 MiB on
+    CPU and on CUDA; two constants so each can be tuned), at least 128 columns (so the GEMMs stay
+    efficient; the transient is then max(budget, 128 * (T * logit_bytes + H * 4))) and at most V
+    rounded up to a power of two. The H * 4 term is the twin's fp32 copy of the weight slice.
+    No term grows with T x V: the slice narrows as T grows.
     """
     if budget_bytes is None:
         budget_bytes = GPU_CHUNK_BYTES if torch.device(device).type == "cuda" else CPU_CHUNK_BYTES

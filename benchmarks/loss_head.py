@@ -1,0 +1,336 @@
+"""Loss-head benchmark: forward+backward time and peak memory of the Stable Alignment loss head.
+
+    python benchmarks/loss_head.py --preset cpu           # T=8192 H=1024 V=32000 fp32 (heavy)
+    python benchmarks/loss_head.py --preset cpu-small     # a quick look
+    PYTHONPATH=. python benchmarks/loss_head.py --preset gpu   # H100 targets, bf16
+    python benchmarks/loss_head.py --tokens 4096 --hidden 512 --vocab 32000 --k 4 --dtype float32
+
+The loss head is everything after the final norm: hidden [T, H] and lm_head weight [V, H] in,
+the alignment loss out, then backward to grad_hidden and grad_weight. Every method computes the
+same number (the parent prints each method's loss; they agree to rounding) on one packed batch
+of T tokens: groups of k responses, sequences of --seq-len tokens of which the first
+--query-frac are query positions (target -100, as in real data), ratings drawn from 1..7.
+
+Methods (each where available):
+- fastalign:   fastalign.loss.stable_alignment_loss(backend="auto"): Triton on CUDA, the PyTorch
+               twin on CPU; streams the vocabulary, drops -100 positions before any GEMM and
+               skips responses with no gradient in the backward pass.
+- full_logits: the original code's approach (packed, i.e. without its padding, which only helps
+               it): [T, V] logits, log_softmax in fp32, gather, per-response means, group loss.
+- chunked_torch: 512-token chunks, each under torch.utils.checkpoint (logits of one chunk live at
+               a time, recomputed in backward): the usual plain-PyTorch memory fix.
+- torch_linear_ce: torch.nn.functional.linear_cross_entropy(reduction='none') with
+               LinearCrossEntropyOptions() (torch's chunked fused path), + per-response means.
+- liger:       Liger-Kernel's fused linear cross entropy (reduction='none'), + per-response means.
+The group part (best, margins, penalty) of the baselines is kernels.group_math under autograd.
+
+Method. Each method runs in its own child process (benchmarks.common.Worker): inputs are built
+there, then one untimed warm-up step, then the peak-memory step, then timed steps interleaved
+across methods (A B C A B C ...) so load changes on a shared machine hit all alike; the median is
+reported. Peak memory is the loss head's extra memory above the inputs: CUDA
+max_memory_allocated minus the allocated bytes before the step; on CPU the peak RSS (VmHWM)
+minus the RSS before the step, in a process of its own (benchmarks.common.PeakMemory). Gradients
+are freed before each step, so grad_hidden and grad_weight (the same for every method) count.
+Results: a table on stdout and JSON in benchmarks/results/loss_head-<date>-<device>-<preset>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (  # noqa: E402
+    PeakMemory, Worker, fmt_bytes, format_table, machine_summary, result_header, results_path,
+    serve, summarize_times, timed, write_json)
+
+METHODS = ("fastalign", "full_logits", "chunked_torch", "torch_linear_ce", "liger")
+CHUNKED_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class Case:
+    tokens: int
+    hidden: int
+    vocab: int
+    k: int = 4
+    dtype: str = "float32"
+    seq_len: int = 256
+    query_frac: float = 0.25
+    repeats: int = 3
+    methods: tuple[str, ...] | None = None  # None: the preset's methods
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": dict(device="cpu", methods=("fastalign", "full_logits", "torch_linear_ce"),
+                cases=[Case(8192, 1024, 32000, repeats=3)]),
+    "cpu-small": dict(device="cpu", methods=("fastalign", "full_logits", "chunked_torch",
+                                             "torch_linear_ce"),
+                      cases=[Case(2048, 256, 32000, repeats=3)]),
+    # The H100 target first, against every method; then Llama-3 / Llama-2 vocabularies against
+    # the two plain-PyTorch approaches (kept short: `make gpu-check` gives this stage 120 s).
+    "gpu": dict(device="cuda", methods=METHODS,
+                cases=[Case(8192, 4096, 131072, dtype="bfloat16", repeats=10),
+                       Case(8192, 4096, 128256, dtype="bfloat16", repeats=5,
+                            methods=("fastalign", "full_logits", "chunked_torch")),
+                       Case(8192, 4096, 32000, dtype="bfloat16", repeats=5,
+                            methods=("fastalign", "full_logits", "chunked_torch"))]),
+}
+
+
+# ----------------------------------------------------------------------------- child side
+
+_STATE: dict[str, Any] = {}
+
+
+def make_inputs(case: Case, device: str) -> dict[str, Any]:
+    """The packed batch of one case (deterministic; identical in every worker)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    num_seqs = max(case.tokens // case.seq_len, 1)
+    num_groups = max(num_seqs // case.k, 1)
+    num_seqs = num_groups * case.k
+    lengths = torch.full((num_seqs,), case.tokens // num_seqs)
+    lengths[: case.tokens - int(lengths.sum())] += 1
+    response_index = torch.repeat_interleave(torch.arange(num_seqs), lengths)
+    targets = torch.randint(0, case.vocab, (case.tokens,), generator=gen)
+    starts = torch.cumsum(lengths, 0) - lengths
+    for s, n in zip(starts.tolist(), lengths.tolist()):
+        query = max(1, int(n * case.query_frac))
+        targets[s: s + query - 1] = -100
+        targets[s + n - 1] = -100
+    dtype = getattr(torch, case.dtype)
+    hidden = torch.randn(case.tokens, case.hidden, generator=gen).to(device=device, dtype=dtype)
+    weight = (torch.randn(case.vocab, case.hidden, generator=gen) / math.sqrt(case.hidden)).to(
+        device=device, dtype=dtype)
+    return dict(hidden=hidden.requires_grad_(True), weight=weight.requires_grad_(True),
+                targets=targets.to(device), response_index=response_index.to(device),
+                scores=torch.randint(1, 8, (num_seqs,), generator=gen).float().to(device),
+                group_index=torch.arange(num_seqs).div(case.k, rounding_mode="floor").to(device),
+                num_target_tokens=int((targets != -100).sum()))
+
+
+def _group_loss(token_nll, batch):
+    """Baselines: per-response means of per-token NLL (0 at -100), then the group loss."""
+    import torch
+
+    from kernels.group_math import GroupOptions, build_group_layout, group_math
+
+    num_responses = batch["scores"].numel()
+    has_target = (batch["targets"] != -100).float()
+    sums = torch.zeros(num_responses, device=token_nll.device).index_add(
+        0, batch["response_index"], token_nll.float() * has_target)
+    counts = torch.zeros(num_responses, device=token_nll.device).index_add(
+        0, batch["response_index"], has_target)
+    layout = build_group_layout(batch["group_index"], int(batch["group_index"].max()) + 1)
+    return group_math(sums / counts, batch["scores"], layout, GroupOptions()).loss_per_group.mean()
+
+
+def loss_fastalign(batch):
+    from fastalign.loss import stable_alignment_loss
+
+    return stable_alignment_loss(batch["hidden"], batch["weight"], batch["targets"],
+                                 batch["response_index"], batch["scores"], batch["group_index"]).loss
+
+
+def loss_full_logits(batch):
+    import torch
+
+    logits = batch["hidden"] @ batch["weight"].T  # [T, V], the original's full logits
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    token_nll = -logprobs.gather(1, batch["targets"].clamp(min=0)[:, None]).squeeze(1)
+    return _group_loss(token_nll, batch)
+
+
+def loss_chunked_torch(batch):
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk_nll(hidden, targets):
+        logits = (hidden @ batch["weight"].T).float()
+        return torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+
+    pieces = [checkpoint(chunk_nll, h, t, use_reentrant=False)
+              for h, t in zip(batch["hidden"].split(CHUNKED_TOKENS),
+                              batch["targets"].split(CHUNKED_TOKENS))]
+    return _group_loss(torch.cat(pieces), batch)
+
+
+def loss_torch_linear_ce(batch):
+    import torch
+
+    token_nll = torch.nn.functional.linear_cross_entropy(
+        batch["hidden"], batch["weight"], batch["targets"], reduction="none",
+        options=torch.nn.LinearCrossEntropyOptions())
+    return _group_loss(token_nll, batch)
+
+
+def loss_liger(batch):
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    head = LigerFusedLinearCrossEntropyLoss(reduction="none", ignore_index=-100)
+    return _group_loss(head(batch["weight"], batch["hidden"], batch["targets"]), batch)
+
+
+def available(method: str, device: str) -> str | None:
+    """None when the method can run here, else why not."""
+    import torch
+
+    if method == "torch_linear_ce" and not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        return f"torch {torch.__version__} has no chunked linear_cross_entropy"
+    if method == "liger":
+        if device != "cuda":
+            return "Liger-Kernel needs CUDA"
+        try:
+            import liger_kernel  # noqa: F401
+        except ImportError:
+            return "liger_kernel not installed"
+    return None
+
+
+def _step(batch, method):
+    batch["hidden"].grad = None
+    batch["weight"].grad = None
+    loss = globals()[f"loss_{method}"](batch)
+    loss.backward()
+    return float(loss.detach())
+
+
+def handle_setup(case: dict[str, Any], device: str, method: str) -> dict[str, Any]:
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = True  # what training runs with (DESIGN.md 5)
+    case = Case(**{**case, "methods": None})
+    _STATE.update(case=case, device=device, method=method, batch=make_inputs(case, device))
+    loss = _step(_STATE["batch"], method)  # warm-up (Triton compile, allocator, page faults)
+    return {"loss": loss, "num_target_tokens": _STATE["batch"]["num_target_tokens"]}
+
+
+def handle_memory() -> dict[str, Any]:
+    import torch
+
+    batch, device = _STATE["batch"], _STATE["device"]
+    batch["hidden"].grad = batch["weight"].grad = None
+    meter = PeakMemory(device).reset()
+    before = torch.cuda.memory_allocated() if torch.device(device).type == "cuda" else 0
+    _step(batch, _STATE["method"])
+    return {"peak_extra_bytes": meter.peak_bytes() - before, "memory_method": meter.describe()}
+
+
+def handle_time() -> dict[str, Any]:
+    _, seconds = timed(lambda: _step(_STATE["batch"], _STATE["method"]), _STATE["device"])
+    return {"seconds": seconds}
+
+
+# ----------------------------------------------------------------------------- parent side
+
+
+def run_case(case: Case, device: str, methods: tuple[str, ...]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    workers: dict[str, Worker] = {}
+    try:
+        for method in methods:
+            why_not = available(method, device)
+            if why_not:
+                rows.append({"method": method, "skipped": why_not})
+                continue
+            worker = Worker([str(Path(__file__).resolve()), "--worker"]).start()
+            workers[method] = worker
+            try:
+                setup = worker.call("setup", case=asdict(case), device=device, method=method)
+                memory = worker.call("memory")
+            except RuntimeError as err:
+                rows.append({"method": method, "skipped": f"failed: {str(err).strip()[-400:]}"})
+                worker.close()
+                del workers[method]
+                continue
+            rows.append({"method": method, "loss": setup["loss"],
+                         "num_target_tokens": setup["num_target_tokens"], **memory, "times": []})
+        by_method = {row["method"]: row for row in rows}
+        for _ in range(case.repeats):
+            for method, worker in workers.items():
+                by_method[method]["times"].append(worker.call("time")["seconds"])
+    finally:
+        for worker in workers.values():
+            worker.close()
+    for row in rows:
+        if "times" in row:
+            row["time"] = summarize_times(row.pop("times"))
+    return rows
+
+
+def print_table(case: Case, rows: list[dict[str, Any]]) -> None:
+    measured = {r["method"]: r for r in rows if "time" in r}
+    base = measured.get("full_logits")
+    table = []
+    for row in rows:
+        if "time" not in row:
+            table.append([row["method"], None, None, None, None, None, row["skipped"]])
+            continue
+        t, mem = row["time"]["median_s"], row["peak_extra_bytes"]
+        table.append([row["method"], f"{t * 1e3:.1f}", fmt_bytes(mem),
+                      f"{t / base['time']['median_s']:.2f}x" if base else None,
+                      f"{mem / base['peak_extra_bytes']:.3f}x" if base and base["peak_extra_bytes"] else None,
+                      f"{row['loss']:.5f}", ""])
+    print(f"\nT={case.tokens} H={case.hidden} V={case.vocab} k={case.k} {case.dtype} "
+          f"(seq_len {case.seq_len}, query_frac {case.query_frac})")
+    print(format_table(["method", "fwd+bwd ms", "peak extra", "time/full", "mem/full", "loss",
+                        "note"], table))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    parser.add_argument("--tokens", type=int)
+    parser.add_argument("--hidden", type=int)
+    parser.add_argument("--vocab", type=int)
+    parser.add_argument("--k", type=int)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--seq-len", type=int)
+    parser.add_argument("--query-frac", type=float)
+    parser.add_argument("--repeats", type=int)
+    parser.add_argument("--device", choices=("cpu", "cuda"))
+    parser.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--out_dir", "--out-dir", type=Path, default=None,
+                        help="where the JSON goes (default benchmarks/results/)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return serve({"setup": handle_setup, "memory": handle_memory, "time": handle_time})
+
+    import torch
+
+    preset = dict(PRESETS[args.preset or ("gpu" if torch.cuda.is_available() else "cpu-small")])
+    overrides = {name: getattr(args, name) for name in ("tokens", "hidden", "vocab", "k", "dtype",
+                                                        "seq_len", "query_frac", "repeats")
+                 if getattr(args, name) is not None}
+    cases = [replace(case, **overrides) for case in preset["cases"]]
+    device = args.device or preset["device"]
+    methods = tuple(args.methods.split(",")) if args.methods else preset["methods"]
+    if args.methods:  # an explicit choice applies to every case
+        cases = [replace(case, methods=None) for case in cases]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        parser.error(f"unknown method(s) {sorted(unknown)}; choose from {METHODS}")
+    preset_name = args.preset or "custom"
+
+    payload = result_header("loss_head", preset_name, device)
+    payload["cases"] = []
+    print(f"machine: {machine_summary(payload['machine'])}")
+    for case in cases:
+        rows = run_case(case, device, case.methods or methods)
+        print_table(case, rows)
+        payload["cases"].append({"case": asdict(case), "results": rows})
+        path = write_json(results_path("loss_head", preset_name, device, args.out_dir), payload)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
