@@ -189,14 +189,20 @@ def full_model_state_dict(model: nn.Module, prefix: str = "") -> dict[str, torch
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
-def export_hf(model: nn.Module, llama: nn.Module, output_dir: str | os.PathLike, tokenizer_dir: str, *, prefix: str = "") -> None:
+def export_hf(model: nn.Module, config, output_dir: str | os.PathLike, tokenizer_dir: str, *, prefix: str = "") -> None:
     """Write the HF model (config, safetensors, tokenizer) into `output_dir` from rank 0.
 
     Every rank takes part in the gather; only rank 0 holds the full weights (on CPU) and writes.
+    The writer is a fresh meta-device Llama of `config`: the trained module's own parameter names
+    carry activation-checkpointing / compile wrapper segments that HF names do not have.
     """
+    from fastalign.model import Llama
+
     state = full_model_state_dict(model, prefix)
     if dist.get_rank() == 0:
-        llama.save_pretrained(output_dir, state_dict=state, tokenizer_dir=tokenizer_dir)
+        with torch.device("meta"):
+            writer = Llama(config)
+        writer.save_pretrained(output_dir, state_dict=state, tokenizer_dir=tokenizer_dir)
     barrier()
 
 

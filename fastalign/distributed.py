@@ -234,6 +234,14 @@ def load_sharded_weights(model: nn.Module, reader, *, prefix: str = "") -> None:
             reader.read_into(canonical_name(name, prefix), local, rows)
 
 
+def move_buffers(model: nn.Module, device: torch.device) -> None:
+    """Put every buffer (rotary frequencies) on the compute device."""
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.device != device:
+                module._buffers[name] = buffer.to(device)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -238,6 +238,9 @@ def build_model(args, env: fdist.DistEnv, plan: fdist.FsdpPlan):
     """
     from fastalign.model import CheckpointReader, Llama, LlamaConfig
 
+    if plan.offload and env.device.type != "cuda":
+        raise ConfigError("--fsdp offload: needs CUDA (it keeps parameter shards in host memory "
+                          "while the GPUs compute); without a GPU everything is in host memory already")
     config = LlamaConfig.from_pretrained(args.model_name_or_path)
     reader = CheckpointReader(args.model_name_or_path)
     with torch.device("meta"):
@@ -260,6 +263,7 @@ def build_model(args, env: fdist.DistEnv, plan: fdist.FsdpPlan):
     model.to_empty(device="cpu" if plan.offload else env.device)
     fdist.load_sharded_weights(model, reader, prefix=PREFIX)
     llama.init_buffers()
+    fdist.move_buffers(model, env.device)  # with CPU offload only the parameters stay on the host
     return model, llama, backend
 
 
@@ -268,14 +272,17 @@ def loss_backend_name(requested: str, device: torch.device) -> str:
     return requested if requested != "auto" else ("triton" if device.type == "cuda" else "torch")
 
 
-def build_optimizer(model: nn.Module, args, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, args) -> torch.optim.AdamW:
     """AdamW; like HF, no weight decay on biases and norm weights (the 1-D parameters)."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    # Fused kernel for parameters on CUDA; elsewhere (CPU, or CPU-offloaded shards) the
+    # multi-tensor path: one dispatch per op for all parameters, not one per parameter.
+    fused = decay[0].device.type == "cuda"
     return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-8,
-                             fused=device.type == "cuda")
+                             fused=fused, foreach=not fused)
 
 
 # ----------------------------------------------------------------------------- data
@@ -436,7 +443,7 @@ class Trainer:
         self.flops_per_token_x_len = config.flops_per_token(1) - config.flops_per_token(0)
         self.peak_flops = peak_flops(env.device)
 
-        self.optimizer = build_optimizer(self.model, args, env.device)
+        self.optimizer = build_optimizer(self.model, args)
         warmup = warmup_steps_for(args, self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda_for(args.lr_scheduler_type, warmup, self.total_steps))
@@ -515,7 +522,7 @@ class Trainer:
                 if step >= self.total_steps:
                     break
                 grad_norm = self._train_step(opt_step, window)
-                nonfinite |= ~torch.isfinite(grad_norm)
+                nonfinite |= ~torch.isfinite(grad_norm).to(env.device, non_blocking=True)
                 step += 1
                 bar.update(1)
                 done_in_epoch = opt_step.step_in_epoch + 1
@@ -537,7 +544,8 @@ class Trainer:
         bar.close()
         self._check_finite(nonfinite, step)
         log.info("training done at step %d; writing the model to %s", step, self.output_dir)
-        ckpt.export_hf(self.model, self.llama, self.output_dir, self.args.model_name_or_path, prefix=PREFIX)
+        ckpt.export_hf(self.model, self.llama.config, self.output_dir, self.args.model_name_or_path,
+                       prefix=PREFIX)
         self.metrics.close()
 
     def _train_step(self, opt_step, window: Window) -> torch.Tensor:

@@ -83,11 +83,16 @@ def test_tiny_model_learns(tiny, tmp_path):
     model, data = tiny
     out = tmp_path / "out"
     ok(run_train(common(model, data, out, max_steps=12, per_device_train_batch_size=4,
-                        learning_rate=3e-3, max_tokens_per_batch=600)))
-    losses = [m["loss"] for m in metrics(out)]
+                        learning_rate=3e-3, max_tokens_per_batch=600, evaluation_strategy="steps",
+                        eval_steps=6, eval_data_path=data, per_device_eval_batch_size=8)))
+    evals = [m for m in metrics(out) if "eval_loss" in m]
+    assert [m["step"] for m in evals] == [6, 12]
+    assert evals[1]["eval_loss"] < evals[0]["eval_loss"]
+    losses = [m["loss"] for m in metrics(out) if "loss" in m]
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses
     first = metrics(out)[0]
+    assert "eval_loss" not in first
     assert {"step", "epoch", "loss", "nll_best", "penalty", "penalty_active_frac", "lr", "grad_norm",
             "tokens_per_s", "mfu", "peak_mem_gb"} <= first.keys()
     assert first["mfu"] is None and first["tokens_per_s"] > 0 and first["peak_mem_gb"] > 0
@@ -99,7 +104,9 @@ def test_one_rank_x4_accumulation_equals_two_ranks_x2(tiny, tmp_path):
     flags = dict(max_steps=3, per_device_train_batch_size=2, fsdp="full_shard auto_wrap")
     one = tmp_path / "one"
     two = tmp_path / "two"
-    ok(run_train(common(model, data, one, gradient_accumulation_steps=4, **flags)))
+    # Activation checkpointing on one side only: recomputation must not change the numbers.
+    ok(run_train(common(model, data, one, gradient_accumulation_steps=4, gradient_checkpointing=True,
+                        **flags)))
     ok(run_train(common(model, data, two, gradient_accumulation_steps=2, **flags), nproc=2))
     assert_same_metrics(metrics(one), metrics(two))
     assert_same_weights(one, two)
