@@ -4,7 +4,8 @@
                                 rating_scale=7.0, margin=1.0, ratio=0.2, max_flow=False,
                                 margin_mode="paper", backend="auto")
 
-hidden [T, H] (final-norm hidden states, any float dtype), weight [V, H] (lm_head, same dtype),
+hidden [T, H] (final-norm hidden states, any float dtype; cast to weight's dtype if it differs),
+weight [V, H] (lm_head),
 targets int [T] (next token id, -100 = no loss), response_index int [T] (response of each
 position), scores float [S] (rating of each response), group_index int [S] (group of each
 response, 0..G-1). Returns `AlignmentLossOutput`: loss (fp32 scalar, mean of loss_g over the
@@ -76,6 +77,8 @@ def stable_alignment_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     _check_options(opts, backend)
     _check_shapes(hidden, weight, targets, response_index, scores, group_index)
     impl = _resolve_backend(backend, hidden.device)
+    if hidden.dtype != weight.dtype:  # e.g. an fp32 final norm before a bf16 lm_head
+        hidden = hidden.to(weight.dtype)  # the GEMMs run in the lm_head's dtype, as in nn.Linear
     plan = _plan_tokens(targets, response_index, group_index, vocab=weight.shape[0],
                         num_responses=scores.shape[0])
     num_groups = int(group_index.max()) + 1
@@ -115,6 +118,7 @@ class _AlignmentHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, scores, plan: _TokenPlan, layout: GroupLayout,
                 opts: GroupOptions, impl: ModuleType):
+        weight = weight.contiguous()  # no-op for an lm_head; slices must be contiguous rows
         tokens_hidden = hidden.index_select(0, plan.position)  # [N, H]
         chunk = impl.vocab_chunk(tokens_hidden.shape[0], weight)
         lse, target_logit = impl.token_logsumexp(tokens_hidden, weight, plan.target, chunk)
@@ -176,9 +180,9 @@ def _check_shapes(hidden, weight, targets, response_index, scores, group_index) 
     if hidden.shape[1] != weight.shape[1]:
         raise LossInputError(f"hidden size mismatch: hidden {tuple(hidden.shape)} vs weight "
                              f"{tuple(weight.shape)} (both must end in H)")
-    if not hidden.dtype.is_floating_point or hidden.dtype != weight.dtype:
-        raise LossInputError(f"hidden and weight must share one float dtype; got {hidden.dtype} "
-                             f"and {weight.dtype}")
+    if not hidden.dtype.is_floating_point or not weight.dtype.is_floating_point:
+        raise LossInputError(f"hidden and weight must be float tensors; got {hidden.dtype} and "
+                             f"{weight.dtype}")
     num_tokens, num_responses = hidden.shape[0], scores.shape[0] if scores.dim() == 1 else -1
     for name, tensor, length in (("targets", targets, num_tokens),
                                  ("response_index", response_index, num_tokens),

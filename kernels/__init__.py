@@ -1,5 +1,11 @@
 """Triton kernels for fastalign, each beside a plain-PyTorch twin (used on CPU and as test oracle).
 
+- alignment_head.py        fused Stable Alignment LM head (Triton + cuBLAS slice GEMMs)
+- alignment_head_torch.py  its PyTorch twin, and the vocabulary-slice rule both use
+- group_math.py            per-group best / margins / penalty / gradient weights (PyTorch; the
+                           reference of the Triton group kernel)
+fastalign/loss.py drives them (validation, autograd, backend choice).
+
 This top-level package is named `kernels`; transformers probes an optional hub package of the same
 import name. Our distribution is `fastalign` (version < 0.18), so transformers' check
 `is_kernels_available()` stays False (tests/test_packaging.py asserts it).

@@ -211,7 +211,7 @@ def head_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     vocab = weight.shape[0]
     grad_hidden = torch.zeros(num_tokens, hidden_size, dtype=torch.float32, device=hidden.device)
     partial = None if hidden.dtype == torch.float32 else torch.empty_like(hidden)  # [N, H]
-    grad_weight = torch.empty_like(weight)
+    grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
     buffer = torch.empty(num_tokens * min(chunk, vocab), dtype=hidden.dtype, device=hidden.device)
     token_weight = token_weight.float().contiguous()
     round_by_hand = _INTERPRETED and hidden.dtype == torch.bfloat16

@@ -111,7 +111,7 @@ def head_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     h32 = hidden.float()
     weighted_hidden = h32 * token_weight[:, None]  # [N, H]
     grad_hidden = torch.zeros(num_tokens, hidden_size, device=hidden.device)
-    grad_weight = torch.empty_like(weight)
+    grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
     buffer = torch.empty(num_tokens * min(chunk, vocab), device=hidden.device)
     rows = torch.arange(num_tokens, device=hidden.device)
     for start, stop in vocab_slices(vocab, chunk):

@@ -291,6 +291,21 @@ def test_low_precision_no_worse_than_plain_torch(backend, dtype, vocab):
         assert err <= 1.1 * plain[key] + 1e-4 * ref_scale + 1e-6, (key, err, plain[key])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hidden_in_another_dtype_is_cast_to_the_lm_head_dtype(backend):
+    batch = make_batch([2, 3], 16, 200, seed=18, dtype=torch.bfloat16)
+    hidden32 = batch["hidden"].float().requires_grad_(True)
+    weight = batch["weight"].detach().clone().requires_grad_(True)
+    out = stable_alignment_loss(hidden32, weight, batch["targets"], batch["response_index"],
+                                batch["scores"], batch["group_index"], backend=backend)
+    out.loss.backward()
+    same = run_fused(batch, backend)  # hidden already bf16: the same computation
+    assert hidden32.grad.dtype == torch.float32 and weight.grad.dtype == torch.bfloat16
+    assert torch.equal(out.loss.detach(), same["loss"])
+    assert torch.equal(hidden32.grad, same["grad_hidden"].float())
+    assert torch.equal(weight.grad, same["grad_weight"])
+
+
 # ----------------------------------------------------------------------------- errors
 
 
@@ -322,8 +337,8 @@ def test_shape_and_dtype_mismatches_are_clear_errors():
         _call(dict(batch, weight=batch["weight"][:, :7]))
     with pytest.raises(LossInputError, match=r"group_index must be \[S\] with S = len\(scores\)"):
         _call(dict(batch, scores=batch["scores"][:1]))
-    with pytest.raises(LossInputError, match="share one float dtype"):
-        _call(dict(batch, weight=batch["weight"].double()))
+    with pytest.raises(LossInputError, match="must be float tensors"):
+        _call(dict(batch, hidden=batch["hidden"].long()))
     with pytest.raises(LossInputError, match="group 1 has no responses"):
         _call(dict(batch, group_index=torch.tensor([0, 2])))
     with pytest.raises(LossInputError, match="margin_mode"):
