@@ -22,10 +22,12 @@ A record whose chosen and rejected texts are identical is invalid: it carries no
 the objective would push the same text up and down at once.
 
 Files: `.json` (one array), `.jsonl` (one record per line), and `.json.gz` / `.jsonl.gz`, chosen by
-the extension, for input and output alike. The output is written to a temporary file and renamed,
-so a failed run never leaves a half-written file behind. An invalid record stops the conversion
-with a message naming the file, record, field and reason; with `--skip_invalid` it is dropped and
-counted. A summary (records in, written, skipped per reason) is always printed.
+the extension, for input and output alike; the input is read by `fastalign.jsonio`, the reader
+the trainer's `load_records` uses, so both name a file's problems alike. The output is written to a
+temporary file and renamed, so a failed run never leaves a half-written file behind. An invalid
+record (or a JSONL line that is not valid JSON) stops the conversion with a message naming the
+file, record, field and reason; with `--skip_invalid` it is dropped and counted. A summary
+(records in, written, skipped per reason) is always printed.
 
 Every record written passes the trainer's validation (`fastalign.data.load_records` with the same
 --rating_scale): text fields are non-empty strings, one score per response, scores in
@@ -43,7 +45,6 @@ import json
 import math
 import os
 import sys
-import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,15 +52,22 @@ from typing import Callable, Iterator, Sequence
 
 from fastalign.cli import run_main
 from fastalign.errors import ConfigError, DataError
+from fastalign.jsonio import (
+    FILE_SUFFIXES,
+    SKIP_INVALID_HINT,
+    ParseFailure,
+    is_json_lines,
+    iter_json_values,
+    json_type_name,
+)
 
 FORMATS = ("hh-rlhf", "pairs", "ratings")
 ALPACA_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:"
 ASSISTANT_MARKER = "\n\nAssistant:"
-FILE_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
 
 
 # ---------------------------------------------------------------------------------------------
-# Files: JSON array / JSONL, optionally gzip-compressed, chosen by extension
+# Output files: JSON array / JSONL, optionally gzip-compressed, chosen by extension
 # ---------------------------------------------------------------------------------------------
 
 
@@ -71,76 +79,24 @@ class FileKind:
 
 def file_kind(path: Path, flag: str) -> FileKind:
     """The format a path's extension names; `flag` is the option that gave the path (for errors)."""
-    name = path.name.lower()
-    gzipped = name.endswith(".gz")
-    if gzipped:
-        name = name[: -len(".gz")]
-    if name.endswith(".jsonl"):
-        return FileKind(lines=True, gzipped=gzipped)
-    if name.endswith(".json"):
-        return FileKind(lines=False, gzipped=gzipped)
-    raise ConfigError(f"{flag} {path}: unknown file type; use one of {', '.join(FILE_SUFFIXES)}")
+    lines = is_json_lines(path)
+    if lines is None:
+        raise ConfigError(f"{flag} {path}: unknown file type; use one of {', '.join(FILE_SUFFIXES)}")
+    return FileKind(lines=lines, gzipped=path.name.lower().endswith(".gz"))
 
 
 @contextlib.contextmanager
-def _open_text(path: Path, mode: str, gzipped: bool) -> Iterator[io.TextIOBase]:
-    """Open a UTF-8 text file ("r" or "w"), through gzip when `gzipped`."""
+def _open_text_for_writing(path: Path, gzipped: bool) -> Iterator[io.TextIOBase]:
+    """A UTF-8 text file opened for writing with "\n" line ends, through gzip when `gzipped`."""
     if not gzipped:
-        # utf-8-sig: a leading byte-order mark (Windows editors) is dropped when reading.
-        with open(path, mode, encoding="utf-8" if mode == "w" else "utf-8-sig",
-                  newline="\n" if mode == "w" else None) as handle:
+        with open(path, "w", encoding="utf-8", newline="\n") as handle:
             yield handle
-    elif mode == "w":
-        # mtime=0 and no stored file name: the same records always give the same bytes.
-        with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,
-                                                     compresslevel=6) as packed:
-            with io.TextIOWrapper(packed, encoding="utf-8", newline="\n") as handle:
-                yield handle
-    else:
-        with gzip.open(path, "rt", encoding="utf-8-sig") as handle:
+        return
+    # mtime=0 and no stored file name: the same records always give the same bytes.
+    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,
+                                                 compresslevel=6) as packed:
+        with io.TextIOWrapper(packed, encoding="utf-8", newline="\n") as handle:
             yield handle
-
-
-def iter_json_records(path: Path, flag: str = "--input") -> Iterator[tuple[int, str, object]]:
-    """Yield (record index, location, record) for each record of a JSON / JSONL(.gz) file.
-
-    The index is 0-based over records; the location is "line N" for JSONL (blank lines are
-    skipped) and "" for a JSON array. Unreadable files raise a DataError naming file and line.
-    """
-    kind = file_kind(path, flag)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
-    try:
-        with _open_text(path, "r", kind.gzipped) as handle:
-            if kind.lines:
-                index = 0
-                for line_number, line in enumerate(handle, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise DataError(f"{path}: line {line_number}: invalid JSON: {err.msg} "
-                                        f"(column {err.colno})") from None
-                    yield index, f"line {line_number}", record
-                    index += 1
-            else:
-                try:
-                    records = json.load(handle)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: "
-                                    f"{err.msg}") from None
-                if not isinstance(records, list):
-                    raise DataError(f"{path}: expected a JSON array of records, got "
-                                    f"{_type_name(records)} (for one record per line, use .jsonl)")
-                for index, record in enumerate(records):
-                    yield index, "", record
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
-        raise DataError(f"{path}: not a valid gzip file ({err or 'truncated'})") from None
-    except OSError as err:
-        raise DataError(f"{path}: cannot read: {err.strerror or err}") from None
 
 
 @contextlib.contextmanager
@@ -155,7 +111,7 @@ def record_writer(path: Path, flag: str = "--output") -> Iterator[Callable[[dict
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _open_text(tmp, "w", kind.gzipped) as out:
+        with _open_text_for_writing(tmp, kind.gzipped) as out:
             written = 0
 
             def write(record: dict) -> None:
@@ -202,18 +158,13 @@ class ConvertOptions:
     rating_scale: float = 7.0  # ratings must lie in [1, rating_scale]
 
 
-def _type_name(value: object) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null",
-            int: "number", float: "number"}.get(type(value), type(value).__name__)
-
-
 def _field(record: dict, name: str, expected: type):
     if name not in record:
         raise InvalidRecord(name, "missing field")
     value = record[name]
     if not isinstance(value, expected):
         raise InvalidRecord(name, f"must be {'a string' if expected is str else 'an array'}",
-                            f"got {_type_name(value)}")
+                            f"got {json_type_name(value)}")
     return value
 
 
@@ -279,7 +230,7 @@ def convert_ratings(record: dict, options: ConvertOptions) -> dict:
     for position, completion in enumerate(completions):
         if not isinstance(completion, str):
             raise InvalidRecord("completions", "must hold strings",
-                                f"item {position} is {_type_name(completion)}")
+                                f"item {position} is {json_type_name(completion)}")
         if not completion.strip():
             raise InvalidRecord("completions", "empty text", f"item {position}")
     for position, rating in enumerate(ratings):
@@ -300,7 +251,7 @@ CONVERTERS: dict[str, Callable[[dict, ConvertOptions], dict]] = {
 
 def convert_record(fmt: str, record: object, options: ConvertOptions) -> dict:
     if not isinstance(record, dict):
-        raise InvalidRecord(None, "record is not a JSON object", f"got {_type_name(record)}")
+        raise InvalidRecord(None, "record is not a JSON object", f"got {json_type_name(record)}")
     return CONVERTERS[fmt](record, options)
 
 
@@ -345,22 +296,26 @@ def convert_file(fmt: str, input_path: Path, output_path: Path, options: Convert
                  *, skip_invalid: bool = False) -> ConversionReport:
     """Convert a whole file; raises DataError on the first invalid record unless `skip_invalid`."""
     validate_options(fmt, options)
-    file_kind(output_path, "--output")  # a bad output name fails before any reading
+    file_kind(input_path, "--input")  # bad file names fail before any reading
+    file_kind(output_path, "--output")
     report = ConversionReport()
     with record_writer(output_path) as write:
-        for index, location, record in iter_json_records(input_path):
+        for item in iter_json_values(input_path, skipping_invalid=skip_invalid):
             report.records_in += 1
-            try:
-                converted = convert_record(fmt, record, options)
-            except InvalidRecord as invalid:
-                if not skip_invalid:
-                    where = f"record {index}" + (f" ({location})" if location else "")
-                    raise DataError(f"{input_path}: {where}{invalid} "
-                                    "(pass --skip_invalid to drop invalid records and go on)") from None
-                report.skipped[invalid.key].append(index)
-                continue
-            write(converted)
-            report.records_out += 1
+            if isinstance(item.value, ParseFailure):  # a JSONL line that holds no JSON value
+                reason, message = item.value.reason, item.value.message
+            else:
+                try:
+                    converted = convert_record(fmt, item.value, options)
+                except InvalidRecord as invalid:
+                    reason, message = invalid.key, f"{input_path}: {item.where}{invalid}"
+                else:
+                    write(converted)
+                    report.records_out += 1
+                    continue
+            if not skip_invalid:
+                raise DataError(message + SKIP_INVALID_HINT)
+            report.skipped[reason].append(item.index)
         if report.records_out == 0:
             if report.records_in:
                 print(report.summary(input_path, output_path, fmt), file=sys.stderr)

@@ -5,7 +5,8 @@ Data format
 A data file holds sandbox records, as a JSON array (`.json`) or one JSON object per line
 (`.jsonl`); either may be gzip-compressed (`.json.gz`, `.jsonl.gz`; gzip is also recognised by its
 magic bytes). Another suffix is read as an array when its first character is `[`, else as JSONL.
-Text is UTF-8 (a leading byte-order mark is ignored). Each record is
+Text is UTF-8 (a leading byte-order mark is ignored). The files are read by `fastalign.jsonio`, the
+reader `fastalign.convert` uses too. Each record is
 
     {"query": str, "responses": [str, ...], "scores": [number, ...],
      "category": str (optional, carried through), "models": [...] (optional, ignored)}
@@ -75,10 +76,7 @@ token of each sequence predicts nothing.
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -88,6 +86,8 @@ import torch
 from tqdm.auto import tqdm
 
 from fastalign.errors import ConfigError, DataError
+from fastalign.jsonio import REASON_MALFORMED_JSON, REASON_NOT_UTF8  # noqa: F401  (skip reasons, re-exported)
+from fastalign.jsonio import SKIP_INVALID_HINT, ParseFailure, iter_json_values, json_type_name
 
 __all__ = [
     "DataError",
@@ -123,11 +123,7 @@ REASON_LENGTH_MISMATCH = "responses/scores length mismatch"
 REASON_SCORE_NOT_FINITE = "score not finite"
 REASON_SCORE_RANGE = "score out of range"
 REASON_CATEGORY_TYPE = "category not a string"
-REASON_MALFORMED_JSON = "malformed JSON"
-REASON_NOT_UTF8 = "not UTF-8"
-
-_GZIP_MAGIC = b"\x1f\x8b"
-_SKIP_HINT = " (pass --skip_invalid to drop invalid records and go on)"
+# REASON_MALFORMED_JSON and REASON_NOT_UTF8 (a JSONL line that does not parse) come from fastalign.jsonio.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,44 +173,28 @@ class _InvalidRecord(Exception):
         return f"{path}: {where}{field_part}: {self.detail}"
 
 
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
-
-
 def _validate(obj: Any, index: int, rating_scale: float) -> Record:
     """Return the Record for one parsed JSON value or raise _InvalidRecord."""
     if not isinstance(obj, dict):
         raise _InvalidRecord(REASON_NOT_OBJECT, None,
-                             f"record is a JSON {_json_type(obj)}, expected an object with "
+                             f"record is a JSON {json_type_name(obj)}, expected an object with "
                              "'query', 'responses' and 'scores'")
     if "query" not in obj:
         raise _InvalidRecord(REASON_MISSING_QUERY, "query", "missing")
     query = obj["query"]
     if not isinstance(query, str):
-        raise _InvalidRecord(REASON_QUERY_TYPE, "query", f"expected a string, got a JSON {_json_type(query)}")
+        raise _InvalidRecord(REASON_QUERY_TYPE, "query", f"expected a string, got a JSON {json_type_name(query)}")
 
     if "responses" not in obj:
         raise _InvalidRecord(REASON_MISSING_RESPONSES, "responses", "missing")
     responses = obj["responses"]
     if not isinstance(responses, list):
         raise _InvalidRecord(REASON_RESPONSES_TYPE, "responses",
-                             f"expected a list of strings, got a JSON {_json_type(responses)}")
+                             f"expected a list of strings, got a JSON {json_type_name(responses)}")
     for j, response in enumerate(responses):
         if not isinstance(response, str):
             raise _InvalidRecord(REASON_RESPONSES_TYPE, f"responses[{j}]",
-                                 f"expected a string, got a JSON {_json_type(response)}")
+                                 f"expected a string, got a JSON {json_type_name(response)}")
     if not responses:
         raise _InvalidRecord(REASON_EMPTY_RESPONSES, "responses", "empty list: a record needs at least one response")
 
@@ -223,11 +203,11 @@ def _validate(obj: Any, index: int, rating_scale: float) -> Record:
     raw_scores = obj["scores"]
     if not isinstance(raw_scores, list):
         raise _InvalidRecord(REASON_SCORES_TYPE, "scores",
-                             f"expected a list of numbers, got a JSON {_json_type(raw_scores)}")
+                             f"expected a list of numbers, got a JSON {json_type_name(raw_scores)}")
     for j, score in enumerate(raw_scores):
         if isinstance(score, bool) or not isinstance(score, (int, float)):
             raise _InvalidRecord(REASON_SCORES_TYPE, f"scores[{j}]",
-                                 f"expected a number, got a JSON {_json_type(score)} ({score!r})")
+                                 f"expected a number, got a JSON {json_type_name(score)} ({score!r})")
     if len(raw_scores) != len(responses):
         raise _InvalidRecord(REASON_LENGTH_MISMATCH, "scores",
                              f"{len(responses)} responses but {len(raw_scores)} scores (one score per response)")
@@ -247,67 +227,8 @@ def _validate(obj: Any, index: int, rating_scale: float) -> Record:
     category = obj.get("category")
     if category is not None and not isinstance(category, str):
         raise _InvalidRecord(REASON_CATEGORY_TYPE, "category",
-                             f"expected a string or null, got a JSON {_json_type(category)}")
+                             f"expected a string or null, got a JSON {json_type_name(category)}")
     return Record(index=index, query=query, responses=responses, scores=scores, category=category)
-
-
-def _read_bytes(path: Path) -> bytes:
-    """The file's bytes, gunzipped when it is named .gz or starts with the gzip magic."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, expected a .json or .jsonl file (optionally .gz)") from None
-    except OSError as err:
-        raise DataError(f"{path}: cannot read: {err.strerror or err}") from None
-    if path.name.lower().endswith(".gz") or raw[:2] == _GZIP_MAGIC:
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as err:
-            raise DataError(f"{path}: corrupt or truncated gzip data ({err})") from None
-    return raw
-
-
-def _is_json_array_file(path: Path, raw: bytes) -> bool:
-    name = path.name.lower()
-    if name.endswith(".gz"):
-        name = name[:-3]
-    if name.endswith(".jsonl"):
-        return False
-    if name.endswith(".json"):
-        return True
-    return raw.lstrip()[:1] == b"["  # unknown suffix: sniff
-
-
-def _json_error_detail(err: json.JSONDecodeError, text: str) -> str:
-    detail = f"malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}"
-    if err.pos >= len(text.rstrip()):
-        detail += " (the data ends early: truncated file?)"
-    return detail
-
-
-def _parse_json_array(path: Path, raw: bytes, skip_invalid: bool) -> list[tuple[Any, str]]:
-    """[(value, where)] for each element of a JSON array file."""
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        raise DataError(f"{path}: not valid UTF-8 at byte {err.start} (line {line})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        message = f"{path}: {_json_error_detail(err, text)}"
-        if err.msg.startswith("Extra data"):
-            message += " (one record per line? then name the file .jsonl)"
-        if skip_invalid:
-            message += ("; --skip_invalid cannot skip past an error inside a JSON array "
-                        "(it skips whole lines of a .jsonl file only)")
-        raise DataError(message) from None
-    if not isinstance(data, list):
-        raise DataError(f"{path}: top level is a JSON {_json_type(data)}, expected an array of records "
-                        "(or name the file .jsonl for one record per line)")
-    return [(value, f"record {i}") for i, value in enumerate(data)]
 
 
 def load_records(path: str | Path, *, rating_scale: float = 7.0, skip_invalid: bool = False) -> LoadedRecords:
@@ -319,48 +240,24 @@ def load_records(path: str | Path, *, rating_scale: float = 7.0, skip_invalid: b
     if not rating_scale >= 1:
         raise ConfigError(f"--rating_scale must be at least 1 (scores are rated 1..rating_scale), got {rating_scale}")
     path = Path(path)
-    raw = _read_bytes(path)
     records: list[Record] = []
     skipped: dict[str, int] = {}
     first_skipped: dict[str, str] = {}
 
     def reject(reason: str, message: str) -> None:
         if not skip_invalid:
-            raise DataError(message + _SKIP_HINT)
+            raise DataError(message + SKIP_INVALID_HINT)
         skipped[reason] = skipped.get(reason, 0) + 1
         first_skipped.setdefault(reason, message)
 
-    def accept(value: Any, index: int, where: str) -> None:
+    for item in iter_json_values(path, skipping_invalid=skip_invalid):
+        if isinstance(item.value, ParseFailure):
+            reject(item.value.reason, item.value.message)
+            continue
         try:
-            records.append(_validate(value, index, rating_scale))
+            records.append(_validate(item.value, item.index, rating_scale))
         except _InvalidRecord as bad:
-            reject(bad.reason, bad.message(str(path), where))
-
-    if _is_json_array_file(path, raw):
-        for index, (value, where) in enumerate(_parse_json_array(path, raw, skip_invalid)):
-            accept(value, index, where)
-    else:
-        index = 0
-        if raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte-order mark
-            raw = raw[3:]
-        lines = raw.split(b"\n")
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            where = f"record {index} (line {line_number})"
-            try:
-                text = line.decode("utf-8")
-                value = json.loads(text)
-            except UnicodeDecodeError as err:
-                reject(REASON_NOT_UTF8, f"{path}: {where}: not valid UTF-8 at byte {err.start} of the line")
-            except json.JSONDecodeError as err:
-                detail = f"malformed JSON at column {err.colno}: {err.msg}"
-                if line_number == len(lines) and err.pos >= len(text.rstrip()):
-                    detail += " (the line ends early: truncated file?)"
-                reject(REASON_MALFORMED_JSON, f"{path}: {where}: {detail}")
-            else:
-                accept(value, index, where)
-            index += 1
+            reject(bad.reason, bad.message(str(path), item.where))
 
     if not records:
         if skipped:

@@ -166,12 +166,15 @@ def test_score_flags_are_refused_for_ratings(tmp_path, capsys):
     assert code == 2 and "--chosen_score applies to --format hh-rlhf and pairs only" in err
 
 
+# The input is read by fastalign.jsonio, so these messages are the ones load_records gives.
 @pytest.mark.parametrize("name, content, message", [
-    ("bad.jsonl", '{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": \n', "line 2: invalid JSON"),
-    ("bad.json", '[{"prompt": "q"},\n oops]', "invalid JSON at line 2 column 2"),
-    ("obj.json", '{"prompt": "q", "chosen": "a", "rejected": "b"}', "expected a JSON array of records, got object"),
-    ("bad.jsonl.gz", "not gzip at all", "not a valid gzip file"),
-    ("latin1.jsonl", b'{"prompt": "caf\xe9"}\n', "not UTF-8 text"),
+    ("bad.jsonl", '{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": \n',
+     "record 1 (line 2): malformed JSON at column 12: Expecting value"),
+    ("bad.json", '[{"prompt": "q"},\n oops]', "malformed JSON at line 2, column 2: Expecting value"),
+    ("obj.json", '{"prompt": "q", "chosen": "a", "rejected": "b"}',
+     "top level is a JSON object, expected an array of records"),
+    ("bad.jsonl.gz", "not gzip at all", "corrupt or truncated gzip data"),
+    ("latin1.jsonl", b'{"prompt": "caf\xe9"}\n', "record 0 (line 1): not valid UTF-8 at byte 15 of the line"),
     ("bom.jsonl", '\ufeff{"prompt": "q", "chosen": "a"}\n', "record 0 (line 1), field 'rejected': missing field"),
     ("empty.jsonl", "\n\n", "no valid pairs records to convert; nothing written"),
     ("data.csv", "prompt,chosen\n", "--input"),
@@ -207,8 +210,21 @@ def test_cli_subprocess_reports_malformed_line_without_traceback(tmp_path):
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert result.stderr.startswith(f"error: {source}: line 2: invalid JSON")
+    assert result.stderr.startswith(f"error: {source}: record 1 (line 2): malformed JSON at column 2: ")
+    assert "(pass --skip_invalid to drop invalid records and go on)" in result.stderr
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_skip_invalid_drops_malformed_lines_like_invalid_records(tmp_path, capsys):
+    good = json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"})
+    source = tmp_path / "p.jsonl"
+    source.write_bytes(f"{good}\n{{broken\n".encode() + b'{"prompt": "caf\xe9"}\n' + f"{good}\n".encode())
+    code, out, _ = convert(capsys, "--format", "pairs", "--input", source, "--output", tmp_path / "o.jsonl",
+                           "--skip_invalid")
+    assert code == 0
+    assert len(read_records(tmp_path / "o.jsonl")) == 2
+    assert "records in: 4, written: 2, skipped: 2" in out
+    assert "skipped 1: malformed JSON (record 1)" in out and "skipped 1: not UTF-8 (record 2)" in out
 
 
 def test_output_is_deterministic(tmp_path, capsys):
