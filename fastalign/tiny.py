@@ -28,11 +28,13 @@ BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 
 
 def build_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike, *,
-                    model_max_length: int | None = None) -> Path:
+                    model_max_length: int | None = None, bos: bool = True, eos: bool = True) -> Path:
     """Train a byte-level BPE on `texts` and save tokenizer.json + tokenizer_config.json in `out_dir`.
 
-    The vocabulary may come out smaller than `vocab_size` when the texts have fewer merges to
-    offer; read the real size with len(AutoTokenizer.from_pretrained(out_dir)).
+    `bos` / `eos`: whether the tokenizer has <s> (then prepended like Llama's tokenizer does) and
+    </s>; tests turn them off to cover tokenizers without them. The vocabulary may come out smaller
+    than `vocab_size` when the texts have fewer merges to offer; read the real size with
+    len(AutoTokenizer.from_pretrained(out_dir)).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -43,23 +45,24 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.Pat
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[BOS, EOS, UNK],  # ids 0, 1, 2
+        special_tokens=[BOS] * bos + [EOS] * eos + [UNK],  # ids 0, 1, 2 with both
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: nothing is ever <unk>
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    bos_id = tokenizer.token_to_id(BOS)
-    # Like Llama's tokenizer: BOS in front when special tokens are requested, no EOS.
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, bos_id)]
-    )
+    if bos:
+        # Like Llama's tokenizer: BOS in front when special tokens are requested, no EOS.
+        bos_id = tokenizer.token_to_id(BOS)
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, bos_id)]
+        )
     tokenizer.save(str(out / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": BOS,
-        "eos_token": EOS,
+        **({"bos_token": BOS} if bos else {}),
+        **({"eos_token": EOS} if eos else {}),
         "unk_token": UNK,
-        "add_bos_token": True,
+        "add_bos_token": bos,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,  # exact round trips
     }

@@ -1,9 +1,9 @@
 """A small real HF tokenizer built offline, for tests that need actual tokenization.
 
-`build_tokenizer(directory)` trains a byte-level BPE on a few strings with the `tokenizers`
-library, wraps it in `transformers.PreTrainedTokenizerFast` (optionally with BOS/EOS), saves it to
-`directory` and reloads it with `AutoTokenizer.from_pretrained`, so tests exercise the same path as
-a user's model directory. No network, no pad token (fastalign never pads).
+`build_tokenizer(directory)` trains a byte-level BPE on a few strings with
+`fastalign.tiny.build_tokenizer` (the tokenizer of the tiny demo model; optionally without BOS/EOS),
+saves it to `directory` and reloads it with `AutoTokenizer.from_pretrained`, so tests exercise the
+same path as a user's model directory. No network, no pad token (fastalign never pads).
 
 pytest puts tests/ on sys.path (it has no __init__.py), so a test module uses it with
 `from tokenizer_fixture import build_tokenizer, hf_tokenizer` (importing the `hf_tokenizer`
@@ -17,8 +17,7 @@ from typing import Iterable
 
 import pytest
 
-BOS_TOKEN = "<s>"
-EOS_TOKEN = "</s>"
+from fastalign import tiny
 
 # Enough text for merges that make multi-byte tokens, including the chat-turn markers.
 TRAINING_TEXT = [
@@ -34,29 +33,9 @@ TRAINING_TEXT = [
 def build_tokenizer(directory: str | Path, *, bos: bool = True, eos: bool = True, vocab_size: int = 400,
                     texts: Iterable[str] = TRAINING_TEXT):
     """Train on `texts`, save to `directory` and reload a byte-level BPE tokenizer; returns the reloaded one."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
 
-    specials = [BOS_TOKEN, EOS_TOKEN]
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(texts, trainer)
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=BOS_TOKEN if bos else None,
-        eos_token=EOS_TOKEN if eos else None,
-    )
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    wrapped.save_pretrained(directory)
-    return AutoTokenizer.from_pretrained(directory)
+    return AutoTokenizer.from_pretrained(tiny.build_tokenizer(texts, vocab_size, directory, bos=bos, eos=eos))
 
 
 @pytest.fixture(scope="session")
