@@ -681,13 +681,36 @@ def setup_logging(is_main: bool) -> None:
                         format="[fastalign %(asctime)s] %(message)s", datefmt="%H:%M:%S")
 
 
+_PEER_FAILURE_HINTS = ("connection reset", "connection closed", "broken pipe", "socket timeout",
+                       "timed out", "nccl", "gloo")
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """A collective failed because another process died or hung (not a bug in this one)."""
+    if isinstance(err, dist.DistError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(hint in text for hint in _PEER_FAILURE_HINTS)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     env = fdist.init_distributed()
     setup_logging(env.is_main)
     trainer = Trainer(args, env)
-    trainer.setup()
-    trainer.train()
+    try:
+        trainer.setup()
+        trainer.train()
+    except (RuntimeError, dist.DistError) as err:
+        if env.world_size == 1 or not is_peer_failure(err):
+            raise
+        last = ckpt.latest_checkpoint(args.output_dir)
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FastalignError(
+            f"rank {env.rank}: a collective with the other processes failed, most likely because "
+            f"another rank died (see its own error above/below; torchrun names it): {first_line}. "
+            + (f"The last complete checkpoint is {last}; " if last else "No checkpoint was completed; ")
+            + "restart with --resume_from_checkpoint auto.") from err
     dist.destroy_process_group()
     return 0
 
