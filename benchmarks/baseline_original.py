@@ -268,10 +268,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fa-baseline-") as tmp:
         model_dir = args.model_dir or build_benchmark_dir(preset, data_path, Path(tmp))
         steps = [[pad_group(mb) for mb in step] for step in original_steps(model_dir, data_path, preset, warmup + steps_n)]
-        memory = PeakMemory(device).reset()
+        memory = PeakMemory(device).start()
         trainer = BaselineTrainer(model_dir, device, precision=precision, detect_anomaly=args.detect_anomaly)
         times = []
         for i, step in enumerate(steps):
+            if i == warmup:
+                memory.reset_peak()
             _, seconds = timed(lambda: trainer.step(step), device)
             if i >= warmup:
                 times.append(seconds)

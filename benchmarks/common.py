@@ -10,10 +10,13 @@ starts with the two lines below so that `benchmarks.common` and `fastalign` impo
 Memory conventions (the same for every benchmark):
 - CUDA: `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()` (allocator bytes,
   so caching slack and the CUDA context are not counted).
-- CPU: peak resident set size (VmHWM) of a process that runs one side only, minus its resident set
-  at the moment the peak was reset (after imports and data preparation, before the model is
-  built). Linux resets VmHWM when "5" is written to /proc/self/clear_refs; where that is refused
-  the peak since process start is used and the JSON says so (`peak_reset: false`).
+- CPU: peak resident set size (VmHWM) of a process that runs one side only, over the measured
+  steps, minus its resident set after imports and data preparation (before the model is built):
+  weights, gradients, optimizer state and activations count, load-time transients do not. Linux
+  resets VmHWM when "5" is written to /proc/self/clear_refs (after the warm-up steps, with freed
+  heap given back first); where that is refused the peak since process start is used and the JSON
+  says so (`peak_reset: false`). Such processes run with MALLOC_MMAP_THRESHOLD_ fixed so that
+  freed large blocks leave the RSS.
 """
 
 from __future__ import annotations
@@ -243,29 +246,56 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def release_free_heap() -> bool:
+    """Give freed heap memory back to the OS (glibc malloc_trim), so RSS tracks live memory."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
+# Child processes measured by RSS get this malloc setting: large blocks are mmap'd and unmapped on
+# free instead of staying in the heap, so a freed activation does not inflate later RSS readings.
+CPU_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
 @dataclass
 class PeakMemory:
-    """Peak memory of what runs after `reset()` on one device (see the module docstring).
+    """Peak memory of a training loop on one device (see the module docstring).
 
-    `peak_bytes()`: CUDA: max allocated bytes since reset (absolute, so weights already on the
-    GPU count). CPU: peak RSS above the RSS at reset (weights loaded after reset count).
+    Call `start()` after imports and data preparation, build the model, run the warm-up steps,
+    then `reset_peak()` and the measured steps; `peak_bytes()` is then the steady-state training
+    peak: CUDA: max allocated bytes since reset_peak (absolute, so weights, gradients and optimizer
+    state on the GPU count); CPU: peak RSS since reset_peak minus the RSS at start (again weights,
+    optimizer state and everything the model holds count; load-time transients do not).
     """
 
     device: Any
     base_bytes: int = 0
     peak_reset: bool = True
 
-    def reset(self) -> "PeakMemory":
+    def start(self) -> "PeakMemory":
         import torch
 
         self.device = torch.device(self.device)
+        if self.device.type == "cpu":
+            release_free_heap()
+            self.base_bytes = rss_bytes()
+        return self.reset_peak()
+
+    reset = start  # measure from now on (base and peak both reset)
+
+    def reset_peak(self) -> "PeakMemory":
+        import torch
+
         if self.device.type == "cuda":
             synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            self.base_bytes = 0
         else:
+            release_free_heap()
             self.peak_reset = reset_peak_rss()
-            self.base_bytes = rss_bytes()
         return self
 
     def peak_bytes(self) -> int:
@@ -278,9 +308,10 @@ class PeakMemory:
 
     def describe(self) -> dict[str, Any]:
         if self.device.type == "cuda":
-            return {"method": "torch.cuda.max_memory_allocated after reset_peak_memory_stats"}
-        return {"method": "VmHWM - VmRSS at reset (own process)", "peak_reset": self.peak_reset,
-                "base_rss_bytes": self.base_bytes}
+            return {"method": "torch.cuda.max_memory_allocated since reset_peak_memory_stats"}
+        return {"method": "VmHWM since the last peak reset (malloc_trim, clear_refs) - VmRSS at start "
+                          "(own process)", "peak_reset": self.peak_reset,
+                "base_rss_bytes": self.base_bytes, "env": CPU_MEMORY_ENV}
 
 
 def fmt_bytes(n: float | None) -> str:
@@ -392,7 +423,7 @@ class Worker:
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
     def start(self) -> "Worker":
-        env = dict(os.environ if self.env is None else self.env)
+        env = {**(os.environ if self.env is None else self.env), **CPU_MEMORY_ENV}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         self.proc = subprocess.Popen([sys.executable, *self.argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env, cwd=REPO_ROOT, bufsize=1)

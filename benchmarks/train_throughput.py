@@ -19,8 +19,9 @@ margin indexing; speed is the same in either mode), fp32 on CPU, bf16 autocast/m
 with fp32 master weights on CUDA.
 
 Method. Each side runs in its own child process (benchmarks.common.Worker), so its peak memory is
-its own: CUDA max_memory_allocated, or on CPU the peak RSS above the RSS after imports and data
-preparation (weights, gradients, optimizer state and activations all count). The parent first
+its own, over the measured steps: CUDA max_memory_allocated, or on CPU the peak RSS above the RSS
+after imports and data preparation (weights, gradients, optimizer state and activations count;
+load-time transients do not; see benchmarks/common.py). The parent first
 checks that both sides compute the same loss on the first step's groups, then runs warm-up steps,
 then alternates one optimizer step of A and one of B (A B A B ...); each child times its own step
 (device synchronised) and the parent collects the times, so load changes on a shared machine hit
@@ -35,6 +36,7 @@ A benchmark never asserts a time. JSON goes to benchmarks/results/train_throughp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -46,7 +48,7 @@ from typing import Any, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
-    TRAIN_PRESETS, PeakMemory, TrainPreset, Worker, fmt_bytes, format_table, machine_summary, mfu, result_header,
+    TRAIN_PRESETS, PeakMemory, TrainPreset, Worker, fmt_bytes, format_table, machine_summary, median, mfu, result_header,
     results_path, serve, summarize_times, timed, write_json)
 
 SIDES = ("baseline", "fastalign")
@@ -100,7 +102,7 @@ class BaselineSide:
 
         self.device = device
         self.steps = [[pad_group(b) for b in step] for step in steps]
-        self.memory = PeakMemory(device).reset()
+        self.memory = PeakMemory(device).start()
         self.trainer = BaselineTrainer(spec["model_dir"], device, precision=spec["precision"],
                                        args=AlignmentArgs(margin_mode=MARGIN_MODE), learning_rate=LEARNING_RATE)
 
@@ -124,19 +126,19 @@ class FastalignSide:
         from fastalign import train as ftrain
 
         preset = TRAIN_PRESETS[spec["preset"]]
-        self.steps = [fastalign_step(step, preset.max_tokens_per_batch) for step in steps]
-        self.memory = PeakMemory(device).reset()
+        self.steps = [fastalign_step(step, spec["max_tokens_per_batch"]) for step in steps]
+        self.memory = PeakMemory(device).start()
         self.ftrain = ftrain
         args = ftrain.parse_args([
             "--model_name_or_path", spec["model_dir"], "--data_path", spec["data_path"],
             "--output_dir", spec["output_dir"], "--bf16", str(spec["precision"] == "bf16"),
             "--learning_rate", str(LEARNING_RATE), "--weight_decay", "0", "--max_grad_norm", "1.0",
             "--model_max_length", str(preset.model_max_length), "--num_comp", str(preset.num_comp),
-            "--max_tokens_per_batch", str(preset.max_tokens_per_batch), "--fsdp", "full_shard auto_wrap",
+            "--max_tokens_per_batch", str(spec["max_tokens_per_batch"]), "--fsdp", "full_shard auto_wrap",
             "--margin_mode", MARGIN_MODE, "--save_strategy", "no", "--logging_steps", "1000000",
             "--max_steps", "1000000", "--seed", str(spec["seed"])])
         self.env = fdist.init_distributed()
-        if self.env.device != torch.device(device):
+        if self.env.device.type != torch.device(device).type:
             raise RuntimeError(f"fastalign picked {self.env.device}, the benchmark runs on {device}")
         self.trainer = ftrain.Trainer(args, self.env)
         self.trainer.setup()
@@ -162,6 +164,9 @@ class FastalignSide:
 def worker_main(side: str, spec: dict[str, Any]) -> int:
     """Child process: build one side, then serve `loss`, `step`, `layout`, `memory` commands."""
     import torch
+    import transformers.models.llama.modeling_llama  # noqa: F401  both sides import the same before start()
+
+    import fastalign.train  # noqa: F401
 
     torch.manual_seed(spec["seed"])
     device = torch.device(spec["device"])
@@ -176,6 +181,7 @@ def worker_main(side: str, spec: dict[str, Any]) -> int:
         "loss": lambda: {"loss": impl.first_step_loss()},
         "step": step,
         "layout": lambda i: impl.layout(i),
+        "reset_memory": lambda: {"ok": bool(impl.memory.reset_peak())},
         "memory": lambda: {"peak_bytes": impl.memory.peak_bytes(), "method": impl.memory.describe()},
     })
 
@@ -194,7 +200,8 @@ def run(preset: TrainPreset, *, data_path: Path, model_dir: Path | None, device:
         started = time.perf_counter()
         model_dir = build_benchmark_dir(preset, data_path, work_dir / "model", seed=seed)
         print(f"built a random {preset.name} checkpoint in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    spec = {"preset": preset.name, "model_dir": str(model_dir), "data_path": str(data_path), "seed": seed,
+    spec = {"preset": preset.name, "max_tokens_per_batch": preset.max_tokens_per_batch,
+            "model_dir": str(model_dir), "data_path": str(data_path), "seed": seed,
             "num_steps": warmup + measure, "device": device, "precision": precision,
             "output_dir": str(work_dir / "fastalign-out")}
     steps = shared_steps(spec)
@@ -211,6 +218,9 @@ def run(preset: TrainPreset, *, data_path: Path, model_dir: Path | None, device:
         layouts = {side: w.call("layout", i=warmup) for side, w in workers.items()}
         times: dict[str, list[float]] = {side: [] for side in SIDES}
         for i in range(warmup + measure):
+            if i == warmup:  # steady state from here: AdamW state exists, allocators are warm
+                for w in workers.values():
+                    w.call("reset_memory")
             for side in SIDES:  # A B A B ...
                 seconds = workers[side].call("step", i=i)["seconds"]
                 if i >= warmup:
@@ -237,6 +247,9 @@ def run(preset: TrainPreset, *, data_path: Path, model_dir: Path | None, device:
             "layout_first_measured_step": layouts[side],
         }
     base, fast = sides["baseline"], sides["fastalign"]
+    # Per-round ratios: both steps of a round train the same groups back to back, so load changes on
+    # a shared machine cancel out better than in the totals.
+    paired = sorted(tb / tf for tb, tf in zip(times["baseline"], times["fastalign"]))
     return {
         "precision": precision,
         "model": {"built_from_preset": built, **preset.model,
@@ -250,8 +263,11 @@ def run(preset: TrainPreset, *, data_path: Path, model_dir: Path | None, device:
         "objective_check": {"baseline": losses["baseline"], "fastalign": losses["fastalign"],
                             "abs_diff": abs(losses["baseline"] - losses["fastalign"])},
         "sides": sides,
+        "load_avg_1m_at_end": os.getloadavg()[0],
         "ratios": {
             "tokens_per_s": fast["tokens_per_s"] / base["tokens_per_s"],
+            "tokens_per_s_paired_median": median(paired),
+            "tokens_per_s_paired_range": [paired[0], paired[-1]],
             "step_time": fast["step_time"]["median_s"] / base["step_time"]["median_s"],
             "peak_memory": fast["peak_memory_bytes"] / base["peak_memory_bytes"],
         },
@@ -268,6 +284,7 @@ def print_report(result: dict[str, Any]) -> None:
     r = result["ratios"]
     rows.append(["fastalign/baseline", f"{r['tokens_per_s']:.2f}x", f"{r['step_time']:.2f}x", f"{r['peak_memory']:.2f}x",
                  "", "", ""])
+    rows.append(["  per-round median", f"{r['tokens_per_s_paired_median']:.2f}x", "", "", "", "", ""])
     print(f"\n{result['preset']} on {machine_summary(result['machine'])}, {result['precision']}")
     print(format_table(["side", "real tokens/s", "step time (median)", "peak memory", "MFU", "micro-batches/step",
                         "first-step loss"], rows))
@@ -305,6 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "weights of the preset's shape)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per side (default: the preset's)")
     parser.add_argument("--steps", type=int, default=None, help="measured steps per side (default: the preset's)")
+    parser.add_argument("--max_tokens_per_batch", type=int, default=None,
+                        help="fastalign's micro-batch token budget (default: the preset's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out_dir", type=Path, default=None, help="where the JSON/PNG go (default benchmarks/results)")
     parser.add_argument("--plot", action="store_true", help="also write a PNG of tokens/s and memory bars")
@@ -319,17 +338,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     from benchmarks.baseline_original import default_data_path
 
     preset = TRAIN_PRESETS[args.preset]
+    if args.max_tokens_per_batch is not None:
+        preset = dataclasses.replace(preset, max_tokens_per_batch=args.max_tokens_per_batch)
     if preset.device == "cuda" and not torch.cuda.is_available():
         print(f"error: --preset {preset.name} needs a CUDA device", file=sys.stderr)
         return 2
     device = preset.device
     data_path = (args.data_path or default_data_path()).resolve()
+    load_at_start = os.getloadavg()[0]  # other work on a shared machine: read the times with it
     with tempfile.TemporaryDirectory(prefix="fa-throughput-") as tmp:
         result = run(preset, data_path=data_path, model_dir=args.model_dir, device=device,
                      warmup=preset.warmup_steps if args.warmup is None else args.warmup,
                      measure=preset.measure_steps if args.steps is None else args.steps, seed=args.seed,
                      work_dir=Path(tmp))
-    result = {**result_header("train_throughput", preset.name, device), "note": preset.note, **result}
+    result = {**result_header("train_throughput", preset.name, device), "load_avg_1m_at_start": load_at_start,
+              "note": preset.note, **result}
     path = write_json(results_path("train_throughput", preset.name, device, args.out_dir), result)
     print_report(result)
     print(f"wrote {path}")

@@ -1,0 +1,182 @@
+"""The benchmark scripts run on their smoke presets and write valid JSON; no timing is asserted.
+
+Also checked, because a benchmark is only worth its fairness: the baseline's padded batches hold
+exactly fastalign's tokens and targets, and both sides compute the same loss on the same groups.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import common  # noqa: E402
+
+
+def run_script(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+def only_json(directory: Path, prefix: str) -> dict:
+    files = sorted(directory.glob(f"{prefix}-*.json"))
+    assert len(files) == 1, files
+    return json.loads(files[0].read_text())
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def test_peak_flops_table_picks_the_specific_name_first():
+    assert common.peak_bf16_tflops("NVIDIA H100 PCIe") == 756.0
+    assert common.peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert common.peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert common.peak_bf16_tflops("Some Future GPU") is None
+
+
+def test_peak_memory_sees_an_allocation_made_after_reset():
+    memory = common.PeakMemory("cpu").reset()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    block += 1
+    assert memory.peak_bytes() >= 48 * 2**20
+
+
+def test_results_path_names_benchmark_date_device_preset(tmp_path):
+    path = common.results_path("train_throughput", "cpu-tiny", "cpu", tmp_path)
+    assert path.parent == tmp_path
+    assert path.name == f"train_throughput-{common.utc_date()}-cpu-{common._cpu_count()}c-cpu-tiny.json"
+
+
+@pytest.fixture(scope="module")
+def tokenized_groups():
+    from transformers import AutoTokenizer
+
+    from fastalign.data import load_records, sample_data_path, tokenize_records
+    from fastalign.tiny import build_tokenizer, sandbox_texts
+
+    records = load_records(sample_data_path()).records[:12]
+    tokenizer_dir = build_tokenizer(sandbox_texts(sample_data_path()), 512, ROOT / ".pytest_cache" / "bench-tok")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return tokenize_records(records, tokenizer, model_max_length=96).groups
+
+
+def test_baseline_batch_holds_fastalign_tokens_and_targets(tokenized_groups):
+    from benchmarks.baseline_original import IGNORE_INDEX, pad_group
+    from fastalign.data import pack_groups
+
+    for group in tokenized_groups:
+        packed = pack_groups([group])
+        padded = pad_group(packed)
+        bounds = packed.cu_seqlens.tolist()
+        for row, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+            n = end - start
+            assert padded.attention_mask[row].sum() == n
+            assert torch.equal(padded.input_ids[row, :n], packed.input_ids[start:end])
+            # the original's shifted labels are exactly fastalign's targets
+            assert torch.equal(padded.labels[row, 1:n], packed.targets[start:end - 1])
+            assert (padded.labels[row, n:] == IGNORE_INDEX).all()
+            assert (padded.labels[row, :len(group.query_ids)] == IGNORE_INDEX).all()
+
+
+def test_unpack_group_round_trips_a_packed_group(tokenized_groups):
+    from benchmarks.train_throughput import unpack_group
+    from fastalign.data import pack_groups
+
+    for group in tokenized_groups:
+        back = unpack_group(pack_groups([group]))
+        assert (back.record_index, back.query_ids, back.response_ids) == (group.record_index, group.query_ids,
+                                                                          group.response_ids)
+        assert back.scores == pytest.approx(group.scores)
+
+
+def test_original_loss_matches_fastalign_loss_on_the_same_logits():
+    """The baseline's loss (seed margins, mean penalty) equals fastalign's objective in seed mode."""
+    from benchmarks.baseline_original import AlignmentArgs, original_alignment_loss
+    from fastalign.loss import stable_alignment_loss
+
+    torch.manual_seed(0)
+    k, length, hidden_size, vocab = 3, 9, 16, 50
+    hidden = torch.randn(k, length, hidden_size, dtype=torch.float64)
+    weight = torch.randn(vocab, hidden_size, dtype=torch.float64)
+    ids = torch.randint(0, vocab, (k, length))
+    lengths = [9, 6, 7]
+    query = 3
+    labels = torch.full((k, length), -100)
+    for r, n in enumerate(lengths):
+        labels[r, query:n] = ids[r, query:n]
+    scores = torch.tensor([[3.0, 7.0, 5.0]])
+    logits = hidden @ weight.T
+    for max_flow in (False, True):
+        args = AlignmentArgs(margin=2.0, ratio=0.5, max_flow=max_flow, margin_mode="seed")
+        ours = original_alignment_loss(logits[:, :-1].contiguous(), labels[:, 1:].contiguous(), scores, args)
+        # the same groups, packed: position t of sequence r predicts labels[r, t + 1]
+        rows = [torch.arange(n) for n in lengths]
+        packed_hidden = torch.cat([hidden[r, :n] for r, n in enumerate(lengths)]).float()
+        targets = torch.cat([torch.cat([labels[r, 1:n], torch.tensor([-100])]) for r, n in enumerate(lengths)])
+        response_index = torch.cat([torch.full((len(x),), r) for r, x in enumerate(rows)])
+        out = stable_alignment_loss(packed_hidden, weight.float(), targets, response_index, scores.view(-1),
+                                    torch.zeros(k, dtype=torch.long), rating_scale=7.0, margin=2.0, ratio=0.5,
+                                    max_flow=max_flow, margin_mode="seed", backend="torch")
+        assert float(out.loss) == pytest.approx(float(ours), rel=1e-4, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- scripts
+
+
+def test_baseline_original_runs_on_the_smoke_preset(tmp_path):
+    proc = run_script("benchmarks/baseline_original.py", "--preset", "cpu-smoke", "--warmup", "0", "--steps", "1",
+                      "--out_dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = only_json(tmp_path, "baseline_original")
+    assert result["preset"] == "cpu-smoke" and result["machine"]["device"] == "cpu"
+    assert 0 < result["real_tokens"] <= result["padded_tokens"]
+    assert result["peak_memory_bytes"] > 0
+
+
+def test_train_throughput_runs_on_the_smoke_preset_and_both_sides_agree(tmp_path):
+    proc = run_script("benchmarks/train_throughput.py", "--preset", "cpu-smoke", "--warmup", "0", "--steps", "1",
+                      "--out_dir", str(tmp_path), "--plot")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = only_json(tmp_path, "train_throughput")
+    assert set(result["sides"]) == {"baseline", "fastalign"}
+    for side in result["sides"].values():
+        assert side["tokens_per_s"] > 0 and side["peak_memory_bytes"] > 0 and len(side["step_times_s"]) == 1
+        assert side["mfu"] is None  # CPU: no MFU
+    assert {"tokens_per_s", "tokens_per_s_paired_median", "step_time", "peak_memory"} <= set(result["ratios"])
+    # the two sides optimise the same objective on the same tokens (fp32 on CPU)
+    assert result["objective_check"]["abs_diff"] < 1e-4 * max(1.0, abs(result["objective_check"]["baseline"]))
+    assert (tmp_path / next(tmp_path.glob("train_throughput-*.json")).with_suffix(".png").name).is_file()
+
+
+@pytest.mark.slow
+def test_scaling_runs_one_and_two_processes_on_the_smoke_preset(tmp_path):
+    proc = run_script("benchmarks/scaling.py", "--preset", "cpu-smoke", "--warmup", "0", "--steps", "1",
+                      "--out_dir", str(tmp_path), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = only_json(tmp_path, "scaling")
+    one, two = result["worlds"]
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    # FSDP shards parameters and optimizer state: per rank they halve (up to uneven shards)
+    assert two["vs_1_process"]["param_shard_bytes"] == pytest.approx(0.5, abs=0.05)
+    assert two["vs_1_process"]["optimizer_state_bytes"] == pytest.approx(0.5, abs=0.05)
+    assert result["estimate_8xA100"]["arithmetic"]
+
+
+def test_gpu_check_without_a_gpu_reports_and_writes_a_summary(tmp_path):
+    proc = run_script("benchmarks/gpu_check.py", "--only", "--out_dir", str(tmp_path), timeout=120)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [s["name"] for s in summary["stages"]] == ["environment"]
+    env = json.loads((tmp_path / "environment.json").read_text())
+    assert env["torch"] == torch.__version__
+    if not torch.cuda.is_available():
+        assert proc.returncode == 1 and summary["stages"][0]["status"] == "failed"
