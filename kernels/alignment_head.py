@@ -13,7 +13,8 @@ buffer, so no [N, V] tensor ever exists:
   response's d loss / d nll and d penalty / d nll (kernels/group_math.py is its reference).
 - backward, `_softmax_grad_slice_kernel`: recomputed slice -> dZ = w * (softmax - onehot) in fp32,
   stored in place in the input dtype; then grad_weight[slice] = dZ^T @ hidden (one GEMM over all
-  tokens, each row block written once) and grad_hidden += dZ @ W[slice] (fp32 accumulator).
+  tokens, each row block written once) and grad_hidden += dZ @ W[slice] (fp32 accumulator, fed
+  by cuBLAS with an fp32 output where torch offers `out_dtype`).
   Tokens whose weight is zero never reach this path (loss.py compacts them away).
 
 Deterministic: every reduction has a fixed order (no atomics); GEMM shapes depend only on inputs.
@@ -210,7 +211,6 @@ def head_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     num_tokens, hidden_size = hidden.shape
     vocab = weight.shape[0]
     grad_hidden = torch.zeros(num_tokens, hidden_size, dtype=torch.float32, device=hidden.device)
-    partial = None if hidden.dtype == torch.float32 else torch.empty_like(hidden)  # [N, H]
     grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
     buffer = torch.empty(num_tokens * min(chunk, vocab), dtype=hidden.dtype, device=hidden.device)
     token_weight = token_weight.float().contiguous()
@@ -223,9 +223,26 @@ def head_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
                                          token_weight, start,
                                          BLOCK_R=GRAD_BLOCK_ROWS, BLOCK_C=GRAD_BLOCK_COLS,
                                          ROUND_TO_BF16=round_by_hand)
-        torch.mm(dz.T, hidden, out=grad_weight[start:stop])
-        if partial is None:
-            grad_hidden.addmm_(dz, w_slice)
-        else:
-            grad_hidden += torch.mm(dz, w_slice, out=partial)
+        torch.mm(dz.T, hidden, out=grad_weight[start:stop])  # each row block written once
+        grad_hidden = _add_product_fp32(grad_hidden, dz, w_slice)
     return grad_hidden, grad_weight
+
+
+_cuda_out_dtype_gemm = True  # torch.addmm(..., out_dtype=float32): newer torch, CUDA only
+
+
+def _add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc + a @ b in fp32 (acc fp32 [N, H]) without rounding each slice's product to a's dtype:
+    with one bf16 partial per vocabulary slice, grad_hidden would be less accurate than plain
+    bf16 PyTorch, which rounds once after a single GEMM over the whole vocabulary."""
+    global _cuda_out_dtype_gemm
+    if a.dtype == torch.float32:
+        return acc.addmm_(a, b)
+    if a.is_cuda and _cuda_out_dtype_gemm:
+        try:
+            return torch.addmm(acc, a, b, out_dtype=torch.float32)  # cuBLAS, fp32 C
+        except (TypeError, RuntimeError):  # this torch lacks it: bf16 partials from now on
+            _cuda_out_dtype_gemm = False
+    if a.is_cuda:
+        return acc.add_(torch.mm(a, b))
+    return acc.addmm_(a.float(), b.float())  # CPU (interpreter tests): fp32 copies of the slice

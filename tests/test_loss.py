@@ -277,9 +277,13 @@ def test_deterministic(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("vocab", [123, 32003])
-def test_low_precision_no_worse_than_plain_torch(backend, dtype, vocab):
-    batch = make_batch([3, 4, 1], 31, vocab, num_tokens=47, seed=12, dtype=dtype, hard_best=(1,))
+@pytest.mark.parametrize("vocab,slice_budget", [(123, None), (32003, None), (2000, 1)])
+def test_low_precision_no_worse_than_plain_torch(backend, dtype, vocab, slice_budget, monkeypatch):
+    # slice_budget 1: the smallest slices (128 columns, 16 of them), so grad_hidden accumulates
+    # over many slices (it must not round each slice's product to bf16)
+    if slice_budget is not None:
+        monkeypatch.setattr(alignment_head_torch, "CPU_CHUNK_BYTES", slice_budget)
+    batch = make_batch([3, 4, 1], 64, vocab, num_tokens=47, seed=12, dtype=dtype, hard_best=(1,))
     batch32 = dict(batch, hidden=batch["hidden"].float(), weight=batch["weight"].float())
     reference = run_oracle(batch32)
     plain = errors_vs(reference, run_oracle(batch, logits_dtype=dtype))
