@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from fastalign import checkpoint as ckpt
@@ -231,6 +232,13 @@ def run_batch(model: nn.Module, batch) -> dict[str, torch.Tensor]:
                  batch.targets, batch.response_index, batch.scores, batch.group_index)
 
 
+def uses_fsdp(args, env: fdist.DistEnv, plan: fdist.FsdpPlan) -> bool:
+    """FSDP2 wraps the model when there is something to shard or reduce (several processes), to
+    compute in bf16 over fp32 master weights (its MixedPrecisionPolicy), or to offload. One fp32
+    process trains the plain module: the same numbers without gather/reduce copies."""
+    return env.world_size > 1 or args.bf16 or plan.offload
+
+
 def build_model(args, env: fdist.DistEnv, plan: fdist.FsdpPlan):
     """Meta-device Llama -> AC -> compile -> FSDP2 -> materialise -> load local shards.
 
@@ -256,10 +264,11 @@ def build_model(args, env: fdist.DistEnv, plan: fdist.FsdpPlan):
         fdist.apply_ac(llama.layers)
     if args.compile:
         fdist.apply_compile(llama.layers)
-    mesh = fdist.build_mesh(env, plan)
-    fdist.apply_fsdp(model, llama.layers, mesh,
-                     param_dtype=torch.bfloat16 if args.bf16 else None,
-                     reshard_after_forward=plan.reshard_after_forward, offload=plan.offload)
+    if uses_fsdp(args, env, plan):
+        mesh = fdist.build_mesh(env, plan)
+        fdist.apply_fsdp(model, llama.layers, mesh,
+                         param_dtype=torch.bfloat16 if args.bf16 else None,
+                         reshard_after_forward=plan.reshard_after_forward, offload=plan.offload)
     model.to_empty(device="cpu" if plan.offload else env.device)
     fdist.load_sharded_weights(model, reader, prefix=PREFIX)
     llama.init_buffers()
@@ -452,7 +461,8 @@ class Trainer:
             "world size %d (%s on %s), fsdp %s%s, %s parameters, dtype: fp32 master weights, %s "
             "compute, fp32 gradient reduction, attention: %s, loss backend: %s, activation "
             "checkpointing %s, compile %s",
-            env.world_size, env.backend, env.device.type, self.plan.strategy,
+            env.world_size, env.backend, env.device.type,
+            self.plan.strategy if uses_fsdp(args, env, self.plan) else "off (one fp32 process: plain module)",
             " + cpu offload" if self.plan.offload else "", f"{config.num_parameters():,}",
             "bf16" if args.bf16 else "fp32", attn_backend,
             loss_backend_name(args.loss_backend, env.device),
@@ -646,7 +656,8 @@ class Trainer:
                 if batch.num_groups:
                     sums += group_sums(out, batch.num_groups)
                     groups += batch.num_groups
-        self.model.reshard()  # the root stays gathered after a forward without backward
+        if isinstance(self.model, FSDPModule):
+            self.model.reshard()  # the root stays gathered after a forward without backward
         sums = torch.cat([sums, torch.tensor([float(groups)], dtype=torch.float64, device=env.device)])
         dist.all_reduce(sums)
         loss, nll_best, penalty, active, groups = sums.tolist()
