@@ -354,6 +354,13 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
 
 
+def _logged_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class MetricsLog:
     """metrics.jsonl (+ TensorBoard) on rank 0."""
 
@@ -364,9 +371,10 @@ class MetricsLog:
         if not enabled:
             return
         if resume_step is not None and self.path.exists():
-            # Drop lines written after the checkpoint by the interrupted run: they are redone.
+            # Keep the lines up to the checkpoint: the interrupted run's later lines (and a line it
+            # may have left half written) are redone.
             kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                    if _logged_step(line) is not None and _logged_step(line) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()

@@ -131,7 +131,7 @@ def test_resume_after_step_3_equals_uninterrupted_run(tiny, tmp_path):
     shutil.copytree(full / "checkpoint-6", resumed / "checkpoint-6.tmp")
     (resumed / "checkpoint-6.tmp" / "trainer_state.json").unlink()
     partial = [line for line in (full / "metrics.jsonl").read_text().splitlines()][:5]
-    (resumed / "metrics.jsonl").write_text("\n".join(partial) + "\n")
+    (resumed / "metrics.jsonl").write_text("\n".join(partial) + '\n{"step": 6, "lo')  # died mid-line
 
     result = ok(run_train(common(model, data, resumed, resume_from_checkpoint="auto", **flags)))
     assert "resumed from" in result.stderr and "checkpoint-3" in result.stderr
