@@ -183,7 +183,10 @@ def _check_shapes(hidden, weight, targets, response_index, scores, group_index) 
     if not hidden.dtype.is_floating_point or not weight.dtype.is_floating_point:
         raise LossInputError(f"hidden and weight must be float tensors; got {hidden.dtype} and "
                              f"{weight.dtype}")
-    num_tokens, num_responses = hidden.shape[0], scores.shape[0] if scores.dim() == 1 else -1
+    if scores.dim() != 1:
+        raise LossInputError(f"scores must be [S] (one rating per response); got shape "
+                             f"{tuple(scores.shape)}")
+    num_tokens, num_responses = hidden.shape[0], scores.shape[0]
     for name, tensor, length in (("targets", targets, num_tokens),
                                  ("response_index", response_index, num_tokens),
                                  ("scores", scores, num_responses),

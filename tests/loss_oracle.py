@@ -26,7 +26,16 @@ def oracle_alignment_loss(hidden, weight, targets, response_index, scores, group
     num_responses = scores.shape[0]
     nll = torch.stack([token_nll[has_target & (response_index == r)].mean()
                        for r in range(num_responses)])
+    loss, penalty, best = oracle_group_loss(nll, scores, group_index, rating_scale=rating_scale,
+                                            margin=margin, ratio=ratio, max_flow=max_flow,
+                                            margin_mode=margin_mode)
+    return loss, nll, penalty, best
 
+
+def oracle_group_loss(nll, scores, group_index, rating_scale=7.0, margin=1.0, ratio=0.2,
+                      max_flow=False, margin_mode="paper"):
+    """The group part on per-response NLLs [S]: (mean loss_g, penalty [G], best [G])."""
+    num_responses = scores.shape[0]
     num_groups = int(group_index.max()) + 1
     losses, penalties, bests = [], [], []
     for g in range(num_groups):
@@ -52,5 +61,4 @@ def oracle_alignment_loss(hidden, weight, targets, response_index, scores, group
         losses.append(nll[best] + ratio * penalty)
         penalties.append(penalty)
         bests.append(best)
-    loss = torch.stack(losses).mean()
-    return loss, nll, torch.stack(penalties), torch.tensor(bests)
+    return torch.stack(losses).mean(), torch.stack(penalties), torch.tensor(bests)

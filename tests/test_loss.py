@@ -17,7 +17,7 @@ from fastalign.loss import LossInputError, stable_alignment_loss
 from kernels import alignment_head_torch
 from kernels.alignment_head_torch import vocab_chunk_size
 from kernels.group_math import GroupOptions, build_group_layout, group_math
-from loss_oracle import oracle_alignment_loss
+from loss_oracle import oracle_alignment_loss, oracle_group_loss
 
 try:
     from kernels import alignment_head as triton_head
@@ -227,6 +227,33 @@ def test_seed_margins_reproduce_original_indexing(backend):
             want = [-0.5 * active / 2, 0.0, -0.5 * active / 2]
         want[1] = 1.0 + 0.5 * active
         torch.testing.assert_close(out.dloss_dnll, torch.tensor(want))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_math_random_groups_vs_oracle(backend):
+    # many random groups (sizes 1..8, integer ratings so ties are common, NLLs close enough that
+    # penalties are both active and inactive): values, and d loss / d nll against autograd
+    stats = group_math if backend == "torch" else triton_head.group_stats
+    gen = torch.Generator().manual_seed(21)
+    seen_active = seen_inactive = 0
+    for trial in range(12):
+        sizes = torch.randint(1, 9, (6,), generator=gen).tolist()
+        group_index = torch.repeat_interleave(torch.arange(6), torch.tensor(sizes))
+        group_index = group_index[torch.randperm(len(group_index), generator=gen)]  # interleaved
+        scores = torch.randint(1, 8, (len(group_index),), generator=gen).float()
+        nll = (2.0 + 0.3 * torch.randn(len(group_index), generator=gen)).requires_grad_(True)
+        opts = GroupOptions(rating_scale=7.0, margin=1.0, ratio=0.3, max_flow=trial % 2 == 1,
+                            margin_mode="seed" if trial % 4 >= 2 else "paper")
+        loss, penalty, best = oracle_group_loss(nll, scores, group_index, **vars(opts))
+        (dloss,) = torch.autograd.grad(loss, nll)
+        out = stats(nll.detach(), scores, build_group_layout(group_index, 6), opts)
+        assert out.best.tolist() == best.tolist()
+        torch.testing.assert_close(out.penalty, penalty.detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out.loss_per_group.mean(), loss.detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out.dloss_dnll, dloss, rtol=1e-6, atol=1e-7)
+        seen_active += int((penalty > 0).sum())
+        seen_inactive += int((penalty == 0).sum())
+    assert seen_active > 10 and seen_inactive > 10
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
