@@ -290,3 +290,17 @@ def test_torchrun_two_ranks_give_the_single_process_result(tiny_dir, tmp_path):
     for a, b in zip(one, two):
         assert a["logliks"] == pytest.approx(b["logliks"], abs=1e-5)
     assert outputs[2]["metrics"]["pairwise_accuracy"] == outputs[1]["metrics"]["pairwise_accuracy"]
+
+
+def test_wrapped_model_scores_through_a_forward_hook(tiny_dir, sample_records):
+    """The trainer's route: its Llama + loss module, called through `forward`, gives the same report."""
+    from fastalign.train import AlignmentModel, run_batch
+
+    llama, tok = Llama.from_pretrained(tiny_dir), load_tokenizer(tiny_dir)
+    plain = evaluate_model(llama, tok, sample_records[:5])
+    wrapped = AlignmentModel(llama, rating_scale=7.0, margin=1.0, ratio=0.2, max_flow=False, margin_mode="paper",
+                             loss_backend="torch")
+    hooked = evaluate_model(wrapped, tok, sample_records[:5], forward=lambda batch: run_batch(wrapped, batch)["nll"])
+    assert hooked["metrics"] == pytest.approx(plain["metrics"])
+    for a, b in zip(plain["records"], hooked["records"]):
+        assert a["logliks"] == pytest.approx(b["logliks"], abs=1e-6)
