@@ -58,7 +58,10 @@ class RecordResult:
 
     index: int  # the record's position in the data file
     category: str | None
-    response_indices: list[int]  # positions in the record's "responses" that were scored
+    # positions in the record's "responses" that were scored (all, or the --num_comp draw); counted
+    # among the responses tokenization kept, which are all of them unless an empty response was
+    # dropped (possible only without EOS, --no_append_eos)
+    response_indices: list[int]
     scores: list[float]
     logliks: list[float]  # mean token log-likelihood of each scored response (nats/token)
     num_tokens: list[int]  # response tokens each log-likelihood averages over
