@@ -192,6 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     after = evaluate_dir(trained_dir, heldout, settings)
 
     stage(6, f"greedy generations for {settings.generations} held-out questions (before -> after training)")
+    print("    (a model this small, trained for minutes, writes word salad at best: the ranking metrics are the point)")
     generations_after = sample_generations(trained_dir, heldout, settings)
     for record, old, new in zip(heldout, generations_before, generations_after):
         best = max(range(len(record.scores)), key=lambda i: (record.scores[i], -i))
