@@ -27,10 +27,12 @@ The group part (best, margins, penalty) of the baselines is kernels.group_math u
 Method. Each method runs in its own child process (benchmarks.common.Worker): inputs are built
 there, then one untimed warm-up step, then the peak-memory step, then timed steps interleaved
 across methods (A B C A B C ...) so load changes on a shared machine hit all alike; the median is
-reported. Peak memory is the loss head's extra memory above the inputs: CUDA
-max_memory_allocated minus the allocated bytes before the step; on CPU the peak RSS (VmHWM)
-minus the RSS before the step, in a process of its own (benchmarks.common.PeakMemory). Gradients
-are freed before each step, so grad_hidden and grad_weight (the same for every method) count.
+reported, with the process CPU-time ratio beside it (on a shared CPU machine the wall time also
+measures the neighbours; on CUDA the CPU time only measures launch overhead). Peak memory is the
+loss head's extra memory above its inputs: CUDA max_memory_allocated minus the bytes allocated
+before the step; on CPU the peak RSS (VmHWM) minus the RSS before the step, in a process of its
+own (benchmarks.common.PeakMemory). Gradients are freed before each step, so grad_hidden and
+grad_weight (the same for every method) count.
 Results: a table on stdout and JSON in benchmarks/results/loss_head-<date>-<device>-<preset>.json.
 """
 
@@ -39,6 +41,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -106,9 +109,10 @@ def make_inputs(case: Case, device: str) -> dict[str, Any]:
         targets[s: s + query - 1] = -100
         targets[s + n - 1] = -100
     dtype = getattr(torch, case.dtype)
-    hidden = torch.randn(case.tokens, case.hidden, generator=gen).to(device=device, dtype=dtype)
-    weight = (torch.randn(case.vocab, case.hidden, generator=gen) / math.sqrt(case.hidden)).to(
-        device=device, dtype=dtype)
+    device_gen = torch.Generator(device).manual_seed(1)  # big tensors are drawn where they live
+    hidden = torch.randn(case.tokens, case.hidden, generator=device_gen, device=device).to(dtype)
+    weight = (torch.randn(case.vocab, case.hidden, generator=device_gen, device=device)
+              / math.sqrt(case.hidden)).to(dtype)
     return dict(hidden=hidden.requires_grad_(True), weight=weight.requires_grad_(True),
                 targets=targets.to(device), response_index=response_index.to(device),
                 scores=torch.randint(1, 8, (num_seqs,), generator=gen).float().to(device),
@@ -224,8 +228,9 @@ def handle_memory() -> dict[str, Any]:
 
 
 def handle_time() -> dict[str, Any]:
+    cpu_start = time.process_time()
     _, seconds = timed(lambda: _step(_STATE["batch"], _STATE["method"]), _STATE["device"])
-    return {"seconds": seconds}
+    return {"seconds": seconds, "cpu_seconds": time.process_time() - cpu_start}
 
 
 # ----------------------------------------------------------------------------- parent side
@@ -251,17 +256,21 @@ def run_case(case: Case, device: str, methods: tuple[str, ...]) -> list[dict[str
                 del workers[method]
                 continue
             rows.append({"method": method, "loss": setup["loss"],
-                         "num_target_tokens": setup["num_target_tokens"], **memory, "times": []})
+                         "num_target_tokens": setup["num_target_tokens"], **memory, "times": [],
+                         "cpu_times": []})
         by_method = {row["method"]: row for row in rows}
         for _ in range(case.repeats):
             for method, worker in workers.items():
-                by_method[method]["times"].append(worker.call("time")["seconds"])
+                reply = worker.call("time")
+                by_method[method]["times"].append(reply["seconds"])
+                by_method[method]["cpu_times"].append(reply["cpu_seconds"])
     finally:
         for worker in workers.values():
             worker.close()
     for row in rows:
         if "times" in row:
             row["time"] = summarize_times(row.pop("times"))
+            row["process_cpu_time"] = summarize_times(row.pop("cpu_times"))
     return rows
 
 
@@ -271,17 +280,19 @@ def print_table(case: Case, rows: list[dict[str, Any]]) -> None:
     table = []
     for row in rows:
         if "time" not in row:
-            table.append([row["method"], None, None, None, None, None, row["skipped"]])
+            table.append([row["method"], None, None, None, None, None, None, row["skipped"]])
             continue
         t, mem = row["time"]["median_s"], row["peak_extra_bytes"]
+        cpu_t = row["process_cpu_time"]["median_s"]
         table.append([row["method"], f"{t * 1e3:.1f}", fmt_bytes(mem),
                       f"{t / base['time']['median_s']:.2f}x" if base else None,
+                      f"{cpu_t / base['process_cpu_time']['median_s']:.2f}x" if base else None,
                       f"{mem / base['peak_extra_bytes']:.3f}x" if base and base["peak_extra_bytes"] else None,
                       f"{row['loss']:.5f}", ""])
     print(f"\nT={case.tokens} H={case.hidden} V={case.vocab} k={case.k} {case.dtype} "
           f"(seq_len {case.seq_len}, query_frac {case.query_frac})")
-    print(format_table(["method", "fwd+bwd ms", "peak extra", "time/full", "mem/full", "loss",
-                        "note"], table))
+    print(format_table(["method", "fwd+bwd ms", "peak extra", "time/full", "cpu-time/full",
+                        "mem/full", "loss", "note"], table))
 
 
 def main(argv=None) -> int:
@@ -318,7 +329,8 @@ def main(argv=None) -> int:
     unknown = set(methods) - set(METHODS)
     if unknown:
         parser.error(f"unknown method(s) {sorted(unknown)}; choose from {METHODS}")
-    preset_name = args.preset or "custom"
+    preset_name = (args.preset or "custom") + "".join(  # overrides show in the result file name
+        f"-{name.replace('_', '')}{value}" for name, value in overrides.items())
 
     payload = result_header("loss_head", preset_name, device)
     payload["cases"] = []
