@@ -17,6 +17,10 @@ that ordering with the ratings:
                        "best") has the highest log-likelihood (lowest index among exact ties).
     mean_margin        mean over the same pairs as pairwise_accuracy of
                        loglik(higher-rated) - loglik(lower-rated), in nats per token.
+    mean_loglik        mean over all scored responses of their mean token log-likelihood.
+    top1_chance        what top-1 accuracy a random ordering scores: mean of 1/k over those records.
+
+Per-category rows repeat all of these for each value of the records' optional "category" field.
 
     python -m fastalign.evaluate --model_name_or_path DIR --data_path FILE [--output_json FILE]
     torchrun --nproc_per_node=N -m fastalign.evaluate ...     # records sharded over ranks
