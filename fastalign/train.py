@@ -338,6 +338,18 @@ class Window:
         return cls(torch.zeros(4, dtype=torch.float64, device=device), started=time.perf_counter())
 
 
+@dataclass
+class PendingLog:
+    """A logging step's statistics, reduced over ranks, on their way to the host."""
+
+    step: int
+    epoch: float
+    lr: float
+    elapsed: float  # seconds of the window (host clock)
+    values: torch.Tensor  # float64 [9 + world size], see Trainer._start_log
+    ready: "torch.cuda.Event | None"  # CUDA: recorded after the copy to the host
+
+
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -534,6 +546,7 @@ class Trainer:
                    desc="train", unit="step", dynamic_ncols=True)
         window = Window.new(env.device)
         nonfinite = torch.zeros((), dtype=torch.bool, device=env.device)
+        pending: PendingLog | None = None  # CUDA: a logging step's numbers, read one step later
         while step < self.total_steps:
             steps_in_epoch = self.batcher.steps_per_epoch(epoch)
             for opt_step in self.batcher.iter_steps(epoch, first):
@@ -547,18 +560,31 @@ class Trainer:
                 epoch_done = done_in_epoch == steps_in_epoch
                 epoch_float = epoch + done_in_epoch / steps_in_epoch
                 if step % self.logging_steps == 0 or step == self.total_steps:
-                    record = self._log(step, epoch_float, window, grad_norm, nonfinite)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    current = self._start_log(step, epoch_float, window, grad_norm, nonfinite)
                     window = Window.new(env.device)
-                if self.eval_batcher is not None and (
-                        (args.evaluation_strategy == "steps" and step % self.eval_steps == 0)
-                        or (args.evaluation_strategy == "epoch" and epoch_done)):
+                    if pending is not None:
+                        self._finish_log(pending, bar)
+                        pending = None
+                    if current.ready is None:  # gloo on CPU: the numbers are on the host already
+                        self._finish_log(current, bar)
+                    else:
+                        pending = current
+                evaluate = self.eval_batcher is not None and (
+                    (args.evaluation_strategy == "steps" and step % self.eval_steps == 0)
+                    or (args.evaluation_strategy == "epoch" and epoch_done))
+                save = (args.save_strategy == "steps" and step % self.save_steps == 0) or (
+                    args.save_strategy == "epoch" and epoch_done)
+                if pending is not None and (evaluate or save):  # they sync anyway; keep lines in order
+                    self._finish_log(pending, bar)
+                    pending = None
+                if evaluate:
                     self._evaluate(step, epoch_float)
-                if (args.save_strategy == "steps" and step % self.save_steps == 0) or (
-                        args.save_strategy == "epoch" and epoch_done):
+                if save:
                     next_position = (epoch + 1, 0) if epoch_done else (epoch, done_in_epoch)
                     self._save(step, next_position, nonfinite)
             epoch, first = epoch + 1, 0
+        if pending is not None:
+            self._finish_log(pending, bar)
         bar.close()
         self._check_finite(nonfinite, step)
         log.info("training done at step %d; writing the model to %s", step, self.output_dir)
@@ -575,12 +601,13 @@ class Trainer:
         """
         env = self.env
         scale = env.world_size / opt_step.global_groups
-        for batch in opt_step.micro_batches:
+        # All of the step's (small) index tensors are queued for the device up front.
+        on_device = [b.to(env.device, non_blocking=True) for b in opt_step.micro_batches]
+        for host_batch, batch in zip(opt_step.micro_batches, on_device):
             if batch.num_groups:  # real tokens only: a filler batch's work is thrown away
-                lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()  # host tensor, [S]
+                lengths = (host_batch.cu_seqlens[1:] - host_batch.cu_seqlens[:-1]).long()  # [S]
                 window.tokens += batch.num_tokens
                 window.tokens_x_len += int((lengths * lengths).sum())
-            batch = batch.to(env.device, non_blocking=True)
             try:
                 out = run_batch(self.model, batch)
                 (out["loss"] * (batch.num_groups * scale)).backward()
@@ -606,39 +633,55 @@ class Trainer:
         window.steps += 1
         return grad_norm
 
-    def _log(self, step: int, epoch: float, window: Window, grad_norm: torch.Tensor,
-             nonfinite: torch.Tensor) -> dict:
+    def _start_log(self, step: int, epoch: float, window: Window, grad_norm: torch.Tensor,
+                   nonfinite: torch.Tensor) -> "PendingLog":
+        """Reduce the window's statistics over ranks in one collective and start their copy to the
+        host. On CUDA nothing here waits for the device: `_finish_log` reads the numbers after the
+        next step has been queued, so logging (even every step) leaves no bubble on the GPU."""
         env = self.env
-        host = torch.tensor([window.groups, window.tokens, window.tokens_x_len], dtype=torch.float64,
-                            device=env.device)
-        sums = torch.cat([window.device_sums, host, nonfinite.double().view(1)])
-        dist.all_reduce(sums)  # the one host sync of a logging step (with the .tolist() below)
-        memory = torch.tensor([peak_memory_gb(env.device)], device=env.device)
-        dist.all_reduce(memory, op=dist.ReduceOp.MAX)
-        loss, nll_best, penalty, active, groups, tokens, tokens_x_len, bad = sums.tolist()
+        memory = [0.0] * env.world_size  # each rank fills its own slot: the sum gathers them
+        memory[env.rank] = peak_memory_gb(env.device)
+        host = torch.tensor([window.groups, window.tokens, window.tokens_x_len, *memory],
+                            dtype=torch.float64, device=env.device)
+        sums = torch.cat([window.device_sums, grad_norm.double().view(1) / env.world_size,
+                          nonfinite.double().view(1), host])
+        dist.all_reduce(sums)  # NCCL: queued on the stream, the host goes on
+        ready = None
+        if env.device.type == "cuda":
+            sums = sums.to("cpu", non_blocking=True)  # into pinned memory
+            ready = torch.cuda.Event()
+            ready.record()
+        return PendingLog(step=step, epoch=epoch, lr=window.lr,
+                          elapsed=time.perf_counter() - window.started, values=sums, ready=ready)
+
+    def _finish_log(self, pending: "PendingLog", bar) -> None:
+        """Write the metrics line of a logging step; NaN/inf stops the run."""
+        if pending.ready is not None:
+            pending.ready.synchronize()
+        values = pending.values.tolist()
+        loss, nll_best, penalty, active, grad_norm, bad, groups, tokens, tokens_x_len = values[:9]
         if bad or not math.isfinite(loss):
-            self._fail_nonfinite(step)
-        elapsed = time.perf_counter() - window.started
-        tokens_per_s = tokens / elapsed if elapsed > 0 else 0.0
+            self._fail_nonfinite(pending.step)
+        tokens_per_s = tokens / pending.elapsed if pending.elapsed > 0 else 0.0
         mfu = None
         if self.peak_flops and tokens:
             flops = self.flops_per_token * tokens + self.flops_per_token_x_len * tokens_x_len
-            mfu = flops / elapsed / (self.peak_flops * env.world_size)
+            mfu = flops / pending.elapsed / (self.peak_flops * self.env.world_size)
         record = {
-            "step": step,
-            "epoch": round(epoch, 4),
+            "step": pending.step,
+            "epoch": round(pending.epoch, 4),
             "loss": loss / groups,
             "nll_best": nll_best / groups,
             "penalty": penalty / groups,
             "penalty_active_frac": active / groups,
-            "lr": window.lr,
-            "grad_norm": grad_norm.item(),
+            "lr": pending.lr,
+            "grad_norm": grad_norm,
             "tokens_per_s": round(tokens_per_s, 1),
             "mfu": mfu,
-            "peak_mem_gb": round(memory.item(), 3),
+            "peak_mem_gb": round(max(values[9:]), 3),
         }
         self.metrics.write(record)
-        return record
+        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_s:.0f}")
 
     def _check_finite(self, nonfinite: torch.Tensor, step: int) -> None:
         flag = nonfinite.double().view(1).clone()
