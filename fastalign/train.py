@@ -495,8 +495,8 @@ class Trainer:
                  else f"checkpoint {'each epoch' if args.save_strategy == 'epoch' else 'never'}")
 
         self.position = (0, 0, 0)  # (global step, epoch, step in epoch) of the next step
-        resume = ckpt.agree_on_resume(
-            ckpt.resolve_resume(args.resume_from_checkpoint, self.output_dir) if env.is_main else None)
+        # Every rank validates the flag (same error everywhere); rank 0's pick of "auto" is used.
+        resume = ckpt.agree_on_resume(ckpt.resolve_resume(args.resume_from_checkpoint, self.output_dir))
         if resume is not None:
             self._check_resumable(ckpt.read_trainer_state(resume))
             state = ckpt.load_checkpoint(resume, self.model, self.optimizer, self.scheduler)
@@ -553,7 +553,7 @@ class Trainer:
                 if step >= self.total_steps:
                     break
                 grad_norm = self._train_step(opt_step, window)
-                nonfinite |= ~torch.isfinite(grad_norm).to(env.device, non_blocking=True)
+                nonfinite |= ~torch.isfinite(grad_norm)
                 step += 1
                 bar.update(1)
                 done_in_epoch = opt_step.step_in_epoch + 1
@@ -631,7 +631,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         window.steps += 1
-        return grad_norm
+        return grad_norm.to(env.device, non_blocking=True)  # CPU-offloaded grads: norm on the host
 
     def _start_log(self, step: int, epoch: float, window: Window, grad_norm: torch.Tensor,
                    nonfinite: torch.Tensor) -> "PendingLog":
