@@ -98,18 +98,20 @@ def test_tiny_model_learns(tiny, tmp_path):
     assert first["mfu"] is None and first["tokens_per_s"] > 0 and first["peak_mem_gb"] > 0
 
 
-def test_one_rank_x4_accumulation_equals_two_ranks_x2(tiny, tmp_path):
-    """The step loss is the mean over the global batch's groups, however they are split."""
+def test_one_rank_x4_equals_two_ranks_x2_equals_four_ranks_x1(tiny, tmp_path):
+    """The step loss is the mean over the global batch's groups, however they are split over
+    accumulation steps and ranks (1 process: plain module; 2 and 4: FSDP2 full_shard)."""
     model, data = tiny
     flags = dict(max_steps=3, per_device_train_batch_size=2, fsdp="full_shard auto_wrap")
-    one = tmp_path / "one"
-    two = tmp_path / "two"
+    one, two, four = tmp_path / "one", tmp_path / "two", tmp_path / "four"
     # Activation checkpointing on one side only: recomputation must not change the numbers.
     ok(run_train(common(model, data, one, gradient_accumulation_steps=4, gradient_checkpointing=True,
                         **flags)))
     ok(run_train(common(model, data, two, gradient_accumulation_steps=2, **flags), nproc=2))
-    assert_same_metrics(metrics(one), metrics(two))
-    assert_same_weights(one, two)
+    ok(run_train(common(model, data, four, gradient_accumulation_steps=1, **flags), nproc=4))
+    for other in (two, four):
+        assert_same_metrics(metrics(one), metrics(other))
+        assert_same_weights(one, other)
     start = load_file(model / "model.safetensors")["model.norm.weight"]
     assert not torch.equal(start, load_file(one / "model.safetensors")["model.norm.weight"])
 
