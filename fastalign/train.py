@@ -329,7 +329,6 @@ class Window:
     groups: int = 0
     tokens: int = 0
     tokens_x_len: int = 0  # sum over sequences of length^2 (for the attention FLOPs)
-    steps: int = 0
     lr: float = 0.0  # the LR of the window's last step
     started: float = 0.0
 
@@ -630,7 +629,6 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        window.steps += 1
         return grad_norm.to(env.device, non_blocking=True)  # CPU-offloaded grads: norm on the host
 
     def _start_log(self, step: int, epoch: float, window: Window, grad_norm: torch.Tensor,
