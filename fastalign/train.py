@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import resource
 import sys
 import time
