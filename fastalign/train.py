@@ -3,8 +3,10 @@
     python -m fastalign.train --model_name_or_path DIR --data_path FILE --output_dir OUT ...
     torchrun --nproc_per_node=8 -m fastalign.train ...        (same flags as train_alignment.py)
 
-Every process runs the same code: a plain `python -m` run is a one-rank process group, so the
-sharding, mixed precision and checkpointing paths are the same at any world size.
+A plain `python -m` run is a one-rank process group, so checkpointing (torch.distributed.
+checkpoint) and the metrics reduction are the same at any world size. The model is wrapped in
+FSDP2 when there are several processes, bf16 compute or CPU offload; one fp32 process trains the
+plain module (same numbers, no gather/reduce copies).
 """
 
 from __future__ import annotations
