@@ -1,8 +1,8 @@
 """Process groups, FSDP2 sharding, mixed precision, activation checkpointing, per-layer compile.
 
-One code path for every world size: a plain `python -m fastalign.train` runs as a one-rank
-process group (in-process store), so single-process and multi-process runs share the sharding,
-mixed-precision and checkpoint code. Order of application (as in torchtitan):
+A plain `python -m fastalign.train` runs as a one-rank process group (in-process store), so
+single-process and multi-process runs share the checkpointing and reduction code (the trainer
+skips FSDP2 for one fp32 process). Order of application (as in torchtitan):
 
     build on meta -> apply_ac -> apply_compile -> apply_fsdp (layers, then root)
                   -> to_empty -> load_sharded_weights -> init_buffers
