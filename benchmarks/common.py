@@ -522,7 +522,7 @@ TRAIN_PRESETS: dict[str, TrainPreset] = {p.name: p for p in (
                 groups_per_step=2, max_tokens_per_batch=1024, warmup_steps=1, measure_steps=2,
                 note="seconds-long smoke run for tests; numbers mean nothing"),
     TrainPreset("cpu-tiny", "cpu", _llama(256, 688, 4, 4, 4, 32000), tokenizer_vocab=8000, model_max_length=480,
-                max_tokens_per_batch=4096, warmup_steps=1, measure_steps=4,
+                max_tokens_per_batch=4096, warmup_steps=1, measure_steps=8,
                 note="the CPU target: 4 layers, hidden 256, vocab 32000, k=3, bundled data"),
     TrainPreset("gpu-1b", "cuda", _llama(2048, 5632, 22, 32, 4, 32000), tokenizer_vocab=8000, model_max_length=480,
                 max_tokens_per_batch=16384, precision="bf16", warmup_steps=2, measure_steps=8,

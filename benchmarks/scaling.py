@@ -6,9 +6,9 @@ estimate of the original's published 8xA100 run under fastalign.
 Part 1, measured. `torchrun --standalone --nproc_per_node=N` runs fastalign's own trainer
 (`fastalign.train.Trainer`: FSDP2 `full_shard`, one unit per decoder layer) for N = 1 and 2 on the
 same checkpoint and data, with the same global batch: `groups_per_step` groups per optimizer step
-(N=1: one micro-batch of 8 groups; N=2: 4 groups per rank). Each rank gets cores/N threads, so the
-machine's compute is the same for both: on a small CPU machine this measures what sharding costs
-in time (gloo all-gather / reduce-scatter), not a speed-up. Per rank it reports the bytes of its
+(N=1: one micro-batch of 8 groups; N=2: 4 groups per rank). Each rank runs one thread
+(`--threads_per_rank`), so N processes use N cores: tokens/s shows the data-parallel speed-up net
+of what sharding costs (gloo all-gather / reduce-scatter on every layer). Per rank it reports the bytes of its
 parameter shard and its optimizer-state shard (AdamW exp_avg + exp_avg_sq), which must fall as
 ~1/N (gradients are sharded like the parameters and freed by each step), and its peak RSS above the
 RSS after imports (which also holds the gathered layers, activations, the gloo buffers and the
@@ -74,7 +74,7 @@ def rank_main(spec: dict[str, Any]) -> int:
     from fastalign import train as ftrain
 
     world = int(os.environ["WORLD_SIZE"])
-    torch.set_num_threads(max(1, spec["cores"] // world))
+    torch.set_num_threads(spec["threads_per_rank"])
     memory = PeakMemory("cpu").start()
     args = ftrain.parse_args([
         "--model_name_or_path", spec["model_dir"], "--data_path", spec["data_path"],
@@ -130,7 +130,7 @@ def run_world(n: int, spec: dict[str, Any], work: Path, timeout_s: float) -> dic
     spec = {**spec, "out": str(out), "output_dir": str(work / f"train-out{n}")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            str(Path(__file__).resolve()), "--rank_worker", json.dumps(spec)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, spec["cores"] // n)), TOKENIZERS_PARALLELISM="false",
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads_per_rank"]), TOKENIZERS_PARALLELISM="false",
                **CPU_MEMORY_ENV)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
@@ -213,6 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="measured steps (default: the preset's)")
     parser.add_argument("--tokens_per_sequence", type=float, default=250.0,
                         help="assumed mean query+response tokens of a Sandbox sequence (for part 2)")
+    parser.add_argument("--threads_per_rank", type=int, default=1,
+                        help="torch threads per process (default 1, so 2 processes use 2 cores)")
     parser.add_argument("--timeout_s", type=float, default=900.0, help="per world size")
     parser.add_argument("--out_dir", type=Path, default=None)
     parser.add_argument("--rank_worker", help=argparse.SUPPRESS)
@@ -229,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         model_dir = build_benchmark_dir(preset, data_path, work / "model")
         spec = {"model_dir": str(model_dir), "data_path": str(data_path), "seed": 0, "cores": cores,
+                "threads_per_rank": args.threads_per_rank,
                 "model_max_length": preset.model_max_length, "num_comp": preset.num_comp,
                 "groups_per_step": preset.groups_per_step, "warmup": args.warmup,
                 "measure": preset.measure_steps if args.steps is None else args.steps}
@@ -243,7 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         w["vs_1_process"]["tokens_per_s"] = w["tokens_per_s"] / one["tokens_per_s"]
     result = {**result_header("scaling", preset.name, "cpu"),
               "setup": {"global_groups_per_step": preset.groups_per_step, "fsdp": "full_shard auto_wrap",
-                        "precision": "fp32", "backend": "gloo", "cores": cores, "model": preset.model},
+                        "precision": "fp32", "backend": "gloo", "cores": cores,
+                        "threads_per_rank": args.threads_per_rank, "model": preset.model},
               "worlds": worlds, "estimate_8xA100": estimate(args.tokens_per_sequence)}
     path = write_json(results_path("scaling", preset.name, "cpu", args.out_dir), result)
 

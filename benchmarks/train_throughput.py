@@ -14,7 +14,9 @@ batch_size 1 and gradient_accumulation_steps = the preset's groups per step, as 
   Llama, streaming loss head, fused AdamW on CUDA), with the same groups packed into micro-batches
   of at most `max_tokens_per_batch` tokens (several groups per micro-batch: one of fastalign's
   advantages; the preset states the budget).
-Both use lr 2e-5, weight decay 0, gradient clipping at 1.0, `margin_mode=seed` (the original's
+Both use lr 2e-5, weight decay 0, gradient clipping at 1.0, on CPU `--threads` threads per side
+(default 1: only one side computes at a time, and on a shared machine multi-threaded timings
+suffer most from other users' load), `margin_mode=seed` (the original's
 margin indexing; speed is the same in either mode), fp32 on CPU, bf16 autocast/mixed precision
 with fp32 master weights on CUDA.
 
@@ -26,7 +28,9 @@ checks that both sides compute the same loss on the first step's groups, then ru
 then alternates one optimizer step of A and one of B (A B A B ...); each child times its own step
 (device synchronised) and the parent collects the times, so load changes on a shared machine hit
 both sides alike. Reported per side: real tokens/s (query+response tokens of the step, padding not
-counted, divided by the step's time; total over measured steps), median step time, peak memory,
+counted, divided by the step's time; total over measured steps; also the median of the per-round
+ratios and, on CPU, the ratio of process CPU seconds, both robust to other load on a shared
+machine), median step time, peak memory,
 MFU on CUDA (fastalign.model.LlamaConfig.flops_per_token on real tokens over the peak dense bf16
 FLOP/s in benchmarks.common.PEAK_BF16_TFLOPS), and the ratios fastalign / baseline.
 A benchmark never asserts a time. JSON goes to benchmarks/results/train_throughput-<date>-<device>-
@@ -170,12 +174,15 @@ def worker_main(side: str, spec: dict[str, Any]) -> int:
 
     torch.manual_seed(spec["seed"])
     device = torch.device(spec["device"])
+    if device.type == "cpu":
+        torch.set_num_threads(spec["threads"])
     steps = shared_steps(spec)
     impl = (BaselineSide if side == "baseline" else FastalignSide)(spec, device, steps)
 
     def step(i: int) -> dict[str, Any]:
+        cpu_start = time.process_time()
         _, seconds = timed(lambda: impl.step(i), device)
-        return {"seconds": seconds}
+        return {"seconds": seconds, "cpu_seconds": time.process_time() - cpu_start}
 
     return serve({
         "loss": lambda: {"loss": impl.first_step_loss()},
@@ -190,7 +197,7 @@ def worker_main(side: str, spec: dict[str, Any]) -> int:
 
 
 def run(preset: TrainPreset, *, data_path: Path, model_dir: Path | None, device: str, warmup: int, measure: int,
-        seed: int, work_dir: Path) -> dict[str, Any]:
+        seed: int, threads: int, work_dir: Path) -> dict[str, Any]:
     from benchmarks.baseline_original import build_benchmark_dir
     from fastalign.model import LlamaConfig
 
@@ -201,7 +208,7 @@ def run(preset: TrainPreset, *, data_path: Path, model_dir: Path | None, device:
         model_dir = build_benchmark_dir(preset, data_path, work_dir / "model", seed=seed)
         print(f"built a random {preset.name} checkpoint in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     spec = {"preset": preset.name, "max_tokens_per_batch": preset.max_tokens_per_batch,
-            "model_dir": str(model_dir), "data_path": str(data_path), "seed": seed,
+            "model_dir": str(model_dir), "data_path": str(data_path), "seed": seed, "threads": threads,
             "num_steps": warmup + measure, "device": device, "precision": precision,
             "output_dir": str(work_dir / "fastalign-out")}
     steps = shared_steps(spec)
@@ -213,18 +220,22 @@ def run(preset: TrainPreset, *, data_path: Path, model_dir: Path | None, device:
     workers = {}
     try:
         for side in SIDES:  # both alive at once: each holds its own model; only one computes at a time
-            workers[side] = Worker([str(Path(__file__).resolve()), "--worker", side, "--spec", json.dumps(spec)]).start()
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if device == "cpu" else None
+            workers[side] = Worker([str(Path(__file__).resolve()), "--worker", side, "--spec", json.dumps(spec)],
+                                   env=env).start()
         losses = {side: w.call("loss")["loss"] for side, w in workers.items()}
         layouts = {side: w.call("layout", i=warmup) for side, w in workers.items()}
         times: dict[str, list[float]] = {side: [] for side in SIDES}
+        cpu_times: dict[str, list[float]] = {side: [] for side in SIDES}
         for i in range(warmup + measure):
             if i == warmup:  # steady state from here: AdamW state exists, allocators are warm
                 for w in workers.values():
                     w.call("reset_memory")
             for side in SIDES:  # A B A B ...
-                seconds = workers[side].call("step", i=i)["seconds"]
+                reply = workers[side].call("step", i=i)
                 if i >= warmup:
-                    times[side].append(seconds)
+                    times[side].append(reply["seconds"])
+                    cpu_times[side].append(reply["cpu_seconds"])
             print(f"step {i + 1}/{warmup + measure}{' (warm-up)' if i < warmup else ''}: "
                   + ", ".join(f"{s} {t[-1]:.3f} s" for s, t in times.items() if i >= warmup), file=sys.stderr)
         memory = {side: w.call("memory") for side, w in workers.items()}
@@ -240,6 +251,7 @@ def run(preset: TrainPreset, *, data_path: Path, model_dir: Path | None, device:
             "tokens_per_s": measured_tokens / total_s,
             "step_time": summarize_times(times[side]),
             "step_times_s": times[side],
+            "step_cpu_times_s": cpu_times[side],
             "peak_memory_bytes": memory[side]["peak_bytes"],
             "memory_method": memory[side]["method"],
             "mfu": mfu(flops / total_s, device),
@@ -256,7 +268,8 @@ def run(preset: TrainPreset, *, data_path: Path, model_dir: Path | None, device:
                   "parameters": config.num_parameters(), "tokenizer_vocab_asked": preset.tokenizer_vocab},
         "schedule": {"warmup_steps": warmup, "measured_steps": measure, "groups_per_step": preset.groups_per_step,
                      "num_comp": preset.num_comp, "model_max_length": preset.model_max_length,
-                     "fastalign_max_tokens_per_batch": preset.max_tokens_per_batch, "order": "A B A B (baseline first)"},
+                     "fastalign_max_tokens_per_batch": preset.max_tokens_per_batch, "order": "A B A B (baseline first)",
+                     "cpu_threads_per_side": threads if device == "cpu" else None},
         "data_path": str(data_path),
         "real_tokens_per_step": real_tokens[warmup:],
         "model_flops_measured": flops,
@@ -268,6 +281,9 @@ def run(preset: TrainPreset, *, data_path: Path, model_dir: Path | None, device:
             "tokens_per_s": fast["tokens_per_s"] / base["tokens_per_s"],
             "tokens_per_s_paired_median": median(paired),
             "tokens_per_s_paired_range": [paired[0], paired[-1]],
+            # CPU seconds of the side's process (all threads): what the step costs, whatever else the
+            # machine runs; meaningful on CPU, where wall times suffer from other users' load.
+            "cpu_time": sum(cpu_times["fastalign"]) / sum(cpu_times["baseline"]),
             "step_time": fast["step_time"]["median_s"] / base["step_time"]["median_s"],
             "peak_memory": fast["peak_memory_bytes"] / base["peak_memory_bytes"],
         },
@@ -285,6 +301,8 @@ def print_report(result: dict[str, Any]) -> None:
     rows.append(["fastalign/baseline", f"{r['tokens_per_s']:.2f}x", f"{r['step_time']:.2f}x", f"{r['peak_memory']:.2f}x",
                  "", "", ""])
     rows.append(["  per-round median", f"{r['tokens_per_s_paired_median']:.2f}x", "", "", "", "", ""])
+    if result["machine"]["device"] == "cpu":
+        rows.append(["  by process CPU time", f"{1 / r['cpu_time']:.2f}x", f"{r['cpu_time']:.2f}x", "", "", "", ""])
     print(f"\n{result['preset']} on {machine_summary(result['machine'])}, {result['precision']}")
     print(format_table(["side", "real tokens/s", "step time (median)", "peak memory", "MFU", "micro-batches/step",
                         "first-step loss"], rows))
@@ -304,6 +322,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
                               (ax_mem, mem, "peak memory, MiB (lower is better)")):
         bars = ax.bar(SIDES, values, color=colors)
         ax.bar_label(bars, fmt="%.0f")
+        ax.margins(y=0.15)
         ax.set_title(title, fontsize=10)
     r = result["ratios"]
     fig.suptitle(f"{result['preset']} ({machine_summary(result['machine'])}): "
@@ -325,6 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max_tokens_per_batch", type=int, default=None,
                         help="fastalign's micro-batch token budget (default: the preset's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads per side (default 1: on a machine shared with other work, OpenMP "
+                             "barriers make multi-threaded timings erratic; one side runs at a time)")
     parser.add_argument("--out_dir", type=Path, default=None, help="where the JSON/PNG go (default benchmarks/results)")
     parser.add_argument("--plot", action="store_true", help="also write a PNG of tokens/s and memory bars")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
@@ -350,10 +372,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run(preset, data_path=data_path, model_dir=args.model_dir, device=device,
                      warmup=preset.warmup_steps if args.warmup is None else args.warmup,
                      measure=preset.measure_steps if args.steps is None else args.steps, seed=args.seed,
-                     work_dir=Path(tmp))
+                     threads=args.threads, work_dir=Path(tmp))
     result = {**result_header("train_throughput", preset.name, device), "load_avg_1m_at_start": load_at_start,
               "note": preset.note, **result}
-    path = write_json(results_path("train_throughput", preset.name, device, args.out_dir), result)
+    # A non-default token budget gets its own file, so it never overwrites the preset's figures.
+    label = preset.name if args.max_tokens_per_batch is None else f"{preset.name}-mtb{preset.max_tokens_per_batch}"
+    path = write_json(results_path("train_throughput", label, device, args.out_dir), result)
     print_report(result)
     print(f"wrote {path}")
     if args.plot:
