@@ -209,7 +209,10 @@ def build_benchmark_dir(preset: TrainPreset, data_path: Path, out_dir: Path, *, 
     build_tokenizer(sandbox_texts(data_path), preset.tokenizer_vocab, out_dir)
     init_device = "cuda" if preset.device == "cuda" and torch.cuda.is_available() else "cpu"
     save_dtype = "bfloat16" if preset.precision == "bf16" else "float32"
-    return build_llama_checkpoint(out_dir, preset.model, seed=seed, save_dtype=save_dtype, init_device=init_device)
+    path = build_llama_checkpoint(out_dir, preset.model, seed=seed, save_dtype=save_dtype, init_device=init_device)
+    if init_device == "cuda":
+        torch.cuda.empty_cache()  # the benchmark's workers need the GPU memory, not this process
+    return path
 
 
 def original_steps(model_dir: Path, data_path: Path, preset: TrainPreset, num_steps: int, *, seed: int = 0):

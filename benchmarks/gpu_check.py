@@ -23,7 +23,6 @@ per stage (stdout + stderr), the JSON (and PNG) each benchmark wrote, `pytest.xm
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
