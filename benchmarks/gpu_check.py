@@ -67,7 +67,7 @@ def stages(python: str, out_dir: Path) -> list[Stage]:
         Stage("pytest", [python, "-m", "pytest", "-m", "gpu", "-x", "-q", "-p", "no:cacheprovider",
                          f"--junitxml={out_dir / 'pytest.xml'}", "tests"], max_s=180),
         Stage("loss_head", [python, str(bench / "loss_head.py"), "--preset", "gpu"], max_s=120, min_s=30,
-              writes_results=True),
+              writes_results=True, takes_out_dir=True),
         Stage("train_gpu-1b", [python, str(bench / "train_throughput.py"), "--preset", "gpu-1b", "--plot"],
               max_s=220, min_s=90, writes_results=True, takes_out_dir=True),
         Stage("train_gpu-7b-layers", [python, str(bench / "train_throughput.py"), "--preset", "gpu-7b-layers",
