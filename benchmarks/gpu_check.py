@@ -46,8 +46,7 @@ class Stage:
     argv: list[str]
     max_s: float  # this stage's own timeout (cut further by what is left of the budget)
     min_s: float = 0.0  # skip the stage when less than this is left
-    writes_results: bool = False  # a benchmark: collect the result files it writes
-    takes_out_dir: bool | None = None  # passes --out_dir; None: ask the script's --help
+    writes_results: bool = False  # a benchmark: gets --out_dir, and the files it writes there are listed
 
 
 @dataclass
@@ -67,12 +66,11 @@ def stages(python: str, out_dir: Path) -> list[Stage]:
         Stage("pytest", [python, "-m", "pytest", "-m", "gpu", "-x", "-q", "-p", "no:cacheprovider",
                          f"--junitxml={out_dir / 'pytest.xml'}", "tests"], max_s=180),
         Stage("loss_head", [python, str(bench / "loss_head.py"), "--preset", "gpu"], max_s=120, min_s=30,
-              writes_results=True, takes_out_dir=True),
+              writes_results=True),
         Stage("train_gpu-1b", [python, str(bench / "train_throughput.py"), "--preset", "gpu-1b", "--plot"],
-              max_s=220, min_s=90, writes_results=True, takes_out_dir=True),
+              max_s=220, min_s=90, writes_results=True),
         Stage("train_gpu-7b-layers", [python, str(bench / "train_throughput.py"), "--preset", "gpu-7b-layers",
-                                      "--plot"], max_s=200, min_s=100, writes_results=True,
-              takes_out_dir=True),
+                                      "--plot"], max_s=200, min_s=100, writes_results=True),
     ]
 
 
@@ -101,24 +99,13 @@ def environment(out_dir: Path) -> StageResult:
                        note="" if info["cuda_available"] else "no CUDA device visible to torch")
 
 
-def _accepts_out_dir(script_argv: list[str], env: dict[str, str]) -> bool:
-    try:
-        help_text = subprocess.run(script_argv + ["--help"], capture_output=True, text=True, timeout=60, env=env,
-                                   cwd=REPO_ROOT).stdout
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return "--out_dir" in help_text
-
-
 def run_stage(stage: Stage, out_dir: Path, timeout_s: float, env: dict[str, str]) -> StageResult:
     start_wall = time.time()
     start = time.perf_counter()
     argv = list(stage.argv)
-    takes_out_dir = stage.takes_out_dir if stage.takes_out_dir is not None else _accepts_out_dir(argv, env)
-    if stage.writes_results and takes_out_dir:
+    if stage.writes_results:
         argv += ["--out_dir", str(out_dir)]
     log_path = out_dir / f"{stage.name}.log"
-    timeout_s = max(timeout_s - (time.perf_counter() - start), 1.0)
     print(f"\n=== {stage.name} (timeout {timeout_s:.0f} s): {' '.join(argv)}", flush=True)
     with open(log_path, "w") as log:
         # Own process group, so a timeout ends the stage's children (e.g. benchmark workers) too.
@@ -145,11 +132,7 @@ def run_stage(stage: Stage, out_dir: Path, timeout_s: float, env: dict[str, str]
         reader.join(timeout=10)
     seconds = time.perf_counter() - start
     outputs = [log_path.name]
-    # Benchmarks that do not take --out_dir write to benchmarks/results/: collect what this stage wrote.
     if stage.writes_results:
-        for path in sorted(RESULTS_DIR.glob("*")):
-            if path.is_file() and path.stat().st_mtime >= start_wall and path.parent != out_dir:
-                shutil.copy2(path, out_dir / path.name)
         outputs += sorted(p.name for p in out_dir.iterdir() if p.is_file() and p.stat().st_mtime >= start_wall
                           and p.name != log_path.name)
     if timed_out:
