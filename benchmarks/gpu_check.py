@@ -12,7 +12,8 @@ is recorded and the next one still runs:
   2. pytest        `pytest -m gpu -x` (the CUDA tests: Triton kernels, model, FSDP on GPU)
   3. loss_head     `benchmarks/loss_head.py --preset gpu` (fused loss head vs full logits)
   4. train_gpu-1b  `benchmarks/train_throughput.py --preset gpu-1b --plot` (fastalign vs baseline)
-  5. train_gpu-7b-layers   the same for 4 layers of Llama-7B's shape, when time is left
+  5. train_gpu-7b-layers   the same for 4 layers of Llama-7B's shape, when time and GPU memory
+                   (60 GiB) are left
 
 Everything lands in one folder, benchmarks/results/gpu-check-<date>-<gpu>/: one `<stage>.log`
 per stage (stdout + stderr), the JSON (and PNG) each benchmark wrote, `pytest.xml` (JUnit),
@@ -47,6 +48,7 @@ class Stage:
     max_s: float  # this stage's own timeout (cut further by what is left of the budget)
     min_s: float = 0.0  # skip the stage when less than this is left
     writes_results: bool = False  # a benchmark: gets --out_dir, and the files it writes there are listed
+    min_gpu_gib: float = 0.0  # skip the stage on a GPU with less memory
 
 
 @dataclass
@@ -70,7 +72,8 @@ def stages(python: str, out_dir: Path) -> list[Stage]:
         Stage("train_gpu-1b", [python, str(bench / "train_throughput.py"), "--preset", "gpu-1b", "--plot"],
               max_s=220, min_s=90, writes_results=True),
         Stage("train_gpu-7b-layers", [python, str(bench / "train_throughput.py"), "--preset", "gpu-7b-layers",
-                                      "--plot"], max_s=200, min_s=100, writes_results=True),
+                                      "--plot"], max_s=200, min_s=100, writes_results=True,
+              min_gpu_gib=60),  # two processes, each ~17 GiB of fp32 weights, grads and AdamW + activations
     ]
 
 
@@ -164,8 +167,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(f"gpu-check: results in {out_dir}", flush=True)
     results = [environment(out_dir)]
+    gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0.0
     for stage in stages(sys.executable, out_dir):
         if args.only is not None and stage.name not in args.only:
+            continue
+        if stage.min_gpu_gib and gpu_gib < stage.min_gpu_gib:
+            results.append(StageResult(stage.name, "skipped", 0.0,
+                                       note=f"needs {stage.min_gpu_gib:.0f} GiB of GPU memory, has {gpu_gib:.0f}"))
             continue
         left = args.budget_s - (time.perf_counter() - t0)
         if left < max(stage.min_s, 5.0):
