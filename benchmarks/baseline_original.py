@@ -27,7 +27,8 @@ Deliberate differences, none of which slows the baseline:
 - token ids: the groups, their sampled candidates and their token ids come from fastalign.data
   (BOS + query ids + response ids + EOS), so both sides of a comparison see identical tokens; the
   original re-tokenized the joined string and padded with an added [PAD] token (here id 0,
-  masked and labelled -100, so the embedding is not resized and the weights stay identical).
+  masked and labelled -100, so the embedding is not resized and the weights stay identical);
+  batches are built before timing, whereas the original tokenized in its collator during training.
 
 Run alone it times the baseline and writes benchmarks/results/baseline_original-<date>-<device>-
 <preset>.json; `benchmarks/train_throughput.py` imports it for the interleaved comparison.

@@ -271,6 +271,17 @@ def run(preset: TrainPreset, *, data_path: Path, model_dir: Path | None, device:
                      "fastalign_max_tokens_per_batch": preset.max_tokens_per_batch, "order": "A B A B (baseline first)",
                      "cpu_threads_per_side": threads if device == "cpu" else None},
         "data_path": str(data_path),
+        "method": {
+            "processes": "each side in its own child process (benchmarks.common.Worker); both alive, one computes at a time",
+            "timing": "after warm-up, one optimizer step of each side in turn (A B A B ...); each child times its "
+                      "own step with the device synchronised and reports it to the parent",
+            "tokens": "real tokens: query+response tokens of the step's sequences, padding not counted; "
+                      "tokens/s = measured tokens / summed step times",
+            "memory": "peak over the measured steps: CUDA max_memory_allocated; CPU VmHWM minus the RSS after "
+                      "imports and data preparation (see memory_method per side)",
+            "mfu": "fastalign.model.LlamaConfig.flops_per_token on real tokens / step time / peak bf16 FLOP/s "
+                   "(benchmarks.common.PEAK_BF16_TFLOPS); CPU: none",
+        },
         "real_tokens_per_step": real_tokens[warmup:],
         "model_flops_measured": flops,
         "objective_check": {"baseline": losses["baseline"], "fastalign": losses["fastalign"],
