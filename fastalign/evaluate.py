@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from fastalign.cli import run_main
+from fastalign.cli import BOOLEAN_FLAG, positive_float, positive_int, run_main
 from fastalign.data import IGNORE_INDEX, GroupBatcher, load_records, select_candidates, tokenize_records
 from fastalign.distributed import init_distributed
 from fastalign.errors import DataError
@@ -316,10 +316,6 @@ def _score_batches(batcher, forward, device, categories: dict, chosen_responses:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # the trainer's flag types, so shared flags read and fail the same way in both commands
-    from fastalign.train import positive_float, positive_int, str_to_bool
-
-    boolean = dict(type=str_to_bool, nargs="?", const=True, default=False, metavar="True|False")
     p = argparse.ArgumentParser(prog="python -m fastalign.evaluate", allow_abbrev=False,
                                 description="Ranking metrics of a model on rated Sandbox records: does it "
                                 "find the higher-rated responses more likely? (see the module docstring)")
@@ -330,10 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_tokens_per_batch", type=positive_int, default=8192, help="Tokens per packed forward (whole records). Default 8192.")
     p.add_argument("--num_comp", type=positive_int, default=None, help="Responses scored per record, drawn with --seed when a record has more. Default: all.")
     p.add_argument("--rating_scale", type=positive_float, default=7.0, help="Highest rating; scores must lie in 1..rating_scale. Default 7.")
-    p.add_argument("--bf16", help="Run the model in bfloat16. Default False.", **boolean)
-    p.add_argument("--skip_invalid", help="Drop invalid records (counted per reason) instead of stopping. Default False.", **boolean)
-    p.add_argument("--stop_response", help="As in training: cut responses at the first turn marker. Default False.", **boolean)
-    p.add_argument("--no_append_eos", help="As in training: no EOS after each response. Default False.", **boolean)
+    p.add_argument("--bf16", help="Run the model in bfloat16. Default False.", default=False, **BOOLEAN_FLAG)
+    p.add_argument("--skip_invalid", help="Drop invalid records (counted per reason) instead of stopping. Default False.", default=False, **BOOLEAN_FLAG)
+    p.add_argument("--stop_response", help="As in training: cut responses at the first turn marker. Default False.", default=False, **BOOLEAN_FLAG)
+    p.add_argument("--no_append_eos", help="As in training: no EOS after each response. Default False.", default=False, **BOOLEAN_FLAG)
     p.add_argument("--seed", type=int, default=42, help="Seed of the --num_comp draw. Default 42.")
     return p
 

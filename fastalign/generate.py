@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from fastalign.cli import run_main
+from fastalign.cli import BOOLEAN_FLAG, run_main
 from fastalign.errors import ConfigError
 from fastalign.model import Llama, _rotate, load_tokenizer
 
@@ -180,8 +180,6 @@ def read_prompts(path: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fastalign.train import str_to_bool
-
     p = argparse.ArgumentParser(prog="python -m fastalign.generate", allow_abbrev=False,
                                 description="Generate responses with a (trained) Llama directory, KV-cached.")
     p.add_argument("--model_name_or_path", required=True, help="HF Llama directory (config.json, weights, tokenizer).")
@@ -192,8 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_p", type=float, default=1.0, help="Nucleus sampling mass when sampling. Default 1.")
     p.add_argument("--no_template", action="store_true", help="Send prompts as they are, without the Alpaca template.")
     p.add_argument("--seed", type=int, default=0, help="Sampling seed. Default 0.")
-    p.add_argument("--bf16", type=str_to_bool, nargs="?", const=True, default=False, metavar="True|False",
-                   help="Run the model in bfloat16. Default False.")
+    p.add_argument("--bf16", default=False, help="Run the model in bfloat16. Default False.", **BOOLEAN_FLAG)
     return p
 
 

@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor
 from fastalign import checkpoint as ckpt
 from fastalign import distributed as fdist
 from fastalign.attention import BACKENDS as ATTN_BACKENDS
-from fastalign.cli import run_main
+from fastalign.cli import BOOLEAN_FLAG, nonneg_float, number, positive_float, positive_int, run_main
 from fastalign.errors import ConfigError, DataError, FastalignError
 
 log = logging.getLogger("fastalign.train")
@@ -48,39 +48,8 @@ PEAK_BF16_TFLOPS = (
 
 # ----------------------------------------------------------------------------- command line
 
-
-def str_to_bool(value: str) -> bool:
-    """HF's boolean flag values: True/False, yes/no, y/n, 1/0, t/f (any case)."""
-    text = str(value).strip().lower()
-    if text in ("true", "yes", "y", "1", "t"):
-        return True
-    if text in ("false", "no", "n", "0", "f"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
-
-
-def _number(kind, *, low=None, high=None, low_open=False, what=""):
-    def convert(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what or kind.__name__}, got {text!r}") from None
-        if isinstance(value, float) and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-        if low is not None and (value <= low if low_open else value < low):
-            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low}, got {text!r}")
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"must be <= {high}, got {text!r}")
-        return value
-
-    convert.__name__ = what or kind.__name__
-    return convert
-
-
-positive_int = _number(int, low=1, what="a positive integer")
-nonneg_float = _number(float, low=0.0, what="a number >= 0")
-positive_float = _number(float, low=0.0, low_open=True, what="a number > 0")
-interval_steps = _number(float, low=0.0, low_open=True, what="a number > 0 (< 1: a fraction of the total steps)")
+# --save_steps / --logging_steps: a count of optimizer steps, or below 1 a fraction of the total
+interval_steps = number(float, low=0.0, low_open=True, what="a number > 0 (< 1: a fraction of the total steps)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,13 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
         usage="%(prog)s --model_name_or_path DIR --data_path FILE --output_dir DIR [FLAGS] (see --help)",
         allow_abbrev=False,
     )
-    boolean = dict(type=str_to_bool, nargs="?", const=True, metavar="True|False")
 
     orig = parser.add_argument_group("flags of the original train_alignment.py command")
     orig.add_argument("--model_name_or_path", required=True, help="HF Llama directory (config.json, safetensors or .bin weights, tokenizer).")
     orig.add_argument("--data_path", required=True, help="Sandbox records: JSON array or JSONL (.gz welcome).")
     orig.add_argument("--output_dir", required=True, help="Where metrics.jsonl, checkpoint-<step>/ and the final HF model go.")
-    orig.add_argument("--bf16", default=False, help="bf16 compute with fp32 master weights and fp32 gradient reduction (FSDP2 MixedPrecisionPolicy).", **boolean)
+    orig.add_argument("--bf16", default=False, help="bf16 compute with fp32 master weights and fp32 gradient reduction (FSDP2 MixedPrecisionPolicy).", **BOOLEAN_FLAG)
     orig.add_argument("--num_train_epochs", type=positive_float, default=3.0, help="Epochs (fractions allowed); ignored when --max_steps > 0. Default 3.")
     orig.add_argument("--per_device_train_batch_size", type=positive_int, default=8, help="Groups (query + its responses) per micro-batch per process. Default 8 (HF).")
     orig.add_argument("--per_device_eval_batch_size", type=positive_int, default=8, help="Groups per evaluation micro-batch per process. Default 8.")
@@ -110,16 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     orig.add_argument("--save_total_limit", type=positive_int, default=None, help="Keep at most this many checkpoints (oldest deleted). Default: keep all.")
     orig.add_argument("--learning_rate", type=nonneg_float, default=5e-5, help="Peak AdamW learning rate. Default 5e-5.")
     orig.add_argument("--weight_decay", type=nonneg_float, default=0.0, help="AdamW weight decay (not applied to norms and biases, as HF). Default 0.")
-    orig.add_argument("--warmup_ratio", type=_number(float, low=0.0, high=1.0, what="a number in [0, 1]"), default=0.0, help="Linear warmup over ceil(ratio * total steps). Default 0.")
+    orig.add_argument("--warmup_ratio", type=number(float, low=0.0, high=1.0, what="a number in [0, 1]"), default=0.0, help="Linear warmup over ceil(ratio * total steps). Default 0.")
     orig.add_argument("--lr_scheduler_type", choices=LR_SCHEDULERS, default="linear", help="Decay after warmup. Default linear.")
     orig.add_argument("--logging_steps", type=interval_steps, default=500, help="Optimizer steps between metrics.jsonl lines (< 1: fraction of total). Default 500.")
     orig.add_argument("--fsdp", default="", help="HF FSDP options, e.g. 'full_shard auto_wrap'. full_shard: FSDP2, params re-gathered in backward; shard_grad_op: kept gathered forward->backward; hybrid_shard[_zero2]: shard per node, replicate across nodes; no_shard or empty: replicate; offload: CPU offload; auto_wrap: always on (one FSDP unit per decoder layer). Default empty.")
     orig.add_argument("--fsdp_transformer_layer_cls_to_wrap", default=None, help="Accepted for compatibility: fastalign always wraps each decoder layer (LlamaDecoderLayer) as one FSDP unit.")
-    orig.add_argument("--tf32", default=True, help="Allow TF32 matmuls on CUDA (fp32 parts of the computation). Default True.", **boolean)
+    orig.add_argument("--tf32", default=True, help="Allow TF32 matmuls on CUDA (fp32 parts of the computation). Default True.", **BOOLEAN_FLAG)
     orig.add_argument("--model_max_length", type=positive_int, default=512, help="Longest query+response in tokens; responses are cut from the end. Default 512.")
     orig.add_argument("--rating_scale", type=positive_float, default=7.0, help="Highest rating; also validates scores (1..rating_scale). Default 7.")
     orig.add_argument("--margin", type=float, default=1.0, help="Margin multiplier m in (s_best - s_j)/rating_scale * m. Default 1.")
-    orig.add_argument("--max_flow", default=False, help="Penalty = max over the other responses instead of their mean. Default False.", **boolean)
+    orig.add_argument("--max_flow", default=False, help="Penalty = max over the other responses instead of their mean. Default False.", **BOOLEAN_FLAG)
     orig.add_argument("--ratio", type=nonneg_float, default=0.2, help="Weight of the penalty term. Default 0.2.")
     orig.add_argument("--num_comp", type=positive_int, default=3, help="Responses per query used in a step (sampled, seeded, when a record has more). Default 3.")
 
@@ -127,14 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     own.add_argument("--seed", type=int, default=42, help="Seed for shuffling and candidate sampling. Default 42.")
     own.add_argument("--max_steps", type=int, default=-1, help="Total optimizer steps; overrides --num_train_epochs when > 0. Default -1.")
     own.add_argument("--max_tokens_per_batch", type=positive_int, default=None, help="Pack whole groups into micro-batches of at most this many tokens instead of --per_device_train_batch_size groups.")
-    own.add_argument("--gradient_checkpointing", default=False, help="Recompute each decoder layer in backward (less memory, ~30%% more compute). Default False.", **boolean)
-    own.add_argument("--compile", default=False, help="torch.compile each decoder layer. Default False.", **boolean)
+    own.add_argument("--gradient_checkpointing", default=False, help="Recompute each decoder layer in backward (less memory, ~30%% more compute). Default False.", **BOOLEAN_FLAG)
+    own.add_argument("--compile", default=False, help="torch.compile each decoder layer. Default False.", **BOOLEAN_FLAG)
     own.add_argument("--attn_implementation", choices=("auto",) + ATTN_BACKENDS + ("flash_attention_2",), default="auto", help="Packed attention backend; auto: flash_attn, then torch_varlen, then sdpa. Default auto.")
     own.add_argument("--loss_backend", choices=("auto", "triton", "torch"), default="auto", help="Loss head: fused Triton kernel or its PyTorch twin; auto: triton on CUDA. Default auto.")
     own.add_argument("--margin_mode", choices=("paper", "seed"), default="paper", help="paper: margin from each response's own rating; seed: the original code's index pairing (reproduces the released model). Default paper.")
-    own.add_argument("--skip_invalid", default=False, help="Drop invalid records (counted per reason) instead of stopping. Default False.", **boolean)
-    own.add_argument("--stop_response", default=False, help="Cut responses at the first '\\n\\nHuman:' / '\\n\\nAssistant:' marker. Default False.", **boolean)
-    own.add_argument("--no_append_eos", default=False, help="Do not append EOS to responses. Default False.", **boolean)
+    own.add_argument("--skip_invalid", default=False, help="Drop invalid records (counted per reason) instead of stopping. Default False.", **BOOLEAN_FLAG)
+    own.add_argument("--stop_response", default=False, help="Cut responses at the first '\\n\\nHuman:' / '\\n\\nAssistant:' marker. Default False.", **BOOLEAN_FLAG)
+    own.add_argument("--no_append_eos", default=False, help="Do not append EOS to responses. Default False.", **BOOLEAN_FLAG)
     own.add_argument("--resume_from_checkpoint", default=None, metavar="PATH|auto", help="Resume from a checkpoint-<step> directory, or the latest complete one in --output_dir (auto; a fresh start when there is none).")
     own.add_argument("--max_grad_norm", type=nonneg_float, default=1.0, help="Clip the global gradient norm to this (0: no clipping). Default 1.")
     own.add_argument("--warmup_steps", type=int, default=0, help="Warmup steps; overrides --warmup_ratio when > 0. Default 0.")
