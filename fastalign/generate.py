@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from fastalign.cli import BOOLEAN_FLAG, run_main
 from fastalign.errors import ConfigError
-from fastalign.model import Llama, _rotate, load_tokenizer
+from fastalign.model import Llama, load_tokenizer
 
 ALPACA_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:"
 
@@ -53,21 +53,13 @@ class KVCache:
         return cls(keys=make(), values=make())
 
 
-def _rotary(model: Llama, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [t, 1, D] for `positions` [t], computed as Llama.forward does (fp32 angles, then cast)."""
-    freqs = positions[:, None].float() * model.inv_freq.float()  # [t, D/2]
-    angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
 def _attend(layer, x: torch.Tensor, cos, sin, cache: KVCache, index: int) -> torch.Tensor:
     """Self-attention of the new positions x [t, H] over the cached ones plus themselves (causal)."""
     attn = layer.self_attn
     t, start = x.shape[0], cache.length
-    q = _rotate(attn.q_proj(x).view(t, attn.num_heads, attn.head_dim), cos, sin)
-    k = _rotate(attn.k_proj(x).view(t, attn.num_kv_heads, attn.head_dim), cos, sin)
+    q, k, v = attn.project(x, cos, sin)  # [t, Hq, D], [t, Hkv, D] x2
     cache.keys[index][start:start + t] = k
-    cache.values[index][start:start + t] = attn.v_proj(x).view(t, attn.num_kv_heads, attn.head_dim)
+    cache.values[index][start:start + t] = v
     keys = cache.keys[index][:start + t].transpose(0, 1)  # [Hkv, start+t, D]
     values = cache.values[index][:start + t].transpose(0, 1)
     # new position start+i sees cached positions and new ones up to itself
@@ -83,7 +75,7 @@ def decode_step(model: Llama, input_ids: torch.Tensor, cache: KVCache) -> torch.
     t = input_ids.shape[0]
     hidden = model.embed_tokens(input_ids)  # [t, H]
     positions = torch.arange(cache.length, cache.length + t, device=input_ids.device)
-    cos, sin = _rotary(model, positions, hidden.dtype)
+    cos, sin = model.rotary(positions, hidden.dtype)
     for index, layer in enumerate(model.layers):
         hidden = hidden + _attend(layer, layer.input_layernorm(hidden), cos, sin, cache, index)
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))

@@ -262,13 +262,18 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
         self.backend = "sdpa"  # set for all layers at once by Llama.set_attention_backend
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [T, H] -> q [T, Hq, D], k [T, Hkv, D] (both rotated), v [T, Hkv, D]; cos, sin [T, 1, D]."""
         t = x.shape[0]
         q = _rotate(self.q_proj(x).view(t, self.num_heads, self.head_dim), cos, sin)
         k = _rotate(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        return q, k, v
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
+        q, k, v = self.project(x, cos, sin)
         out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, self.backend)  # [T, Hq, D]
-        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -315,13 +320,19 @@ class Llama(nn.Module):
     def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int) -> torch.Tensor:
         """input_ids, position_ids int64 [T]; cu_seqlens int32 [S+1] -> hidden [T, H] after the final norm."""
         hidden = self.embed_tokens(input_ids)
-        # Angles in fp32 (positions up to 128k need it), rounded once to the activation dtype.
-        freqs = position_ids[:, None].float() * self.inv_freq.float()  # [T, D/2]
-        angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
-        cos, sin = angles.cos().to(hidden.dtype), angles.sin().to(hidden.dtype)
+        cos, sin = self.rotary(position_ids, hidden.dtype)
         for layer in self.layers:
             hidden = layer(hidden, cos, sin, cu_seqlens, max_seqlen)
         return self.norm(hidden)
+
+    def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, head_dim] in `dtype` for position_ids [T] (what every layer's attention takes).
+
+        Angles in fp32 (positions up to 128k need it), rounded once to the activation dtype.
+        """
+        freqs = position_ids[:, None].float() * self.inv_freq.float()  # [T, D/2]
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
     # -- attention backend ---------------------------------------------------------------------
 
