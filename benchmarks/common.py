@@ -507,6 +507,7 @@ class TrainPreset:
     precision: str = "fp32"  # "fp32" | "bf16" (fp32 master weights, bf16 compute)
     warmup_steps: int = 1
     measure_steps: int = 4
+    min_response_chars: int = 0  # > 0: lengthen the data's responses (see lengthened_records)
     note: str = ""
 
 
@@ -524,6 +525,11 @@ TRAIN_PRESETS: dict[str, TrainPreset] = {p.name: p for p in (
     TrainPreset("cpu-tiny", "cpu", _llama(256, 688, 4, 4, 4, 32000), tokenizer_vocab=8000, model_max_length=480,
                 max_tokens_per_batch=4096, warmup_steps=1, measure_steps=8,
                 note="the CPU target: 4 layers, hidden 256, vocab 32000, k=3, bundled data"),
+    TrainPreset("cpu-tiny-long", "cpu", _llama(256, 688, 4, 4, 4, 32000), tokenizer_vocab=8000,
+                model_max_length=480, max_tokens_per_batch=4096, warmup_steps=1, measure_steps=4,
+                min_response_chars=1600,
+                note="cpu-tiny on the bundled records with responses lengthened to >= 1600 characters "
+                     "(about 400 tokens): the regime of the original's model_max_length 480"),
     TrainPreset("gpu-1b", "cuda", _llama(2048, 5632, 22, 32, 4, 32000), tokenizer_vocab=8000, model_max_length=480,
                 max_tokens_per_batch=16384, precision="bf16", warmup_steps=2, measure_steps=8,
                 note="TinyLlama-1.1B shape (22 layers, hidden 2048, GQA 32/4), seq 480, bf16"),
@@ -531,6 +537,28 @@ TRAIN_PRESETS: dict[str, TrainPreset] = {p.name: p for p in (
                 model_max_length=480, max_tokens_per_batch=16384, precision="bf16", warmup_steps=2,
                 measure_steps=8, note="Llama-7B layer and head shapes, 4 of its 32 layers (fits one GPU per side)"),
 )}
+
+
+def lengthened_records(src: Path, dst: Path, min_chars: int) -> Path:
+    """A copy of a Sandbox file whose responses are at least `min_chars` long: each response is
+    followed by the responses of the next records, in file order, until it is long enough
+    (deterministic; queries and ratings unchanged). For measuring long-sequence behaviour with
+    the bundled data's words."""
+    from fastalign.data import load_records
+
+    records = load_records(str(src)).records
+    pool = [r for record in records for r in record.responses]
+    with open(dst, "w") as out:
+        position = 0
+        for record in records:
+            responses = []
+            for response in record.responses:
+                while len(response) < min_chars:
+                    response += "\n\n" + pool[position % len(pool)]
+                    position += 1
+                responses.append(response)
+            out.write(json.dumps({"query": record.query, "responses": responses, "scores": record.scores}) + "\n")
+    return Path(dst)
 
 
 def build_llama_checkpoint(out_dir: Path, model_fields: dict[str, Any], *, seed: int = 0,

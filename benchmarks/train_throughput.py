@@ -52,7 +52,8 @@ from typing import Any, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
-    TRAIN_PRESETS, PeakMemory, TrainPreset, Worker, fmt_bytes, format_table, machine_summary, median, mfu, result_header,
+    TRAIN_PRESETS, PeakMemory, TrainPreset, Worker, fmt_bytes, format_table, lengthened_records, machine_summary, median,
+    mfu, result_header,
     results_path, serve, summarize_times, timed, write_json)
 
 SIDES = ("baseline", "fastalign")
@@ -380,6 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     data_path = (args.data_path or default_data_path()).resolve()
     load_at_start = os.getloadavg()[0]  # other work on a shared machine: read the times with it
     with tempfile.TemporaryDirectory(prefix="fa-throughput-") as tmp:
+        if preset.min_response_chars:
+            data_path = lengthened_records(data_path, Path(tmp) / "lengthened.jsonl", preset.min_response_chars)
         result = run(preset, data_path=data_path, model_dir=args.model_dir, device=device,
                      warmup=preset.warmup_steps if args.warmup is None else args.warmup,
                      measure=preset.measure_steps if args.steps is None else args.steps, seed=args.seed,
