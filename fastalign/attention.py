@@ -141,10 +141,13 @@ def _sdpa_per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        cu_seqlens: torch.Tensor) -> torch.Tensor:
     """SDPA on each sequence's slice: O(sum L_i^2) work, no [T, T] mask over the whole pack."""
     bounds = cu_seqlens.tolist()  # one host sync per layer: acceptable for the fallback
+    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
     gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
     outputs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    # torch.split, not t[start:end]: its backward concatenates the S per-sequence gradients once,
+    # where each slice's backward would write its gradient into a fresh zero [T, H, D] tensor.
+    for qi, ki, vi in zip(q.split(lengths), k.split(lengths), v.split(lengths)):
         # [L, H, D] -> [H, L, D], the layout SDPA expects (heads as the batch dimension).
-        qi, ki, vi = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        qi, ki, vi = (t.transpose(0, 1) for t in (qi, ki, vi))
         outputs.append(F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, **gqa).transpose(0, 1))
     return torch.cat(outputs, dim=0)

@@ -5,10 +5,11 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM
 
-from fastalign.attention import resolve_backend
+from fastalign.attention import resolve_backend, varlen_attention
 from fastalign.errors import ConfigError, ModelError
 from fastalign.hf_weights import CheckpointReader
 from fastalign.model import Llama, LlamaConfig
@@ -307,3 +308,25 @@ def test_flops_per_token_counts_matmuls_and_causal_attention():
     matmul_params = 2 * per_layer + 100 * 64  # + lm_head (norm weights are negligible but counted)
     flops = config.flops_per_token(256)
     assert flops == 6 * (matmul_params + 2 * 2 * 64 + 64) + 6 * 2 * 4 * 16 * 256
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_sdpa_fallback_matches_a_block_causal_mask_forward_and_backward(kv_heads):
+    # oracle: one SDPA over the whole pack with a [T, T] mask (same sequence and not in the future)
+    lengths, heads, dim = [5, 1, 9, 3], 4, 8
+    t = sum(lengths)
+    cu_seqlens = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    sequence = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    mask = (sequence[:, None] == sequence[None, :]) & torch.ones(t, t, dtype=torch.bool).tril()
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(t, h, dim, generator=generator, requires_grad=True) for h in (heads, kv_heads, kv_heads))
+    grad_out = torch.randn(t, heads, dim, generator=generator)
+
+    out = varlen_attention(q, k, v, cu_seqlens, max(lengths), "sdpa")
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    expected = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                              attn_mask=mask, enable_gqa=kv_heads != heads).transpose(0, 1)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad_out)
+    torch.testing.assert_close(out, expected, **TOL)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, **TOL)
