@@ -151,6 +151,16 @@ def original_compute_loss(model, group: PaddedGroup, args: AlignmentArgs) -> tor
     return original_alignment_loss(shift_logits, shift_labels, group.scores, args)
 
 
+def fp32_load_kwargs() -> dict[str, Any]:
+    """fp32 master weights whatever the checkpoint's dtype; transformers 4.56 renamed `torch_dtype`
+    to `dtype` (a lent GPU machine's image may have either)."""
+    import transformers
+    from packaging.version import Version
+
+    name = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    return {name: torch.float32}
+
+
 def autocast_context(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -173,8 +183,8 @@ class BaselineTrainer:
             torch.backends.cuda.matmul.allow_tf32 = True  # --tf32 True
             torch.backends.cudnn.allow_tf32 = True
         torch.autograd.set_detect_anomaly(detect_anomaly)
-        self.model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32,
-                                                      attn_implementation="sdpa").to(self.device)
+        self.model = LlamaForCausalLM.from_pretrained(str(model_dir), attn_implementation="sdpa",
+                                                      **fp32_load_kwargs()).to(self.device)
         self.model.train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=learning_rate, weight_decay=weight_decay)
 
