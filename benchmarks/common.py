@@ -37,21 +37,6 @@ from typing import Any, Callable, Iterable, Sequence
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 
-# Peak dense bf16 tensor-core throughput per GPU (TFLOP/s, without sparsity), from the vendors'
-# data sheets. Matched against torch.cuda.get_device_name() in order: the first key contained in
-# the name wins, so the more specific names come first.
-PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H200", 989.0),
-    ("H100", 989.0),  # SXM
-    ("A100", 312.0),
-    ("L40S", 362.0),
-    ("L4", 121.0),
-    ("A10G", 70.0),
-)
-
-
 # ----------------------------------------------------------------------------- dates and names
 
 
@@ -328,6 +313,11 @@ def fmt_bytes(n: float | None) -> str:
 
 
 def peak_bf16_tflops(device_name: str) -> float | None:
+    """Peak dense bf16 tensor-core TFLOP/s of a GPU (without sparsity; vendor data sheets: H100 SXM
+    989, H100 PCIe 756, H200 989, A100 312, ...), matched by name; None when unknown. The table is
+    the trainer's (`fastalign.train.PEAK_BF16_TFLOPS`), so its logged MFU and the benchmarks' agree."""
+    from fastalign.train import PEAK_BF16_TFLOPS
+
     for key, tflops in PEAK_BF16_TFLOPS:
         if key.lower() in device_name.lower():
             return tflops

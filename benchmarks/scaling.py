@@ -36,7 +36,8 @@ from typing import Any, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
-    CPU_MEMORY_ENV, RESULTS_DIR, TRAIN_PRESETS, PeakMemory, fmt_bytes, format_table, machine_summary, result_header, results_path,
+    CPU_MEMORY_ENV, RESULTS_DIR, TRAIN_PRESETS, PeakMemory, fmt_bytes, format_table, machine_summary, peak_bf16_tflops,
+    result_header, results_path,
     summarize_times, write_json)
 
 WORLD_SIZES = (1, 2)
@@ -52,7 +53,6 @@ ORIGINAL_RUN = {
     "model_max_length": 480,
     "records_full_v1_set": 93_800,  # Stable-Alignment README: sandbox_v1 full set (the released file samples it)
 }
-A100_PEAK_BF16 = 312e12
 
 
 # ----------------------------------------------------------------------------- rank worker
@@ -166,12 +166,13 @@ def latest_ratio() -> dict[str, Any] | None:
 def estimate(tokens_per_sequence: float) -> dict[str, Any]:
     """The arithmetic of part 2, as numbers and as the lines that print it."""
     o = ORIGINAL_RUN
+    a100_peak = peak_bf16_tflops("A100") * 1e12
     seconds = o["hours"] * 3600
     sequences = o["records_full_v1_set"] * o["num_comp"] * o["epochs"]
     tokens = sequences * tokens_per_sequence
     flops_per_token = 6 * o["params"]  # attention adds ~2% at these lengths; left out of this rough check
     flops = tokens * flops_per_token
-    implied_mfu = flops / (seconds * 8 * A100_PEAK_BF16)
+    implied_mfu = flops / (seconds * 8 * a100_peak)
     lines = [
         f"original: {o['epochs']} epochs, {o['hours']:.0f} h on {o['hardware']}",
         f"tokens (upper bound, the full v1 set): {o['records_full_v1_set']:,} records x {o['num_comp']} candidates x "
@@ -195,7 +196,7 @@ def estimate(tokens_per_sequence: float) -> dict[str, Any]:
                      + ("  [CPU ratio: a weak proxy for 8xA100; rerun after `make gpu-check`]"
                         if ratio["preset"].startswith("cpu") else ""))
     for mfu_assumed in (0.35, 0.45):
-        hours = flops / (8 * A100_PEAK_BF16 * mfu_assumed) / 3600
+        hours = flops / (8 * a100_peak * mfu_assumed) / 3600
         result[f"fastalign_hours_at_mfu_{mfu_assumed}"] = hours
         lines.append(f"fastalign at {100 * mfu_assumed:.0f}% MFU on 8xA100 (FLOPs bound, full set): "
                      f"{flops:.3g} / (8 x 312e12 x {mfu_assumed}) = {hours:.2f} h")

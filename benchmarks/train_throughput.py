@@ -32,7 +32,7 @@ counted, divided by the step's time; total over measured steps; also the median 
 ratios and, on CPU, the ratio of process CPU seconds, both robust to other load on a shared
 machine), median step time, peak memory,
 MFU on CUDA (fastalign.model.LlamaConfig.flops_per_token on real tokens over the peak dense bf16
-FLOP/s in benchmarks.common.PEAK_BF16_TFLOPS), and the ratios fastalign / baseline.
+FLOP/s in fastalign.train.PEAK_BF16_TFLOPS), and the ratios fastalign / baseline.
 A benchmark never asserts a time. JSON goes to benchmarks/results/train_throughput-<date>-<device>-
 <preset>.json (and a PNG with --plot).
 """
@@ -281,7 +281,7 @@ def run(preset: TrainPreset, *, data_path: Path, model_dir: Path | None, device:
             "memory": "peak over the measured steps: CUDA max_memory_allocated; CPU VmHWM minus the RSS after "
                       "imports and data preparation (see memory_method per side)",
             "mfu": "fastalign.model.LlamaConfig.flops_per_token on real tokens / step time / peak bf16 FLOP/s "
-                   "(benchmarks.common.PEAK_BF16_TFLOPS); CPU: none",
+                   "(fastalign.train.PEAK_BF16_TFLOPS); CPU: none",
         },
         "real_tokens_per_step": real_tokens[warmup:],
         "model_flops_measured": flops,
