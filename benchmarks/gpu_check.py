@@ -71,7 +71,7 @@ def stages(python: str, out_dir: Path) -> list[Stage]:
         Stage("loss_head", [python, str(bench / "loss_head.py"), "--preset", "gpu"], max_s=120, min_s=30,
               writes_results=True),
         Stage("train_gpu-1b", [python, str(bench / "train_throughput.py"), "--preset", "gpu-1b", "--plot"],
-              max_s=220, min_s=90, writes_results=True),
+              max_s=220, min_s=90, writes_results=True, min_gpu_gib=44),  # 2 processes x ~20 GiB
         Stage("train_gpu-7b-layers", [python, str(bench / "train_throughput.py"), "--preset", "gpu-7b-layers",
                                       "--plot"], max_s=200, min_s=100, writes_results=True,
               min_gpu_gib=60),  # two processes, each ~17 GiB of fp32 weights, grads and AdamW + activations
