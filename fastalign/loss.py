@@ -22,6 +22,29 @@ logsumexp + target logit per token), the backward recomputes each slice and turn
 two gradient GEMMs. Positions with target -100 are dropped before any GEMM; in the backward,
 responses whose gradient weight is exactly zero (inactive penalty) are dropped as well.
 
+num_groups (keyword, optional): G when the caller knows it (a packed batch: its number of groups,
+fillers included); it is checked against group_index like everything else, never trusted.
+
+Host syncs (each one, on CUDA, stalls the CPU until the device has caught up, so it cannot queue
+the next kernels): validation costs exactly one device->host read per call. Every check (finite
+scores, group_index >= 0, targets in [0, V) or -100, response_index in [0, S) where there is a
+target, >= 1 target token per response, groups 0..G-1 all non-empty and, when given, consistent
+with num_groups) is a flag in one small int64 tensor read together with the two sizes the plan
+needs (N = target tokens, and G when num_groups is not given); only when a flag is set are the
+detailed messages worked out (extra reads are fine on the way to an error). The syncs left are
+inherent to the algorithm (data-dependent shapes), each once per call, never per vocabulary slice:
+  - that read itself: N, the number of positions that carry a target (the -100 positions are
+    compacted away before any GEMM, so the head's GEMMs are [N, H] x [H, C]);
+  - kernels/group_math.build_group_layout: K, the largest group (the [G, K] group table), read with
+    `int(sizes.max())`, plus `torch.bincount` (which reads max/min on CUDA);
+  - kernels/group_math.group_math (the twin's group step, not the Triton path's): boolean-mask
+    indexing when it scatters d loss / d nll back to responses (a nonzero each);
+  - backward: `nonzero(token_weight != 0)`, the tokens of responses with a non-zero gradient
+    weight (with an inactive penalty only the best response of a group gets a gradient, so this
+    skips up to (k-1)/k of the backward GEMM work).
+The heads stream the vocabulary without any host read (the twin marks each slice's target with a
+scatter, not boolean indexing).
+
 backend: "triton" (kernels/alignment_head.py; on CPU only under TRITON_INTERPRET=1),
 "torch" (kernels/alignment_head_torch.py, torch ops only) or "auto" (Triton on CUDA, else torch;
 also torch on CUDA when triton cannot be imported).
@@ -29,6 +52,7 @@ also torch on CUDA when triton cannot be imported).
 
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import dataclass
 from types import ModuleType
@@ -70,23 +94,24 @@ def stable_alignment_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
                           response_index: torch.Tensor, scores: torch.Tensor,
                           group_index: torch.Tensor, rating_scale: float = 7.0,
                           margin: float = 1.0, ratio: float = 0.2, max_flow: bool = False,
-                          margin_mode: str = "paper", backend: str = "auto") -> AlignmentLossOutput:
+                          margin_mode: str = "paper", backend: str = "auto", *,
+                          num_groups: int | None = None) -> AlignmentLossOutput:
     """Stable Alignment loss of one packed micro-batch; see the module docstring."""
     opts = GroupOptions(rating_scale=float(rating_scale), margin=float(margin),
                         ratio=float(ratio), max_flow=bool(max_flow), margin_mode=margin_mode)
     _check_options(opts, backend)
     _check_shapes(hidden, weight, targets, response_index, scores, group_index)
+    if num_groups is not None:
+        if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral) \
+                or num_groups < 1:
+            raise LossInputError(f"num_groups must be a positive int (the number of groups in "
+                                 f"group_index) or None, got {num_groups!r}")
+        num_groups = int(num_groups)
     impl = _resolve_backend(backend, hidden.device)
     if hidden.dtype != weight.dtype:  # e.g. an fp32 final norm before a bf16 lm_head
         hidden = hidden.to(weight.dtype)  # the GEMMs run in the lm_head's dtype, as in nn.Linear
-    plan = _plan_tokens(targets, response_index, group_index, vocab=weight.shape[0],
-                        num_responses=scores.shape[0])
-    num_groups = int(group_index.max()) + 1
-    sizes = torch.bincount(group_index, minlength=num_groups)
-    if bool((sizes == 0).any()):
-        empty = int(torch.nonzero(sizes == 0)[0])
-        raise LossInputError(f"group_index: group {empty} has no responses (groups must be "
-                             f"numbered 0..G-1 without gaps; G = {num_groups})")
+    plan, num_groups = _plan_tokens(targets, response_index, scores, group_index,
+                                    vocab=weight.shape[0], num_groups=num_groups)
     layout = build_group_layout(group_index, num_groups)
     loss, nll, penalty, best = _AlignmentHead.apply(hidden, weight, scores, plan, layout, opts,
                                                     impl)
@@ -204,41 +229,99 @@ def _check_shapes(hidden, weight, targets, response_index, scores, group_index) 
             raise LossInputError(f"{name} must be an integer tensor, got {tensor.dtype}")
     if num_responses == 0:
         raise LossInputError("scores is empty: a batch needs at least one response")
-    if not bool(torch.isfinite(scores.float()).all()):
-        bad = int(torch.nonzero(~torch.isfinite(scores.float()))[0])
+
+
+# Flags of the one validation read, in the order their errors are reported.
+_FLAGS = ("scores_not_finite", "group_negative", "target_out_of_range", "response_out_of_range",
+          "response_without_targets", "group_numbering")
+
+
+def _plan_tokens(targets, response_index, scores, group_index, *, vocab: int,
+                 num_groups: int | None) -> tuple[_TokenPlan, int]:
+    """Checks the index tensors and compacts the target positions with one device->host read.
+
+    Returns the plan and G (num_groups, or max(group_index) + 1 when not given).
+    """
+    device = targets.device
+    num_responses = scores.shape[0]
+    targets, response_index, groups = targets.long(), response_index.long(), group_index.long()
+    has_target = targets != IGNORE_INDEX  # [T]
+    bad_target = has_target & ((targets < 0) | (targets >= vocab))
+    bad_response = has_target & ((response_index < 0) | (response_index >= num_responses))
+    # Target tokens per response; positions without a (valid) response go to an overflow bin S.
+    bins = torch.where(has_target & ~bad_response, response_index, num_responses)
+    counts = torch.zeros(num_responses + 1, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, bins, torch.ones_like(bins))
+    response_tokens = counts[:num_responses]  # [S]
+    # Responses per group. Without num_groups, G <= S when no group is empty (S responses fill
+    # at most S groups), so S bins (+ overflow) suffice; negatives are flagged on their own.
+    group_bins = num_responses if num_groups is None else num_groups
+    sizes = torch.zeros(group_bins + 1, dtype=torch.int64, device=device)
+    sizes.scatter_add_(0, groups.clamp(0, group_bins), torch.ones_like(groups))
+    largest = groups.max()
+    if num_groups is None:  # 0..largest all present <=> largest + 1 distinct values below S
+        bad_numbering = (largest >= num_responses) | ((sizes[:-1] > 0).sum() != largest + 1)
+    else:
+        bad_numbering = (largest + 1 != num_groups) | (sizes[:-1] == 0).any()
+    flags = (~torch.isfinite(scores.float()).all(), (groups < 0).any(), bad_target.any(),
+             bad_response.any(), (response_tokens == 0).any(), bad_numbering)
+    read = torch.stack([flag.long() for flag in flags]
+                       + [has_target.sum(), largest]).tolist()  # the one host read
+    if any(read[:len(_FLAGS)]):
+        _raise_input_error(dict(zip(_FLAGS, read)), targets, response_index, scores, groups,
+                           vocab=vocab, num_groups=num_groups)
+    num_target_tokens, largest_group = read[len(_FLAGS):]
+    if num_groups is None:
+        num_groups = largest_group + 1
+
+    # Target positions sorted by response, in position order inside one (stable sort; the -100
+    # positions get key S and sort last): no nonzero, as N is already known.
+    key = torch.where(has_target, response_index, num_responses)
+    position = torch.argsort(key, stable=True)[:num_target_tokens]  # [N]
+    ptr = torch.zeros(num_responses + 1, dtype=torch.int64, device=device)
+    torch.cumsum(response_tokens, 0, out=ptr[1:])
+    plan = _TokenPlan(position=position, target=targets[position],
+                      response=response_index[position], response_ptr=ptr,
+                      response_tokens=response_tokens)
+    return plan, num_groups
+
+
+def _raise_input_error(flags: dict[str, int], targets, response_index, scores, groups, *,
+                       vocab: int, num_groups: int | None) -> None:
+    """The first problem the flags report, as a LossInputError naming the index and the reason."""
+    num_responses = scores.shape[0]
+
+    def first(mask: torch.Tensor) -> int:
+        return int(torch.nonzero(mask)[0])
+
+    if flags["scores_not_finite"]:
+        bad = first(~torch.isfinite(scores.float()))
         raise LossInputError(f"scores[{bad}] = {scores[bad].item()} is not a finite number")
-    if int(group_index.min()) < 0:
-        bad = int(torch.nonzero(group_index < 0)[0])
-        raise LossInputError(f"group_index[{bad}] = {int(group_index[bad])} is negative")
-
-
-def _plan_tokens(targets, response_index, group_index, *, vocab: int,
-                 num_responses: int) -> _TokenPlan:
-    targets = targets.long()
-    response_index = response_index.long()
+    if flags["group_negative"]:
+        bad = first(groups < 0)
+        raise LossInputError(f"group_index[{bad}] = {int(groups[bad])} is negative")
     has_target = targets != IGNORE_INDEX
-    out_of_range = has_target & ((targets < 0) | (targets >= vocab))
-    if bool(out_of_range.any()):
-        pos = int(torch.nonzero(out_of_range)[0])
+    if flags["target_out_of_range"]:
+        pos = first(has_target & ((targets < 0) | (targets >= vocab)))
         raise LossInputError(f"targets[{pos}] = {int(targets[pos])} is out of range for a vocabulary "
                              f"of {vocab} tokens (valid: 0..{vocab - 1}, or {IGNORE_INDEX} to ignore)")
-    bad_response = has_target & ((response_index < 0) | (response_index >= num_responses))
-    if bool(bad_response.any()):
-        pos = int(torch.nonzero(bad_response)[0])
+    if flags["response_out_of_range"]:
+        pos = first(has_target & ((response_index < 0) | (response_index >= num_responses)))
         raise LossInputError(f"response_index[{pos}] = {int(response_index[pos])} is out of range "
                              f"for {num_responses} responses (len(scores))")
-    position = torch.nonzero(has_target).squeeze(1)
-    order = torch.argsort(response_index[position], stable=True)  # no-op for packed batches
-    position = position[order]
-    response = response_index[position]
-    counts = torch.bincount(response, minlength=num_responses)
-    if bool((counts == 0).any()):
-        empty = int(torch.nonzero(counts == 0)[0])
+    if flags["response_without_targets"]:
+        counts = torch.bincount(response_index[has_target], minlength=num_responses)
+        empty = first(counts == 0)
         raise LossInputError(
-            f"response {empty} (group {int(group_index[empty])}) has no target tokens: every "
+            f"response {empty} (group {int(groups[empty])}) has no target tokens: every "
             f"position with response_index == {empty} has target {IGNORE_INDEX}, so its NLL (a mean "
             "over its tokens) is undefined")
-    ptr = torch.zeros(num_responses + 1, dtype=torch.int64, device=targets.device)
-    torch.cumsum(counts, 0, out=ptr[1:])
-    return _TokenPlan(position=position, target=targets[position], response=response,
-                      response_ptr=ptr, response_tokens=counts)
+    if num_groups is not None and int(groups.max()) >= num_groups:
+        bad = first(groups >= num_groups)
+        raise LossInputError(f"group_index[{bad}] = {int(groups[bad])} is out of range for "
+                             f"num_groups = {num_groups} (groups must be numbered 0..G-1)")
+    if num_groups is None:
+        num_groups = int(groups.max()) + 1
+    empty = first(torch.bincount(groups, minlength=num_groups) == 0)
+    raise LossInputError(f"group_index: group {empty} has no responses (groups must be "
+                         f"numbered 0..G-1 without gaps; G = {num_groups})")

@@ -184,12 +184,13 @@ class AlignmentModel(nn.Module):
                                 max_flow=max_flow, margin_mode=margin_mode, backend=loss_backend)
 
     def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int, targets,
-                response_index, scores, group_index) -> dict[str, torch.Tensor]:
+                response_index, scores, group_index,
+                num_groups: int | None = None) -> dict[str, torch.Tensor]:
         from fastalign.loss import stable_alignment_loss
 
         hidden = self.llama(input_ids, position_ids, cu_seqlens, max_seqlen)  # [T, H]
         out = stable_alignment_loss(hidden, self.llama.lm_head.weight, targets, response_index,
-                                    scores, group_index, **self.loss_kwargs)
+                                    scores, group_index, num_groups=num_groups, **self.loss_kwargs)
         return {"loss": out.loss, "nll": out.nll, "penalty": out.penalty, "best": out.best}
 
 
@@ -198,7 +199,8 @@ PREFIX = "llama."  # AlignmentModel's parameter names = "llama." + the HF names 
 
 def run_batch(model: nn.Module, batch) -> dict[str, torch.Tensor]:
     return model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen,
-                 batch.targets, batch.response_index, batch.scores, batch.group_index)
+                 batch.targets, batch.response_index, batch.scores, batch.group_index,
+                 num_groups=len(batch.record_indices))  # groups it holds: 1 for a filler
 
 
 def uses_fsdp(args, env: fdist.DistEnv, plan: fdist.FsdpPlan) -> bool:

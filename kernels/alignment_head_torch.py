@@ -113,13 +113,15 @@ def head_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     grad_hidden = torch.zeros(num_tokens, hidden_size, device=hidden.device)
     grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
     buffer = torch.empty(num_tokens * min(chunk, vocab), device=hidden.device)
-    rows = torch.arange(num_tokens, device=hidden.device)
     for start, stop in vocab_slices(vocab, chunk):
         w_slice = weight[start:stop].float()  # [C, H]
         probs = torch.mm(h32, w_slice.T, out=slice_view(buffer, num_tokens, stop - start))
         probs.sub_(lse[:, None]).exp_()  # softmax slice, [N, C]
-        hit = (targets >= start) & (targets < stop)
-        probs[rows[hit], targets[hit] - start] -= 1.0  # - onehot
+        # - onehot: -1 at each target in this slice, -0 (a no-op) elsewhere. A scatter rather than
+        # boolean indexing, whose nonzero would be a host sync per slice on CUDA.
+        in_slice = (targets >= start) & (targets < stop)
+        local = (targets - start).clamp(0, stop - start - 1)
+        probs.scatter_add_(1, local[:, None], in_slice.to(probs.dtype).neg_()[:, None])
         if grad_weight.dtype == torch.float32:
             torch.mm(probs.T, weighted_hidden, out=grad_weight[start:stop])
         else:

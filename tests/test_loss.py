@@ -7,11 +7,15 @@ compiled for real on CUDA, plus production-size shapes.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from fastalign import loss as loss_module
 from fastalign.errors import FastalignError
 from fastalign.loss import LossInputError, stable_alignment_loss
 from kernels import alignment_head_torch
@@ -377,11 +381,177 @@ def test_shape_and_dtype_mismatches_are_clear_errors():
     assert issubclass(LossInputError, FastalignError) and issubclass(LossInputError, ValueError)
 
 
+@pytest.mark.parametrize("num_groups", [None, 2])
+@pytest.mark.parametrize("problem,message", [
+    ("nan_score", r"scores\[3\] = nan is not a finite number"),
+    ("negative_group", r"group_index\[1\] = -1 is negative"),
+    ("bad_response", r"response_index\[\d+\] = 4 is out of range for 4 responses"),
+    ("empty_group", r"group 1 has no responses \(groups must be numbered 0..G-1 without gaps; "
+                    r"G = 2\)"),
+])
+def test_each_input_check_names_its_problem(problem, message, num_groups):
+    # every check is one flag of the single validation read; each still gets its own message
+    batch = make_batch([2, 2], 8, 50, seed=19)
+    if problem == "nan_score":
+        batch["scores"][3] = float("nan")
+    elif problem == "negative_group":
+        batch["group_index"][1] = -1
+    elif problem == "bad_response":
+        pos = int((batch["targets"] != -100).nonzero()[-1])
+        batch["response_index"][pos] = 4
+    else:  # group 1 empty: only group 0 is left (G = 2 must be given or implied by a gap)
+        batch["group_index"] = torch.tensor([0, 0, 0, 0]) if num_groups else torch.tensor([0, 0, 2, 2])
+        message = message if num_groups else message.replace("G = 2", "G = 3")
+    with pytest.raises(LossInputError, match=message):
+        _call(batch, num_groups=num_groups)
+
+
+def test_num_groups_is_checked_against_group_index():
+    batch = make_batch([2, 3, 1], 8, 50, seed=20, hard_best=(1,))
+    got = run_fused(batch, "torch")
+    hidden = batch["hidden"].detach().clone().requires_grad_(True)
+    out = stable_alignment_loss(hidden, batch["weight"], batch["targets"], batch["response_index"],
+                                batch["scores"], batch["group_index"], num_groups=3)
+    out.loss.backward()
+    assert torch.equal(out.loss.detach(), got["loss"]) and torch.equal(out.best, got["best"])
+    assert torch.equal(hidden.grad, got["grad_hidden"])
+    with pytest.raises(LossInputError, match=r"group_index\[5\] = 2 is out of range for "
+                                             r"num_groups = 2"):
+        _call(batch, num_groups=2)
+    with pytest.raises(LossInputError, match=r"group 3 has no responses .*G = 4\)"):
+        _call(batch, num_groups=4)
+    for bad in (0, True, 2.0):
+        with pytest.raises(LossInputError, match="num_groups must be a positive int"):
+            _call(batch, num_groups=bad)
+
+
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
     batch = make_batch([2], 8, 50, seed=16)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(LossInputError, match="TRITON_INTERPRET=1"):
         _call(batch, backend="triton")
+
+
+# ----------------------------------------------------------------------------- host syncs
+
+_ATEN = torch.ops.aten
+# Ops that make the host wait for the device on CUDA: scalar reads (.item(), int(), bool()) and
+# ops whose output shape depends on values (bincount reads max/min on CUDA).
+_SYNCING_OPS = {_ATEN._local_scalar_dense.default, _ATEN.nonzero.default, _ATEN.bincount.default,
+                _ATEN.masked_select.default, _ATEN.equal.default, _ATEN.is_nonzero.default,
+                _ATEN.repeat_interleave.Tensor, _ATEN._unique2.default,
+                _ATEN.unique_consecutive.default, _ATEN.unique_dim.default}
+# Indexing ops that run a nonzero when an index is a boolean mask.
+_INDEX_OPS = {_ATEN.index.Tensor, _ATEN.index_put.default, _ATEN.index_put_.default,
+              _ATEN._index_put_impl_.default}
+
+
+class HostSyncCounter(TorchDispatchMode):
+    """Counts what would be a device->host sync on CUDA, on any device (here: CPU, where nothing
+    actually waits): syncing aten ops, boolean-mask indexing, and whole-tensor reads (.tolist(),
+    .cpu(), .numpy(), which dispatch nothing for a CPU tensor, so they are patched in by the
+    `host_syncs` fixture). Anything run under `paused()` is not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.counting = True
+
+    @contextlib.contextmanager
+    def paused(self):
+        self.counting, before = False, self.counting
+        try:
+            yield
+        finally:
+            self.counting = before
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def record(self, name: str) -> None:
+        if self.counting:
+            self.counts[name] += 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in _SYNCING_OPS:
+            self.record(str(func))
+        elif func in _INDEX_OPS and any(
+                isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+                for i in args[1] if i is not None):
+            self.record(f"{func}[boolean mask]")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def host_syncs(monkeypatch):
+    """A HostSyncCounter whose .tolist() / .cpu() / .numpy() reads are counted while it is active."""
+    counter = HostSyncCounter()
+    for name in ("tolist", "cpu", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            if counter in torch.utils._python_dispatch._get_current_dispatch_mode_stack():
+                counter.record(f"Tensor.{_name}")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return counter
+
+
+def _forward_backward_syncs(counter, batch, **kw):
+    """(forward syncs, backward syncs) of one twin call."""
+    hidden = batch["hidden"].detach().clone().requires_grad_(True)
+    weight = batch["weight"].detach().clone().requires_grad_(True)
+    with counter:
+        out = stable_alignment_loss(hidden, weight, batch["targets"], batch["response_index"],
+                                    batch["scores"], batch["group_index"], backend="torch", **kw)
+    forward = dict(counter.counts)
+    counter.counts.clear()
+    with counter:
+        out.loss.backward()
+    backward = dict(counter.counts)
+    counter.counts.clear()
+    return forward, backward
+
+
+@pytest.mark.parametrize("num_groups", [3, None])
+def test_validation_reads_the_device_once(host_syncs, monkeypatch, num_groups):
+    # Everything stable_alignment_loss does itself (checks, token plan, the streamed head) costs
+    # one host read; the group table and the twin's group step (kernels/group_math.py, with
+    # their own inherent reads) are not counted here.
+    for module, name in ((loss_module, "build_group_layout"), (alignment_head_torch, "group_stats")):
+        original = getattr(module, name)
+
+        def paused(*args, _original=original, **kwargs):
+            with host_syncs.paused():
+                return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, paused)
+    batch = make_batch([2, 3, 4], 17, 300, seed=22, hard_best=(1,))
+    forward, _ = _forward_backward_syncs(host_syncs, batch, num_groups=num_groups)
+    assert sum(forward.values()) <= 1, forward
+
+
+def test_syncs_do_not_grow_with_vocabulary_slices(host_syncs, monkeypatch):
+    # forward + backward of the twin, group math included: a fixed number of syncs, the same for
+    # one slice of the vocabulary as for eight; the backward's one is the active-token compaction
+    batch = make_batch([2, 3, 4], 17, 1000, seed=4, hard_best=(1,))
+    one_slice = _forward_backward_syncs(host_syncs, batch, num_groups=3)
+    monkeypatch.setattr(alignment_head_torch, "CPU_CHUNK_BYTES", 1)
+    assert vocab_chunk_size(batch["targets"].numel(), 1000, 17) == 128  # 8 slices
+    eight_slices = _forward_backward_syncs(host_syncs, batch, num_groups=3)
+    assert one_slice == eight_slices
+    assert sum(eight_slices[1].values()) <= 1, eight_slices[1]
+
+
+def test_host_sync_counter_sees_scalar_reads_masks_and_tensor_reads(host_syncs):
+    flags = torch.tensor([0, 3, 0])
+    with host_syncs:
+        bool(flags.any()), flags[flags > 0], flags.tolist(), flags.nonzero()
+    assert host_syncs.total() == 4, host_syncs.counts
+    with host_syncs, host_syncs.paused():
+        int(flags.max())
+    assert host_syncs.total() == 4
 
 
 # ----------------------------------------------------------------------------- chunk rule
