@@ -110,9 +110,9 @@ def stable_alignment_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     impl = _resolve_backend(backend, hidden.device)
     if hidden.dtype != weight.dtype:  # e.g. an fp32 final norm before a bf16 lm_head
         hidden = hidden.to(weight.dtype)  # the GEMMs run in the lm_head's dtype, as in nn.Linear
-    plan, num_groups = _plan_tokens(targets, response_index, scores, group_index,
-                                    vocab=weight.shape[0], num_groups=num_groups)
-    layout = build_group_layout(group_index, num_groups)
+    plan, num_groups, max_group_size = _plan_tokens(targets, response_index, scores, group_index,
+                                                    vocab=weight.shape[0], num_groups=num_groups)
+    layout = build_group_layout(group_index, num_groups, max_group_size)
     loss, nll, penalty, best = _AlignmentHead.apply(hidden, weight, scores, plan, layout, opts,
                                                     impl)
     return AlignmentLossOutput(loss=loss, nll=nll, penalty=penalty, best=best)
@@ -237,10 +237,11 @@ _FLAGS = ("scores_not_finite", "group_negative", "target_out_of_range", "respons
 
 
 def _plan_tokens(targets, response_index, scores, group_index, *, vocab: int,
-                 num_groups: int | None) -> tuple[_TokenPlan, int]:
+                 num_groups: int | None) -> tuple[_TokenPlan, int, int]:
     """Checks the index tensors and compacts the target positions with one device->host read.
 
-    Returns the plan and G (num_groups, or max(group_index) + 1 when not given).
+    Returns the plan, G (num_groups, or max(group_index) + 1 when not given) and K (the largest
+    group's size).
     """
     device = targets.device
     num_responses = scores.shape[0]
@@ -266,11 +267,11 @@ def _plan_tokens(targets, response_index, scores, group_index, *, vocab: int,
     flags = (~torch.isfinite(scores.float()).all(), (groups < 0).any(), bad_target.any(),
              bad_response.any(), (response_tokens == 0).any(), bad_numbering)
     read = torch.stack([flag.long() for flag in flags]
-                       + [has_target.sum(), largest]).tolist()  # the one host read
+                       + [has_target.sum(), largest, sizes[:-1].max()]).tolist()  # one host read
     if any(read[:len(_FLAGS)]):
         _raise_input_error(dict(zip(_FLAGS, read)), targets, response_index, scores, groups,
                            vocab=vocab, num_groups=num_groups)
-    num_target_tokens, largest_group = read[len(_FLAGS):]
+    num_target_tokens, largest_group, max_group_size = read[len(_FLAGS):]
     if num_groups is None:
         num_groups = largest_group + 1
 
@@ -283,7 +284,7 @@ def _plan_tokens(targets, response_index, scores, group_index, *, vocab: int,
     plan = _TokenPlan(position=position, target=targets[position],
                       response=response_index[position], response_ptr=ptr,
                       response_tokens=response_tokens)
-    return plan, num_groups
+    return plan, num_groups, max_group_size
 
 
 def _raise_input_error(flags: dict[str, int], targets, response_index, scores, groups, *,

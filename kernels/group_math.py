@@ -69,12 +69,22 @@ class GroupResult:
     dpenalty_dnll: torch.Tensor  # fp32 [S], d penalty_{group(r)} / d nll_r
 
 
-def build_group_layout(group_index: torch.Tensor, num_groups: int) -> GroupLayout:
-    """Dense [G, K] table of response indices; responses keep their order inside a group."""
+def build_group_layout(group_index: torch.Tensor, num_groups: int,
+                       max_group_size: int | None = None) -> GroupLayout:
+    """Dense [G, K] table of response indices; responses keep their order inside a group.
+
+    max_group_size: K when the caller already has it on the host (fastalign/loss.py reads it
+    with its validation flags); otherwise it is read here (a device->host sync on CUDA).
+    """
     num_responses = group_index.numel()
     device = group_index.device
-    sizes = torch.bincount(group_index, minlength=num_groups)
-    max_size = int(sizes.max()) if num_groups else 0
+    group_index = group_index.long()
+    sizes = torch.zeros(num_groups, dtype=torch.int64, device=device)  # no bincount: it syncs on CUDA
+    sizes.scatter_add_(0, group_index, torch.ones_like(group_index))
+    if max_group_size is not None:
+        max_size = max_group_size
+    else:
+        max_size = int(sizes.max()) if num_groups else 0
     order = torch.argsort(group_index, stable=True)  # responses grouped, original order kept
     starts = torch.cumsum(sizes, 0) - sizes
     position = torch.arange(num_responses, device=device) - starts[group_index[order]]
@@ -128,11 +138,14 @@ def group_math(nll: torch.Tensor, scores: torch.Tensor, layout: GroupLayout,
     dpen = torch.where(others | (is_best & has_others[:, None]), dpen, 0.0)
     dloss = (is_best.float() + opts.ratio * dpen) / max(num_groups, 1)
 
+    # Back to responses: empty slots write to a spare entry S (dropped), so no boolean mask
+    # (its nonzero would be a host sync on CUDA); every real slot holds a distinct response.
     num_responses = nll.numel()
-    dloss_dnll = torch.zeros(num_responses, dtype=torch.float32, device=nll.device)
+    target = torch.where(present, slots, num_responses).view(-1)  # [G*K]
+    dloss_dnll = torch.zeros(num_responses + 1, dtype=torch.float32, device=nll.device)
     dpen_dnll = torch.zeros_like(dloss_dnll)
-    dloss_dnll[slots[present]] = dloss[present]
-    dpen_dnll[slots[present]] = dpen[present]
+    dloss_dnll.scatter_(0, target, dloss.reshape(-1))
+    dpen_dnll.scatter_(0, target, dpen.reshape(-1))
     best = slots.gather(1, best_slot[:, None]).squeeze(1)
     return GroupResult(loss_per_group=nll_best + opts.ratio * penalty, penalty=penalty, best=best,
-                       dloss_dnll=dloss_dnll, dpenalty_dnll=dpen_dnll)
+                       dloss_dnll=dloss_dnll[:num_responses], dpenalty_dnll=dpen_dnll[:num_responses])
