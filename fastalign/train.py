@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     orig.add_argument("--rating_scale", type=positive_float, default=7.0, help="Highest rating; also validates scores (1..rating_scale). Default 7.")
     orig.add_argument("--margin", type=float, default=1.0, help="Margin multiplier m in (s_best - s_j)/rating_scale * m. Default 1.")
     orig.add_argument("--max_flow", default=False, help="Penalty = max over the other responses instead of their mean. Default False.", **BOOLEAN_FLAG)
-    orig.add_argument("--ratio", type=nonneg_float, default=0.2, help="Weight of the penalty term. Default 0.2.")
+    orig.add_argument("--ratio", type=nonneg_float, default=0.5, help="Weight of the penalty term. Default 0.5 (as the original script; its published command passes 0.2).")
     orig.add_argument("--num_comp", type=positive_int, default=3, help="Responses per query used in a step (sampled, seeded, when a record has more). Default 3.")
 
     own = parser.add_argument_group("fastalign flags")

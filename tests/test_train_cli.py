@@ -32,6 +32,13 @@ def test_original_command_line_parses_with_its_meaning():
     assert (args.rating_scale, args.margin, args.ratio, args.num_comp) == (7, 1, 0.2, 3)
 
 
+def test_objective_defaults_are_the_original_scripts():
+    # train_alignment.py's dataclass defaults: a flag left out means what it meant there.
+    args = parse_args(REQUIRED)
+    assert (args.rating_scale, args.margin, args.max_flow, args.ratio) == (7, 1.0, False, 0.5)
+    assert (args.num_comp, args.model_max_length) == (3, 512)
+
+
 def test_every_flag_is_documented_in_help():
     text = build_parser().format_help()
     flags = [a.option_strings[0] for a in build_parser()._actions if a.option_strings and a.help]
