@@ -82,6 +82,7 @@ def rank_main(spec: dict[str, Any]) -> int:
         "--model_max_length", str(spec["model_max_length"]), "--num_comp", str(spec["num_comp"]),
         "--per_device_train_batch_size", str(spec["groups_per_step"] // world), "--gradient_accumulation_steps", "1",
         "--fsdp", "full_shard auto_wrap", "--save_strategy", "no", "--logging_steps", "1000000",
+        "--rating_scale", "7", "--margin", "1", "--ratio", "0.2", "--max_flow", "False",  # the published command
         "--max_steps", "1000000", "--seed", str(spec["seed"])])
     env = fdist.init_distributed()
     trainer = ftrain.Trainer(args, env)

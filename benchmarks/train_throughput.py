@@ -14,7 +14,8 @@ batch_size 1 and gradient_accumulation_steps = the preset's groups per step, as 
   Llama, streaming loss head, fused AdamW on CUDA), with the same groups packed into micro-batches
   of at most `max_tokens_per_batch` tokens (several groups per micro-batch: one of fastalign's
   advantages; the preset states the budget).
-Both use lr 2e-5, weight decay 0, gradient clipping at 1.0, on CPU `--threads` threads per side
+Both use the published command's objective flags (rating_scale 7, margin 1, max_flow False,
+ratio 0.2, passed explicitly to both), lr 2e-5, weight decay 0, gradient clipping at 1.0, on CPU `--threads` threads per side
 (default 1: only one side computes at a time, and on a shared machine multi-threaded timings
 suffer most from other users' load), `margin_mode=seed` (the original's
 margin indexing; speed is the same in either mode), fp32 on CPU, bf16 autocast/mixed precision
@@ -61,6 +62,14 @@ LEARNING_RATE = 2e-5  # the original command's value; the same on both sides
 MARGIN_MODE = "seed"  # the original's margin indexing, so both sides compute the same number
 
 
+def objective():
+    """The objective's flags, one set for both sides: the published command's values
+    (rating_scale 7, margin 1, max_flow False, ratio 0.2) and the seed's margin indexing."""
+    from benchmarks.baseline_original import AlignmentArgs
+
+    return AlignmentArgs(margin_mode=MARGIN_MODE)
+
+
 # ----------------------------------------------------------------------------- the shared steps
 
 
@@ -103,13 +112,13 @@ def fastalign_step(groups_batches: list[Any], max_tokens_per_batch: int):
 
 class BaselineSide:
     def __init__(self, spec: dict[str, Any], device, steps):
-        from benchmarks.baseline_original import AlignmentArgs, BaselineTrainer, pad_group
+        from benchmarks.baseline_original import BaselineTrainer, pad_group
 
         self.device = device
         self.steps = [[pad_group(b) for b in step] for step in steps]
         self.memory = PeakMemory(device).start()
-        self.trainer = BaselineTrainer(spec["model_dir"], device, precision=spec["precision"],
-                                       args=AlignmentArgs(margin_mode=MARGIN_MODE), learning_rate=LEARNING_RATE)
+        self.trainer = BaselineTrainer(spec["model_dir"], device, precision=spec["precision"], args=objective(),
+                                       learning_rate=LEARNING_RATE)
 
     def first_step_loss(self) -> float:
         groups = self.steps[0]
@@ -131,6 +140,7 @@ class FastalignSide:
         from fastalign import train as ftrain
 
         preset = TRAIN_PRESETS[spec["preset"]]
+        goal = objective()
         self.steps = [fastalign_step(step, spec["max_tokens_per_batch"]) for step in steps]
         self.memory = PeakMemory(device).start()
         self.ftrain = ftrain
@@ -140,7 +150,9 @@ class FastalignSide:
             "--learning_rate", str(LEARNING_RATE), "--weight_decay", "0", "--max_grad_norm", "1.0",
             "--model_max_length", str(preset.model_max_length), "--num_comp", str(preset.num_comp),
             "--max_tokens_per_batch", str(spec["max_tokens_per_batch"]), "--fsdp", "full_shard auto_wrap",
-            "--margin_mode", MARGIN_MODE, "--save_strategy", "no", "--logging_steps", "1000000",
+            "--rating_scale", str(goal.rating_scale), "--margin", str(goal.margin), "--ratio", str(goal.ratio),
+            "--max_flow", str(goal.max_flow), "--margin_mode", goal.margin_mode,
+            "--save_strategy", "no", "--logging_steps", "1000000",
             "--max_steps", "1000000", "--seed", str(spec["seed"])])
         self.env = fdist.init_distributed()
         if self.env.device.type != torch.device(device).type:
