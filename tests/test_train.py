@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -35,11 +36,23 @@ def tiny(tmp_path_factory):
     return model, data
 
 
-def run_train(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_train(args: list[str], nproc: int = 1, timeout: int = 300,
+              rendezvous: bool = False) -> subprocess.CompletedProcess:
+    """`python -m fastalign.train`, or torchrun with `nproc` processes: `--standalone`, or with
+    `rendezvous` the multi-node flags of the README (c10d rendezvous, one node here)."""
     if nproc == 1:
         cmd = [sys.executable, "-m", "fastalign.train", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+        launch = (["--nnodes=1", "--node_rank=0", "--rdzv_backend=c10d",
+                   f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--rdzv_id=fastalign-test"]
+                  if rendezvous else ["--standalone"])
+        cmd = [sys.executable, "-m", "torch.distributed.run", *launch,
                f"--nproc_per_node={nproc}", "-m", "fastalign.train", *args]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
@@ -143,7 +156,8 @@ def test_resume_after_step_3_equals_uninterrupted_run(tiny, tmp_path):
 
 
 def test_original_command_line_under_torchrun_loads_in_transformers(tiny, tmp_path):
-    """The README's train_alignment.py flags, tiny sizes, 2 processes; output is an HF model."""
+    """The README's train_alignment.py flags, tiny sizes, 2 processes launched with the
+    multi-node rendezvous flags (c10d, one node); output is an HF model."""
     model, data = tiny
     out = tmp_path / "out"
     args = [
@@ -157,7 +171,7 @@ def test_original_command_line_under_torchrun_loads_in_transformers(tiny, tmp_pa
         "--tf32", "True", "--model_max_length", "96", "--rating_scale", "7", "--margin", "1",
         "--max_flow", "False", "--ratio", "0.2", "--num_comp", "3",
     ]
-    result = ok(run_train(args, nproc=2, timeout=400))
+    result = ok(run_train(args, nproc=2, timeout=400, rendezvous=True))
     assert "world size 2" in result.stderr and "bf16" in result.stderr
     # 40 groups / (2 ranks x 8) = 3 steps per epoch, 2 epochs; checkpoints at 2, 4, 6 with a
     # limit of 1: only the newest is left.
