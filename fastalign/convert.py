@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from fastalign.cli import run_main
+from fastalign.cli import BOOLEAN_FLAG, run_main
 from fastalign.errors import ConfigError, DataError
 from fastalign.jsonio import (
     FILE_SUFFIXES,
@@ -330,9 +330,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, type=Path, help="Sandbox file to write (same extensions)")
     parser.add_argument("--chosen_score", type=float, default=None, help="hh-rlhf/pairs: rating of chosen (7)")
     parser.add_argument("--rejected_score", type=float, default=None, help="hh-rlhf/pairs: rating of rejected (1)")
-    parser.add_argument("--no_template", action="store_true", help="keep the raw prompt as the query")
+    parser.add_argument("--no_template", default=False, help="keep the raw prompt as the query", **BOOLEAN_FLAG)
     parser.add_argument("--rating_scale", type=float, default=7.0, help="scores must lie in [1, this] (7)")
-    parser.add_argument("--skip_invalid", action="store_true", help="drop invalid records and report them")
+    parser.add_argument("--skip_invalid", default=False, help="drop invalid records and report them", **BOOLEAN_FLAG)
     return parser.parse_args(argv)
 
 

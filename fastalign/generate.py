@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_new_tokens", type=int, default=128, help="Most tokens generated per prompt. Default 128.")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample.")
     p.add_argument("--top_p", type=float, default=1.0, help="Nucleus sampling mass when sampling. Default 1.")
-    p.add_argument("--no_template", action="store_true", help="Send prompts as they are, without the Alpaca template.")
+    p.add_argument("--no_template", default=False, help="Send prompts as they are, without the Alpaca template.", **BOOLEAN_FLAG)
     p.add_argument("--seed", type=int, default=0, help="Sampling seed. Default 0.")
     p.add_argument("--bf16", default=False, help="Run the model in bfloat16. Default False.", **BOOLEAN_FLAG)
     return p
