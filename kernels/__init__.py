@@ -4,7 +4,9 @@
 - alignment_head_torch.py  its PyTorch twin, and the vocabulary-slice rule both use
 - group_math.py            per-group best / margins / penalty / gradient weights (PyTorch; the
                            reference of the Triton group kernel)
-fastalign/loss.py drives them (validation, autograd, backend choice).
+fastalign/loss.py drives them (validation, autograd, backend choice). On CPU the Triton kernels
+run under TRITON_INTERPRET=1, which compiles nothing; tests/test_kernels_compile.py compiles them
+for sm_80 and sm_90 with Triton's own compiler and ptxas, no GPU needed.
 
 This top-level package is named `kernels`; transformers probes an optional hub package of the same
 import name. Our distribution is `fastalign` (version < 0.18), so transformers' check

@@ -18,7 +18,9 @@ buffer, so no [N, V] tensor ever exists:
   Tokens whose weight is zero never reach this path (loss.py compacts them away).
 
 Deterministic: every reduction has a fixed order (no atomics); GEMM shapes depend only on inputs.
-Importing needs triton but no GPU: on CPU the kernels run under TRITON_INTERPRET=1 (tests).
+Importing needs triton but no GPU: on CPU the kernels run under TRITON_INTERPRET=1 (tests), and
+tests/test_kernels_compile.py compiles each of them to sm_80 / sm_90 cubins with the constexprs of
+the `*_config` functions below (which the drivers pass), checking registers and spills.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ LSE_BLOCK_COLS = 1024
 GRAD_BLOCK_ROWS = 16  # grad kernel: a 2-D grid of [rows, cols] tiles
 GRAD_BLOCK_COLS = 512
 RESPONSE_BLOCK = 256
+NUM_WARPS = 4  # every kernel; Triton's default, stated so the compile test builds the same thing
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -95,11 +98,9 @@ def _group_kernel(slot_ptr, max_size, nll_ptr, score_ptr, loss_ptr, penalty_ptr,
     is_best = col == best_slot
     nll_best = tl.sum(tl.where(is_best, nll, 0.0), 0)
     if SEED_MARGINS:
-        # ref[p] = p-th largest score: rank every slot (descending, stable), then pick rank p.
-        ahead = (score[None, :] > score[:, None]) | (
-            (score[None, :] == score[:, None]) & (col[None, :] < col[:, None]))
-        rank = tl.sum(ahead.to(tl.int32), 1)  # [K]: rank of slot i
-        ref = tl.sum(tl.where(rank[None, :] == col[:, None], score[None, :], 0.0), 1)
+        # ref[p] = p-th largest score (absent slots, -inf, sort last). A bitonic sort keeps the
+        # program O(K) in registers; ranking by a [K, K] comparison spilled from K = 256 on.
+        ref = tl.sort(score, 0, descending=True)
     else:
         ref = score
     margins = (s_best - ref) / rating_scale * margin
@@ -149,6 +150,30 @@ def _softmax_grad_slice_kernel(logits_ptr, stride_row, n_rows, n_cols, lse_ptr, 
     tl.store(ptrs, dz.to(logits_ptr.dtype.element_ty), mask=ok)
 
 
+# ----------------------------------------------------------------------------- launch configs
+# Constexprs and launch options of each kernel, as the drivers below pass them;
+# tests/test_kernels_compile.py compiles exactly these for sm_80 / sm_90 with the real compiler.
+
+
+def lse_slice_config() -> dict:
+    return dict(BLOCK_R=ROWS_PER_PROGRAM, BLOCK_C=LSE_BLOCK_COLS, num_warps=NUM_WARPS)
+
+
+def response_mean_config() -> dict:
+    return dict(BLOCK=RESPONSE_BLOCK, num_warps=NUM_WARPS)
+
+
+def group_config(max_group_size: int, opts: GroupOptions) -> dict:
+    return dict(MAX_FLOW=opts.max_flow, SEED_MARGINS=opts.margin_mode == "seed",
+                BLOCK_K=max(triton.next_power_of_2(max_group_size), 2), num_warps=NUM_WARPS)
+
+
+def softmax_grad_slice_config(logits_dtype: torch.dtype) -> dict:
+    return dict(BLOCK_R=GRAD_BLOCK_ROWS, BLOCK_C=GRAD_BLOCK_COLS,
+                ROUND_TO_BF16=_INTERPRETED and logits_dtype == torch.bfloat16,
+                num_warps=NUM_WARPS)
+
+
 # ----------------------------------------------------------------------------- drivers
 
 
@@ -171,8 +196,7 @@ def token_logsumexp(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         logits = torch.mm(hidden, weight[start:stop].T,
                           out=slice_view(buffer, num_tokens, stop - start))  # [N, C]
         _lse_slice_kernel[grid](logits, logits.stride(0), num_tokens, stop - start, targets, start,
-                                run_max, run_sum, target_logit,
-                                BLOCK_R=ROWS_PER_PROGRAM, BLOCK_C=LSE_BLOCK_COLS)
+                                run_max, run_sum, target_logit, **lse_slice_config())
     return run_max + torch.log(run_sum), target_logit
 
 
@@ -181,7 +205,7 @@ def response_mean(token_values: torch.Tensor, response_ptr: torch.Tensor) -> tor
     num_responses = response_ptr.numel() - 1
     out = torch.empty(num_responses, dtype=torch.float32, device=token_values.device)
     _response_mean_kernel[(num_responses,)](token_values.contiguous(), response_ptr, out,
-                                           BLOCK=RESPONSE_BLOCK)
+                                           **response_mean_config())
     return out
 
 
@@ -198,8 +222,7 @@ def group_stats(nll: torch.Tensor, scores: torch.Tensor, layout: GroupLayout,
     _group_kernel[(num_groups,)](
         layout.slot_response.contiguous(), max_size, nll.float().contiguous(),
         scores.float().contiguous(), loss, penalty, best, dloss, dpen, 1.0 / num_groups,
-        opts.rating_scale, opts.margin, opts.ratio, MAX_FLOW=opts.max_flow,
-        SEED_MARGINS=opts.margin_mode == "seed", BLOCK_K=max(triton.next_power_of_2(max_size), 2))
+        opts.rating_scale, opts.margin, opts.ratio, **group_config(max_size, opts))
     return GroupResult(loss_per_group=loss, penalty=penalty, best=best, dloss_dnll=dloss,
                        dpenalty_dnll=dpen)
 
@@ -214,15 +237,13 @@ def head_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
     buffer = torch.empty(num_tokens * min(chunk, vocab), dtype=hidden.dtype, device=hidden.device)
     token_weight = token_weight.float().contiguous()
-    round_by_hand = _INTERPRETED and hidden.dtype == torch.bfloat16
     for start, stop in vocab_slices(vocab, chunk):
         w_slice = weight[start:stop]  # [C, H]
         dz = torch.mm(hidden, w_slice.T, out=slice_view(buffer, num_tokens, stop - start))
         grid = (triton.cdiv(num_tokens, GRAD_BLOCK_ROWS), triton.cdiv(stop - start, GRAD_BLOCK_COLS))
         _softmax_grad_slice_kernel[grid](dz, dz.stride(0), num_tokens, stop - start, lse, targets,
                                          token_weight, start,
-                                         BLOCK_R=GRAD_BLOCK_ROWS, BLOCK_C=GRAD_BLOCK_COLS,
-                                         ROUND_TO_BF16=round_by_hand)
+                                         **softmax_grad_slice_config(hidden.dtype))
         torch.mm(dz.T, hidden, out=grad_weight[start:stop])  # each row block written once
         grad_hidden = _add_product_fp32(grad_hidden, dz, w_slice)
     return grad_hidden, grad_weight
