@@ -569,7 +569,8 @@ def test_chunk_rule_bounds_the_transient():
                 assert chunk < 2 * vocab
                 transient = chunk * (tokens * logit_bytes + hidden * 4)
                 assert transient <= max(budget, 128 * (tokens * logit_bytes + hidden * 4))
-    assert vocab_chunk_size(8192, 32000, 1024, 4) == 4096  # 256 MiB / (8192*4 + 1024*4) = 7281
+    assert vocab_chunk_size(8192, 32000, 1024, 4, device="cuda") == 4096  # 256 MiB / (8192*4 + 1024*4) = 7281
+    assert vocab_chunk_size(8192, 32000, 1024, 4) == 512  # CPU: 32 MiB / (8192*4 + 1024*4) = 910
     assert vocab_chunk_size(47, 123, 31) == 128
 
 
