@@ -10,8 +10,9 @@ batch_size 1 and gradient_accumulation_steps = the preset's groups per step, as 
 
 - baseline: benchmarks/baseline_original.py, one group per padded micro-batch, full logits + HF's
   own loss, per-response cross-entropy loop (the original `train_alignment.py` step);
-- fastalign: the trainer's own step (`fastalign.train.Trainer`: FSDP2 on one rank, packed varlen
-  Llama, streaming loss head, fused AdamW on CUDA), with the same groups packed into micro-batches
+- fastalign: the trainer's own step (`fastalign.train.Trainer`, set up as `python -m fastalign.train`
+  would: the plain module in one fp32 process, FSDP2 under bf16 on CUDA; packed varlen
+  Llama, streaming loss head, fused AdamW), with the same groups packed into micro-batches
   of at most `max_tokens_per_batch` tokens (several groups per micro-batch: one of fastalign's
   advantages; the preset states the budget).
 Both use the published command's objective flags (rating_scale 7, margin 1, max_flow False,
@@ -144,6 +145,8 @@ class FastalignSide:
         self.steps = [fastalign_step(step, spec["max_tokens_per_batch"]) for step in steps]
         self.memory = PeakMemory(device).start()
         self.ftrain = ftrain
+        # The published command's `--fsdp full_shard auto_wrap`; the trainer applies FSDP2 only where
+        # it has something to do (several processes, bf16, offload), as it does for a user.
         args = ftrain.parse_args([
             "--model_name_or_path", spec["model_dir"], "--data_path", spec["data_path"],
             "--output_dir", spec["output_dir"], "--bf16", str(spec["precision"] == "bf16"),
