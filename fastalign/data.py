@@ -41,7 +41,9 @@ first "\\n\\nHuman:" or "\\n\\nAssistant:" turn marker (before tokenizing). Each
   - `dropped_empty_query`: the query has no tokens at all (no text, no BOS), so nothing could
     predict the first response token -> record dropped;
   - `dropped_empty_responses`: a response with zero tokens (empty text and no EOS) is removed from
-    its group; `dropped_no_responses`: a group left without responses -> record dropped.
+    its group (the kept ones carry their index in the record in `TokenizedGroup.response_positions`,
+    so reports still name the record's own responses); `dropped_no_responses`: a group left without
+    responses -> record dropped.
 Every kept group therefore has >= 1 query token and >= 1 response, each with >= 1 token.
 
 Candidates, batches and ranks (`GroupBatcher`)
@@ -50,6 +52,16 @@ Candidates, batches and ranks (`GroupBatcher`)
   drawn uniformly without replacement from a hash of (seed, epoch, record index, response index):
   stable across runs, processes, world sizes and resumption, independent of the other records.
   The chosen responses keep their original order (so "ties: lowest index" keeps its meaning).
+- `seed_compat=True` (for `--margin_mode seed`, which reproduces the original train_alignment.py):
+  the original collator took `random.sample(list(zip(responses, scores)), min(k, num_comp))`, which
+  also puts the candidates in a random order (even when k <= num_comp), then `int()`-truncated the
+  scores (6.5 -> 6); its margin pairs each response with the rating at the same *position* of the
+  sorted ratings, so that order changes the loss. With `seed_compat` each group's candidates are the
+  same ones as without it, but in the order of their hash of (seed, epoch, record index, response
+  index) -- a uniformly random order, so subset + order is distributed as `random.sample`'s draw --
+  and their scores are truncated with `int()`. Like the draw itself, the order depends on nothing
+  else (not the rank, the world size or the resumption point). Without it (the default, paper mode)
+  candidates keep the file order and scores are used as they are.
 - A micro-batch holds whole groups: `batch_size` groups, or, when `max_tokens_per_batch` is set
   (it then takes precedence and `batch_size` is ignored), as many consecutive groups as fit the token
   budget, filled greedily. A single group larger than the budget forms a micro-batch on its own (it
@@ -102,6 +114,7 @@ __all__ = [
     "PackedBatch",
     "pack_groups",
     "candidate_mask",
+    "draw_ranks",
     "select_candidates",
     "GroupBatcher",
     "OptimizerStep",
@@ -284,6 +297,14 @@ class TokenizedGroup:
     query_ids: list[int]  # BOS (if any) + query tokens; never empty
     response_ids: list[list[int]]  # each response (+EOS), len(query_ids) + len(r) <= model_max_length; never empty
     scores: list[float]
+    # [k] index of each kept response in its record's "responses". 0..k-1 (the default, filled in by
+    # __post_init__) unless tokenization dropped an empty response (possible only without EOS):
+    # report these, not positions in response_ids, wherever a response is named to the user.
+    response_positions: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.response_positions is None:
+            self.response_positions = list(range(len(self.response_ids)))
 
 
 STAT_KEYS = (
@@ -441,6 +462,7 @@ def _build_group(record: Record, query_ids: list[int], responses_ids: list[list[
         return None
     kept_ids: list[list[int]] = []
     kept_scores: list[float] = []
+    kept_positions: list[int] = []
     truncated = stopped_count = empty = 0
     for j, response_ids in enumerate(responses_ids):
         full = response_ids + suffix
@@ -454,6 +476,7 @@ def _build_group(record: Record, query_ids: list[int], responses_ids: list[list[
             stopped_count += 1
         kept_ids.append(full)
         kept_scores.append(record.scores[j])
+        kept_positions.append(j)
     stats["dropped_empty_responses"] += empty
     if not kept_ids:
         stats["dropped_no_responses"] += 1
@@ -466,7 +489,8 @@ def _build_group(record: Record, query_ids: list[int], responses_ids: list[list[
     stats["response_tokens"] += response_tokens
     stats["tokens"] += len(query_ids) * len(kept_ids) + response_tokens
     stats["max_sequence_tokens"] = max(stats["max_sequence_tokens"], len(query_ids) + max(len(r) for r in kept_ids))
-    return TokenizedGroup(record_index=record.index, query_ids=query_ids, response_ids=kept_ids, scores=kept_scores)
+    return TokenizedGroup(record_index=record.index, query_ids=query_ids, response_ids=kept_ids, scores=kept_scores,
+                          response_positions=kept_positions)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -591,19 +615,17 @@ def _as_uint64(value: int) -> np.ndarray:
     return np.array([value & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64)
 
 
-def candidate_mask(num_responses: np.ndarray, record_indices: np.ndarray, *, num_comp: int | None,
-                   seed: int, epoch: int) -> np.ndarray:
-    """Which responses each group uses this epoch, as a flat bool mask over all responses.
+def draw_ranks(num_responses: np.ndarray, record_indices: np.ndarray, *, seed: int, epoch: int) -> np.ndarray:
+    """Each response's place in a random order of its group: int64 [sum(k)], in group order.
 
-    num_responses [G] (k of each group), record_indices [G]; returns bool [sum(k)] in group order.
-    A group with k <= num_comp (or num_comp None) keeps all; otherwise exactly num_comp responses,
-    those with the smallest hash of (seed, epoch, record index, response index): a uniform random
-    subset that depends on nothing else (not the rank, the world size or the other records).
+    num_responses [G] (k of each group), record_indices [G]. Group g's entries are a permutation of
+    0..k_g-1: the ranks of the hashes of (seed, epoch, record index, response index), so the order
+    is uniformly random and depends on nothing else (not the rank, the world size or the other
+    records). The first num_comp of that order are the candidates (candidate_mask); with
+    GroupBatcher's seed_compat they are also packed in that order, as `random.sample` returns its draw.
     """
     num_responses = np.asarray(num_responses, dtype=np.int64)
     total = int(num_responses.sum())
-    if num_comp is None or total == 0 or int(num_responses.max()) <= num_comp:
-        return np.ones(total, dtype=bool)
     group_of = np.repeat(np.arange(len(num_responses)), num_responses)            # [R]
     starts = np.zeros(len(num_responses), dtype=np.int64)
     np.cumsum(num_responses[:-1], out=starts[1:])
@@ -615,7 +637,23 @@ def candidate_mask(num_responses: np.ndarray, record_indices: np.ndarray, *, num
     order = np.lexsort((key, group_of))            # by group, then by key within the group
     rank_in_group = np.empty(total, dtype=np.int64)
     rank_in_group[order] = np.arange(total, dtype=np.int64) - starts[group_of[order]]
-    return rank_in_group < num_comp
+    return rank_in_group
+
+
+def candidate_mask(num_responses: np.ndarray, record_indices: np.ndarray, *, num_comp: int | None,
+                   seed: int, epoch: int) -> np.ndarray:
+    """Which responses each group uses this epoch, as a flat bool mask over all responses.
+
+    num_responses [G] (k of each group), record_indices [G]; returns bool [sum(k)] in group order.
+    A group with k <= num_comp (or num_comp None) keeps all; otherwise exactly num_comp responses,
+    the first num_comp of its draw_ranks order: a uniform random subset that depends on nothing
+    else (not the rank, the world size or the other records).
+    """
+    num_responses = np.asarray(num_responses, dtype=np.int64)
+    total = int(num_responses.sum())
+    if num_comp is None or total == 0 or int(num_responses.max()) <= num_comp:
+        return np.ones(total, dtype=bool)
+    return draw_ranks(num_responses, record_indices, seed=seed, epoch=epoch) < num_comp
 
 
 def select_candidates(num_responses: int, record_index: int, *, num_comp: int | None, seed: int,
@@ -642,6 +680,7 @@ class OptimizerStep:
 @dataclass
 class _EpochPlan:
     selected: np.ndarray              # bool [R]: candidate mask over all responses
+    draw_rank: np.ndarray | None      # int64 [R]: draw_ranks, the candidates' order (seed_compat only)
     group_tokens: np.ndarray          # int64 [G]: packed tokens of each group with its candidates
     micro_batches: list[np.ndarray]   # group positions of each micro-batch, in epoch order
     num_steps: int
@@ -654,11 +693,17 @@ class GroupBatcher:
     precedence) as many consecutive groups as fit that many tokens; a group larger than the budget
     goes alone in its micro-batch. See the module docstring for the dealing of micro-batches to
     steps and ranks and for filler batches.
+
+    `seed_compat=True` reproduces the original collator for `--margin_mode seed`: every group's
+    candidates (the same ones as without it) are packed in a random order seeded by (seed, epoch,
+    record index) -- the order `random.sample` put them in, even when k <= num_comp -- and their
+    scores are truncated with int() (6.5 -> 6). Deterministic and independent of rank, world size
+    and resumption like the rest of the plan. Default False: file order, scores as given.
     """
 
     def __init__(self, data: TokenizedData, *, num_comp: int | None, seed: int, batch_size: int | None = 1,
                  max_tokens_per_batch: int | None = None, gradient_accumulation_steps: int = 1,
-                 world_size: int = 1, rank: int = 0, shuffle: bool = True):
+                 world_size: int = 1, rank: int = 0, shuffle: bool = True, seed_compat: bool = False):
         if not data.groups:
             raise DataError("no usable records left after tokenization "
                             f"(tokenization stats: {dict(data.stats)})")
@@ -684,6 +729,7 @@ class GroupBatcher:
         self.world_size = world_size
         self.rank = rank
         self.shuffle = shuffle
+        self.seed_compat = seed_compat
 
         groups = data.groups
         self._num_responses = np.array([len(g.response_ids) for g in groups], dtype=np.int64)     # [G]
@@ -707,8 +753,13 @@ class GroupBatcher:
         if plan is not None:
             return plan
         num_groups = len(self.data.groups)
-        selected = candidate_mask(self._num_responses, self._record_indices, num_comp=self.num_comp,
-                                  seed=self.seed, epoch=epoch)
+        draw_rank = None
+        if self.seed_compat:
+            draw_rank = draw_ranks(self._num_responses, self._record_indices, seed=self.seed, epoch=epoch)
+            selected = np.ones(len(draw_rank), dtype=bool) if self.num_comp is None else draw_rank < self.num_comp
+        else:
+            selected = candidate_mask(self._num_responses, self._record_indices, num_comp=self.num_comp,
+                                      seed=self.seed, epoch=epoch)
         group_tokens = np.bincount(self._group_of_response[selected], weights=self._sequence_tokens[selected],
                                    minlength=num_groups).astype(np.int64)
         if self.shuffle:
@@ -719,8 +770,8 @@ class GroupBatcher:
             micro_batches = [order[i:i + self.batch_size] for i in range(0, num_groups, self.batch_size)]
         else:
             micro_batches = self._fill_token_budget(order, group_tokens)
-        plan = _EpochPlan(selected=selected, group_tokens=group_tokens, micro_batches=micro_batches,
-                          num_steps=-(-len(micro_batches) // self.slots_per_step))
+        plan = _EpochPlan(selected=selected, draw_rank=draw_rank, group_tokens=group_tokens,
+                          micro_batches=micro_batches, num_steps=-(-len(micro_batches) // self.slots_per_step))
         if len(self._plans) >= 2:  # current and next epoch are all a run needs
             self._plans.pop(next(iter(self._plans)))
         self._plans[epoch] = plan
@@ -780,14 +831,23 @@ class GroupBatcher:
                                 global_groups=global_groups)
 
     def _candidates(self, epoch: int, position: int) -> TokenizedGroup:
+        """The group at `position` as packed in `epoch`: its candidates, in order, with their scores."""
         group = self.data.groups[position]
-        selected = self._plan(epoch).selected[self._response_starts[position]:self._response_starts[position + 1]]
-        if selected.all():
+        plan = self._plan(epoch)
+        responses = slice(self._response_starts[position], self._response_starts[position + 1])
+        selected = plan.selected[responses]
+        if self.seed_compat:
+            chosen = np.flatnonzero(selected)
+            chosen = chosen[np.argsort(plan.draw_rank[responses][chosen])].tolist()  # draw order
+            scores = [float(int(group.scores[j])) for j in chosen]                   # the original's int()
+        elif selected.all():
             return group
-        chosen = np.flatnonzero(selected).tolist()
+        else:
+            chosen = np.flatnonzero(selected).tolist()
+            scores = [group.scores[j] for j in chosen]
         return TokenizedGroup(record_index=group.record_index, query_ids=group.query_ids,
-                              response_ids=[group.response_ids[j] for j in chosen],
-                              scores=[group.scores[j] for j in chosen])
+                              response_ids=[group.response_ids[j] for j in chosen], scores=scores,
+                              response_positions=[group.response_positions[j] for j in chosen])
 
     def _pack(self, epoch: int, positions: Iterable[int], num_groups: int | None = None) -> PackedBatch:
         return pack_groups([self._candidates(epoch, int(p)) for p in positions], num_groups=num_groups)

@@ -62,9 +62,8 @@ class RecordResult:
 
     index: int  # the record's position in the data file
     category: str | None
-    # positions in the record's "responses" that were scored (all, or the --num_comp draw); counted
-    # among the responses tokenization kept, which are all of them unless an empty response was
-    # dropped (possible only without EOS, --no_append_eos)
+    # positions in the record's "responses" that were scored (all, or the --num_comp draw), in file
+    # order; a response that tokenized to nothing (empty text with --no_append_eos) is not scored
     response_indices: list[int]
     scores: list[float]
     logliks: list[float]  # mean token log-likelihood of each scored response (nats/token)
@@ -258,9 +257,11 @@ def evaluate_model(
     data = tokenize_records(records, tokenizer, model_max_length=model_max_length,
                             append_eos=append_eos, stop_response=stop_response, progress=progress)
     categories = {r.index: r.category for r in records}
-    # the responses GroupBatcher scores for each record (all, or num_comp drawn as in epoch 0)
-    chosen_responses = {g.record_index: select_candidates(len(g.response_ids), g.record_index,
-                                                          num_comp=num_comp, seed=seed, epoch=0)
+    # the responses GroupBatcher scores for each record (all, or num_comp drawn as in epoch 0), as
+    # indices into the record's own "responses" (tokenization may have dropped empty ones)
+    chosen_responses = {g.record_index: [g.response_positions[j] for j in
+                                         select_candidates(len(g.response_ids), g.record_index,
+                                                           num_comp=num_comp, seed=seed, epoch=0)]
                         for g in data.groups}
     batcher = GroupBatcher(data, num_comp=num_comp, seed=seed, batch_size=8,
                            max_tokens_per_batch=max_tokens_per_batch, world_size=world_size, rank=rank,

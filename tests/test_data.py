@@ -313,7 +313,7 @@ def test_query_and_responses_tokenized_separately_with_bos_and_eos(tmp_path, hf_
     assert group.record_index == 0
     assert group.query_ids == [tok.bos_token_id] + _ids(tok, query)
     assert group.response_ids == [_ids(tok, response) + [tok.eos_token_id], _ids(tok, "dog") + [tok.eos_token_id]]
-    assert group.scores == [2.0, 6.0]
+    assert group.scores == [2.0, 6.0] and group.response_positions == [0, 1]
     assert group.query_ids[1:] + group.response_ids[0][:-1] != _ids(tok, text)  # the boundary is exact
     assert data.stats["groups"] == 1 and data.stats["responses"] == 2 and data.stats["records"] == 1
     assert data.stats["tokens"] == pack_groups(data.groups).num_tokens
@@ -337,6 +337,7 @@ def test_tokenizer_without_bos_or_eos(tmp_path):
     (group,) = data.groups
     assert group.query_ids == _ids(tok, "Hello")
     assert group.response_ids == [_ids(tok, "fox")] and group.scores == [2.0]
+    assert group.response_positions == [1]  # "fox" is responses[1] of its record
     assert data.stats["dropped_empty_responses"] == 4
     assert data.stats["dropped_no_responses"] == 1
     assert data.stats["dropped_empty_query"] == 1

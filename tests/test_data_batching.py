@@ -198,6 +198,104 @@ def test_batcher_packs_the_chosen_candidates_tokens():
     assert torch.equal(batch.scores, reference.scores)
 
 
+# ------------------------------------------------------------------------------------ seed_compat
+
+
+def tagged_data(sizes, scores=None):
+    """Group g (record index 5g) has query [1] and k = sizes[g] one-token responses: response j is [10 + j]."""
+    groups = [TokenizedGroup(record_index=5 * g, query_ids=[1], response_ids=[[10 + j] for j in range(k)],
+                             scores=list(scores[g]) if scores else [float(1 + j % 7) for j in range(k)])
+              for g, k in enumerate(sizes)]
+    return TokenizedData(groups=groups, stats={})
+
+
+def packed_draws(data, epoch=0, **options):
+    """{record index: ([response index of each packed sequence, in order], [its score])} over all ranks."""
+    world_size = options.get("world_size", 1)
+    draws = {}
+    for rank in range(world_size):
+        for step in GroupBatcher(data, rank=rank, **options).iter_steps(epoch):
+            for batch in step.micro_batches:
+                if batch.num_groups == 0:
+                    continue
+                last_tokens = batch.input_ids[batch.cu_seqlens[1:].long() - 1]  # [S]: the response token
+                for g, record_index in enumerate(batch.record_indices):
+                    members = batch.group_index == g
+                    draws[record_index] = ((last_tokens[members] - 10).tolist(), batch.scores[members].tolist())
+    return draws
+
+
+def group_sequences(batch, g):
+    """The token sequences (query + response) of group g of a packed batch, in packed order."""
+    bounds = batch.cu_seqlens.tolist()
+    return [tuple(batch.input_ids[bounds[s]:bounds[s + 1]].tolist())
+            for s in torch.nonzero(batch.group_index == g).flatten().tolist()]
+
+
+def test_seed_compat_packs_the_same_candidates_in_a_random_order():
+    data = make_data(40, max_responses=6, seed=8)
+    for num_comp in (3, None):
+        for epoch in (0, 1):
+            options = dict(num_comp=num_comp, seed=4, batch_size=3)
+            paper = run_epoch(data, epoch=epoch, **options)[0]
+            compat = run_epoch(data, epoch=epoch, seed_compat=True, **options)[0]
+            for paper_step, compat_step in zip(paper, compat):
+                for a, b in zip(paper_step.micro_batches, compat_step.micro_batches):
+                    assert a.record_indices == b.record_indices            # same shuffle and packing
+                    for g in range(len(a.record_indices)):
+                        assert sorted(group_sequences(a, g)) == sorted(group_sequences(b, g))  # the same candidates ...
+    # ... in an order that is a permutation drawn per record and per epoch
+    data = tagged_data([4] * 60)
+    by_epoch = [packed_draws(data, epoch=epoch, num_comp=5, seed=4, batch_size=4, seed_compat=True) for epoch in (0, 1)]
+    for draws in by_epoch:
+        assert all(sorted(order) == [0, 1, 2, 3] for order, _ in draws.values())
+        assert sum(order != [0, 1, 2, 3] for order, _ in draws.values()) > 45       # 23/24 of them expected
+        assert len({tuple(order) for order, _ in draws.values()}) > 12              # records differ
+    assert sum(by_epoch[0][i][0] != by_epoch[1][i][0] for i in by_epoch[0]) > 45    # epochs differ
+    # each response keeps its own score
+    for order, scores in by_epoch[0].values():
+        assert scores == [float(1 + j % 7) for j in order]
+
+
+def test_seed_compat_draw_is_distributed_like_random_sample():
+    """random.sample(k responses, min(k, num_comp)): every ordered draw equally likely."""
+    for k, num_comp, outcomes in [(3, 2, 6), (3, 5, 6)]:   # 3*2 ordered pairs; 3! orders of all three
+        draws = packed_draws(tagged_data([k] * 3000), num_comp=num_comp, seed=2, batch_size=50, seed_compat=True)
+        counts = Counter(tuple(order) for order, _ in draws.values())
+        assert len(counts) == outcomes and all(400 <= c <= 600 for c in counts.values()), counts
+
+
+def test_seed_compat_truncates_scores_like_int():
+    scores = [[6.5, 1.5, 7.0, 3.25]]
+    draws = packed_draws(tagged_data([4], scores), num_comp=None, seed=0, seed_compat=True)
+    ((order, packed),) = draws.values()
+    assert packed == [float(int(scores[0][j])) for j in order]
+    assert sorted(packed) == [1.0, 3.0, 6.0, 7.0]                               # 6.5 -> 6, 1.5 -> 1, 3.25 -> 3
+    ((order, packed),) = packed_draws(tagged_data([4], scores), num_comp=None, seed=0).values()
+    assert order == [0, 1, 2, 3] and packed == scores[0]                        # default: file order, as given
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_seed_compat_order_is_independent_of_world_size_and_accumulation(world_size):
+    data = tagged_data([1 + g % 6 for g in range(23)])
+    options = dict(num_comp=4, seed=9, batch_size=2, seed_compat=True)
+    single = packed_draws(data, epoch=2, **options)
+    assert packed_draws(data, epoch=2, world_size=world_size, gradient_accumulation_steps=2, **options) == single
+    assert packed_draws(data, epoch=2, **{**options, "batch_size": None}, max_tokens_per_batch=9) == single
+    assert len(single) == 23
+
+
+def test_seed_compat_resume_reproduces_the_remaining_steps():
+    data = make_data(30, max_responses=6)
+    options = dict(num_comp=3, seed=1, batch_size=2, gradient_accumulation_steps=2, world_size=2, rank=1,
+                   seed_compat=True)
+    full = list(GroupBatcher(data, **options).iter_steps(epoch=3))
+    for start in (1, len(full) - 1):
+        resumed = list(GroupBatcher(data, **options).iter_steps(epoch=3, start_step=start))  # a fresh process
+        assert [[batch_key(b) for b in s.micro_batches] for s in resumed] == \
+               [[batch_key(b) for b in s.micro_batches] for s in full[start:]]
+
+
 # ------------------------------------------------------------------------------------ sharding
 
 

@@ -137,7 +137,7 @@ import sys
 import torch
 
 from fastalign.cli import run_main
-from fastalign.data import load_records, sample_data_path
+from fastalign.data import Record, load_records, sample_data_path
 from fastalign.evaluate import evaluate_model, main
 from fastalign.model import Llama, load_tokenizer
 from fastalign.tiny import build_tiny_llama, sandbox_texts
@@ -213,6 +213,22 @@ def test_num_comp_scores_a_subset_with_the_same_logliks(tiny_dir, sample_records
         assert len(row["response_indices"]) == 2
         reference = full[row["index"]]
         assert row["logliks"] == pytest.approx([reference["logliks"][i] for i in row["response_indices"]], abs=1e-5)
+
+
+def test_response_indices_name_the_records_responses_when_an_empty_one_is_dropped(tiny_dir):
+    """Without EOS an empty response has no tokens and is not scored: the indices still point into the
+    record's own "responses" (not into the list left after dropping), so they match the scores."""
+    records = [Record(index=0, query="### Instruction:\nSay hi.\n\n### Response:",
+                      responses=["Hello there.", "", "Go away."], scores=[7.0, 4.0, 1.0])]
+    model, tok = Llama.from_pretrained(tiny_dir), load_tokenizer(tiny_dir)
+    report = evaluate_model(model, tok, records, append_eos=False)
+    (row,) = report["records"]
+    assert row["response_indices"] == [0, 2] and row["scores"] == [7.0, 1.0]
+    assert report["tokenization"]["dropped_empty_responses"] == 1
+    # and with a --num_comp draw too: the draw's indices are mapped the same way
+    (row,) = evaluate_model(model, tok, records, append_eos=False, num_comp=1, seed=3)["records"]
+    assert row["response_indices"] in ([0], [2])
+    assert row["scores"] == [records[0].scores[row["response_indices"][0]]]
 
 
 def test_cli_prints_table_and_writes_json(tiny_dir, tmp_path, capsys):
