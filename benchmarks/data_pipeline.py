@@ -2,6 +2,7 @@
 
     python benchmarks/data_pipeline.py                      # 50k records, trained byte-level BPE
     python benchmarks/data_pipeline.py --tokenizer DIR      # a real tokenizer (e.g. a Llama model dir)
+    python benchmarks/data_pipeline.py --records 40 --out_dir /tmp/x   # a few records: the script runs
 
 Writes a synthetic JSONL file (and its .jsonl.gz twin) into a temporary directory, then times
 `load_records` (both files), `tokenize_records`, and one epoch of `GroupBatcher.iter_steps` in the
@@ -88,6 +89,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model_max_length", type=int, default=512)
     parser.add_argument("--max_tokens_per_batch", type=int, default=8192)
     parser.add_argument("--preset", default=None, help="name in the result file (default: <records>rec)")
+    parser.add_argument("--out_dir", "--out-dir", type=pathlib.Path, default=None,
+                        help="where the JSON goes (default benchmarks/results/)")
     args = parser.parse_args(argv)
     preset = args.preset or (f"{args.records // 1000}k" if args.records >= 1000 else f"{args.records}rec")
 
@@ -160,7 +163,7 @@ def main(argv=None) -> int:
         "load_tokenize_pack_seconds": {"wall": total_wall, "cpu": total_cpu},
         "layouts": results,
     }
-    path = write_json(results_path("data_pipeline", preset, "cpu"), payload)
+    path = write_json(results_path("data_pipeline", preset, "cpu", args.out_dir), payload)
     print(f"wrote {path}")
     return 0
 

@@ -12,6 +12,7 @@ transformers' `LlamaForCausalLM.from_pretrained` on the same files is the baseli
 
     python benchmarks/load_memory.py                 # ~310 MB bf16 model (150M parameters)
     python benchmarks/load_memory.py --layers 2      # smaller, quicker
+    python benchmarks/load_memory.py --preset smoke --out_dir /tmp/x   # a toy model: the script runs
 """
 
 from __future__ import annotations
@@ -29,7 +30,25 @@ from benchmarks.common import (  # noqa: E402
 )
 
 TARGET_RATIO = 1.2
-SHARD_BYTES = 100 * 10**6
+
+CASES = [  # (layout, target dtype, loader)
+    ("safetensors", "bfloat16", "fastalign"), ("safetensors", "bfloat16", "transformers"),
+    ("safetensors", "float32", "fastalign"), ("safetensors", "float32", "transformers"),
+    ("sharded", "bfloat16", "fastalign"), ("bin", "bfloat16", "fastalign"),
+]
+
+
+# Model shape (besides --layers), shard size of the sharded layout, and the loads to measure.
+# `smoke` is a toy model that only checks the script runs (each layout and loader once, bf16: every
+# load is a fresh process, seconds of imports each): at its size library allocations dwarf the
+# weights, so its ratios say nothing about the target.
+PRESETS = {
+    "default": dict(model=dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_attention_heads=16,
+                               num_key_value_heads=4), shard_bytes=100 * 10**6, cases=CASES),
+    "smoke": dict(model=dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                             num_key_value_heads=2), shard_bytes=100_000,
+                  cases=[case for case in CASES if case[1] == "bfloat16"]),
+}
 
 
 def _rchar() -> int:
@@ -75,21 +94,20 @@ def serve_loads() -> int:
     return serve({"load": load})
 
 
-def build_checkpoints(root: Path, layers: int) -> tuple[dict[str, Path], int]:
+def build_checkpoints(root: Path, layers: int, preset: dict) -> tuple[dict[str, Path], int]:
     """The same random bf16 weights in three layouts; returns the dirs and the file bytes."""
     import torch
 
     from fastalign.hf_weights import hf_name
     from fastalign.model import Llama, LlamaConfig
 
-    config = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers,
-                         num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096)
+    config = LlamaConfig(**preset["model"], num_hidden_layers=layers, max_position_embeddings=4096)
     model = Llama(config)
     model.init_weights(torch.Generator().manual_seed(0))
     model.to(torch.bfloat16)
     dirs = {"safetensors": root / "single", "sharded": root / "sharded", "bin": root / "bin"}
     model.save_pretrained(dirs["safetensors"])
-    model.save_pretrained(dirs["sharded"], max_shard_size=SHARD_BYTES)
+    model.save_pretrained(dirs["sharded"], max_shard_size=preset["shard_bytes"])
     dirs["bin"].mkdir()
     torch.save({hf_name(k): v for k, v in model.state_dict().items()}, dirs["bin"] / "pytorch_model.bin")
     (dirs["bin"] / "config.json").write_text((dirs["safetensors"] / "config.json").read_text())
@@ -97,26 +115,24 @@ def build_checkpoints(root: Path, layers: int) -> tuple[dict[str, Path], int]:
     return dirs, file_bytes
 
 
-CASES = [  # (layout, target dtype, loader)
-    ("safetensors", "bfloat16", "fastalign"), ("safetensors", "bfloat16", "transformers"),
-    ("safetensors", "float32", "fastalign"), ("safetensors", "float32", "transformers"),
-    ("sharded", "bfloat16", "fastalign"), ("bin", "bfloat16", "fastalign"),
-]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=8, help="decoder layers (8: ~150M parameters)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                        help="model shape: default (hidden 1024, vocab 32000) or smoke (a toy model)")
+    parser.add_argument("--out_dir", "--out-dir", type=Path, default=None,
+                        help="where the JSON goes (default benchmarks/results/)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         return serve_loads()
 
-    header = result_header("load_memory", f"{args.layers}layers", "cpu")
+    preset_name = ("" if args.preset == "default" else f"{args.preset}-") + f"{args.layers}layers"
+    header = result_header("load_memory", preset_name, "cpu")
     rows, results = [], []
     with tempfile.TemporaryDirectory(prefix="fastalign-load-") as tmp:
-        dirs, checkpoint_bytes = build_checkpoints(Path(tmp), args.layers)
-        for layout, dtype, loader in CASES:
+        dirs, checkpoint_bytes = build_checkpoints(Path(tmp), args.layers, PRESETS[args.preset])
+        for layout, dtype, loader in PRESETS[args.preset]["cases"]:
             worker = Worker([str(Path(__file__).resolve()), "--serve"]).start()
             try:
                 r = worker.call("load", loader=loader, path=str(dirs[layout]), dtype=dtype)
@@ -137,7 +153,7 @@ def main() -> int:
                         "after use/model", "read/file", "time"], rows))
     met = all(max(r["ratio"], r["ratio_after_use"]) < TARGET_RATIO for r in results if r["loader"] == "fastalign")
     print(f"target: every fastalign load peaks below {TARGET_RATIO}x the model: {'met' if met else 'MISSED'}")
-    path = write_json(results_path("load_memory", f"{args.layers}layers", "cpu"),
+    path = write_json(results_path("load_memory", preset_name, "cpu", args.out_dir),
                       {**header, "checkpoint_bytes": checkpoint_bytes, "target_ratio": TARGET_RATIO,
                        "target_met": met, "results": results})
     print(f"wrote {path}")

@@ -7,6 +7,7 @@ exactly fastalign's tokens and targets, and both sides compute the same loss on 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -32,6 +33,12 @@ def only_json(directory: Path, prefix: str) -> dict:
     files = sorted(directory.glob(f"{prefix}-*.json"))
     assert len(files) == 1, files
     return json.loads(files[0].read_text())
+
+
+def finite(value, *, positive: bool = False) -> bool:
+    """A number a reader can use: int/float (not bool, not None), finite, and > 0 if asked."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return ok and (value > 0 if positive else value >= 0)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -170,6 +177,68 @@ def test_scaling_runs_one_and_two_processes_on_the_smoke_preset(tmp_path):
     assert two["vs_1_process"]["param_shard_bytes"] == pytest.approx(0.5, abs=0.05)
     assert two["vs_1_process"]["optimizer_state_bytes"] == pytest.approx(0.5, abs=0.05)
     assert result["estimate_8xA100"]["arithmetic"]
+
+
+def test_loss_head_runs_tiny_and_every_method_computes_the_same_loss(tmp_path):
+    proc = run_script("benchmarks/loss_head.py", "--preset", "cpu-small", "--tokens", "256", "--hidden", "64",
+                      "--vocab", "1000", "--repeats", "1", "--out_dir", str(tmp_path), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = only_json(tmp_path, "loss_head")
+    assert result["benchmark"] == "loss_head" and result["machine"]["device"] == "cpu"
+    (case,) = result["cases"]
+    assert (case["case"]["tokens"], case["case"]["hidden"], case["case"]["vocab"]) == (256, 64, 1000)
+    rows = {row["method"]: row for row in case["results"]}
+    assert set(rows) == {"fastalign", "full_logits", "chunked_torch", "torch_linear_ce"}  # cpu-small's methods
+    measured = {name: row for name, row in rows.items() if "skipped" not in row}
+    assert {"fastalign", "full_logits", "chunked_torch"} <= set(measured), rows  # plain torch: always here
+    for name, row in measured.items():
+        assert finite(row["time"]["median_s"], positive=True) and row["time"]["n"] == 1, name
+        assert finite(row["process_cpu_time"]["median_s"]), name
+        assert finite(row["peak_extra_bytes"], positive=True), name  # the gradients alone are > 0
+        assert row["num_target_tokens"] == measured["full_logits"]["num_target_tokens"] > 0
+        assert row["loss"] == pytest.approx(measured["full_logits"]["loss"], rel=1e-4), name
+    for row in rows.values():
+        assert "time" in row or row["skipped"]  # a skipped method says why
+
+
+def test_load_memory_runs_the_smoke_model_for_every_layout_and_loader(tmp_path):
+    proc = run_script("benchmarks/load_memory.py", "--preset", "smoke", "--layers", "1", "--out_dir", str(tmp_path),
+                      timeout=120)
+    result = only_json(tmp_path, "load_memory")
+    # exit status 1 means "target missed"; a toy model misses it (imports' allocations dwarf its weights)
+    assert proc.returncode == (0 if result["target_met"] else 1), proc.stderr[-3000:]
+    assert result["benchmark"] == "load_memory" and result["preset"] == "smoke-1layers"
+    assert {(r["layout"], r["dtype"], r["loader"]) for r in result["results"]} == {
+        ("safetensors", "bfloat16", "fastalign"), ("safetensors", "bfloat16", "transformers"),
+        ("sharded", "bfloat16", "fastalign"), ("bin", "bfloat16", "fastalign")}
+    assert finite(result["checkpoint_bytes"], positive=True)
+    for r in result["results"]:
+        assert r["model_bytes"] == result["checkpoint_bytes"]  # bf16 checkpoint loaded as bf16, every loader
+        assert finite(r["seconds"], positive=True) and finite(r["rchar_bytes"])
+        assert finite(r["peak_bytes"], positive=True) and r["peak_after_use_bytes"] >= r["peak_bytes"]
+        assert r["ratio"] == pytest.approx(r["peak_bytes"] / r["model_bytes"])
+        assert finite(r["ratio_after_use"], positive=True) and finite(r["read_ratio"])
+
+
+def test_data_pipeline_runs_on_a_few_records(tmp_path):
+    proc = run_script("benchmarks/data_pipeline.py", "--records", "40", "--out_dir", str(tmp_path), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = only_json(tmp_path, "data_pipeline")
+    assert result["benchmark"] == "data_pipeline" and result["records"] == 40
+    stats = result["tokenization_stats"]
+    assert stats["records"] == 40 and stats["groups"] > 0 and stats["tokens"] > 0
+    stages = {s["stage"]: s for s in result["stages"]}
+    assert set(stages) == {"load .jsonl", "load .jsonl.gz", "tokenize", "pack epoch: 1 group/micro, accum 8",
+                           "pack epoch: 8192 tokens/micro"}
+    for name, stage in stages.items():
+        assert finite(stage["wall_seconds"]) and finite(stage["cpu_seconds"]), name
+        assert finite(stage["count"], positive=True) and finite(stage["rss_after_bytes"], positive=True), name
+    assert stages["load .jsonl"]["count"] == stages["load .jsonl.gz"]["count"] == 40
+    assert finite(result["load_tokenize_pack_seconds"]["wall"]) and finite(result["load_tokenize_pack_seconds"]["cpu"])
+    one_group = result["layouts"]["pack epoch: 1 group/micro, accum 8"]
+    assert one_group["micro_batches"] == stats["groups"]  # one process: no filler micro-batches
+    budget = result["layouts"]["pack epoch: 8192 tokens/micro"]
+    assert 0 < budget["micro_batches"] < one_group["micro_batches"] and budget["tokens"] > 0
 
 
 def test_gpu_check_without_a_gpu_reports_and_writes_a_summary(tmp_path):
