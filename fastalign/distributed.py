@@ -242,6 +242,17 @@ def move_buffers(model: nn.Module, device: torch.device) -> None:
                 module._buffers[name] = buffer.to(device)
 
 
+def local_shards_nonfinite(model: nn.Module) -> torch.Tensor:
+    """bool scalar: does any of this rank's parameter shards hold a NaN/inf? One fused max-abs
+    reduction (`_foreach_norm` with ord inf: NaN propagates, nothing overflows); the caller
+    all-reduces the flag over ranks. Empty shards (a rank past a small tensor's end) are skipped."""
+    shards = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
+    shards = [t.detach() for t in shards if t.numel()]
+    if not shards:
+        return torch.zeros((), dtype=torch.bool)
+    return ~torch.isfinite(torch.stack(torch._foreach_norm(shards, float("inf")))).all()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -653,7 +653,10 @@ class Trainer:
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_s:.0f}")
 
     def _check_finite(self, nonfinite: torch.Tensor, step: int) -> None:
-        flag = nonfinite.double().view(1).clone()
+        """Before a checkpoint or the export: stop if a logged loss / grad norm was non-finite or
+        if the weights are (an update can overflow after a finite gradient), on any rank."""
+        weights_bad = fdist.local_shards_nonfinite(self.model).to(self.env.device)
+        flag = (nonfinite | weights_bad).double().view(1)
         dist.all_reduce(flag)
         if flag.item():
             self._fail_nonfinite(step)
@@ -661,7 +664,7 @@ class Trainer:
     def _fail_nonfinite(self, step: int) -> None:
         last = ckpt.latest_checkpoint(self.output_dir)
         raise FastalignError(
-            f"the loss or gradient norm became NaN/inf by step {step}; stopped without saving. "
+            f"the loss, gradient norm or weights became NaN/inf by step {step}; stopped without saving. "
             + (f"The last good checkpoint is {last}." if last else "No checkpoint was written.")
             + " Try a lower --learning_rate or check the data and model weights.")
 
@@ -688,7 +691,7 @@ class Trainer:
         log.info("eval at step %d: loss %.4f", step, record["eval_loss"])
 
     def _save(self, step: int, next_position: tuple[int, int], nonfinite: torch.Tensor) -> None:
-        self._check_finite(nonfinite, step)  # never checkpoint NaN weights
+        self._check_finite(nonfinite, step)  # never checkpoint non-finite weights
         state = {"step": step, "epoch": next_position[0], "step_in_epoch": next_position[1],
                  "batch_layout": self._batch_layout(), "args": vars(self.args)}
         path = ckpt.save_checkpoint(self.output_dir, step, self.model, self.optimizer, self.scheduler,

@@ -9,8 +9,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
-from fastalign.distributed import FsdpPlan, canonical_name, parse_fsdp
+from fastalign.distributed import FsdpPlan, canonical_name, local_shards_nonfinite, parse_fsdp
 from fastalign.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,3 +129,15 @@ def test_sharded_load_reads_only_local_rows_on_two_ranks(tmp_path):
         assert asked[1][strategy]["layers.1.weight"] == [2, 4]
     for rank in (0, 1):  # replicated: every rank reads every row
         assert asked[rank]["no_shard"]["embed.weight"] == [0, 5]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_local_shards_nonfinite_finds_one_bad_element(bad):
+    model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
+    assert not local_shards_nonfinite(model)
+    with torch.no_grad():
+        model[0].weight.fill_(3e38)  # huge but finite: a 2-norm would overflow, max-abs does not
+    assert not local_shards_nonfinite(model)
+    with torch.no_grad():
+        model[1].bias[2] = bad
+    assert local_shards_nonfinite(model)

@@ -4,6 +4,7 @@ resume, the original command line under torchrun, HF export, and failures."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -219,4 +220,35 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path):
     assert "NaN" in result.stderr and "Traceback" not in result.stderr
     kept = sorted(p.name for p in out.glob("checkpoint-*"))
     assert kept and all(not name.endswith(".tmp") for name in kept)
+    for name in kept:
+        assert_finite_checkpoint(out / name, tmp_path)
     assert not (out / "model.safetensors").exists()
+
+
+def assert_finite_checkpoint(path: Path, scratch: Path) -> None:
+    """Every model tensor of a DCP checkpoint-<step> directory is finite."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    flat = scratch / f"{path.name}.pt"
+    dcp_to_torch_save(path, flat)
+    weights = torch.load(flat, weights_only=False)["model"]
+    assert weights
+    for name, tensor in weights.items():
+        assert torch.isfinite(tensor).all(), (path.name, name)
+
+
+@pytest.mark.parametrize("save", ["every step", "never"])
+def test_update_that_overflows_the_weights_saves_and_exports_nothing(tiny, tmp_path, save):
+    """A finite loss and gradient, then an update to inf/NaN (learning rate 1e39 overflows fp32):
+    neither checkpoint-1 nor the final model may be written from those weights."""
+    model, data = tiny
+    out = tmp_path / "out"
+    flags = dict(save_strategy="steps", save_steps=1) if save == "every step" else {}
+    result = run_train(common(model, data, out, max_steps=1, per_device_train_batch_size=4,
+                              max_grad_norm=0, learning_rate=1e39, lr_scheduler_type="linear", **flags))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "NaN/inf by step 1" in result.stderr and "No checkpoint was written" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list(out.glob("checkpoint-*")) and not (out / "model.safetensors").exists()
+    assert [m["step"] for m in metrics(out)] == [1]  # the step's own loss and gradient were finite
+    assert all(map(math.isfinite, (metrics(out)[0]["loss"], metrics(out)[0]["grad_norm"])))
