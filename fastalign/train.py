@@ -444,8 +444,8 @@ class Trainer:
 
         self.optimizer = build_optimizer(self.model, args)
         warmup = warmup_steps_for(args, self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda_for(args.lr_scheduler_type, warmup, self.total_steps))
+        self.lr_lambda = lr_lambda_for(args.lr_scheduler_type, warmup, self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_lambda)
 
         log.info(
             "world size %d (%s on %s), fsdp %s%s, %s parameters, dtype: fp32 master weights, %s "
@@ -471,6 +471,14 @@ class Trainer:
             self._check_resumable(ckpt.read_trainer_state(resume))
             state = ckpt.load_checkpoint(resume, self.model, self.optimizer, self.scheduler)
             self.position = (state["step"], state["epoch"], state["step_in_epoch"])
+            if state.get("total_steps") != self.total_steps:
+                log.warning("resuming a run planned for %s steps as a run of %d steps: the LR "
+                            "schedule from step %d on is computed for the new total",
+                            state.get("total_steps"), self.total_steps, state["step"])
+            # The LR is a closed form of the step: recompute it for this run's total (the loaded
+            # optimizer and scheduler carry the checkpoint's, computed for its own total).
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_lambda,
+                                                               last_epoch=state["step"] - 1)
             log.info("resumed from %s at step %d (epoch %d, step %d of the epoch)", resume, *self.position)
         elif args.resume_from_checkpoint is not None:
             log.info("--resume_from_checkpoint %s: no complete checkpoint in %s, starting fresh",
@@ -495,15 +503,15 @@ class Trainer:
         return {"world_size": self.env.world_size, "gradient_accumulation_steps": a.gradient_accumulation_steps,
                 "per_device_train_batch_size": a.per_device_train_batch_size,
                 "max_tokens_per_batch": a.max_tokens_per_batch, "num_comp": a.num_comp, "seed": a.seed,
-                "steps_in_epoch_0": self.batcher.steps_per_epoch(0), "total_steps": self.total_steps}
+                "steps_in_epoch_0": self.batcher.steps_per_epoch(0)}
 
     def _check_resumable(self, state: dict) -> None:
         saved, now = state.get("batch_layout", {}), self._batch_layout()
         differing = [f"{k} (checkpoint {saved.get(k)!r}, now {v!r})" for k, v in now.items() if saved.get(k) != v]
         if differing:
             raise ConfigError("--resume_from_checkpoint: the checkpoint was written with a different "
-                              "batch layout or length, so the run cannot continue with the same "
-                              "batches: " + "; ".join(differing))
+                              "batch layout, so the run cannot continue with the same batches: "
+                              + "; ".join(differing))
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -693,7 +701,8 @@ class Trainer:
     def _save(self, step: int, next_position: tuple[int, int], nonfinite: torch.Tensor) -> None:
         self._check_finite(nonfinite, step)  # never checkpoint non-finite weights
         state = {"step": step, "epoch": next_position[0], "step_in_epoch": next_position[1],
-                 "batch_layout": self._batch_layout(), "args": vars(self.args)}
+                 "total_steps": self.total_steps, "batch_layout": self._batch_layout(),
+                 "args": vars(self.args)}
         path = ckpt.save_checkpoint(self.output_dir, step, self.model, self.optimizer, self.scheduler,
                                     state, save_total_limit=self.args.save_total_limit)
         log.info("saved %s", path)

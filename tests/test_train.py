@@ -252,3 +252,21 @@ def test_update_that_overflows_the_weights_saves_and_exports_nothing(tiny, tmp_p
     assert not list(out.glob("checkpoint-*")) and not (out / "model.safetensors").exists()
     assert [m["step"] for m in metrics(out)] == [1]  # the step's own loss and gradient were finite
     assert all(map(math.isfinite, (metrics(out)[0]["loss"], metrics(out)[0]["grad_norm"])))
+
+
+def test_resume_can_extend_the_run_with_a_larger_max_steps(tiny, tmp_path):
+    """HF lets a resumed run go further; the LR schedule is then the new total's from the
+    checkpoint's step on (linear: 1 - step/6, not the old run's 1 - step/4 = 0)."""
+    model, data = tiny
+    out = tmp_path / "out"
+    flags = dict(per_device_train_batch_size=2, save_strategy="steps", save_steps=4,
+                 lr_scheduler_type="linear")
+    ok(run_train(common(model, data, out, max_steps=4, **flags)))
+    result = ok(run_train(common(model, data, out, max_steps=6, resume_from_checkpoint="auto", **flags)))
+    assert "resumed from" in result.stderr and "checkpoint-4" in result.stderr
+    assert "planned for 4 steps as a run of 6 steps" in result.stderr
+    lines = metrics(out)
+    assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
+    assert lines[4]["lr"] == pytest.approx(1e-3 * (1 - 4 / 6))
+    assert lines[5]["lr"] == pytest.approx(1e-3 * (1 - 5 / 6))
+    assert (out / "model.safetensors").exists()
