@@ -38,6 +38,8 @@ from fastalign.distributed import barrier, broadcast_object
 from fastalign.errors import ConfigError
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# What a save may leave behind under output_dir: complete, unfinished (.tmp) or replaced (.old).
+CHECKPOINT_ANY_RE = re.compile(r"^checkpoint-\d+(\.tmp|\.old)?$")
 STATE_FILE = "trainer_state.json"
 SCHEDULER_FILE = "scheduler.pt"
 TMP_SUFFIX = ".tmp"
@@ -85,6 +87,40 @@ def resolve_resume(value: str | None, output_dir: str | os.PathLike) -> Path | N
             f"(missing {STATE_FILE} or .metadata, or an unfinished .tmp save)"
         )
     return path
+
+
+def prepare_output_dir(output_dir: str | os.PathLike, *, fresh_start: bool, overwrite: bool,
+                       run_files: tuple[str, ...] = ()) -> None:
+    """Create `output_dir` and make sure a fresh run cannot mix with another run's checkpoints.
+
+    Collective (every rank calls it; rank 0 looks at the directory and every rank raises the same
+    error). A fresh start into a directory holding complete checkpoints stops: rotation keeps the
+    highest steps, so it would delete the new run's checkpoints and keep the old ones, and `auto`
+    would later resume the foreign run. With `overwrite` (HF's --overwrite_output_dir) rank 0
+    deletes every checkpoint-* directory (.tmp / .old included) and `run_files` first.
+    """
+    problem = None
+    if dist.get_rank() == 0:
+        root = Path(output_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for path in root.iterdir():
+                if path.is_dir() and CHECKPOINT_ANY_RE.match(path.name):
+                    shutil.rmtree(path)
+            for name in run_files:
+                (root / name).unlink(missing_ok=True)
+        elif fresh_start:
+            found = [p.name for p in list_checkpoints(root)]
+            if found:
+                problem = (
+                    f"--output_dir {root} already holds checkpoints of another run ({', '.join(found)}); "
+                    "a fresh start there would mix the two runs. Continue that run with "
+                    "--resume_from_checkpoint auto, start over with --overwrite_output_dir True "
+                    "(deletes them), or choose another --output_dir"
+                )
+    problem = broadcast_object(problem)  # also the barrier after rank 0's deletions
+    if problem is not None:
+        raise ConfigError(problem)
 
 
 def rotate_checkpoints(output_dir: str | os.PathLike, keep: int | None) -> list[Path]:

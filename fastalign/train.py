@@ -38,6 +38,7 @@ log = logging.getLogger("fastalign.train")
 
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 STRATEGIES = ("no", "steps", "epoch")
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")  # --optim values that mean AdamW (all fastalign runs)
 
 # Dense bf16 peak of common training GPUs (TFLOP/s), for MFU; matched by substring, first wins.
 PEAK_BF16_TFLOPS = (
@@ -83,12 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     orig.add_argument("--logging_steps", type=interval_steps, default=500, help="Optimizer steps between metrics.jsonl lines (< 1: fraction of total). Default 500.")
     orig.add_argument("--fsdp", default="", help="HF FSDP options, e.g. 'full_shard auto_wrap'. full_shard: FSDP2, params re-gathered in backward; shard_grad_op: kept gathered forward->backward; hybrid_shard[_zero2]: shard per node, replicate across nodes; no_shard or empty: replicate; offload: CPU offload; auto_wrap: always on (one FSDP unit per decoder layer). Default empty.")
     orig.add_argument("--fsdp_transformer_layer_cls_to_wrap", default=None, help="Accepted for compatibility: fastalign always wraps each decoder layer (LlamaDecoderLayer) as one FSDP unit.")
-    orig.add_argument("--tf32", default=True, help="Allow TF32 matmuls on CUDA (fp32 parts of the computation). Default True.", **BOOLEAN_FLAG)
+    orig.add_argument("--tf32", default=False, help="Allow TF32 matmuls on CUDA (fp32 parts of the computation). Default False (as HF; the published command passes True).", **BOOLEAN_FLAG)
     orig.add_argument("--model_max_length", type=positive_int, default=512, help="Longest query+response in tokens; responses are cut from the end. Default 512.")
     orig.add_argument("--rating_scale", type=positive_float, default=7.0, help="Highest rating; also validates scores (1..rating_scale). Default 7.")
     orig.add_argument("--margin", type=float, default=1.0, help="Margin multiplier m in (s_best - s_j)/rating_scale * m. Default 1.")
     orig.add_argument("--max_flow", default=False, help="Penalty = max over the other responses instead of their mean. Default False.", **BOOLEAN_FLAG)
     orig.add_argument("--ratio", type=nonneg_float, default=0.5, help="Weight of the penalty term. Default 0.5 (as the original script; its published command passes 0.2).")
+    orig.add_argument("--optim", default="adamw_torch", help=f"HF optimizer name; fastalign always trains with AdamW, so only {' / '.join(OPTIMIZERS)} are accepted. Default adamw_torch.")
+    orig.add_argument("--cache_dir", default=None, help="Accepted for compatibility and ignored: fastalign reads --model_name_or_path from a local directory and caches nothing.")
+    orig.add_argument("--overwrite_output_dir", default=False, help="Delete --output_dir's checkpoint-* directories and metrics.jsonl before a fresh start (as HF). Without it a fresh start into a directory holding checkpoints stops with an error. Default False.", **BOOLEAN_FLAG)
     orig.add_argument("--num_comp", type=positive_int, default=3, help="Responses per query used in a step (sampled, seeded, when a record has more). Default 3.")
 
     own = parser.add_argument_group("fastalign flags")
@@ -122,6 +126,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"argument --warmup_steps: must be >= 0, got {args.warmup_steps}")
     if args.max_steps == 0 or args.max_steps < -1:
         parser.error(f"argument --max_steps: must be > 0 (or -1 to use --num_train_epochs), got {args.max_steps}")
+    if args.optim not in OPTIMIZERS:
+        parser.error(f"argument --optim: fastalign always trains with AdamW; supported values: "
+                     f"{', '.join(OPTIMIZERS)}; got {args.optim!r}")
+    if args.overwrite_output_dir and args.resume_from_checkpoint is not None:
+        parser.error("argument --overwrite_output_dir: True deletes the checkpoints that "
+                     "--resume_from_checkpoint would resume from; give only one of them")
     try:
         fdist.parse_fsdp(args.fsdp)
     except ConfigError as err:
@@ -336,6 +346,9 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
 def _logged_step(line: str) -> int | None:
     try:
         return int(json.loads(line)["step"])
@@ -348,7 +361,7 @@ class MetricsLog:
 
     def __init__(self, output_dir: Path, enabled: bool, report_to: str, resume_step: int | None):
         self.enabled = enabled
-        self.path = output_dir / "metrics.jsonl"
+        self.path = output_dir / METRICS_FILE
         self.tb = None
         if not enabled:
             return
@@ -407,9 +420,8 @@ class Trainer:
         if env.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = args.tf32
             torch.backends.cudnn.allow_tf32 = args.tf32
-        if env.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-        fdist.barrier()
+        ckpt.prepare_output_dir(self.output_dir, fresh_start=args.resume_from_checkpoint is None,
+                                overwrite=args.overwrite_output_dir, run_files=(METRICS_FILE,))
 
         tokenizer = load_tokenizer(args.model_name_or_path)
         train_data, summary = load_groups(args.data_path, tokenizer, args, "train")

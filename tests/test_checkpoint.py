@@ -124,3 +124,29 @@ def test_resaving_a_step_replaces_it(tmp_path, process_group):
     ckpt.save_checkpoint(tmp_path, 1, model, optimizer, scheduler, {"step": 1, "run": "b"})
     assert ckpt.read_trainer_state(tmp_path / "checkpoint-1")["run"] == "b"
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-1"]
+
+
+def test_fresh_start_into_a_directory_with_checkpoints_stops(tmp_path, process_group):
+    make_checkpoint(tmp_path, 7)
+    with pytest.raises(ConfigError) as err:
+        ckpt.prepare_output_dir(tmp_path, fresh_start=True, overwrite=False)
+    message = str(err.value)
+    assert str(tmp_path) in message and "checkpoint-7" in message
+    assert "--resume_from_checkpoint auto" in message and "--overwrite_output_dir True" in message
+    assert (tmp_path / "checkpoint-7").is_dir()
+    # Resuming there is what the checkpoints are for; a new directory is created.
+    ckpt.prepare_output_dir(tmp_path, fresh_start=False, overwrite=False)
+    ckpt.prepare_output_dir(tmp_path / "new", fresh_start=True, overwrite=False)
+    assert (tmp_path / "new").is_dir()
+
+
+def test_overwrite_output_dir_removes_the_old_run(tmp_path, process_group):
+    make_checkpoint(tmp_path, 7)
+    make_checkpoint(tmp_path, 9, suffix=".tmp")
+    make_checkpoint(tmp_path, 3, suffix=".old")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    (tmp_path / "checkpoint-notes").mkdir()  # not a checkpoint name: the user's, kept
+    (tmp_path / "config.json").write_text("{}")
+    ckpt.prepare_output_dir(tmp_path, fresh_start=True, overwrite=True, run_files=("metrics.jsonl",))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-notes", "config.json"]
+    ckpt.prepare_output_dir(tmp_path, fresh_start=True, overwrite=False)  # nothing left to clash

@@ -254,6 +254,30 @@ def test_update_that_overflows_the_weights_saves_and_exports_nothing(tiny, tmp_p
     assert all(map(math.isfinite, (metrics(out)[0]["loss"], metrics(out)[0]["grad_norm"])))
 
 
+def test_fresh_start_refuses_another_runs_checkpoints_unless_overwriting(tiny, tmp_path):
+    """checkpoint-50 of an earlier run: rotation would keep it over the new run's checkpoint-1
+    and `auto` would resume it, so a fresh start stops; --overwrite_output_dir True clears it."""
+    model, data = tiny
+    out = tmp_path / "out"
+    foreign = out / "checkpoint-50"
+    foreign.mkdir(parents=True)
+    (foreign / ".metadata").write_bytes(b"x")
+    (foreign / "trainer_state.json").write_text('{"step": 50}')
+    (out / "checkpoint-51.tmp").mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 50, "loss": 1.0}\n')
+    flags = dict(max_steps=1, per_device_train_batch_size=4, save_strategy="steps", save_steps=1,
+                 save_total_limit=1)
+    result = run_train(common(model, data, out, **flags))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert str(out) in result.stderr and "checkpoint-50" in result.stderr
+    assert "--resume_from_checkpoint auto" in result.stderr and "--overwrite_output_dir True" in result.stderr
+    assert foreign.is_dir() and not (out / "model.safetensors").exists()
+
+    ok(run_train(common(model, data, out, overwrite_output_dir=True, **flags)))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert [m["step"] for m in metrics(out)] == [1]
+
+
 def test_resume_can_extend_the_run_with_a_larger_max_steps(tiny, tmp_path):
     """HF lets a resumed run go further; the LR schedule is then the new total's from the
     checkpoint's step on (linear: 1 - step/6, not the old run's 1 - step/4 = 0)."""

@@ -45,7 +45,9 @@ def test_every_flag_is_documented_in_help():
     originals = [w for w in shlex.split(ORIGINAL) if w.startswith("--")]
     own = ["--seed", "--max_steps", "--max_tokens_per_batch", "--gradient_checkpointing", "--compile",
            "--attn_implementation", "--margin_mode", "--skip_invalid", "--resume_from_checkpoint",
-           "--max_grad_norm", "--warmup_steps", "--report_to", "--eval_data_path"]
+           "--max_grad_norm", "--warmup_steps", "--report_to", "--eval_data_path", "--stop_response",
+           "--no_append_eos", "--loss_backend", "--eval_steps", "--overwrite_output_dir", "--optim",
+           "--cache_dir"]
     for flag in originals + own:
         assert flag in flags and flag in text, flag
 
@@ -116,3 +118,31 @@ def test_warmup_steps_override_ratio():
     assert warmup_steps_for(args, 1000) == 30  # HF: ceil(ratio * total)
     args = parse_args(REQUIRED + ["--warmup_ratio", "0.03", "--warmup_steps", "5"])
     assert warmup_steps_for(args, 1000) == 5
+
+
+def test_tf32_defaults_off_as_hf():
+    assert parse_args(REQUIRED).tf32 is False
+    assert parse_args(REQUIRED + ["--tf32", "True"]).tf32 is True
+
+
+def test_original_scripts_optim_and_cache_dir_are_accepted():
+    args = parse_args(REQUIRED + ["--optim", "adamw_torch_fused", "--cache_dir", "/tmp/hf-cache"])
+    assert args.optim == "adamw_torch_fused" and args.cache_dir == "/tmp/hf-cache"
+    assert parse_args(REQUIRED).optim == "adamw_torch"
+    assert parse_args(REQUIRED + ["--overwrite_output_dir"]).overwrite_output_dir is True
+    assert parse_args(REQUIRED).overwrite_output_dir is False
+
+
+def test_other_optimizers_are_refused_naming_the_supported_ones(capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(REQUIRED + ["--optim", "adafactor"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--optim" in err and "adafactor" in err and "adamw_torch, adamw_torch_fused" in err
+
+
+def test_overwrite_and_resume_together_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(REQUIRED + ["--overwrite_output_dir", "True", "--resume_from_checkpoint", "auto"])
+    err = capsys.readouterr().err
+    assert "--overwrite_output_dir" in err and "--resume_from_checkpoint" in err
