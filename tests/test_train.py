@@ -294,3 +294,60 @@ def test_resume_can_extend_the_run_with_a_larger_max_steps(tiny, tmp_path):
     assert lines[4]["lr"] == pytest.approx(1e-3 * (1 - 4 / 6))
     assert lines[5]["lr"] == pytest.approx(1e-3 * (1 - 5 / 6))
     assert (out / "model.safetensors").exists()
+
+
+def test_accumulation_over_unequal_micro_batches_equals_one_micro_batch(tiny, tmp_path):
+    """Micro-batches of 1, 1 and 2 groups accumulated == the same 4 groups in one micro-batch.
+    The mean over the step's groups tells these apart from HF's mean of micro-batch means."""
+    from fastalign.data import GroupBatcher, load_records, tokenize_records
+    from fastalign.model import load_tokenizer
+
+    model, data = tiny
+    budget = 450  # the epoch-0 order starts with groups of 200, 323, 203 + 233, 270 tokens
+    tokenized = tokenize_records(load_records(str(data)).records, load_tokenizer(model), model_max_length=128)
+    batcher = GroupBatcher(tokenized, num_comp=3, seed=42, batch_size=None, max_tokens_per_batch=budget,
+                           gradient_accumulation_steps=3)
+    first = next(batcher.iter_steps(0))
+    assert [b.num_groups for b in first.micro_batches] == [1, 1, 2]
+    one_batch = GroupBatcher(tokenized, num_comp=3, seed=42, batch_size=4)
+    assert next(one_batch.iter_steps(0)).micro_batches[0].record_indices == [
+        i for b in first.micro_batches for i in b.record_indices]
+
+    split, whole = tmp_path / "split", tmp_path / "whole"
+    ok(run_train(common(model, data, split, max_steps=1, max_tokens_per_batch=budget,
+                        gradient_accumulation_steps=3)))
+    ok(run_train(common(model, data, whole, max_steps=1, per_device_train_batch_size=4)))
+    assert_same_metrics(metrics(split), metrics(whole))  # grad_norm: the step's gradient
+    # Adam's first update is lr * g / (|g| + eps): elements with |g| near eps amplify the
+    # summation-order difference of differently packed micro-batches (1e-6 of a 1e-3 update).
+    assert_same_weights(split, whole, atol=5e-6)
+
+
+def test_data_flags_take_effect_through_the_command(tiny, tmp_path):
+    """--skip_invalid trains past a bad record; --stop_response cuts at the turn marker and
+    --no_append_eos leaves EOS off: the logged data statistics are those of the data layer with
+    these options (and differ from the defaults')."""
+    from fastalign.data import load_records, tokenize_records
+    from fastalign.model import load_tokenizer
+
+    model, data = tiny
+    records = [json.loads(line) for line in data.read_text().splitlines()[:8]]
+    records[2]["responses"][0] += "\n\nHuman: and one more thing?"
+    del records[5]["scores"]
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    loaded = load_records(str(mixed), skip_invalid=True)
+    tokenizer = load_tokenizer(model)
+    flagged = tokenize_records(loaded.records, tokenizer, model_max_length=128, append_eos=False,
+                               stop_response=True).stats
+    default = tokenize_records(loaded.records, tokenizer, model_max_length=128).stats
+    assert flagged["stopped_responses"] == 1 and flagged["tokens"] < default["tokens"]
+
+    out = tmp_path / "out"
+    result = ok(run_train(common(model, mixed, out, max_steps=1, per_device_train_batch_size=2,
+                                 skip_invalid=True, stop_response=True, no_append_eos=True)))
+    summary = next(line for line in result.stderr.splitlines() if "train data" in line)
+    assert "7 valid records, skipped 1 " in summary
+    assert ", ".join(f"{k}={v}" for k, v in flagged.items()) in summary
+    assert (out / "model.safetensors").exists()
