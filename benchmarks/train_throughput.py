@@ -149,7 +149,7 @@ class FastalignSide:
         # it has something to do (several processes, bf16, offload), as it does for a user.
         args = ftrain.parse_args([
             "--model_name_or_path", spec["model_dir"], "--data_path", spec["data_path"],
-            "--output_dir", spec["output_dir"], "--bf16", str(spec["precision"] == "bf16"),
+            "--output_dir", spec["output_dir"], "--bf16", str(spec["precision"] == "bf16"), "--tf32", "True",
             "--learning_rate", str(LEARNING_RATE), "--weight_decay", "0", "--max_grad_norm", "1.0",
             "--model_max_length", str(preset.model_max_length), "--num_comp", str(preset.num_comp),
             "--max_tokens_per_batch", str(spec["max_tokens_per_batch"]), "--fsdp", "full_shard auto_wrap",

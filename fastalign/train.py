@@ -431,7 +431,8 @@ class Trainer:
             batch_size=None if args.max_tokens_per_batch else args.per_device_train_batch_size,
             max_tokens_per_batch=args.max_tokens_per_batch,
             gradient_accumulation_steps=args.gradient_accumulation_steps,
-            world_size=env.world_size, rank=env.rank, shuffle=True)
+            world_size=env.world_size, rank=env.rank, shuffle=True,
+            seed_compat=args.margin_mode == "seed")  # the original collator's order and int() scores
         self.eval_batcher = None
         if args.evaluation_strategy != "no":
             eval_data, summary = load_groups(args.eval_data_path, tokenizer, args, "eval")
@@ -439,7 +440,8 @@ class Trainer:
             self.eval_batcher = GroupBatcher(
                 eval_data, num_comp=args.num_comp, seed=args.seed,
                 batch_size=args.per_device_eval_batch_size, gradient_accumulation_steps=1,
-                world_size=env.world_size, rank=env.rank, shuffle=False)
+                world_size=env.world_size, rank=env.rank, shuffle=False,
+                seed_compat=args.margin_mode == "seed")
 
         self.total_steps = self._total_steps()
         self.logging_steps = interval(args.logging_steps, self.total_steps)

@@ -351,3 +351,24 @@ def test_data_flags_take_effect_through_the_command(tiny, tmp_path):
     assert "7 valid records, skipped 1 " in summary
     assert ", ".join(f"{k}={v}" for k, v in flagged.items()) in summary
     assert (out / "model.safetensors").exists()
+
+
+def test_margin_mode_seed_packs_candidates_as_the_original_collator(tiny, tmp_path):
+    """--margin_mode seed makes the trainer's batcher reproduce the original candidate order and
+    int() scores (data.GroupBatcher seed_compat); paper mode keeps file order."""
+    model, data = tiny
+    script = (
+        "import sys\n"
+        "from fastalign import distributed as fdist, train as ftrain\n"
+        "args = ftrain.parse_args(sys.argv[1:])\n"
+        "trainer = ftrain.Trainer(args, fdist.init_distributed())\n"
+        "trainer.setup()\n"
+        "print('seed_compat', trainer.batcher.seed_compat)\n"
+    )
+    for mode, expected in (("seed", True), ("paper", False)):
+        args = common(model, data, tmp_path / mode, margin_mode=mode, max_steps=1)
+        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+        result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
+                                timeout=120, cwd=REPO, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"seed_compat {expected}" in result.stdout
