@@ -102,14 +102,17 @@ def prepare_output_dir(output_dir: str | os.PathLike, *, fresh_start: bool, over
     problem = None
     if dist.get_rank() == 0:
         root = Path(output_dir)
-        root.mkdir(parents=True, exist_ok=True)
-        if overwrite:
-            for path in root.iterdir():
-                if path.is_dir() and CHECKPOINT_ANY_RE.match(path.name):
-                    shutil.rmtree(path)
-            for name in run_files:
-                (root / name).unlink(missing_ok=True)
-        elif fresh_start:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if overwrite:
+                for path in root.iterdir():
+                    if path.is_dir() and CHECKPOINT_ANY_RE.match(path.name):
+                        shutil.rmtree(path)
+                for name in run_files:
+                    (root / name).unlink(missing_ok=True)
+        except OSError as err:  # e.g. the path is a file: every rank reports it, not a traceback
+            problem = f"--output_dir {root}: {err.strerror or err}"
+        if problem is None and fresh_start and not overwrite:
             found = [p.name for p in list_checkpoints(root)]
             if found:
                 problem = (

@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     orig.add_argument("--ratio", type=nonneg_float, default=0.5, help="Weight of the penalty term. Default 0.5 (as the original script; its published command passes 0.2).")
     orig.add_argument("--optim", default="adamw_torch", help=f"HF optimizer name; fastalign always trains with AdamW, so only {' / '.join(OPTIMIZERS)} are accepted. Default adamw_torch.")
     orig.add_argument("--cache_dir", default=None, help="Accepted for compatibility and ignored: fastalign reads --model_name_or_path from a local directory and caches nothing.")
-    orig.add_argument("--overwrite_output_dir", default=False, help="Delete --output_dir's checkpoint-* directories and metrics.jsonl before a fresh start (as HF). Without it a fresh start into a directory holding checkpoints stops with an error. Default False.", **BOOLEAN_FLAG)
+    orig.add_argument("--overwrite_output_dir", default=False, help="Delete --output_dir's checkpoint-* directories and metrics.jsonl before a fresh start (unlike HF, which deletes nothing). Without it a fresh start into a directory holding checkpoints stops with an error. Default False.", **BOOLEAN_FLAG)
     orig.add_argument("--num_comp", type=positive_int, default=3, help="Responses per query used in a step (sampled, seeded, when a record has more). Default 3.")
 
     own = parser.add_argument_group("fastalign flags")
@@ -485,12 +485,18 @@ class Trainer:
             self._check_resumable(ckpt.read_trainer_state(resume))
             state = ckpt.load_checkpoint(resume, self.model, self.optimizer, self.scheduler)
             self.position = (state["step"], state["epoch"], state["step_in_epoch"])
-            if state.get("total_steps") != self.total_steps:
+            planned = state.get("total_steps", state.get("batch_layout", {}).get("total_steps"))
+            if planned is not None and planned != self.total_steps:
                 log.warning("resuming a run planned for %s steps as a run of %d steps: the LR "
                             "schedule from step %d on is computed for the new total",
-                            state.get("total_steps"), self.total_steps, state["step"])
-            # The LR is a closed form of the step: recompute it for this run's total (the loaded
-            # optimizer and scheduler carry the checkpoint's, computed for its own total).
+                            planned, self.total_steps, state["step"])
+            # The LR is a closed form of the step: recompute it for this run's total and this run's
+            # --learning_rate / --weight_decay (the loaded param groups carry the checkpoint's, so
+            # resuming with a lower learning rate after a divergence takes effect).
+            decay_group, _ = self.optimizer.param_groups
+            decay_group["weight_decay"] = args.weight_decay
+            for group in self.optimizer.param_groups:
+                group["initial_lr"] = args.learning_rate
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_lambda,
                                                                last_epoch=state["step"] - 1)
             log.info("resumed from %s at step %d (epoch %d, step %d of the epoch)", resume, *self.position)

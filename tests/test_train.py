@@ -296,6 +296,30 @@ def test_resume_can_extend_the_run_with_a_larger_max_steps(tiny, tmp_path):
     assert (out / "model.safetensors").exists()
 
 
+def test_resume_takes_this_runs_learning_rate(tiny, tmp_path):
+    """After a divergence users resume with a lower --learning_rate: the schedule must use it, not
+    the learning rate stored in the checkpoint's optimizer state."""
+    model, data = tiny
+    out = tmp_path / "out"
+    flags = dict(per_device_train_batch_size=2, save_strategy="steps", save_steps=4,
+                 lr_scheduler_type="linear", max_steps=6)
+    ok(run_train(common(model, data, out, **flags) + ["--max_steps", "4"]))
+    ok(run_train(common(model, data, out, resume_from_checkpoint="auto", learning_rate=1e-5, **flags)))
+    lines = metrics(out)
+    assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
+    assert lines[3]["lr"] == pytest.approx(1e-3 * (1 - 3 / 4))
+    assert lines[4]["lr"] == pytest.approx(1e-5 * (1 - 4 / 6))
+
+
+def test_output_dir_that_is_a_file_is_a_clean_error(tiny, tmp_path):
+    model, data = tiny
+    not_a_dir = tmp_path / "afile"
+    not_a_dir.write_text("x")
+    result = run_train(common(model, data, not_a_dir, max_steps=1))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error: --output_dir" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_accumulation_over_unequal_micro_batches_equals_one_micro_batch(tiny, tmp_path):
     """Micro-batches of 1, 1 and 2 groups accumulated == the same 4 groups in one micro-batch.
     The mean over the step's groups tells these apart from HF's mean of micro-batch means."""
