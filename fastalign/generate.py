@@ -73,6 +73,7 @@ def _attend(layer, x: torch.Tensor, cos, sin, cache: KVCache, index: int) -> tor
 def decode_step(model: Llama, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Run input_ids [t] at positions cache.length.. through the model; logits [V] of the last one."""
     t = input_ids.shape[0]
+    model.config.check_length(cache.length + t)
     hidden = model.embed_tokens(input_ids)  # [t, H]
     positions = torch.arange(cache.length, cache.length + t, device=input_ids.device)
     cos, sin = model.rotary(positions, hidden.dtype)

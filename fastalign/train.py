@@ -39,6 +39,8 @@ log = logging.getLogger("fastalign.train")
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 STRATEGIES = ("no", "steps", "epoch")
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")  # --optim values that mean AdamW (all fastalign runs)
+# --fsdp_transformer_layer_cls_to_wrap values: each family's transformers layer class (all wrap DecoderLayer)
+DECODER_LAYER_CLASSES = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
 
 # Dense bf16 peak of common training GPUs (TFLOP/s), for MFU; matched by substring, first wins.
 PEAK_BF16_TFLOPS = (
@@ -136,9 +138,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         fdist.parse_fsdp(args.fsdp)
     except ConfigError as err:
         parser.error(str(err))
-    if args.fsdp_transformer_layer_cls_to_wrap not in (None, "", "LlamaDecoderLayer"):
-        parser.error(f"argument --fsdp_transformer_layer_cls_to_wrap: fastalign trains Llama models and wraps "
-                     f"each LlamaDecoderLayer; got {args.fsdp_transformer_layer_cls_to_wrap!r}")
+    if args.fsdp_transformer_layer_cls_to_wrap not in (None, "", *DECODER_LAYER_CLASSES):
+        parser.error(f"argument --fsdp_transformer_layer_cls_to_wrap: fastalign wraps each decoder layer of "
+                     f"its supported families ({', '.join(DECODER_LAYER_CLASSES)}); "
+                     f"got {args.fsdp_transformer_layer_cls_to_wrap!r}")
     return args
 
 
@@ -231,6 +234,7 @@ def build_model(args, env: fdist.DistEnv, plan: fdist.FsdpPlan):
         raise ConfigError("--fsdp offload: needs CUDA (it keeps parameter shards in host memory "
                           "while the GPUs compute); without a GPU everything is in host memory already")
     config = LlamaConfig.from_pretrained(args.model_name_or_path)
+    config.check_length(args.model_max_length)  # a sliding window shorter than the sequences: refuse now
     reader = CheckpointReader(args.model_name_or_path)
     with torch.device("meta"):
         llama = Llama(config)  # fp32 parameters: the master weights
