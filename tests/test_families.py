@@ -171,27 +171,33 @@ def test_alpaca_query_gets_bos_only_from_tokenizers_that_have_one(tiny, family, 
     assert prompt_ids(tokenizer, "How do I say sorry?") == group.query_ids
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("family", FAMILY_CLASSES)
-def test_training_steps_through_the_command_line(tiny, family, tmp_path):
+def assert_trained_as_family(start_dir, out, family: str, steps: int) -> None:
+    """`out` logged `steps` finite losses and holds a model transformers loads as the family's
+    class, with its attention weights (q/k norms, biases where the family has them) moved."""
     from transformers import AutoModelForCausalLM
 
+    losses = [m["loss"] for m in metrics(out)]
+    assert len(losses) == steps and all(torch.isfinite(torch.tensor(losses)))
+    trained = AutoModelForCausalLM.from_pretrained(out)
+    assert type(trained).__name__ == FAMILY_CLASSES[family]
+    start = load_file(start_dir / "model.safetensors")
+    moved = [name for name in start if name.endswith(("q_proj.weight", "k_norm.weight", "v_proj.bias"))]
+    assert moved and all(not torch.equal(trained.state_dict()[name], start[name]) for name in moved)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["mistral", "qwen3"])  # llama: tests/test_train.py; qwen2: under FSDP below
+def test_training_steps_through_the_command_line(tiny, family, tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(sample_data_path().read_text().splitlines()[:16]) + "\n")
     out = tmp_path / "out"
     ok(run_train(common(tiny[family], data, out, max_steps=3, per_device_train_batch_size=2, learning_rate=3e-3,
                         fsdp_transformer_layer_cls_to_wrap=FAMILY_CLASSES[family].replace("ForCausalLM", "DecoderLayer"))))
-    losses = [m["loss"] for m in metrics(out)]
-    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
-    trained = AutoModelForCausalLM.from_pretrained(out)
-    assert type(trained).__name__ == FAMILY_CLASSES[family]
-    start = load_file(tiny[family] / "model.safetensors")
-    assert all(not torch.equal(trained.state_dict()[name], start[name]) for name in start
-               if name.endswith(("q_proj.weight", "k_norm.weight", "v_proj.bias")))
+    assert_trained_as_family(tiny[family], out, family, steps=3)
 
 
 @pytest.mark.slow
-def test_qwen2_biases_load_row_sliced_under_fsdp_as_on_one_rank(tiny, tmp_path):
+def test_qwen2_trains_with_biases_read_row_sliced_under_fsdp_as_on_one_rank(tiny, tmp_path):
     """2 FSDP ranks each read their rows of every weight, biases included: same run as 1 rank."""
     model = tmp_path / "model"
     model.mkdir()
@@ -208,6 +214,7 @@ def test_qwen2_biases_load_row_sliced_under_fsdp_as_on_one_rank(tiny, tmp_path):
     flags = dict(max_steps=2, per_device_train_batch_size=2, fsdp="full_shard auto_wrap")
     ok(run_train(common(model, data, tmp_path / "one", gradient_accumulation_steps=2, **flags)))
     ok(run_train(common(model, data, tmp_path / "two", gradient_accumulation_steps=1, **flags), nproc=2))
+    assert_trained_as_family(model, tmp_path / "two", "qwen2", steps=2)
     for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
