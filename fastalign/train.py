@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     orig = parser.add_argument_group("flags of the original train_alignment.py command")
-    orig.add_argument("--model_name_or_path", required=True, help="HF Llama directory (config.json, safetensors or .bin weights, tokenizer).")
+    orig.add_argument("--model_name_or_path", required=True, help="HF model directory: Llama, Mistral, Qwen2 or Qwen3 (config.json, safetensors or .bin weights, tokenizer).")
     orig.add_argument("--data_path", required=True, help="Sandbox records: JSON array or JSONL (.gz welcome).")
     orig.add_argument("--output_dir", required=True, help="Where metrics.jsonl, checkpoint-<step>/ and the final HF model go.")
     orig.add_argument("--bf16", default=False, help="bf16 compute with fp32 master weights and fp32 gradient reduction (FSDP2 MixedPrecisionPolicy).", **BOOLEAN_FLAG)
