@@ -1,9 +1,9 @@
 """End-to-end demo on a laptop CPU, offline: build, evaluate, train, evaluate again, generate.
 
     make demo                      # = python -m fastalign.demo
-    python -m fastalign.demo --output_dir ./demo_output [--quick]
+    python -m fastalign.demo --output_dir ./demo_output [--quick] [--family llama|mistral|qwen2|qwen3]
 
-1. builds a tiny Llama in Hugging Face layout (random weights, byte-level BPE tokenizer trained on
+1. builds a tiny Llama (or, with --family, Mistral, Qwen2 or Qwen3) in Hugging Face layout (random weights, byte-level BPE tokenizer trained on
    the bundled sample `fastalign/data/sample_sandbox.jsonl`) with `fastalign.tiny`;
 2. splits the sample into training records and held-out records (a fixed, seeded split);
 3. measures the held-out ranking metrics of the untrained model (`fastalign.evaluate`): how often
@@ -35,6 +35,7 @@ from typing import Sequence
 
 from fastalign.cli import run_main
 from fastalign.errors import FastalignError
+from fastalign.tiny import FAMILIES
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--output_dir", type=Path, default=Path("demo_output"), help="Where everything goes. Default ./demo_output.")
     p.add_argument("--quick", action="store_true", help="A seconds-long smoke run (tiny model, 6 steps); no learning to speak of.")
+    p.add_argument("--family", choices=FAMILIES, default="llama",
+                   help="Model family of the tiny model (fastalign.tiny --family). Default llama.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the model init and the held-out split. Default 0.")
     return p
 
@@ -155,8 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n[{number}/6 {time.perf_counter() - start:5.1f}s] {text}", flush=True)
 
     sample = sample_data_path()
-    stage(1, f"building a tiny random Llama + byte-level BPE tokenizer (trained on {sample.name}) in {tiny_dir}")
-    build_tiny_llama(tiny_dir, sandbox_texts(sample), seed=args.seed, **settings.model)
+    stage(1, f"building a tiny random {args.family} model + byte-level BPE tokenizer (trained on {sample.name}) "
+             f"in {tiny_dir}")
+    build_tiny_llama(tiny_dir, sandbox_texts(sample), seed=args.seed, family=args.family, **settings.model)
     from fastalign.model import LlamaConfig
 
     print(f"    {LlamaConfig.from_pretrained(tiny_dir).num_parameters():,} parameters: {settings.model}")
@@ -202,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"     after:  {one_line(new)}")
 
     total = time.perf_counter() - start
-    results = {"settings": {"quick": args.quick, "seed": args.seed, "model": settings.model,
+    results = {"settings": {"quick": args.quick, "seed": args.seed, "family": args.family, "model": settings.model,
                             "train_command": command},
                "before": before["metrics"], "after": after["metrics"],
                "before_by_category": before["by_category"], "after_by_category": after["by_category"],

@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastalign.evaluate", allow_abbrev=False,
                                 description="Ranking metrics of a model on rated Sandbox records: does it "
                                 "find the higher-rated responses more likely? (see the module docstring)")
-    p.add_argument("--model_name_or_path", required=True, help="HF Llama directory (config.json, weights, tokenizer).")
+    p.add_argument("--model_name_or_path", required=True, help="HF model directory: Llama, Mistral, Qwen2 or Qwen3 (config.json, weights, tokenizer).")
     p.add_argument("--data_path", required=True, help="Sandbox records: JSON array or JSONL (.gz welcome).")
     p.add_argument("--output_json", default=None, help="Write the metrics and per-record results here.")
     p.add_argument("--model_max_length", type=positive_int, default=512, help="Longest query+response in tokens; responses are cut from the end, as in training. Default 512.")

@@ -73,6 +73,7 @@ def _attend(layer, x: torch.Tensor, cos, sin, cache: KVCache, index: int) -> tor
 def decode_step(model: Llama, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Run input_ids [t] at positions cache.length.. through the model; logits [V] of the last one."""
     t = input_ids.shape[0]
+    model.config.check_length(cache.length + t)
     hidden = model.embed_tokens(input_ids)  # [t, H]
     positions = torch.arange(cache.length, cache.length + t, device=input_ids.device)
     cos, sin = model.rotary(positions, hidden.dtype)
@@ -174,7 +175,7 @@ def read_prompts(path: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastalign.generate", allow_abbrev=False,
                                 description="Generate responses with a (trained) Llama directory, KV-cached.")
-    p.add_argument("--model_name_or_path", required=True, help="HF Llama directory (config.json, weights, tokenizer).")
+    p.add_argument("--model_name_or_path", required=True, help="HF model directory: Llama, Mistral, Qwen2 or Qwen3 (config.json, weights, tokenizer).")
     p.add_argument("--prompt", action="append", default=[], help="A prompt (repeat the flag for several).")
     p.add_argument("--prompts_file", default=None, help="A text file with one prompt per line.")
     p.add_argument("--max_new_tokens", type=int, default=128, help="Most tokens generated per prompt. Default 128.")

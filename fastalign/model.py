@@ -10,11 +10,17 @@ The model never computes logits: the loss streams `hidden @ lm_head.weight.T` ch
 to. Attention runs through `fastalign.attention.varlen_attention`; the backend is chosen once
 (`set_attention_backend`, `--attn_implementation`) and read back from `model.attn_backend`.
 
-Supported configs: `model_type` "llama" (LLaMA 1/2/3.x, Vicuna, Alpaca, TinyLlama, ...): RMSNorm,
-SwiGLU, grouped-query attention, explicit `head_dim`, RoPE with `rope_theta` and no scaling, or
-`linear` or `llama3` scaling, in the old key style (`rope_theta`, `rope_scaling`) or the
-transformers 5 one (`rope_parameters`). Anything else (biases, other activations, other RoPE
-types, quantized checkpoints, other architectures) is refused with a message naming the key.
+Supported configs: the Llama-architecture decoders (RMSNorm, SwiGLU, grouped-query attention,
+explicit `head_dim`, RoPE with `rope_theta` and no scaling, or `linear` or `llama3` scaling, in the
+old key style (`rope_theta`, `rope_scaling`) or the transformers 5 one (`rope_parameters`)) of four
+`model_type`s, which differ only in the attention projections (`FAMILIES`):
+    llama    LLaMA 1/2/3.x, Vicuna, Alpaca, TinyLlama, ...; `attention_bias` (q/k/v/o biases) honoured
+    mistral  Mistral; `sliding_window` honoured by refusing longer sequences (below it, sliding-window
+             attention is full causal attention)
+    qwen2    Qwen2 / Qwen2.5: q/k/v biases; sliding window as Qwen2's config places it (refused likewise)
+    qwen3    Qwen3 (dense): per-head RMSNorm of q and k before RoPE (`q_norm`, `k_norm`); `attention_bias`
+Anything else (other model types, mixture-of-experts, MLP biases, other activations, other RoPE
+types, quantized checkpoints) is refused with a message naming the key.
 
 Loading keeps host memory near one copy of the model in its target dtype: the model is built on
 the meta device (no memory), cast to the target dtype there, materialised with `to_empty` (memory
@@ -61,9 +67,34 @@ log = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
                    "chat_template.json")
-_SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "LLaMAForCausalLM")  # the second: early conversions
 _ROPE_TYPES = {"default": (), "linear": ("factor",),
                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+@dataclass(frozen=True)
+class Family:
+    """What sets one `model_type` apart: its transformers classes, the config keys only it has
+    (read from config.json and written back), and the transformers defaults of keys a file may omit
+    where they differ from LlamaConfig's."""
+
+    architectures: tuple[str, ...]  # the first is written back
+    keys: tuple[str, ...]
+    defaults: dict
+
+
+_QWEN_WINDOW_KEYS = ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types")
+_QWEN_DEFAULTS = dict(bos_token_id=None, eos_token_id=None, max_position_embeddings=32768,
+                      use_sliding_window=False, sliding_window=4096, max_window_layers=28)
+FAMILIES = {
+    "llama": Family(("LlamaForCausalLM", "LLaMAForCausalLM"), ("attention_bias",), {}),  # 2nd: early conversions
+    "mistral": Family(("MistralForCausalLM",), ("sliding_window",),
+                      dict(max_position_embeddings=4096 * 32, sliding_window=4096)),
+    "qwen2": Family(("Qwen2ForCausalLM",), _QWEN_WINDOW_KEYS, _QWEN_DEFAULTS),
+    "qwen3": Family(("Qwen3ForCausalLM",), ("attention_bias", *_QWEN_WINDOW_KEYS), {**_QWEN_DEFAULTS, "head_dim": 128}),
+}
+_FAMILY_FIELDS = ("attention_bias", *_QWEN_WINDOW_KEYS)
+# Config keys of mixture-of-experts variants: a dense model would silently ignore their experts.
+_MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size", "num_experts_per_tok")
 
 
 @dataclass
@@ -72,6 +103,9 @@ class LlamaConfig:
 
     rope_scaling: None for plain RoPE, else {"rope_type": "linear" | "llama3", <its parameters>}.
     torch_dtype: dtype name the checkpoint was saved in (informational).
+    model_type: "llama", "mistral", "qwen2" or "qwen3" (`FAMILIES`); the fields after it are the
+    family's own config keys as transformers names them (None where the family has no such key);
+    `qkv_bias`, `o_bias`, `qk_norm` and `attention_window` say what they mean for the layers.
     """
 
     vocab_size: int = 32000
@@ -91,8 +125,16 @@ class LlamaConfig:
     pad_token_id: int | None = None
     initializer_range: float = 0.02
     torch_dtype: str | None = None
+    model_type: str = "llama"
+    attention_bias: bool = False  # llama, qwen3: biases on q/k/v/o_proj
+    use_sliding_window: bool | None = None  # qwen2, qwen3
+    sliding_window: int | None = None  # mistral, qwen2, qwen3 (qwen: only with use_sliding_window)
+    max_window_layers: int | None = None  # qwen2, qwen3: layers from this index on slide
+    layer_types: list[str] | None = None  # qwen2, qwen3: per layer, overrides max_window_layers
 
     def __post_init__(self):
+        if self.model_type not in FAMILIES:
+            raise ModelError(f"model_type {self.model_type!r} is not supported (supported: {', '.join(FAMILIES)})")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -110,6 +152,50 @@ class LlamaConfig:
             missing = [k for k in _ROPE_TYPES[rope_type] if k not in self.rope_scaling]
             if missing:
                 raise ModelError(f"rope_scaling of type {rope_type!r} lacks {', '.join(missing)}")
+        if self.layer_types is not None:
+            odd = sorted(set(self.layer_types) - {"full_attention", "sliding_attention"})
+            if odd or len(self.layer_types) != self.num_hidden_layers:
+                raise ModelError(f"layer_types must list 'full_attention' or 'sliding_attention' for each of the "
+                                 f"{self.num_hidden_layers} layers, got {self.layer_types}")
+
+    # -- what the family's keys mean for the layers ---------------------------------------------
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.model_type == "qwen2" or self.attention_bias
+
+    @property
+    def o_bias(self) -> bool:
+        return self.model_type != "qwen2" and self.attention_bias
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.model_type == "qwen3"
+
+    @property
+    def attention_window(self) -> int | None:
+        """The sliding window some layers attend within, as transformers applies the config; None: none.
+
+        A query attends to the `window` latest keys (itself included), so a sequence of at most
+        `window` tokens sees exactly what full causal attention sees; longer ones are refused.
+        """
+        if self.model_type == "mistral":
+            return self.sliding_window
+        if self.model_type == "llama" or not self.use_sliding_window or self.sliding_window is None:
+            return None
+        if self.layer_types is not None:
+            sliding = "sliding_attention" in self.layer_types
+        else:
+            sliding = self.num_hidden_layers > self.max_window_layers
+        return self.sliding_window if sliding else None
+
+    def check_length(self, length: int) -> None:
+        """Refuse a sequence longer than the sliding window (full attention would differ from the model's)."""
+        window = self.attention_window
+        if window is not None and length > window:
+            raise ModelError(f"a sequence of {length} tokens exceeds this {self.model_type} model's sliding_window "
+                             f"of {window}; fastalign computes full attention, which equals sliding-window attention "
+                             f"only up to {window} tokens: keep sequences (--model_max_length) at most {window}")
 
     # -- Hugging Face config.json ------------------------------------------------------------
 
@@ -126,23 +212,29 @@ class LlamaConfig:
 
     @classmethod
     def from_hf_dict(cls, hf: dict, source: str = "config") -> "LlamaConfig":
-        """Parse an HF Llama config (transformers 4 or 5 keys); refuse what this model cannot run."""
+        """Parse an HF config of a supported family (transformers 4 or 5 keys); refuse what this
+        model cannot run, naming the key."""
 
         def refuse(reason: str):
-            raise ModelError(f"{source}: {reason}; fastalign trains Llama models only "
-                             f"(RMSNorm, SwiGLU, no biases, RoPE: default, linear or llama3)")
+            raise ModelError(f"{source}: {reason}; fastalign trains Llama-architecture decoders only "
+                             f"(model_type {', '.join(FAMILIES)}: RMSNorm, SwiGLU, dense MLP without biases, "
+                             f"RoPE: default, linear or llama3)")
 
         model_type = hf.get("model_type", "llama")
-        if model_type != "llama":
+        if model_type not in FAMILIES:
             refuse(f"model_type {model_type!r} is not supported")
-        unsupported = [a for a in hf.get("architectures") or [] if a not in _SUPPORTED_ARCHITECTURES]
+        family = FAMILIES[model_type]
+        unsupported = [a for a in hf.get("architectures") or [] if a not in family.architectures]
         if unsupported:
-            refuse(f"architectures {unsupported} are not supported (expected LlamaForCausalLM)")
+            refuse(f"architectures {unsupported} are not supported for model_type {model_type!r} "
+                   f"(expected {family.architectures[0]})")
         if hf.get("hidden_act", "silu") != "silu":
             refuse(f"hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
-        for key in ("attention_bias", "mlp_bias"):
-            if hf.get(key):
-                refuse(f"{key}=true is not supported")
+        if hf.get("mlp_bias"):
+            refuse("mlp_bias=true is not supported")
+        moe = [f"{k}={hf[k]}" for k in _MOE_KEYS if hf.get(k)]
+        if moe:
+            refuse(f"mixture-of-experts models are not supported ({', '.join(moe)})")
         if hf.get("quantization_config"):
             refuse("quantized checkpoints (quantization_config) are not supported")
 
@@ -159,23 +251,33 @@ class LlamaConfig:
             rope.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings", 2048))
         rope_scaling = None if rope_type == "default" else {"rope_type": rope_type, **rope}
 
-        known = {f.name for f in fields(cls)} - {"rope_theta", "rope_scaling", "torch_dtype"}
-        values = {k: hf[k] for k in known if hf.get(k) is not None}
+        # Keys of other families are not read: their transformers class ignores them too.
+        known = {f.name for f in fields(cls)} - {"rope_theta", "rope_scaling", "torch_dtype", "model_type",
+                                                  *(set(_FAMILY_FIELDS) - set(family.keys))}
+        # An explicit null keeps a family default's meaning (Mistral's sliding_window: null = no
+        # window); elsewhere null means the LlamaConfig default, as before.
+        values = {**family.defaults,
+                  **{k: hf[k] for k in known if k in hf and (hf[k] is not None or k in family.defaults)}}
         try:
-            return cls(**values, rope_theta=rope_theta, rope_scaling=rope_scaling,
+            return cls(**values, model_type=model_type, rope_theta=rope_theta, rope_scaling=rope_scaling,
                        torch_dtype=hf.get("dtype") or hf.get("torch_dtype"))
         except ModelError as err:
             raise ModelError(f"{source}: {err}") from None
 
     def to_hf_dict(self, dtype: torch.dtype | None = None) -> dict:
         """config.json content that transformers 5 reads (rope_parameters) and 4.x too (rope_theta,
-        rope_scaling)."""
-        out = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
-        out.update({k: v for k, v in asdict(self).items() if k not in ("rope_scaling", "torch_dtype")})
-        out.update(hidden_act="silu", attention_bias=False, mlp_bias=False, attention_dropout=0.0,
-                   use_cache=True, rope_scaling=self.rope_scaling,
+        rope_scaling), as the family's own class (Qwen2ForCausalLM, ...)."""
+        family = FAMILIES[self.model_type]
+        out = {"architectures": [family.architectures[0]], "model_type": self.model_type}
+        out.update({k: v for k, v in asdict(self).items()
+                    if k not in ("rope_scaling", "torch_dtype", "model_type", *_FAMILY_FIELDS) or k in family.keys})
+        out.update(hidden_act="silu", attention_dropout=0.0, use_cache=True, rope_scaling=self.rope_scaling,
                    rope_parameters={"rope_type": "default", **(self.rope_scaling or {}),
                                     "rope_theta": self.rope_theta})
+        if self.model_type == "llama":
+            out.update(mlp_bias=False)
+        if out.get("layer_types") is None:
+            out.pop("layer_types", None)  # transformers derives it from max_window_layers
         dtype_name = str(dtype).removeprefix("torch.") if dtype is not None else self.torch_dtype
         if dtype_name:
             out.update(dtype=dtype_name, torch_dtype=dtype_name)
@@ -187,6 +289,8 @@ class LlamaConfig:
         """Distinct parameters (a tied lm_head counted once); without embeddings: no embed_tokens."""
         h, d = self.hidden_size, self.head_dim
         attn = h * d * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
+        attn += self.qkv_bias * d * (self.num_attention_heads + 2 * self.num_key_value_heads)
+        attn += self.o_bias * h + self.qk_norm * 2 * d
         layer = attn + 3 * h * self.intermediate_size + 2 * h
         body = self.num_hidden_layers * layer + h
         embed = self.vocab_size * h
@@ -256,17 +360,20 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         h = config.hidden_size
-        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=config.o_bias)
+        # Qwen3: RMSNorm over each head's D features of q and k, before RoPE (weights [D], shared by heads).
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else nn.Identity()
         self.backend = "sdpa"  # set for all layers at once by Llama.set_attention_backend
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [T, H] -> q [T, Hq, D], k [T, Hkv, D] (both rotated), v [T, Hkv, D]; cos, sin [T, 1, D]."""
         t = x.shape[0]
-        q = _rotate(self.q_proj(x).view(t, self.num_heads, self.head_dim), cos, sin)
-        k = _rotate(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim), cos, sin)
+        q = _rotate(self.q_norm(self.q_proj(x).view(t, self.num_heads, self.head_dim)), cos, sin)
+        k = _rotate(self.k_norm(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)), cos, sin)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
         return q, k, v
 
@@ -319,6 +426,7 @@ class Llama(nn.Module):
 
     def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int) -> torch.Tensor:
         """input_ids, position_ids int64 [T]; cu_seqlens int32 [S+1] -> hidden [T, H] after the final norm."""
+        self.config.check_length(max_seqlen)
         hidden = self.embed_tokens(input_ids)
         cos, sin = self.rotary(position_ids, hidden.dtype)
         for layer in self.layers:
@@ -375,11 +483,13 @@ class Llama(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Random init as transformers does: N(0, initializer_range) matrices, unit norm weights."""
+        """Random init as transformers does: N(0, initializer_range) matrices, unit norm weights, zero biases."""
         std = self.config.initializer_range
         for name, param in self.named_parameters():
             if name.endswith("norm.weight"):
                 param.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.zero_()
             else:
                 param.normal_(0.0, std, generator=generator)
 
@@ -391,7 +501,8 @@ class Llama(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu",
                         attn_implementation: str = "auto") -> "Llama":
-        """Load an HF Llama directory into `dtype` on `device`; peak host memory ~ one model copy."""
+        """Load an HF directory of a supported family (`FAMILIES`) into `dtype` on `device`; peak
+        host memory ~ one model copy."""
         path = Path(path)
         config = LlamaConfig.from_pretrained(path)
         reader = CheckpointReader(path)
@@ -417,7 +528,7 @@ class Llama(nn.Module):
                     (("missing weights", missing), ("unknown weights", unknown), ("wrong shapes", wrong)) if items]
         if problems:
             raise ModelError(f"{reader.path}: the weights do not match config.json: " + "; ".join(problems)
-                             + (" (weights with biases or of other architectures are not supported)"
+                             + (f" (a {self.config.model_type} model of this config has no such weights)"
                                 if unknown else ""))
 
     def load_weights(self, reader: CheckpointReader) -> None:
@@ -432,7 +543,8 @@ class Llama(nn.Module):
 
     def save_pretrained(self, path, *, state_dict: dict[str, torch.Tensor] | None = None,
                         tokenizer_dir=None, max_shard_size: int = 5 * 10**9) -> None:
-        """Write an HF model directory that transformers loads as LlamaForCausalLM.
+        """Write an HF model directory that transformers loads as the family's class (LlamaForCausalLM,
+        MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM).
 
         state_dict: full tensors under our names (default: this model's); a trainer passes the
         dict gathered from FSDP shards on rank 0. Weights keep their dtype; above

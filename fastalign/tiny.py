@@ -1,15 +1,18 @@
-"""A tiny, randomly initialised Llama in Hugging Face layout, built offline in seconds.
+"""A tiny, randomly initialised Llama (or Mistral, Qwen2, Qwen3) in Hugging Face layout, built offline in seconds.
 
 For the demo and the tests: no download, no GPU. The directory holds what a real checkpoint holds
 (config.json, generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json),
-so everything that loads a real Llama (transformers, fastalign.model) loads it unchanged.
+so everything that loads a real one (transformers, fastalign.model) loads it unchanged.
 
-    python -m fastalign.tiny OUT_DIR [--data FILE] [--vocab_size 2048] [--seed 0]
+    python -m fastalign.tiny OUT_DIR [--family llama|mistral|qwen2|qwen3] [--data FILE] [--vocab_size 2048] [--seed 0]
 
-The tokenizer is a byte-level BPE trained on the queries and responses of a Sandbox file (default:
-the bundled sample), with <s> (BOS, prepended like Llama's tokenizer does), </s> (EOS) and <unk>;
-no pad token. Byte-level means every text round-trips exactly through encode/decode. The same
-texts and seed always give byte-identical files.
+`--family` picks the transformers class that builds the model (LlamaForCausalLM, MistralForCausalLM,
+Qwen2ForCausalLM, Qwen3ForCausalLM; default llama) and the tokenizer's style. The tokenizer is a
+byte-level BPE trained on the queries and responses of a Sandbox file (default: the bundled
+sample), with </s> (EOS) and <unk>, no pad token; for llama and mistral also <s> (BOS, prepended
+like their tokenizers do), for qwen2 and qwen3 no BOS and a ChatML chat template instead, as
+Qwen's tokenizers have. Byte-level means every text round-trips exactly through encode/decode.
+The same texts, family and seed always give byte-identical files.
 """
 
 from __future__ import annotations
@@ -25,10 +28,16 @@ from typing import Iterable, Sequence
 from fastalign.cli import run_main
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # transformers model_type values
+# Qwen's chat template (ChatML), for the tokenizers of the families that have no BOS.
+CHATML_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] "
+                   "+ '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                   "{% endif %}")
 
 
 def build_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike, *,
-                    model_max_length: int | None = None, bos: bool = True, eos: bool = True) -> Path:
+                    model_max_length: int | None = None, bos: bool = True, eos: bool = True,
+                    chat_template: str | None = None) -> Path:
     """Train a byte-level BPE on `texts` and save tokenizer.json + tokenizer_config.json in `out_dir`.
 
     `bos` / `eos`: whether the tokenizer has <s> (then prepended like Llama's tokenizer does) and
@@ -68,6 +77,8 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.Pat
     }
     if model_max_length is not None:
         config["model_max_length"] = model_max_length
+    if chat_template is not None:
+        config["chat_template"] = chat_template
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
 
@@ -84,25 +95,37 @@ def build_tiny_llama(
     intermediate_size: int = 344,
     max_position_embeddings: int = 512,
     seed: int = 0,
+    family: str = "llama",
+    tie_word_embeddings: bool = False,
 ) -> Path:
-    """Write a tokenizer trained on `texts` and a random LlamaForCausalLM (fp32 safetensors) to `out_dir`.
+    """Write a tokenizer trained on `texts` and a random model of `family` (fp32 safetensors) to `out_dir`.
+
+    Mistral gets sliding_window = max_position_embeddings (no sequence the model can hold exceeds it).
 
     Files are built in a temporary directory beside `out_dir` and moved in at the end, config.json
     last, so a directory with a config.json is always complete. Existing files of the same name in
     `out_dir` are replaced; the global torch RNG is left as it was.
     """
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    qwen = family.startswith("qwen")
 
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        build_tokenizer(texts, vocab_size, staging, model_max_length=max_position_embeddings)
+        build_tokenizer(texts, vocab_size, staging, model_max_length=max_position_embeddings, bos=not qwen,
+                        chat_template=CHATML_TEMPLATE if qwen else None)
         tokenizer = AutoTokenizer.from_pretrained(staging)
-        config = LlamaConfig(
+        family_keys = {"mistral": dict(sliding_window=max_position_embeddings),
+                       "qwen3": dict(head_dim=hidden_size // num_heads)}.get(family, {})
+        config = AutoConfig.for_model(
+            family,
             vocab_size=len(tokenizer),
             hidden_size=hidden_size,
             intermediate_size=intermediate_size,
@@ -113,11 +136,12 @@ def build_tiny_llama(
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=None,
-            tie_word_embeddings=False,
+            tie_word_embeddings=tie_word_embeddings,
+            **family_keys,
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = LlamaForCausalLM(config)
+            model = AutoModelForCausalLM.from_config(config)
         bars_were_on = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # a one-shard "Writing model shards" bar is noise here
         try:
@@ -158,13 +182,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m fastalign.tiny", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--family", choices=FAMILIES, default="llama",
+                        help="model_type of the model (its transformers class builds it). Default llama.")
     parser.add_argument("--data", type=Path, default=None, help="Sandbox file (default: the bundled sample)")
     parser.add_argument("--vocab_size", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     data = args.data or sample_data_path()
-    out = build_tiny_llama(args.out_dir, sandbox_texts(data), vocab_size=args.vocab_size, seed=args.seed)
-    print(f"wrote a tiny Llama (tokenizer trained on {data}) to {out}")
+    out = build_tiny_llama(args.out_dir, sandbox_texts(data), vocab_size=args.vocab_size, seed=args.seed,
+                           family=args.family)
+    print(f"wrote a tiny {args.family} model (tokenizer trained on {data}) to {out}")
     return 0
 
 

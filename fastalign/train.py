@@ -39,6 +39,8 @@ log = logging.getLogger("fastalign.train")
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 STRATEGIES = ("no", "steps", "epoch")
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")  # --optim values that mean AdamW (all fastalign runs)
+# --fsdp_transformer_layer_cls_to_wrap values: each family's transformers layer class (all wrap DecoderLayer)
+DECODER_LAYER_CLASSES = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
 
 # Dense bf16 peak of common training GPUs (TFLOP/s), for MFU; matched by substring, first wins.
 PEAK_BF16_TFLOPS = (
@@ -65,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     orig = parser.add_argument_group("flags of the original train_alignment.py command")
-    orig.add_argument("--model_name_or_path", required=True, help="HF Llama directory (config.json, safetensors or .bin weights, tokenizer).")
+    orig.add_argument("--model_name_or_path", required=True, help="HF model directory: Llama, Mistral, Qwen2 or Qwen3 (config.json, safetensors or .bin weights, tokenizer).")
     orig.add_argument("--data_path", required=True, help="Sandbox records: JSON array or JSONL (.gz welcome).")
     orig.add_argument("--output_dir", required=True, help="Where metrics.jsonl, checkpoint-<step>/ and the final HF model go.")
     orig.add_argument("--bf16", default=False, help="bf16 compute with fp32 master weights and fp32 gradient reduction (FSDP2 MixedPrecisionPolicy).", **BOOLEAN_FLAG)
@@ -136,9 +138,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         fdist.parse_fsdp(args.fsdp)
     except ConfigError as err:
         parser.error(str(err))
-    if args.fsdp_transformer_layer_cls_to_wrap not in (None, "", "LlamaDecoderLayer"):
-        parser.error(f"argument --fsdp_transformer_layer_cls_to_wrap: fastalign trains Llama models and wraps "
-                     f"each LlamaDecoderLayer; got {args.fsdp_transformer_layer_cls_to_wrap!r}")
+    if args.fsdp_transformer_layer_cls_to_wrap not in (None, "", *DECODER_LAYER_CLASSES):
+        parser.error(f"argument --fsdp_transformer_layer_cls_to_wrap: fastalign wraps each decoder layer of "
+                     f"its supported families ({', '.join(DECODER_LAYER_CLASSES)}); "
+                     f"got {args.fsdp_transformer_layer_cls_to_wrap!r}")
     return args
 
 
@@ -231,6 +234,7 @@ def build_model(args, env: fdist.DistEnv, plan: fdist.FsdpPlan):
         raise ConfigError("--fsdp offload: needs CUDA (it keeps parameter shards in host memory "
                           "while the GPUs compute); without a GPU everything is in host memory already")
     config = LlamaConfig.from_pretrained(args.model_name_or_path)
+    config.check_length(args.model_max_length)  # a sliding window shorter than the sequences: refuse now
     reader = CheckpointReader(args.model_name_or_path)
     with torch.device("meta"):
         llama = Llama(config)  # fp32 parameters: the master weights

@@ -30,8 +30,9 @@ def test_split_is_deterministic_disjoint_and_complete(tmp_path):
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "fastalign.demo", "--quick", "--output_dir", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    # pointed at another family with one flag (the default, llama, runs the same code with another class)
+    proc = subprocess.run([sys.executable, "-m", "fastalign.demo", "--quick", "--output_dir", str(out),
+                           "--family", "qwen2"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     printed = proc.stdout
 
@@ -52,6 +53,7 @@ def test_quick_demo_end_to_end(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(trained)
+    assert type(model).__name__ == "Qwen2ForCausalLM" and results["settings"]["family"] == "qwen2"
     tokenizer = AutoTokenizer.from_pretrained(trained)
     ids = tokenizer("### Instruction:\nHi\n\n### Response:", return_tensors="pt")["input_ids"]
     with torch.no_grad():

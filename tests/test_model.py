@@ -257,8 +257,10 @@ def test_reader_reads_row_ranges_in_any_dtype(tmp_path):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda c: c.update(attention_bias=True), "attention_bias=true is not supported"),
-    (lambda c: c.update(model_type="mistral"), "model_type 'mistral' is not supported"),
+    (lambda c: c.update(mlp_bias=True), "mlp_bias=true is not supported"),
+    (lambda c: c.update(model_type="gemma"), "model_type 'gemma' is not supported"),
+    (lambda c: c.update(model_type="mistral"), "architectures ['LlamaForCausalLM'] are not supported for model_type 'mistral'"),
+    (lambda c: c.update(num_local_experts=8, num_experts_per_tok=2), "mixture-of-experts models are not supported (num_local_experts=8"),
     (lambda c: c.update(architectures=["LlamaForSequenceClassification"]), "LlamaForSequenceClassification"),
     (lambda c: c.update(hidden_act="gelu"), "hidden_act 'gelu'"),
     (lambda c: c.update(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}), "RoPE type 'yarn'"),

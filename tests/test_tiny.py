@@ -91,11 +91,13 @@ def test_cli_builds_from_a_sandbox_file(tmp_path):
                                            "responses": [f"Answer {i}.", "No."], "scores": [6, 2]}) + "\n"
                                for i in range(20)))
     result = subprocess.run([sys.executable, "-m", "fastalign.tiny", str(tmp_path / "m"), "--data", str(sandbox),
-                             "--vocab_size", "300"], capture_output=True, text=True, timeout=300)
+                             "--vocab_size", "300", "--family", "qwen3"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "m")
     assert tokenizer.decode(tokenizer("Answer 7.", add_special_tokens=False).input_ids) == "Answer 7."
-    assert transformers.AutoConfig.from_pretrained(tmp_path / "m").vocab_size == len(tokenizer)
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "m")
+    assert config.vocab_size == len(tokenizer)
+    assert config.model_type == "qwen3" and tokenizer.bos_token is None and tokenizer.chat_template  # Qwen style
 
     sandbox.write_text('{"query": "q", "responses": ["a"], "scores": [9]}\n')
     result = subprocess.run([sys.executable, "-m", "fastalign.tiny", str(tmp_path / "bad"), "--data", str(sandbox)],
