@@ -44,7 +44,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from fastalign.cli import BOOLEAN_FLAG, positive_float, positive_int, run_main
-from fastalign.data import IGNORE_INDEX, GroupBatcher, load_records, select_candidates, tokenize_records
+from fastalign.data import (IGNORE_INDEX, GroupBatcher, Record, _InvalidRecord, _validate, load_records,
+                            select_candidates, tokenize_records)
 from fastalign.distributed import init_distributed
 from fastalign.errors import DataError
 from fastalign.loss import stable_alignment_loss
@@ -226,6 +227,23 @@ def _distributed() -> tuple[int, int]:
     return 1, 0
 
 
+def as_records(records: Sequence, rating_scale: float) -> list[Record]:
+    """Records as given, or validated from plain dicts (a notebook's list of dicts).
+
+    A dict's index is its position in `records`; a bad one raises DataError naming that index.
+    """
+    out = []
+    for position, item in enumerate(records):
+        if isinstance(item, Record):
+            out.append(item)
+            continue
+        try:
+            out.append(_validate(item, position, rating_scale))
+        except _InvalidRecord as bad:
+            raise DataError(bad.message("evaluate_model(records)", f"record {position}")) from None
+    return out
+
+
 def evaluate_model(
     model,
     tokenizer,
@@ -241,7 +259,11 @@ def evaluate_model(
     progress: bool = False,
     forward: Callable | None = None,
 ) -> dict:
-    """Score every response of `records` (fastalign.data.Record) with `model` and compute metrics.
+    """Score every response of `records` with `model` and compute metrics.
+
+    `records` holds fastalign.data.Record objects or plain dicts in the data file's format
+    ({"query", "responses", "scores", "category"?}); dicts are validated as a file's records are
+    (scores in [1, rating_scale]) and take their list position as their index.
 
     `model` is a fastalign Llama, scored by `llama_nll`. A caller whose Llama is wrapped (the
     trainer's FSDP-sharded Llama + loss module) passes that module as `model` and
@@ -254,6 +276,7 @@ def evaluate_model(
              "tokenization": data stats (dropped/truncated counts)}.
     """
     world_size, rank = _distributed()
+    records = as_records(records, rating_scale)
     data = tokenize_records(records, tokenizer, model_max_length=model_max_length,
                             append_eos=append_eos, stop_response=stop_response, progress=progress)
     categories = {r.index: r.category for r in records}
