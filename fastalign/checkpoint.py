@@ -10,6 +10,10 @@ A checkpoint is `output_dir/checkpoint-<step>/`:
 It is written to `checkpoint-<step>.tmp/` and renamed by rank 0 once every rank has finished, so
 a directory named `checkpoint-<step>` is always complete; a crash leaves only a `.tmp` directory,
 which resume ignores and the next save removes.
+
+With `--save_only_model` a checkpoint is the HF model instead (config.json, model.safetensors,
+tokenizer: `from_pretrained` loads it) plus a trainer_state.json marked `save_only_model`. It holds
+no optimizer, scheduler or RNG state, so it cannot be resumed (`resolve_resume` says so).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ CHECKPOINT_ANY_RE = re.compile(r"^checkpoint-\d+(\.tmp|\.old)?$")
 STATE_FILE = "trainer_state.json"
 SCHEDULER_FILE = "scheduler.pt"
 TMP_SUFFIX = ".tmp"
+MODEL_ONLY_KEY = "save_only_model"  # trainer_state.json key of a --save_only_model checkpoint
 
 
 def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
@@ -67,6 +72,25 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
 
 
+def is_model_only(path: Path) -> bool:
+    """A finished --save_only_model checkpoint (HF model + marked state file, no DCP shards)."""
+    if CHECKPOINT_RE.match(path.name) is None or not (path / STATE_FILE).is_file():
+        return False
+    try:
+        return json.loads((path / STATE_FILE).read_text()).get(MODEL_ONLY_KEY) is True
+    except (OSError, ValueError):
+        return False
+
+
+def list_model_only_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """--save_only_model checkpoints in `output_dir`, oldest first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and is_model_only(p)]
+    return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
+
+
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     found = list_checkpoints(output_dir)
     return found[-1] if found else None
@@ -81,6 +105,12 @@ def resolve_resume(value: str | None, output_dir: str | os.PathLike) -> Path | N
     path = Path(value)
     if not path.is_dir():
         raise ConfigError(f"--resume_from_checkpoint: {value} is not a directory")
+    if is_model_only(path):
+        raise ConfigError(
+            f"--resume_from_checkpoint: {value} was written with --save_only_model: it holds the "
+            "model weights only (no optimizer, scheduler or data position), so training cannot "
+            "resume from it. Load it with from_pretrained, or start a new run from it with "
+            f"--model_name_or_path {value}")
     if not is_complete(path):
         raise ConfigError(
             f"--resume_from_checkpoint: {value} is not a complete checkpoint-<step> directory "
@@ -113,7 +143,7 @@ def prepare_output_dir(output_dir: str | os.PathLike, *, fresh_start: bool, over
         except OSError as err:  # e.g. the path is a file: every rank reports it, not a traceback
             problem = f"--output_dir {root}: {err.strerror or err}"
         if problem is None and fresh_start and not overwrite:
-            found = [p.name for p in list_checkpoints(root)]
+            found = [p.name for p in list_checkpoints(root) + list_model_only_checkpoints(root)]
             if found:
                 problem = (
                     f"--output_dir {root} already holds checkpoints of another run ({', '.join(found)}); "
@@ -126,11 +156,12 @@ def prepare_output_dir(output_dir: str | os.PathLike, *, fresh_start: bool, over
         raise ConfigError(problem)
 
 
-def rotate_checkpoints(output_dir: str | os.PathLike, keep: int | None) -> list[Path]:
-    """Delete the oldest complete checkpoints so at most `keep` remain; returns the deleted ones."""
+def rotate_checkpoints(output_dir: str | os.PathLike, keep: int | None, *, model_only: bool = False) -> list[Path]:
+    """Delete the oldest complete (or, with `model_only`, --save_only_model) checkpoints so at most
+    `keep` remain; returns the deleted ones."""
     if keep is None or keep <= 0:
         return []
-    found = list_checkpoints(output_dir)
+    found = list_model_only_checkpoints(output_dir) if model_only else list_checkpoints(output_dir)
     doomed = found[: max(0, len(found) - keep)]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
@@ -185,14 +216,40 @@ def save_checkpoint(
     barrier()
 
     if rank == 0:
-        if final.exists():  # re-saving a step after resuming from an earlier checkpoint
-            old = final.with_name(final.name + ".old")
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
+        _commit(tmp, final)
         rotate_checkpoints(output_dir, save_total_limit)
+    barrier()
+    return final
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """Rank 0: give a finished `.tmp` save its final name."""
+    if final.exists():  # re-saving a step after resuming from an earlier checkpoint
+        old = final.with_name(final.name + ".old")
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+
+
+def save_model_only_checkpoint(output_dir: str | os.PathLike, step: int, model: nn.Module, config,
+                               tokenizer_dir: str, trainer_state: dict[str, Any], *, prefix: str = "",
+                               save_total_limit: int | None = None) -> Path:
+    """--save_only_model: write checkpoint-<step> as the HF model + a marked trainer_state.json
+    (collective, like save_checkpoint); at most `save_total_limit` such checkpoints are kept."""
+    final = checkpoint_dir(output_dir, step)
+    tmp = final.with_name(final.name + TMP_SUFFIX)
+    if dist.get_rank() == 0:
+        for stale in Path(output_dir).glob(f"checkpoint-*{TMP_SUFFIX}"):
+            shutil.rmtree(stale, ignore_errors=True)
+    barrier()
+    export_hf(model, config, tmp, tokenizer_dir, prefix=prefix)  # ends with a barrier
+    if dist.get_rank() == 0:
+        state = {**trainer_state, MODEL_ONLY_KEY: True}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
+        _commit(tmp, final)
+        rotate_checkpoints(output_dir, save_total_limit, model_only=True)
     barrier()
     return final
 

@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import resource
 import sys
 import time
@@ -32,7 +33,9 @@ from fastalign import checkpoint as ckpt
 from fastalign import distributed as fdist
 from fastalign.attention import BACKENDS as ATTN_BACKENDS
 from fastalign.cli import BOOLEAN_FLAG, nonneg_float, number, positive_float, positive_int, run_main
+from fastalign.console import setup_logging
 from fastalign.errors import ConfigError, DataError, FastalignError
+from fastalign.reporting import open_reporters, parse_report_to
 
 log = logging.getLogger("fastalign.train")
 
@@ -53,6 +56,7 @@ PEAK_BF16_TFLOPS = (
 
 # --save_steps / --logging_steps: a count of optimizer steps, or below 1 a fraction of the total
 interval_steps = number(float, low=0.0, low_open=True, what="a number > 0 (< 1: a fraction of the total steps)")
+unit_interval = number(float, low=0.0, high=1.0, what="a number in [0, 1)")  # AdamW betas (1 checked in parse_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,9 +116,24 @@ def build_parser() -> argparse.ArgumentParser:
     own.add_argument("--resume_from_checkpoint", default=None, metavar="PATH|auto", help="Resume from a checkpoint-<step> directory, or the latest complete one in --output_dir (auto; a fresh start when there is none).")
     own.add_argument("--max_grad_norm", type=nonneg_float, default=1.0, help="Clip the global gradient norm to this (0: no clipping). Default 1.")
     own.add_argument("--warmup_steps", type=int, default=0, help="Warmup steps; overrides --warmup_ratio when > 0. Default 0.")
-    own.add_argument("--report_to", choices=("none", "tensorboard", "all"), default="none", help="Also log to TensorBoard (output_dir/runs) when installed. Default none.")
     own.add_argument("--eval_data_path", default=None, help="Held-out Sandbox records for --evaluation_strategy steps|epoch.")
     own.add_argument("--eval_steps", type=interval_steps, default=None, help="Steps between evaluations (default: --logging_steps).")
+
+    hf = parser.add_argument_group("HF Trainer flags (same meaning as in transformers' TrainingArguments)")
+    hf.add_argument("--adam_beta1", type=unit_interval, default=0.9, help="AdamW beta1. Default 0.9.")
+    hf.add_argument("--adam_beta2", type=unit_interval, default=0.999, help="AdamW beta2. Default 0.999.")
+    hf.add_argument("--adam_epsilon", type=positive_float, default=1e-8, help="AdamW epsilon. Default 1e-8.")
+    hf.add_argument("--save_only_model", default=False, help="Checkpoints hold the HF model only (loadable with from_pretrained; no optimizer, scheduler or data position), so they cannot be resumed. Default False.", **BOOLEAN_FLAG)
+    hf.add_argument("--logging_first_step", default=False, help="Also write a metrics line after the first step. Default False.", **BOOLEAN_FLAG)
+    hf.add_argument("--logging_dir", default=None, help="TensorBoard log directory. Default: output_dir/runs.")
+    hf.add_argument("--report_to", nargs="+", default=["none"], metavar="none|tensorboard|wandb|all", help="Also log to these (space- or comma-separated): tensorboard (--logging_dir), wandb (offline when there is no login or network), all (the installed ones). Default none.")
+    hf.add_argument("--run_name", default=None, help="Name of the run in TensorBoard's args and in wandb. Default: --output_dir.")
+    hf.add_argument("--disable_tqdm", default=False, help="No progress bar (log lines and metrics.jsonl only). Default False.", **BOOLEAN_FLAG)
+    hf.add_argument("--ddp_timeout", type=positive_int, default=1800, help="Seconds a collective may wait for the other processes before the run fails. Default 1800.")
+    hf.add_argument("--dataloader_num_workers", type=number(int, low=0, what="an integer >= 0"), default=0, help="Accepted and ignored: batches are packed in the training process from token ids tokenized once at start-up (no DataLoader, no worker processes). Default 0.")
+    hf.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=-1, help="Set by the deprecated torch.distributed.launch; same as its LOCAL_RANK environment variable (torchrun sets that itself). Default -1.")
+    hf.add_argument("--fp16", default=False, help="Refused when True: fastalign computes in bf16 (--bf16 True) with fp32 master weights; fp16 would need loss scaling.", **BOOLEAN_FLAG)
+    hf.add_argument("--push_to_hub", default=False, help="Refused when True: fastalign uploads nothing; upload --output_dir (an HF model directory) yourself.", **BOOLEAN_FLAG)
     return parser
 
 
@@ -136,8 +155,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                      "--resume_from_checkpoint would resume from; give only one of them")
     try:
         fdist.parse_fsdp(args.fsdp)
+        args.report_to = parse_report_to(args.report_to)
     except ConfigError as err:
         parser.error(str(err))
+    for flag in ("adam_beta1", "adam_beta2"):
+        if getattr(args, flag) >= 1:
+            parser.error(f"argument --{flag}: must be < 1, got {getattr(args, flag)}")
+    if args.fp16:
+        parser.error("argument --fp16: fastalign does not train in fp16 (it would need loss scaling); "
+                     "use --bf16 True (bf16 compute, fp32 master weights; Ampere or newer GPUs)")
+    if args.push_to_hub:
+        parser.error(f"argument --push_to_hub: fastalign uploads nothing; after training, "
+                     f"{args.output_dir} is an HF model directory: upload it with "
+                     f"`huggingface-cli upload <repo_id> {args.output_dir}`")
+    local_rank_env = os.environ.get("LOCAL_RANK")
+    if args.local_rank >= 0 and local_rank_env is not None and int(local_rank_env) != args.local_rank:
+        parser.error(f"argument --local_rank: {args.local_rank} differs from LOCAL_RANK={local_rank_env} "
+                     "set by the launcher")
+    args.run_name = args.run_name or args.output_dir
+    args.logging_dir = args.logging_dir or str(Path(args.output_dir) / "runs")
     if args.fsdp_transformer_layer_cls_to_wrap not in (None, "", *DECODER_LAYER_CLASSES):
         parser.error(f"argument --fsdp_transformer_layer_cls_to_wrap: fastalign wraps each decoder layer of "
                      f"its supported families ({', '.join(DECODER_LAYER_CLASSES)}); "
@@ -235,6 +271,10 @@ def build_model(args, env: fdist.DistEnv, plan: fdist.FsdpPlan):
                           "while the GPUs compute); without a GPU everything is in host memory already")
     config = LlamaConfig.from_pretrained(args.model_name_or_path)
     config.check_length(args.model_max_length)  # a sliding window shorter than the sequences: refuse now
+    if args.model_max_length > config.max_position_embeddings and env.is_main:
+        log.warning("--model_max_length %d is above the model's max_position_embeddings (%d): "
+                    "positions past it were never trained (RoPE extrapolates poorly)",
+                    args.model_max_length, config.max_position_embeddings)
     reader = CheckpointReader(args.model_name_or_path)
     with torch.device("meta"):
         llama = Llama(config)  # fp32 parameters: the master weights
@@ -261,6 +301,20 @@ def build_model(args, env: fdist.DistEnv, plan: fdist.FsdpPlan):
     return model, llama, backend
 
 
+def check_loss_backend(requested: str, device: torch.device) -> None:
+    """Refuse --loss_backend triton at start-up where the Triton kernels cannot run (no CUDA and
+    no interpreter, or no triton), rather than at the first step."""
+    if requested != "triton":
+        return
+    from fastalign.loss import LossInputError, _resolve_backend
+
+    try:
+        _resolve_backend("triton", device)
+    except LossInputError as err:
+        raise ConfigError(f"--loss_backend triton: cannot run on this machine ({err}); "
+                          "use --loss_backend auto or torch") from None
+
+
 def loss_backend_name(requested: str, device: torch.device) -> str:
     """What `--loss_backend` runs as here (stable_alignment_loss's `auto`: Triton on CUDA only)."""
     return requested if requested != "auto" else ("triton" if device.type == "cuda" else "torch")
@@ -276,7 +330,8 @@ def build_optimizer(model: nn.Module, args) -> torch.optim.AdamW:
     # >= 2.4; plain tensors and FSDP2's DTensor shards alike, gloo included): on CPU 3-4x faster
     # than the multi-tensor path for the 19.5 M-parameter benchmark model (25-36 vs 106 ms per
     # step, 1 thread), parameters equal to it within 6e-8 after 6 steps.
-    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-8, fused=True)
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                             eps=args.adam_epsilon, fused=True)
 
 
 # ----------------------------------------------------------------------------- data
@@ -316,6 +371,10 @@ class Window:
     tokens_x_len: int = 0  # sum over sequences of length^2 (for the attention FLOPs)
     lr: float = 0.0  # the LR of the window's last step
     started: float = 0.0
+    paused: float = 0.0  # seconds of evaluation and checkpointing inside the window (not training)
+
+    def training_seconds(self) -> float:
+        return time.perf_counter() - self.started - self.paused
 
     @classmethod
     def new(cls, device) -> "Window":
@@ -329,7 +388,7 @@ class PendingLog:
     step: int
     epoch: float
     lr: float
-    elapsed: float  # seconds of the window (host clock)
+    elapsed: float  # training seconds of the window (host clock; evaluation and saving excluded)
     values: torch.Tensor  # float64 [9 + world size], see Trainer._start_log
     ready: "torch.cuda.Event | None"  # CUDA: recorded after the copy to the host
 
@@ -361,12 +420,12 @@ def _logged_step(line: str) -> int | None:
 
 
 class MetricsLog:
-    """metrics.jsonl (+ TensorBoard) on rank 0."""
+    """metrics.jsonl (+ the --report_to integrations, fastalign.reporting) on rank 0."""
 
-    def __init__(self, output_dir: Path, enabled: bool, report_to: str, resume_step: int | None):
+    def __init__(self, output_dir: Path, enabled: bool, args: argparse.Namespace, resume_step: int | None):
         self.enabled = enabled
         self.path = output_dir / METRICS_FILE
-        self.tb = None
+        self.reporters: list = []
         if not enabled:
             return
         if resume_step is not None and self.path.exists():
@@ -377,30 +436,21 @@ class MetricsLog:
             self.path.write_text("".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
-        if report_to in ("tensorboard", "all"):
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                log.warning("--report_to %s: tensorboard is not installed; metrics go to %s only",
-                            report_to, self.path)
-            else:
-                self.tb = SummaryWriter(str(output_dir / "runs"))
+        self.reporters = open_reporters(args.report_to, output_dir=output_dir,
+                                        logging_dir=Path(args.logging_dir), run_name=args.run_name,
+                                        config=vars(args))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(f"train/{key}" if not key.startswith("eval_") else f"eval/{key[5:]}",
-                                       value, record["step"])
-            self.tb.flush()
+        for reporter in self.reporters:
+            reporter.write(record)
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        for reporter in self.reporters:
+            reporter.close()
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -424,8 +474,19 @@ class Trainer:
         if env.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = args.tf32
             torch.backends.cudnn.allow_tf32 = args.tf32
+        check_loss_backend(args.loss_backend, env.device)
         ckpt.prepare_output_dir(self.output_dir, fresh_start=args.resume_from_checkpoint is None,
                                 overwrite=args.overwrite_output_dir, run_files=(METRICS_FILE,))
+        if args.eval_data_path and args.evaluation_strategy == "no":
+            log.warning("--eval_data_path %s is unused: evaluation runs only with "
+                        "--evaluation_strategy steps|epoch", args.eval_data_path)
+        if args.dataloader_num_workers:
+            log.info("--dataloader_num_workers %d: ignored; batches are packed in this process from "
+                     "token ids tokenized at start-up (no DataLoader workers needed)",
+                     args.dataloader_num_workers)
+        if args.save_only_model and args.save_strategy != "no":
+            log.info("--save_only_model: checkpoints hold the model only (HF format) and cannot be "
+                     "resumed with --resume_from_checkpoint")
 
         tokenizer = load_tokenizer(args.model_name_or_path)
         train_data, summary = load_groups(args.data_path, tokenizer, args, "train")
@@ -505,9 +566,15 @@ class Trainer:
                                                                last_epoch=state["step"] - 1)
             log.info("resumed from %s at step %d (epoch %d, step %d of the epoch)", resume, *self.position)
         elif args.resume_from_checkpoint is not None:
-            log.info("--resume_from_checkpoint %s: no complete checkpoint in %s, starting fresh",
-                     args.resume_from_checkpoint, self.output_dir)
-        self.metrics = MetricsLog(self.output_dir, env.is_main, args.report_to,
+            model_only = ckpt.list_model_only_checkpoints(self.output_dir)
+            if model_only:
+                log.warning("--resume_from_checkpoint %s: %s holds only --save_only_model checkpoints "
+                            "(%s), which cannot be resumed; starting fresh", args.resume_from_checkpoint,
+                            self.output_dir, ", ".join(p.name for p in model_only))
+            else:
+                log.info("--resume_from_checkpoint %s: no complete checkpoint in %s, starting fresh",
+                         args.resume_from_checkpoint, self.output_dir)
+        self.metrics = MetricsLog(self.output_dir, env.is_main, args,
                                   self.position[0] if resume is not None else None)
 
     def _total_steps(self) -> int:
@@ -540,14 +607,27 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------------
 
     def train(self) -> None:
-        args, env = self.args, self.env
         from tqdm import tqdm
 
-        step, epoch, first = self.position
-        bar = tqdm(total=self.total_steps, initial=step, disable=not env.is_main,
+        step = self.position[0]
+        bar = tqdm(total=self.total_steps, initial=step, disable=not self.env.is_main or self.args.disable_tqdm,
                    desc="train", unit="step", dynamic_ncols=True)
+        try:
+            step = self._loop(bar)
+        finally:  # also on an error: the message that follows must not land on the bar's line
+            bar.close()
+        self._check_finite(self.nonfinite, step)
+        log.info("training done at step %d; writing the model to %s", step, self.output_dir)
+        ckpt.export_hf(self.model, self.llama.config, self.output_dir, self.args.model_name_or_path,
+                       prefix=PREFIX)
+        self.metrics.close()
+
+    def _loop(self, bar) -> int:
+        """The optimizer steps from self.position to the total; returns the last step's number."""
+        args, env = self.args, self.env
+        step, epoch, first = self.position
         window = Window.new(env.device)
-        nonfinite = torch.zeros((), dtype=torch.bool, device=env.device)
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=env.device)
         pending: PendingLog | None = None  # CUDA: a logging step's numbers, read one step later
         while step < self.total_steps:
             steps_in_epoch = self.batcher.steps_per_epoch(epoch)
@@ -555,14 +635,15 @@ class Trainer:
                 if step >= self.total_steps:
                     break
                 grad_norm = self._train_step(opt_step, window)
-                nonfinite |= ~torch.isfinite(grad_norm)
+                self.nonfinite |= ~torch.isfinite(grad_norm)
                 step += 1
                 bar.update(1)
                 done_in_epoch = opt_step.step_in_epoch + 1
                 epoch_done = done_in_epoch == steps_in_epoch
                 epoch_float = epoch + done_in_epoch / steps_in_epoch
-                if step % self.logging_steps == 0 or step == self.total_steps:
-                    current = self._start_log(step, epoch_float, window, grad_norm, nonfinite)
+                if (step % self.logging_steps == 0 or step == self.total_steps
+                        or (args.logging_first_step and step == 1)):
+                    current = self._start_log(step, epoch_float, window, grad_norm, self.nonfinite)
                     window = Window.new(env.device)
                     if pending is not None:
                         self._finish_log(pending, bar)
@@ -579,20 +660,17 @@ class Trainer:
                 if pending is not None and (evaluate or save):  # they sync anyway; keep lines in order
                     self._finish_log(pending, bar)
                     pending = None
+                paused = time.perf_counter()  # evaluation and saving are not training time
                 if evaluate:
                     self._evaluate(step, epoch_float)
                 if save:
                     next_position = (epoch + 1, 0) if epoch_done else (epoch, done_in_epoch)
-                    self._save(step, next_position, nonfinite)
+                    self._save(step, next_position, self.nonfinite)
+                window.paused += time.perf_counter() - paused
             epoch, first = epoch + 1, 0
         if pending is not None:
             self._finish_log(pending, bar)
-        bar.close()
-        self._check_finite(nonfinite, step)
-        log.info("training done at step %d; writing the model to %s", step, self.output_dir)
-        ckpt.export_hf(self.model, self.llama.config, self.output_dir, self.args.model_name_or_path,
-                       prefix=PREFIX)
-        self.metrics.close()
+        return step
 
     def _train_step(self, opt_step, window: Window) -> torch.Tensor:
         """Forward+backward every micro-batch, clip, update. Returns the (device) grad norm.
@@ -653,7 +731,7 @@ class Trainer:
             ready = torch.cuda.Event()
             ready.record()
         return PendingLog(step=step, epoch=epoch, lr=window.lr,
-                          elapsed=time.perf_counter() - window.started, values=sums, ready=ready)
+                          elapsed=window.training_seconds(), values=sums, ready=ready)
 
     def _finish_log(self, pending: "PendingLog", bar) -> None:
         """Write the metrics line of a logging step; NaN/inf stops the run."""
@@ -727,6 +805,12 @@ class Trainer:
         state = {"step": step, "epoch": next_position[0], "step_in_epoch": next_position[1],
                  "total_steps": self.total_steps, "batch_layout": self._batch_layout(),
                  "args": vars(self.args)}
+        if self.args.save_only_model:
+            path = ckpt.save_model_only_checkpoint(
+                self.output_dir, step, self.model, self.llama.config, self.args.model_name_or_path,
+                state, prefix=PREFIX, save_total_limit=self.args.save_total_limit)
+            log.info("saved %s (model only)", path)
+            return
         path = ckpt.save_checkpoint(self.output_dir, step, self.model, self.optimizer, self.scheduler,
                                     state, save_total_limit=self.args.save_total_limit)
         log.info("saved %s", path)
@@ -743,11 +827,6 @@ def group_sums(out: dict[str, torch.Tensor], num_groups: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- entry point
 
 
-def setup_logging(is_main: bool) -> None:
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, stream=sys.stderr,
-                        format="[fastalign %(asctime)s] %(message)s", datefmt="%H:%M:%S")
-
-
 _PEER_FAILURE_HINTS = ("connection reset", "connection closed", "broken pipe", "socket timeout",
                        "timed out", "nccl", "gloo")
 
@@ -762,7 +841,9 @@ def is_peer_failure(err: BaseException) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    env = fdist.init_distributed()
+    if args.local_rank >= 0:  # torch.distributed.launch without --use-env passes only the flag
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    env = fdist.init_distributed(timeout_minutes=args.ddp_timeout / 60)
     setup_logging(env.is_main)
     trainer = Trainer(args, env)
     try:
