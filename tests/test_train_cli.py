@@ -1,5 +1,6 @@
 """The command line: the original train_alignment.py flags, fastalign's own, errors, LR schedules."""
 
+import re
 import shlex
 
 import pytest
@@ -146,3 +147,16 @@ def test_overwrite_and_resume_together_are_refused(capsys):
         parse_args(REQUIRED + ["--overwrite_output_dir", "True", "--resume_from_checkpoint", "auto"])
     err = capsys.readouterr().err
     assert "--overwrite_output_dir" in err and "--resume_from_checkpoint" in err
+
+
+def test_readme_flag_tables_list_every_accepted_flag():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    training = readme.split("\n## Training\n", 1)[1].split("**Checkpoints.**", 1)[0]
+    rows = [line for line in training.splitlines() if line.startswith("| `--")]
+    listed = set(re.findall(r"`(--[a-z0-9_-]+)", "\n".join(rows)))
+    accepted = {option for action in build_parser()._actions for option in action.option_strings
+                if option.startswith("--") and option != "--help"}
+    assert accepted - listed == set()
+    assert listed - accepted == set()  # no row for a flag that does not exist
