@@ -13,7 +13,7 @@ optimizer step it does, and this file does the same on one device:
   fp32), which the original never uses but pays for in time and memory;
 - shift (a contiguous copy of [k, L-1, V]), a Python loop of `CrossEntropyLoss(ignore_index=-100)`
   over the k responses (nll_r), best = top rating, margin penalty with the original's rating
-  indexing (DESIGN.md section 1, `margin_mode=seed`), loss = nll_best + ratio * penalty;
+  indexing (docs/design.md section 1, `margin_mode=seed`), loss = nll_best + ratio * penalty;
 - loss / gradient_accumulation_steps, backward per micro-batch; then gradient clipping at 1.0
   (the HF default), AdamW (`adamw_torch`), zero grads;
 - `--bf16 True` on one device: fp32 weights, autocast to bf16; `--tf32 True`: TF32 matmuls.

@@ -1,6 +1,6 @@
 """Host memory and bytes read while loading a Llama checkpoint: fastalign vs transformers.
 
-Target (DESIGN section 5, model issue): `Llama.from_pretrained` reads each weight once and peaks
+Target (docs/design.md section 5): `Llama.from_pretrained` reads each weight once and peaks
 below 1.2x the model's size in its target dtype in host memory.
 
 A random Llama of a few hundred MB is saved (bf16, as released checkpoints are) as one

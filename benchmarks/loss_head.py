@@ -209,7 +209,7 @@ def _step(batch, method):
 def handle_setup(case: dict[str, Any], device: str, method: str) -> dict[str, Any]:
     import torch
 
-    torch.backends.cuda.matmul.allow_tf32 = True  # what training runs with (DESIGN.md 5)
+    torch.backends.cuda.matmul.allow_tf32 = True  # what training runs with (docs/design.md section 5)
     case = Case(**{**case, "methods": None})
     _STATE.update(case=case, device=device, method=method, batch=make_inputs(case, device))
     loss = _step(_STATE["batch"], method)  # warm-up (Triton compile, allocator, page faults)

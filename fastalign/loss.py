@@ -12,7 +12,7 @@ response, 0..G-1). Returns `AlignmentLossOutput`: loss (fp32 scalar, mean of los
 groups), nll (fp32 [S]), penalty (fp32 [G]), best (int64 [G], the best response of each group).
 loss, nll and penalty are differentiable w.r.t. hidden and weight.
 
-The math (DESIGN.md section 1) is in kernels/group_math.py, including `margin_mode="seed"`: a
+The math (docs/design.md section 1) is in kernels/group_math.py, including `margin_mode="seed"`: a
 compatibility mode that reproduces the original code, which paired the response at position j of
 its group with the j-th largest rating of the group (ratings [3, 7, 5] give the 3-rated response
 margin 0 instead of (7 - 3) / rating_scale * margin).

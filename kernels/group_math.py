@@ -1,6 +1,6 @@
 """Per-group Stable Alignment math on per-response NLLs (plain PyTorch; tiny, O(S) work).
 
-DESIGN.md section 1, for one group of k responses with ratings s and mean NLLs nll:
+docs/design.md section 1, for one group of k responses with ratings s and mean NLLs nll:
 
     best    = argmax_r s_r                          (ties: lowest index among the top-rated)
     m_j     = (s_best - ref_j) / rating_scale * margin        for every j != best

@@ -1,4 +1,4 @@
-"""Plain full-logits oracle of the Stable Alignment loss: DESIGN.md section 1, literally.
+"""Plain full-logits oracle of the Stable Alignment loss: docs/design.md section 1, literally.
 
 Materialises the [T, V] logits, takes log_softmax, averages per response and loops over the groups
 in Python; autograd gives the gradients. Tests only (it is the slow, obvious version).
