@@ -12,6 +12,7 @@ plain module (same numbers, no gather/reduce copies).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -118,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     own.add_argument("--warmup_steps", type=int, default=0, help="Warmup steps; overrides --warmup_ratio when > 0. Default 0.")
     own.add_argument("--eval_data_path", default=None, help="Held-out Sandbox records for --evaluation_strategy steps|epoch.")
     own.add_argument("--eval_steps", type=interval_steps, default=None, help="Steps between evaluations (default: --logging_steps).")
+    own.add_argument("--token_cache_dir", default=None, help="Where tokenized data is cached between runs, keyed on data file, tokenizer and tokenization flags (rank 0 tokenizes, the other ranks read). 'none': no cache. Default: $XDG_CACHE_HOME/fastalign/tokens or ~/.cache/fastalign/tokens.")
 
     hf = parser.add_argument_group("HF Trainer flags (same meaning as in transformers' TrainingArguments)")
     hf.add_argument("--adam_beta1", type=unit_interval, default=0.9, help="AdamW beta1. Default 0.9.")
@@ -173,6 +175,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"argument --local_rank: {args.local_rank} differs from LOCAL_RANK={local_rank_env} "
                      "set by the launcher")
     args.run_name = args.run_name or args.output_dir
+    if args.token_cache_dir is None:
+        from fastalign.token_cache import default_cache_dir
+
+        args.token_cache_dir = str(default_cache_dir())
     args.logging_dir = args.logging_dir or str(Path(args.output_dir) / "runs")
     if args.fsdp_transformer_layer_cls_to_wrap not in (None, "", *DECODER_LAYER_CLASSES):
         parser.error(f"argument --fsdp_transformer_layer_cls_to_wrap: fastalign wraps each decoder layer of "
@@ -337,19 +343,35 @@ def build_optimizer(model: nn.Module, args) -> torch.optim.AdamW:
 # ----------------------------------------------------------------------------- data
 
 
-def load_groups(path: str, tokenizer, args, what: str):
-    """Records -> tokenized groups, with the statistics that go into the log."""
-    from fastalign.data import load_records, tokenize_records
+def load_groups(path: str, tokenizer: Callable[[], object], args, what: str, env: fdist.DistEnv):
+    """Records -> tokenized groups, with the statistics that go into the log.
 
-    loaded = load_records(path, rating_scale=args.rating_scale, skip_invalid=args.skip_invalid)
-    tokenized = tokenize_records(loaded.records, tokenizer, model_max_length=args.model_max_length,
-                                 append_eos=not args.no_append_eos, stop_response=args.stop_response)
+    Tokenized once per run and cached across runs (fastalign.token_cache); `tokenizer()` returns
+    the tokenizer, loaded only when something has to be tokenized.
+    """
+    from fastalign.data import load_records, tokenize_records
+    from fastalign.token_cache import cached_groups
+
+    def tokenize():
+        loaded = load_records(path, rating_scale=args.rating_scale, skip_invalid=args.skip_invalid)
+        tokenized = tokenize_records(loaded.records, tokenizer(), model_max_length=args.model_max_length,
+                                     append_eos=not args.no_append_eos, stop_response=args.stop_response)
+        return tokenized, {"valid_records": len(loaded.records), "skipped": loaded.skipped}
+
+    settings = {"model_max_length": args.model_max_length, "append_eos": not args.no_append_eos,
+                "stop_response": args.stop_response, "rating_scale": args.rating_scale,
+                "skip_invalid": args.skip_invalid}
+    cache_dir = Path(args.token_cache_dir) if args.token_cache_dir not in ("", "none") else None
+    tokenized, meta, how = cached_groups(tokenize, data_path=path, tokenizer_dir=args.model_name_or_path,
+                                         settings=settings, cache_dir=cache_dir, rank=env.rank,
+                                         broadcast=fdist.broadcast_object)
+    skipped = meta["skipped"]
     if not tokenized.groups:
-        raise DataError(f"{path}: no usable {what} records (skipped: {loaded.skipped or 'none'}, "
+        raise DataError(f"{path}: no usable {what} records (skipped: {skipped or 'none'}, "
                         f"tokenization: {tokenized.stats})")
-    skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(loaded.skipped.items())) or "none"
+    skipped_text = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())) or "none"
     stats = ", ".join(f"{k}={v}" for k, v in tokenized.stats.items())
-    summary = (f"{what} data {path}: {len(loaded.records)} valid records, skipped {skipped}; "
+    summary = (f"{what} data {path} ({how}): {meta['valid_records']} valid records, skipped {skipped_text}; "
                f"{len(tokenized.groups)} groups; {stats}")
     return tokenized, summary
 
@@ -488,8 +510,8 @@ class Trainer:
             log.info("--save_only_model: checkpoints hold the model only (HF format) and cannot be "
                      "resumed with --resume_from_checkpoint")
 
-        tokenizer = load_tokenizer(args.model_name_or_path)
-        train_data, summary = load_groups(args.data_path, tokenizer, args, "train")
+        tokenizer = functools.cache(lambda: load_tokenizer(args.model_name_or_path))  # not needed on a cache hit
+        train_data, summary = load_groups(args.data_path, tokenizer, args, "train", env)
         log.info("%s", summary)
         self.batcher = GroupBatcher(
             train_data, num_comp=args.num_comp, seed=args.seed,
@@ -500,7 +522,7 @@ class Trainer:
             seed_compat=args.margin_mode == "seed")  # the original collator's order and int() scores
         self.eval_batcher = None
         if args.evaluation_strategy != "no":
-            eval_data, summary = load_groups(args.eval_data_path, tokenizer, args, "eval")
+            eval_data, summary = load_groups(args.eval_data_path, tokenizer, args, "eval", env)
             log.info("%s", summary)
             self.eval_batcher = GroupBatcher(
                 eval_data, num_comp=args.num_comp, seed=args.seed,
