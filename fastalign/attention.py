@@ -134,10 +134,17 @@ def _repeat_kv(k: torch.Tensor, v: torch.Tensor, num_q_heads: int) -> tuple[torc
     return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
 
 
-# Dynamo cannot trace a loop whose trip count comes from tensor data; keeping it out of the graph
-# lets a compiled decoder layer run this fallback with one graph break instead of failing.
-@torch.compiler.disable
-def _sdpa_per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def keep_sdpa_loop_out_of_compiled_graphs() -> None:
+    """Before torch.compile (fastalign.distributed.apply_compile): Dynamo cannot trace a loop whose
+    trip count comes from tensor data; keeping the sdpa fallback out of the graph lets a compiled
+    decoder layer run it with one graph break instead of failing. Done here, not as a decorator at
+    import: `torch.compiler.disable` imports torch._dynamo (~1.7 s on a 2-core CPU), which a run
+    without --compile never needs."""
+    global _sdpa_per_sequence
+    _sdpa_per_sequence = torch.compiler.disable(_sdpa_loop)
+
+
+def _sdpa_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        cu_seqlens: torch.Tensor) -> torch.Tensor:
     """SDPA on each sequence's slice: O(sum L_i^2) work, no [T, T] mask over the whole pack."""
     bounds = cu_seqlens.tolist()  # one host sync per layer: acceptable for the fallback
@@ -154,3 +161,6 @@ def _sdpa_per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, **gqa)  # [1, Hq, L, D]
         outputs.append(out.squeeze(0).transpose(0, 1))
     return torch.cat(outputs, dim=0)
+
+
+_sdpa_per_sequence = _sdpa_loop  # the compile-disabled wrapper once keep_sdpa_loop_out_of_compiled_graphs ran

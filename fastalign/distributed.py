@@ -148,6 +148,9 @@ def apply_ac(layers: nn.ModuleList) -> None:
 
 def apply_compile(layers: nn.ModuleList) -> None:
     """torch.compile each decoder layer separately: one small graph reused by every layer."""
+    from fastalign.attention import keep_sdpa_loop_out_of_compiled_graphs
+
+    keep_sdpa_loop_out_of_compiled_graphs()
     for index, layer in enumerate(layers):
         layers[index] = torch.compile(layer, dynamic=True)
 
