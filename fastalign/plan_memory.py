@@ -138,8 +138,9 @@ class Options:
 def layer_saved_bytes(c: LlamaConfig, tokens: int, b: int, device_type: str) -> int:
     """What autograd keeps from one DecoderLayer's forward until its backward (no checkpointing).
 
-    Each RMSNorm: its fp32 input (x.float(); for fp32 inputs the input itself) 4TH, rsqrt 4T and
-    the normalised b*TH. Attention: rotated q and k, v, the attention output (q/k/v/o_proj save
+    Each RMSNorm: its fp32 input (x.float(); for fp32 inputs the input itself) 4TH, rsqrt 4T, the
+    normalised b*TH (for the weight's gradient) and its output b*TH (the next linear's input).
+    Attention: rotated q and k, v, the attention output (q/k/v/o_proj save
     their inputs, the same tensors) and the fp32 log-sum-exp [Hq, T]; the rotary multiplications
     save only cos/sin (shared by all layers, counted once in `StepMemory`). The sdpa fallback
     concatenates its per-sequence outputs: one more [T, Q] copy. Qwen3's q/k norms: their own fp32
@@ -147,7 +148,7 @@ def layer_saved_bytes(c: LlamaConfig, tokens: int, b: int, device_type: str) -> 
     """
     h, q, k = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     t = tokens
-    norms = 2 * (4 * t * h + 4 * t + b * t * h)
+    norms = 2 * (4 * t * h + 4 * t + 2 * b * t * h)
     attention = b * t * (2 * q + 2 * k) + 4 * c.num_attention_heads * t
     if device_type == "cpu":
         attention += b * t * q
@@ -158,9 +159,10 @@ def layer_saved_bytes(c: LlamaConfig, tokens: int, b: int, device_type: str) -> 
 
 
 def layer_backward_bytes(c: LlamaConfig, tokens: int, b: int) -> int:
-    """Gradients alive at once inside one layer's backward: the MLP's [T, I] gradients (output,
-    silu and up branches, 3 b*TI) and the norm's fp32 input gradient pair (8TH)."""
-    return 3 * b * tokens * c.intermediate_size + 8 * tokens * c.hidden_size
+    """Activation gradients one layer's backward adds on top of the saved activations, at its
+    largest: in the MLP's backward the gradients of the product, of silu(gate) and of up (3 b*TI)
+    are alive while the product itself, used by down_proj's backward only, is already freed."""
+    return 2 * b * tokens * c.intermediate_size
 
 
 def head_slice_columns(c: LlamaConfig, target_tokens: int, opts: Options) -> tuple[int, int]:
@@ -240,10 +242,10 @@ def step_phases(c: LlamaConfig, state: StateBytes, mb: MicroBatch, opts: Options
     else:  # the plain module: gradients are written straight into the persistent .grad tensors
         root_gathered = layer_gathered = held_layers = layer_reduce = root_reduce = lm_head_grad = 0
     per_layer = layer_saved_bytes(c, t, b, opts.device_type)
-    if opts.gradient_checkpointing:
-        saved = layers * b * t * h + per_layer  # layer inputs + the layer being re-computed
+    if opts.gradient_checkpointing:  # layer inputs; in a layer's backward also its re-computed activations
+        saved, in_layer_backward = layers * b * t * h, layers * b * t * h + per_layer
     else:
-        saved = layers * per_layer
+        saved = in_layer_backward = layers * per_layer
     shared = 2 * b * t * c.head_dim  # cos, sin [T, 1, D]
     final = 4 * t * h + 4 * t + 2 * b * t * h + 4 * mb.target_tokens  # final norm, its output, lse
     slice_bytes, head_other = head_backward_bytes(c, mb, opts)
@@ -253,7 +255,7 @@ def step_phases(c: LlamaConfig, state: StateBytes, mb: MicroBatch, opts: Options
                                      "activations": saved + shared + final, "loss-head slice": slice_bytes,
                                      "loss-head buffers": head_other, "backward buffers": 0}),
         Phase("last layer's backward", {**persistent, "gathered layers": root_gathered + held_layers * layer_gathered,
-                                        "activations": saved + shared, "loss-head slice": 0, "loss-head buffers": 0,
+                                        "activations": in_layer_backward + shared, "loss-head slice": 0, "loss-head buffers": 0,
                                         "backward buffers": layer_backward_bytes(c, t, b) + layer_reduce
                                         + lm_head_grad + b * t * h}),
         Phase("end of backward", {**persistent, "gathered layers": root_gathered + layer_gathered,
