@@ -231,8 +231,8 @@ def default_mfu() -> tuple[float, str]:
         for file in reversed(files):
             mfu = json.loads(file.read_text()).get("sides", {}).get("fastalign", {}).get("mfu")
             if mfu:
-                return float(mfu), f"measured, {file.name}"
-    return DEFAULT_MFU, "assumed (no GPU training rows in benchmarks/RESULTS.md yet)"
+                return float(mfu), f"measured: {file.name}"
+    return DEFAULT_MFU, "assumed: no GPU training rows in benchmarks/RESULTS.md yet"
 
 
 def communication_bytes(state_numel: int, args, plan: fdist.FsdpPlan) -> tuple[float, float]:
@@ -340,7 +340,7 @@ def estimate_time(config, args, fsdp_plan: fdist.FsdpPlan, work: Workload, gpu: 
     tflops = args.gpu_tflops or (gpu.tflops if gpu else None)
     if tflops is None:
         return {"note": "no --gpu or --gpu_tflops: no time estimate"}
-    mfu, mfu_source = (args.mfu, "given (--mfu)") if args.mfu else default_mfu()
+    mfu, mfu_source = (args.mfu, "given by --mfu") if args.mfu else default_mfu()
     per_token, per_square = config.flops_per_token(0), config.flops_per_token(1) - config.flops_per_token(0)
     flops = per_token * work.tokens_per_step + per_square * work.attention_sq_per_step  # the trainer's MFU count
     if args.gradient_checkpointing:  # one more forward of the layers: +1/3 of their matmuls
@@ -458,8 +458,8 @@ def format_report(plan: dict) -> str:
         lines.append(f"time: {t['note']}")
     else:
         lines += [
-            f"time (estimates): {t['flops_per_step']:.3g} FLOPs per step at {t['mfu']:.0%} of {t['tflops_peak']:g} TFLOP/s "
-            f"per GPU ({t['mfu_source']})",
+            f"time (estimates): {t['flops_per_step']:.3g} FLOPs per step, each GPU at {t['mfu']:.0%} of "
+            f"{t['tflops_peak']:g} TFLOP/s ({t['mfu_source']})",
             f"  compute {_duration(t['compute_s_per_step'])}/step, communication "
             f"{t['communication_bytes_per_step_per_rank'] / 1e9:.2f} GB/rank/step = {_duration(t['communication_s_per_step'])} "
             f"at {t['link_gb_s']:g} GB/s (between nodes {t['inter_node_gb_s']:g} GB/s), assumed overlapped",
@@ -469,7 +469,7 @@ def format_report(plan: dict) -> str:
             lines.append(f"  epoch ({t['steps_per_epoch']} steps) ~{_duration(t['epoch_hours'] * 3600)}; "
                          f"the run's {w['epochs']:g} epochs ~{_duration(t['run_hours'] * 3600)}")
         else:
-            lines.append("  epoch time: give --data_path")
+            lines.append("  epoch time: give --data_path (or --num_records)")
     return "\n".join(lines)
 
 
