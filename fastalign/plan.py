@@ -205,9 +205,11 @@ def workload_from_data(args, tokenizer_dir: str) -> Workload:
         start += len(g.response_ids)
         counts.append(group_counts(len(g.query_ids), chosen, args.share_prefix))
     counts = np.array(counts, dtype=np.int64)  # [G, 3]: tokens, targets, length^2
-    micro_batches = batcher._plan(0).micro_batches  # group positions of each micro-batch, epoch order
+    # The batcher's own epoch plan (group positions of each micro-batch, in epoch order). It packs by
+    # separate-sequence tokens; with a shared prefix groups are smaller, and the batcher's greedy
+    # fill over the same order packs more of them under the same budget.
+    micro_batches = batcher._plan(0).micro_batches
     if args.share_prefix and args.max_tokens_per_batch is not None:
-        # fewer tokens per group: the same greedy fill over the same order packs more groups
         micro_batches = batcher._fill_token_budget(np.concatenate(micro_batches), counts[:, 0])
     per_batch = np.array([counts[m].sum(axis=0) for m in micro_batches])  # [B, 3]
     largest = per_batch[int(per_batch[:, 0].argmax())]
@@ -300,6 +302,7 @@ def make_plan(args) -> dict:
 
     config = (LlamaConfig.from_pretrained(args.model_name_or_path) if args.model_name_or_path
               else LlamaConfig.from_hf_dict(_read_json(args.config), source=args.config))
+    config.check_length(args.model_max_length)  # as the trainer: a shorter sliding window is refused
     fsdp_plan = fdist.parse_fsdp(args.fsdp)
     gpu = GPUS.get(args.gpu) if args.gpu else None
     memory_gib = args.gpu_memory_gb or (gpu.memory_gib if gpu else None)
@@ -367,10 +370,10 @@ def what_would_fit(config, args, fsdp_plan: fdist.FsdpPlan, work: Workload, usab
     """Changes that make the plan fit (or why one cannot), each checked with the same memory count."""
     hints = []
     sharded = fdist.FsdpPlan("full_shard", fsdp_plan.offload) if fsdp_plan.strategy == "no_shard" else fsdp_plan
-    for factor in (2, 4, 8, 16, 32, 64, 128):
+    for factor in (2, 4, 8, 16, 32, 64, 128):  # more nodes like this one
         ranks = args.world_size * factor
-        per_node = min(args.nproc_per_node * factor, 8) if args.nnodes == 1 else args.nproc_per_node
-        _, peak = plan_memory(config, args, ranks, per_node, sharded, args.gradient_checkpointing, work.largest)
+        _, peak = plan_memory(config, args, ranks, args.nproc_per_node, sharded, args.gradient_checkpointing,
+                              work.largest)
         if peak.total <= usable:
             hints.append(f"fits on {ranks} GPUs of this size: {_gib(peak.total)} per rank"
                          + (f" with --fsdp {sharded.strategy}" if sharded is not fsdp_plan else ""))
@@ -424,7 +427,8 @@ def format_report(plan: dict) -> str:
     m, w, g, load, mem, t = plan["model"], plan["world"], plan["gpu"], plan["workload"], plan["memory"], plan["time"]
     lines = [
         f"model: {m['config']} ({m['parameters'] / 1e9:.2f} B parameters, {m['layers']} layers, hidden {m['hidden']}, vocab {m['vocab']})",
-        f"world: {w['ranks']} ranks ({w['nnodes']} node(s) x {w['nproc_per_node']}), fsdp {w['fsdp']}, "
+        f"world: {w['ranks']} rank{'s' * (w['ranks'] > 1)} ({w['nnodes']} node{'s' * (w['nnodes'] > 1)} x "
+        f"{w['nproc_per_node']}), fsdp {w['fsdp']}, "
         f"{'bf16' if w['bf16'] else 'fp32'} compute, activation checkpointing {'on' if w['gradient_checkpointing'] else 'off'}, "
         f"shared prefix {'on' if w['share_prefix'] else 'off'}",
         f"GPU: {g['name'] or 'custom'}, {g['memory_gib']:g} GiB ({g['usable_gib']:.2f} GiB usable: {USABLE_FRACTION:.0%} minus "

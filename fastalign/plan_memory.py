@@ -47,7 +47,8 @@ class StateBytes:
 @contextmanager
 def fake_world(world_size: int):
     """A one-process stand-in for `world_size` ranks: torch.distributed's fake backend (collectives
-    return at once and move nothing), this process being rank 0."""
+    return at once and move nothing), this process being rank 0. The backend ships with torch
+    (torch.testing._internal.distributed.fake_pg, present since torch 2.1), as torchtitan uses it."""
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -76,18 +77,21 @@ def _local_numel(tensor: torch.Tensor) -> int:
 def measure_state(config: LlamaConfig, *, world_size: int, procs_per_node: int, strategy: str,
                   bf16: bool, gradient_checkpointing: bool, offload: bool) -> StateBytes:
     """Shard the trainer's model as `fastalign.train.build_model` does and read rank 0's shards."""
-    from fastalign.train import AlignmentModel
+    from types import SimpleNamespace
+
+    from fastalign.train import AlignmentModel, uses_fsdp
 
     plan = fdist.FsdpPlan(strategy=strategy, offload=offload)
     env = fdist.DistEnv(rank=0, world_size=world_size, local_rank=0, local_world_size=procs_per_node,
                         device=torch.device("cpu"), backend="fake")
     with torch.device("meta"):
         llama = Llama(config)
+    # the loss settings own no parameters or buffers: any valid values size the model alike
     model = AlignmentModel(llama, rating_scale=7.0, margin=1.0, ratio=0.2, max_flow=False,
                            margin_mode="paper", loss_backend="auto")
     layer_numel = sum(p.numel() for p in llama.layers[0].parameters()) if len(llama.layers) else 0
     root_numel = config.num_parameters() - config.num_hidden_layers * layer_numel
-    fsdp = world_size > 1 or bf16 or offload  # = train.uses_fsdp
+    fsdp = uses_fsdp(SimpleNamespace(bf16=bf16), env, plan)
     if gradient_checkpointing:
         fdist.apply_ac(llama.layers)
     if fsdp:

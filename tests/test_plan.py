@@ -189,6 +189,19 @@ def test_data_workload_is_the_trainers_largest_micro_batch(tiny):
     assert shared.tokens_per_step * shared.steps_per_epoch < work.tokens_per_step * work.steps_per_epoch
 
 
+def test_plan_with_data_prints_epoch_times(tiny, tmp_path, capsys):
+    model, data = tiny
+    status, plan, text = run_plan(["--model_name_or_path", str(model), "--data_path", str(data), "--gpu", "L4",
+                                   "--nproc_per_node", "2", "--bf16", "True", "--fsdp", "full_shard",
+                                   "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+                                   "--num_train_epochs", "2"], tmp_path, capsys)
+    assert status == 0, text
+    steps = plan["time"]["steps_per_epoch"]
+    assert steps == -(-264 // (2 * 2 * 2))  # 264 records, 2 groups x 2 ranks x 2 micro-batches per step
+    assert plan["time"]["run_hours"] == pytest.approx(2 * plan["time"]["epoch_hours"])
+    assert plan["memory"]["fits"] and f"epoch ({steps} steps)" in text
+
+
 # ----------------------------------------------------------------------------- the published run
 
 
