@@ -605,7 +605,9 @@ class Trainer:
         scale = env.world_size / opt_step.global_groups
         # All of the step's (small) index tensors are queued for the device up front.
         on_device = [b.to(env.device, non_blocking=True) for b in opt_step.micro_batches]
-        for host_batch, batch in zip(opt_step.micro_batches, on_device):
+        last = len(on_device) - 1  # the same on every rank: fillers keep the counts equal
+        for index, (host_batch, batch) in enumerate(zip(opt_step.micro_batches, on_device)):
+            fdist.set_gradient_all_reduce(self.model, self.plan, enabled=index == last)
             if batch.num_groups:  # real tokens only: a filler batch's work is thrown away
                 lengths = (host_batch.cu_seqlens[1:] - host_batch.cu_seqlens[:-1]).long()  # [S]
                 window.tokens += batch.num_tokens
@@ -762,7 +764,7 @@ def is_peer_failure(err: BaseException) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    env = fdist.init_distributed()
+    env = fdist.init_distributed(cpu_collectives=fdist.parse_fsdp(args.fsdp).offload)
     setup_logging(env.is_main)
     trainer = Trainer(args, env)
     try:

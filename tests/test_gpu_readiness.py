@@ -1,0 +1,102 @@
+"""What a first run on a CUDA machine depends on, checked on this CPU-only one: GPU tests collect
+without the optional test packages, CPU tests keep to the CPU on any machine, the process group
+can reduce host tensors under CPU offload, and gradient accumulation all-reduces once per step."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fastalign.distributed import process_group_backend
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- process group
+
+
+def test_process_group_backend_adds_gloo_for_host_tensors_under_offload():
+    assert process_group_backend(use_cuda=False, cpu_collectives=False) == "gloo"
+    assert process_group_backend(use_cuda=False, cpu_collectives=True) == "gloo"
+    assert process_group_backend(use_cuda=True, cpu_collectives=False) == "nccl"
+    assert process_group_backend(use_cuda=True, cpu_collectives=True) == "cuda:nccl,cpu:gloo"
+
+
+@pytest.mark.parametrize("fsdp,wanted", [("full_shard auto_wrap offload", True),
+                                         ("full_shard auto_wrap", False), ("", False)])
+def test_trainer_asks_for_cpu_collectives_exactly_with_offload(monkeypatch, tmp_path, fsdp, wanted):
+    from fastalign import train
+
+    asked = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_init(*args, cpu_collectives=False, **kwargs):
+        asked.append(cpu_collectives)
+        raise Stop
+
+    monkeypatch.setattr(train.fdist, "init_distributed", fake_init)
+    with pytest.raises(Stop):
+        train.main(["--model_name_or_path", str(tmp_path), "--data_path", str(tmp_path / "d.json"),
+                    "--output_dir", str(tmp_path / "out"), "--fsdp", fsdp])
+    assert asked == [wanted]
+
+
+# ----------------------------------------------------------------------------- accumulation
+
+COUNT_ALL_REDUCES = textwrap.dedent("""
+    import json, os, sys
+    import torch.distributed as dist
+    from fastalign import train
+
+    calls = []
+    real_all_reduce = dist.all_reduce
+
+    def counting_all_reduce(*args, **kwargs):  # FSDP2's gradient all-reduce calls dist.all_reduce
+        if "_fsdp" in sys._getframe(1).f_code.co_filename:
+            calls.append(1)
+        return real_all_reduce(*args, **kwargs)
+
+    dist.all_reduce = counting_all_reduce
+    status = train.main(sys.argv[2:])
+    with open(f"{sys.argv[1]}.rank{os.environ['RANK']}", "w") as out:
+        out.write(str(len(calls)))
+    sys.exit(status)
+""")
+
+
+def test_accumulation_all_reduces_replicated_gradients_once_per_step(tmp_path):
+    """--fsdp no_shard (replicas), 2 ranks, 2 steps of 4 micro-batches: one gradient all-reduce
+    per FSDP unit (2 layers + root) per step, not per micro-batch, and the same weights as
+    full_shard (which reduce-scatters every micro-batch)."""
+    from test_train import assert_same_weights, common
+    from fastalign.data import sample_data_path
+    from fastalign.tiny import build_tiny_llama, sandbox_texts
+
+    model = build_tiny_llama(tmp_path / "model", sandbox_texts(sample_data_path()), vocab_size=300,
+                             hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                             intermediate_size=64, max_position_embeddings=256)
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(sample_data_path().read_text().splitlines()[:24]) + "\n")
+    script = tmp_path / "count.py"
+    script.write_text(COUNT_ALL_REDUCES)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    counts = {}
+    for name, fsdp in (("replicated", "no_shard"), ("sharded", "full_shard auto_wrap")):
+        args = common(model, data, tmp_path / name, max_steps=2, per_device_train_batch_size=1,
+                      gradient_accumulation_steps=4, logging_steps=2, fsdp=fsdp)
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 "--nproc_per_node=2", str(script), str(tmp_path / name), *args],
+                                capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+        assert result.returncode == 0, result.stderr[-4000:]
+        counts[name] = [int((tmp_path / f"{name}.rank{r}").read_text()) for r in (0, 1)]
+    assert counts["replicated"] == [3 * 2, 3 * 2], counts  # (2 layers + root) x 2 steps
+    assert counts["sharded"] == [0, 0], counts  # a 1-D mesh reduce-scatters only
+    assert_same_weights(tmp_path / "replicated", tmp_path / "sharded", atol=1e-6)
