@@ -700,3 +700,37 @@ def test_grad_hidden_gemm_out_of_memory_is_not_swallowed(monkeypatch):
     with pytest.raises(torch.OutOfMemoryError):
         triton_head._add_product_fp32(torch.zeros(2, 2), a, b)
     assert triton_head._TRY_FP32_OUT_GEMM == {"cpu": True}  # not mistaken for a missing op
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_with_a_host_plan_reads_nothing_from_the_device(host_syncs, backend):
+    # The trainer plans each micro-batch on its host copy before queueing the model's forward;
+    # the loss's forward, group step included, must then never wait for the device.
+    from fastalign.loss import plan_loss
+
+    batch = make_batch([2, 3, 4], 17, 300, seed=23, hard_best=(1,))
+    plan = plan_loss(batch["targets"], batch["response_index"], batch["scores"],
+                     batch["group_index"], vocab=300, num_groups=3)
+    if backend == "triton":
+        device = triton_device()
+        batch, plan = to_device(batch, device), plan.to(device)
+    with host_syncs:
+        out = _call(batch, backend=backend, num_groups=3, plan=plan)
+    assert host_syncs.total() == 0, dict(host_syncs.counts)
+    want = _call(batch, backend=backend)  # planned inside: the same numbers
+    assert torch.equal(out.loss, want.loss) and torch.equal(out.nll, want.nll)
+
+
+def test_a_plan_for_another_batch_is_refused():
+    from fastalign.loss import plan_loss
+
+    batch = make_batch([2, 3], 17, 300, seed=24)
+    other = make_batch([3, 3], 17, 300, seed=25)
+    plan = plan_loss(other["targets"], other["response_index"], other["scores"],
+                     other["group_index"], vocab=300)
+    with pytest.raises(LossInputError, match="plan does not match this call: it covers"):
+        _call(batch, plan=plan)
+    plan = plan_loss(batch["targets"], batch["response_index"], batch["scores"],
+                     batch["group_index"], vocab=299)
+    with pytest.raises(LossInputError, match="checked for a vocabulary of 299"):
+        _call(batch, plan=plan)
