@@ -100,3 +100,60 @@ def test_accumulation_all_reduces_replicated_gradients_once_per_step(tmp_path):
     assert counts["replicated"] == [3 * 2, 3 * 2], counts  # (2 layers + root) x 2 steps
     assert counts["sharded"] == [0, 0], counts  # a 1-D mesh reduce-scatters only
     assert_same_weights(tmp_path / "replicated", tmp_path / "sharded", atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the suite itself
+
+BARE_IMAGE_MISSING = ("hypothesis", "matplotlib", "tensorboard", "wandb")
+
+
+def _pytest(args: list[str], env_changes: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "blocked"), str(REPO)]),
+               PYTEST_DISABLE_PLUGIN_AUTOLOAD="1", **env_changes)
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
+                          capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+
+
+def _block_imports(tmp_path: Path) -> None:
+    """Packages that raise ImportError when imported: the GPU image has none of them."""
+    for name in BARE_IMAGE_MISSING:
+        package = tmp_path / "blocked" / name
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text(  # what a missing package raises
+            f'raise ModuleNotFoundError("No module named {name!r}", name={name!r})\n')
+
+
+def _collected(stdout: str) -> list[str]:
+    return sorted(line for line in stdout.splitlines() if "::" in line)
+
+
+def test_every_gpu_test_is_collected_without_the_optional_test_packages(tmp_path):
+    normal = _pytest(["--collect-only", "-q", "-m", "gpu", "tests"], {}, tmp_path)
+    assert normal.returncode == 0, normal.stdout[-3000:]
+    _block_imports(tmp_path)
+    bare = _pytest(["--collect-only", "-q", "-m", "gpu", "tests"], {}, tmp_path)
+    assert bare.returncode == 0, bare.stdout[-3000:]  # no collection error anywhere
+    assert _collected(normal.stdout) and _collected(bare.stdout) == _collected(normal.stdout)
+    # the property tests themselves skip, one by one, instead of breaking their module
+    run = _pytest(["-q", "-rs", "tests/test_evaluate.py", "-k", "metrics_match or summary"], {}, tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert "needs hypothesis" in run.stdout and " passed" in run.stdout
+
+
+def test_triton_cases_never_use_cpu_tensors_without_the_interpreter(tmp_path):
+    # On a CUDA machine conftest leaves TRITON_INTERPRET unset, so a Triton case on CPU tensors
+    # fails there ("needs CUDA tensors"). Simulated here: interpreter off, no CUDA -> every
+    # Triton case must skip (on CUDA they run compiled on CUDA tensors), none may fail.
+    result = _pytest(["-q", "-rs", "tests/test_loss.py", "-k", "triton and not compile"],
+                     {"TRITON_INTERPRET": "0"}, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "Triton needs CUDA, or TRITON_INTERPRET=1" in result.stdout
+
+
+def test_cpu_tests_start_their_processes_without_gpus():
+    # Training under torchrun with 4 ranks, `mfu is None`, gloo: the CPU tests' assumptions hold
+    # on a machine with 0, 1 or 8 GPUs because their processes see none (conftest.py).
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == ""
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                           capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip() == "0", probe.stderr[-2000:]
