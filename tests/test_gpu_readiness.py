@@ -157,3 +157,64 @@ def test_cpu_tests_start_their_processes_without_gpus():
     probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
                            capture_output=True, text=True, timeout=120)
     assert probe.stdout.strip() == "0", probe.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- make gpu-check
+
+
+def _junit(tmp_path: Path, cases: list[tuple[str, str | None, str]]) -> Path:
+    """A JUnit file as pytest writes it: (test name, None | failure | error | skipped, message)."""
+    body = "".join(f'<testcase classname="tests.t" name="{name}">'
+                   + (f'<{kind} message="{message}">{message}</{kind}>' if kind else "")
+                   + "</testcase>" for name, kind, message in cases)
+    path = tmp_path / "pytest.xml"
+    path.write_text(f'<?xml version="1.0"?><testsuites><testsuite name="pytest">{body}</testsuite></testsuites>')
+    return path
+
+
+def test_gpu_check_fails_when_fewer_gpu_tests_ran_than_were_collected(tmp_path):
+    from benchmarks.gpu_check import pytest_verdict, read_junit
+
+    # pytest stopped early (a module failed to import): 18 collected on their own, 0 ran
+    status, note = pytest_verdict(read_junit(_junit(tmp_path, []), collected=18), 2, "")
+    assert status == "failed" and "only 0 ran" in note
+    ok_cases = [(f"test_{i}", None, "") for i in range(17)]
+    flash = ("test_backend[flash_attn]", "skipped", "flash_attn not available here")
+    status, note = pytest_verdict(read_junit(_junit(tmp_path, ok_cases + [flash]), collected=18), 0, "")
+    assert status == "ok" and note.startswith("17 passed, 0 failed, 0 errors, 1 skipped of 18 collected")
+    assert "flash_attn not available here" in note  # an optional package: listed, not failed
+    no_cuda = ("test_train", "skipped", "needs CUDA (run by `make gpu-check`)")
+    status, note = pytest_verdict(read_junit(_junit(tmp_path, ok_cases + [no_cuda]), collected=18), 0, "")
+    assert status == "failed" and "skipped for want of CUDA: test_train" in note
+    failing = ("test_kernel", "failure", "AssertionError: loss differs by 3e-2")
+    status, note = pytest_verdict(read_junit(_junit(tmp_path, ok_cases + [failing]), collected=18), 1, "")
+    assert status == "failed" and "first: test_kernel: AssertionError: loss differs by 3e-2" in note
+    status, note = pytest_verdict(None, 4, "collecting the GPU tests failed (exit 2): E   ImportError: x")
+    assert status == "failed" and note.startswith("collecting the GPU tests failed")
+
+
+def test_gpu_check_reason_is_one_line_not_a_traceback():
+    from benchmarks.gpu_check import failure_reason
+
+    wall = "\n".join(["step 1", "Traceback (most recent call last):",
+                      *[f'  File "x.py", line {i}, in f' for i in range(40)],
+                      "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", ""])
+    assert failure_reason(wall) == "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert failure_reason("error: --preset gpu-9b: unknown preset\n") == "error: --preset gpu-9b: unknown preset"
+    assert failure_reason("") == "no output"
+
+
+def test_gpu_check_reports_backends_and_versions_and_a_results_row(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--only", "--out_dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    info = json.loads((tmp_path / "environment.json").read_text())
+    import torch
+
+    assert info["attention_backend"] in ("flash_attn", "torch_varlen", "sdpa")
+    assert info["loss_backend"] in ("triton", "torch") and info["torch"] == torch.__version__
+    assert "triton" in info and "flash_attn" in info and "flash_attn_usable" in info
+    for key in ("attention_backend", "loss_backend", "torch", "triton"):
+        assert f"{key}: " in result.stdout  # on the console too
+    row = (tmp_path / "results-row.md").read_text()
+    assert row.startswith("| ") and f"attention {info['attention_backend']}" in row and "triton " in row
