@@ -240,26 +240,31 @@ def default_mfu() -> tuple[float, str]:
 def communication_bytes(state_numel: int, args, plan: fdist.FsdpPlan) -> tuple[float, float]:
     """(bytes within a node, bytes between nodes) each rank moves per optimizer step.
 
-    Ring collectives move (n - 1) / n of the buffer per rank. Per micro-batch FSDP2 all-gathers the
-    parameters in the compute dtype (forward, and again in backward under full/hybrid_shard) and
-    reduce-scatters fp32 gradients; hybrid shards also all-reduce their gradient shard across
-    nodes; no_shard all-reduces the whole fp32 gradient.
+    Ring collectives move (n - 1) / n of the buffer per rank. Over the shard dimension FSDP2
+    all-gathers the parameters in the compute dtype on every micro-batch (forward, and again in
+    backward under full/hybrid_shard) and reduce-scatters fp32 gradients. Over a replicate
+    dimension (no_shard, hybrid) the trainer all-reduces the fp32 gradient shards once per
+    optimizer step (`distributed.set_gradient_all_reduce`): 2 (n - 1) / n of them.
     """
     world, per_node, b = args.world_size, args.nproc_per_node, 2 if args.bf16 else 4
     if world == 1:
         return 0.0, 0.0
-    gathers = 2 if plan.reshard_after_forward else 1
     micro = args.gradient_accumulation_steps
+    gathers = 2 if plan.reshard_after_forward else 1
+
+    def sharded(n: int) -> float:  # per step, over a shard dimension of n ranks
+        return micro * (gathers * b + 4) * state_numel * (n - 1) / n
+
+    def all_reduce(numel: float, n: int) -> float:  # once per step, over a replicate dimension of n
+        return 2 * 4 * numel * (n - 1) / n
+
     if plan.strategy == "no_shard":
-        volume = micro * 2 * 4 * state_numel * (world - 1) / world
+        volume = all_reduce(state_numel, world)
         return (volume, 0.0) if args.nnodes == 1 else (0.0, volume)
     if plan.strategy in ("full_shard", "shard_grad_op"):
-        volume = micro * (gathers * b + 4) * state_numel * (world - 1) / world
-        return (volume, 0.0) if args.nnodes == 1 else (0.0, volume)
-    shard = per_node  # hybrid: shard within the node, replicate across nodes
-    inside = micro * (gathers * b + 4) * state_numel * (shard - 1) / shard
-    across = micro * 2 * 4 * state_numel / shard * (args.nnodes - 1) / args.nnodes
-    return inside, across
+        return (sharded(world), 0.0) if args.nnodes == 1 else (0.0, sharded(world))
+    # hybrid: shard within the node, replicate across nodes
+    return sharded(per_node), all_reduce(state_numel / per_node, args.nnodes)
 
 
 # ----------------------------------------------------------------------------- the plan

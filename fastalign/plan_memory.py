@@ -185,14 +185,18 @@ def head_backward_bytes(c: LlamaConfig, mb: MicroBatch, opts: Options) -> tuple[
     """(slice bytes, other head buffers) alive in the loss head's backward (loss.py, kernels/).
 
     Both heads: grad_hidden zeros [T, H] (b), the gathered token rows [N, H] (b), the fp32
-    token gradient [N, H], grad_weight [V, H] (b) and one logits slice [N, C]. The twin adds its
-    fp32 weighted token rows [N, H] (and an fp32 copy of them for bf16 inputs) and the fp32 copy
-    of the weight slice [C, H] with the product it assigns from (bf16 weights)."""
+    token gradient [N, H], grad_weight [V, H] (b) and one logits slice [N, C]. Triton with bf16
+    adds each slice's fp32 product [N, H] before it is summed in (kernels/alignment_head.py,
+    `_add_product_fp32`). The twin adds its fp32 weighted token rows [N, H] (and an fp32 copy of
+    them for bf16 inputs) and the fp32 copy of the weight slice [C, H] with the product it assigns
+    from (bf16 weights)."""
     b, h, n = opts.compute_bytes, c.hidden_size, mb.target_tokens
     columns, logit_bytes = head_slice_columns(c, n, opts)
     slice_bytes = n * columns * logit_bytes
     other = b * mb.tokens * h + b * n * h + 4 * n * h + b * c.vocab_size * h
-    if opts.head_backend != "triton":
+    if opts.head_backend == "triton":
+        other += 4 * n * h * (b != 4)
+    else:
         other += 4 * n * h * (1 if b == 4 else 2) + 4 * columns * h * (1 if b == 4 else 2)
     return slice_bytes, other
 

@@ -252,6 +252,25 @@ def test_published_7b_run_agrees_with_hand_arithmetic(llama7b, tmp_path, capsys)
     assert "time (estimates)" in text
 
 
+def test_communication_follows_the_trainers_collectives(llama7b):
+    params = 6_738_415_616
+
+    def traffic(fsdp: str, nproc: int, nnodes: int) -> tuple[float, float]:
+        args = fplan.parse_args(["--config", str(llama7b), "--gpu", "H100", "--bf16", "True", "--fsdp", fsdp,
+                                 "--nproc_per_node", str(nproc), "--nnodes", str(nnodes),
+                                 "--gradient_accumulation_steps", "4"])
+        return fplan.communication_bytes(params, args, fplan.fdist.parse_fsdp(fsdp))
+
+    # full_shard: 4 micro-batches x (bf16 gather in forward and backward + fp32 reduce-scatter) x 7/8
+    assert traffic("full_shard", 8, 1) == pytest.approx((4 * (2 * 2 + 4) * params * 7 / 8, 0))
+    assert traffic("shard_grad_op", 8, 1) == pytest.approx((4 * (2 + 4) * params * 7 / 8, 0))
+    # replicas all-reduce fp32 gradients once per step (distributed.set_gradient_all_reduce)
+    assert traffic("no_shard", 8, 1) == pytest.approx((2 * 4 * params * 7 / 8, 0))
+    # hybrid over 2 nodes of 8: sharded traffic inside the node, the 1/8 shard all-reduced across
+    assert traffic("hybrid_shard", 8, 2) == pytest.approx((4 * 8 * params * 7 / 8, 2 * 4 * params / 8 / 2))
+    assert traffic("full_shard", 1, 1) == (0.0, 0.0)
+
+
 @pytest.mark.parametrize("nproc,nnodes", [(1, 1), (8, 1), (8, 8)], ids=["1-rank", "8-ranks", "64-ranks"])
 def test_runs_for_1_8_and_64_ranks(llama7b, tmp_path, capsys, nproc, nnodes):
     status, plan, text = run_plan(["--config", str(llama7b), "--nproc_per_node", str(nproc), "--nnodes", str(nnodes),
