@@ -65,6 +65,7 @@ USABLE_FRACTION, RESERVED_GIB = 0.9, 1.0  # of the card: allocator slack; CUDA c
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fastalign.plan", allow_abbrev=False,
+        usage="%(prog)s --model_name_or_path DIR | --config FILE --gpu NAME | --gpu_memory_gb X [FLAGS] (see --help)",
         description="Predict per-rank memory (does it fit?) and time of a fastalign training run, "
         "without GPUs: the trainer's own sharding on a fake process group, activations counted per tensor.")
     model = parser.add_mutually_exclusive_group(required=True)
@@ -224,10 +225,13 @@ def workload_from_data(args, tokenizer_dir: str) -> Workload:
 # ----------------------------------------------------------------------------- time
 
 
-def default_mfu() -> tuple[float, str]:
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "results"  # in a source checkout
+
+
+def default_mfu(results: Path = RESULTS_DIR) -> tuple[float, str]:
     """Utilisation to assume: fastalign's measured MFU from a GPU training benchmark on file
-    (benchmarks/results, newest 7B-shaped first), else DEFAULT_MFU as a stated assumption."""
-    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    (benchmarks/train_throughput.py's JSON, gpu-7b-layers before gpu-1b, newest name first), else
+    DEFAULT_MFU as a stated assumption."""
     for preset in ("gpu-7b-layers", "gpu-1b"):
         files = sorted(results.rglob(f"train_throughput-*-{preset}.json")) if results.is_dir() else []
         for file in reversed(files):

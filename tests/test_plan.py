@@ -81,6 +81,18 @@ def test_gpu_peaks_agree_with_the_trainers_mfu_table():
         assert fplan.GPUS[name].tflops == trainer, name
 
 
+def test_utilisation_comes_from_a_gpu_benchmark_once_one_is_on_file(tmp_path):
+    assert fplan.default_mfu(tmp_path) == (fplan.DEFAULT_MFU, "assumed: no GPU training rows in "
+                                                              "benchmarks/RESULTS.md yet")
+    cpu_row = {"sides": {"fastalign": {"mfu": None}}}  # CPU runs have no MFU: not a source
+    (tmp_path / "train_throughput-2026-11-25-cpu-2c-cpu-tiny.json").write_text(json.dumps(cpu_row))
+    assert fplan.default_mfu(tmp_path)[0] == fplan.DEFAULT_MFU
+    (tmp_path / "gpu-check-x").mkdir()
+    row = {"sides": {"fastalign": {"mfu": 0.41}}}
+    (tmp_path / "gpu-check-x" / "train_throughput-2026-12-04-h100-gpu-1b.json").write_text(json.dumps(row))
+    assert fplan.default_mfu(tmp_path) == (0.41, "measured: train_throughput-2026-12-04-h100-gpu-1b.json")
+
+
 # ----------------------------------------------------------------------------- the real trainer
 
 
@@ -246,7 +258,8 @@ def test_published_7b_run_agrees_with_hand_arithmetic(llama7b, tmp_path, capsys)
     square = 1 + 3 * (480 ** 2 + 2 * 480)
     flops = 64 * (6 * (params - v * h) * t + 6 * layers * h * square)
     assert plan["time"]["flops_per_step"] == pytest.approx(flops, rel=1e-12)
-    assert plan["time"]["compute_s_per_step"] == pytest.approx(flops / 8 / (312e12 * 0.35), rel=1e-12)
+    mfu = plan["time"]["mfu"]  # 0.35 while no GPU benchmark is on file (fplan.default_mfu)
+    assert plan["time"]["compute_s_per_step"] == pytest.approx(flops / 8 / (312e12 * mfu), rel=1e-12)
     # per micro-batch: bf16 all-gather twice (forward, backward) and fp32 reduce-scatter, 7/8 of it
     assert plan["time"]["communication_bytes_per_step_per_rank"] == pytest.approx(8 * (2 * 2 + 4) * params * 7 / 8)
     assert "time (estimates)" in text
