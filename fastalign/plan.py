@@ -504,6 +504,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("give --gpu NAME or --gpu_memory_gb X (the GPU's memory)")
     if args.data_path and not args.model_name_or_path:
         parser.error("--data_path needs --model_name_or_path (its tokenizer counts the tokens)")
+    if args.data_path and args.num_records:
+        parser.error("--num_records describes data without --data_path: give one of them")
+    sequence = args.mean_sequence_tokens or args.model_max_length
+    if sequence > args.model_max_length:
+        parser.error(f"--mean_sequence_tokens {sequence:g} exceeds --model_max_length {args.model_max_length}")
+    if args.mean_query_tokens is not None and args.mean_query_tokens >= sequence:
+        parser.error(f"--mean_query_tokens {args.mean_query_tokens:g} leaves no response tokens in a "
+                     f"{sequence:g}-token sequence (--mean_sequence_tokens)")
     try:
         plan = fdist.parse_fsdp(args.fsdp)
     except ConfigError as err:

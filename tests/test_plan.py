@@ -336,6 +336,8 @@ def test_smaller_batch_is_the_fix_when_only_activations_overflow(llama7b, tmp_pa
     (["--nproc_per_node", "8"], "--gpu NAME or --gpu_memory_gb"),
     (["--gpu", "H100", "--fsdp", "sharded"], "--fsdp: unknown option 'sharded'"),
     (["--gpu", "H100", "--data_path", "x.jsonl"], "--data_path needs --model_name_or_path"),
+    (["--gpu", "H100", "--num_records", "10", "--mean_sequence_tokens", "600"], "exceeds --model_max_length 512"),
+    (["--gpu", "H100", "--num_records", "10", "--mean_query_tokens", "512"], "leaves no response tokens"),
 ])
 def test_bad_flags_exit_2_naming_the_flag(llama7b, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
