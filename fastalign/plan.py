@@ -367,7 +367,8 @@ def estimate_time(config, args, fsdp_plan: fdist.FsdpPlan, work: Workload, gpu: 
            "link_gb_s": link, "inter_node_gb_s": args.inter_node_gb_s,
            "communication_bytes_per_step_per_rank": inside + across,
            "compute_s_per_step": compute_s, "communication_s_per_step": comm_s, "step_s": step_s,
-           "tokens_per_s": work.tokens_per_step / step_s}
+           "tokens_per_s": work.tokens_per_step / step_s,
+           "not_counted": "the host's AdamW step and the PCIe copies of offloaded shards" if fsdp_plan.offload else None}
     if work.steps_per_epoch is not None:
         out["steps_per_epoch"] = work.steps_per_epoch
         out["epoch_hours"] = work.steps_per_epoch * step_s / 3600
@@ -476,7 +477,8 @@ def format_report(plan: dict) -> str:
             f"  compute {_duration(t['compute_s_per_step'])}/step, communication "
             f"{t['communication_bytes_per_step_per_rank'] / 1e9:.2f} GB/rank/step = {_duration(t['communication_s_per_step'])} "
             f"at {t['link_gb_s']:g} GB/s (between nodes {t['inter_node_gb_s']:g} GB/s), assumed overlapped",
-            f"  step ~{_duration(t['step_s'])}, ~{t['tokens_per_s']:,.0f} tokens/s (all ranks)",
+            f"  step ~{_duration(t['step_s'])}, ~{t['tokens_per_s']:,.0f} tokens/s (all ranks)"
+            + (f"; not counted: {t['not_counted']}" if t["not_counted"] else ""),
         ]
         if "epoch_hours" in t:
             lines.append(f"  epoch ({t['steps_per_epoch']} steps) ~{_duration(t['epoch_hours'] * 3600)}; "
