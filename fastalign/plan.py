@@ -380,7 +380,16 @@ def what_would_fit(config, args, fsdp_plan: fdist.FsdpPlan, work: Workload, usab
     """Changes that make the plan fit (or why one cannot), each checked with the same memory count."""
     hints = []
     sharded = fdist.FsdpPlan("full_shard", fsdp_plan.offload) if fsdp_plan.strategy == "no_shard" else fsdp_plan
-    for factor in (2, 4, 8, 16, 32, 64, 128):  # more nodes like this one
+    _, here = plan_memory(config, args, args.world_size, args.nproc_per_node, sharded, args.gradient_checkpointing,
+                          work.largest)
+    unsharded = here.total - sum(here.parts[p] for p in ("parameter shards", "gradients", "optimizer state"))
+    if unsharded > usable:  # activations and gathered layers do not shrink with more ranks
+        hints.append(f"does not fit on any number of GPUs of this size: the activations, gathered layers and "
+                     f"buffers alone take {_gib(unsharded)}")
+        factors = ()
+    else:
+        factors = (2, 4, 8, 16, 32, 64, 128)
+    for factor in factors:  # more nodes like this one
         ranks = args.world_size * factor
         _, peak = plan_memory(config, args, ranks, args.nproc_per_node, sharded, args.gradient_checkpointing,
                               work.largest)
@@ -389,7 +398,8 @@ def what_would_fit(config, args, fsdp_plan: fdist.FsdpPlan, work: Workload, usab
                          + (f" with --fsdp {sharded.strategy}" if sharded is not fsdp_plan else ""))
             break
     else:
-        hints.append(f"does not fit even on {args.world_size * 128} GPUs of this size with these flags")
+        if factors:
+            hints.append(f"does not fit even on {args.world_size * 128} GPUs of this size with these flags")
     candidates = []
     if not args.gradient_checkpointing:
         candidates.append(("--gradient_checkpointing True", fsdp_plan, True))
