@@ -403,7 +403,7 @@ def what_would_fit(config, args, fsdp_plan: fdist.FsdpPlan, work: Workload, usab
     candidates = []
     if not args.gradient_checkpointing:
         candidates.append(("--gradient_checkpointing True", fsdp_plan, True))
-    if not fsdp_plan.offload:
+    if not fsdp_plan.offload and args.device == "cuda":  # offload moves state from the GPU to the host
         offload = fdist.FsdpPlan(sharded.strategy, True)
         candidates.append((f"--fsdp '{sharded.strategy} offload'", offload, args.gradient_checkpointing))
         if not args.gradient_checkpointing:
