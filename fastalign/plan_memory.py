@@ -11,8 +11,9 @@ Two halves:
 - Activations and transients, arithmetic: `StepMemory` counts, tensor by tensor, what autograd
   saves in the forward of `DecoderLayer`, the final norm and the loss head (fastalign/loss.py,
   kernels/), and the buffers FSDP2 and the head hold during backward. Running the step itself
-  under FakeTensorMode is not possible here: the loss head and the sdpa fallback read sizes from
-  the data (`int(...)`, `nonzero`, `cu_seqlens.tolist()`), which fake tensors cannot answer. The
+  under FakeTensorMode is not possible here: the loss head's backward (`nonzero` of the tokens with
+  a gradient) and the sdpa fallback (`cu_seqlens.tolist()`) read sizes from the data, which fake
+  tensors cannot answer. The
   count is checked against the real trainer's allocations on CPU (tests/test_plan.py).
 
 Sizes are bytes on the busiest rank. T = tokens of the micro-batch, N = its target tokens,
