@@ -8,13 +8,13 @@ Two halves:
   process, no GPU, no weights read, no communication), and reads rank 0's DTensor shards: their
   storage sizes are what FSDP2 allocates (rank 0 holds the largest shard of every parameter;
   shards are padded to equal size, so every rank allocates the same).
-- Activations and transients, arithmetic: `StepMemory` counts, tensor by tensor, what autograd
+- Activations and transients, arithmetic: `step_phases` counts, tensor by tensor, what autograd
   saves in the forward of `DecoderLayer`, the final norm and the loss head (fastalign/loss.py,
   kernels/), and the buffers FSDP2 and the head hold during backward. Running the step itself
   under FakeTensorMode is not possible here: the loss head's backward (`nonzero` of the tokens with
   a gradient) and the sdpa fallback (`cu_seqlens.tolist()`) read sizes from the data, which fake
-  tensors cannot answer. The
-  count is checked against the real trainer's allocations on CPU (tests/test_plan.py).
+  tensors cannot answer. The count is checked against autograd's saved tensors and the real
+  trainer's allocations on CPU (tests/test_plan.py).
 
 Sizes are bytes on the busiest rank. T = tokens of the micro-batch, N = its target tokens,
 H = hidden, I = intermediate, Q = heads x head_dim, K = kv heads x head_dim, V = vocab, b = bytes
@@ -147,7 +147,7 @@ def layer_saved_bytes(c: LlamaConfig, tokens: int, b: int, device_type: str) -> 
     normalised b*TH (for the weight's gradient) and its output b*TH (the next linear's input).
     Attention: rotated q and k, v, the attention output (q/k/v/o_proj save
     their inputs, the same tensors) and the fp32 log-sum-exp [Hq, T]; the rotary multiplications
-    save only cos/sin (shared by all layers, counted once in `StepMemory`). The sdpa fallback
+    save only cos/sin (shared by all layers, counted once in `step_phases`). The sdpa fallback
     concatenates its per-sequence outputs: one more [T, Q] copy. Qwen3's q/k norms: their own fp32
     input, rsqrt and output. MLP: gate and up outputs, silu(gate) and the product, b*TI each.
     """
