@@ -249,3 +249,20 @@ def test_gpu_check_without_a_gpu_reports_and_writes_a_summary(tmp_path):
     assert env["torch"] == torch.__version__
     if not torch.cuda.is_available():
         assert proc.returncode == 1 and summary["stages"][0]["status"] == "failed"
+
+
+@pytest.mark.slow
+def test_startup_times_every_phase_and_the_warm_cache_skips_the_tokenizer(tmp_path):
+    proc = run_script("benchmarks/startup.py", "--repeats", "1", "--records", "40", "--out_dir", str(tmp_path),
+                      timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = only_json(tmp_path, "startup")
+    assert set(result["summary"]) == {"fastalign, cold cache", "fastalign, warm cache", "original (HF style)"}
+    for side, phases in result["summary"].items():
+        assert set(phases) == {"imports", "process group", "tokenizer", "data", "model build", "other setup",
+                               "first step", "to first step"}, side
+        assert all(finite(p["median_s"]) for p in phases.values()), side
+        run = result["runs"][side][0]
+        assert sum(run["phases"].values()) <= run["to_first_step"] + 1e-6, side  # phases do not overlap
+    assert result["summary"]["fastalign, cold cache"]["tokenizer"]["median_s"] > 0
+    assert result["summary"]["fastalign, warm cache"]["tokenizer"]["median_s"] == 0  # never loaded on a hit
