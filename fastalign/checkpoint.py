@@ -73,13 +73,12 @@ def step_of(path: Path) -> int:
 
 
 def is_complete(path: Path) -> bool:
-    """A finished save: final name (not .tmp), state file, DCP metadata and manifest present.
-    Whether its bytes are intact is `manifest.verify`'s question (it reads every file)."""
+    """A finished save: final name (not .tmp), its state file and DCP metadata present. Whether
+    it can be resumed (manifest present, every byte intact) is `verify_checkpoint`'s question."""
     return (
         CHECKPOINT_RE.match(path.name) is not None
         and (path / STATE_FILE).is_file()
         and (path / METADATA_FILE).is_file()
-        and (path / manifest.MANIFEST_FILE).is_file()
     )
 
 
@@ -127,7 +126,7 @@ def resolve_resume(value: str | None, output_dir: str | os.PathLike) -> Path | N
     if not is_complete(path):
         raise ConfigError(
             f"--resume_from_checkpoint: {value} is not a complete checkpoint-<step> directory "
-            f"(missing {STATE_FILE}, {METADATA_FILE} or {manifest.MANIFEST_FILE}, or an unfinished .tmp save)"
+            f"(missing {STATE_FILE} or {METADATA_FILE}, or an unfinished .tmp save)"
         )
     problem = verify_checkpoint(path)
     if problem is not None:
@@ -290,7 +289,10 @@ def _portable(err: BaseException) -> OSError:
     """An OSError carrying what write_failure reports, safe to send to the other ranks."""
     if isinstance(err, OSError):
         return OSError(err.errno, err.strerror, err.filename) if err.strerror else OSError(str(err))
-    return OSError(f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}")
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "unexpected pos" in text:  # torch.save into a stream turns the OSError into this
+        return OSError(f"a write stopped short inside torch.save (disk full, quota or file size limit?): {text}")
+    return OSError(f"{type(err).__name__}: {text}")
 
 
 def _size(n: int) -> str:
@@ -317,8 +319,9 @@ def write_failure(what: str, target: Path, err: OSError, needed: int | None,
         pass
     last = latest_checkpoint(output_dir)
     return (f"writing {what} {target} failed at {path}: {reason}{space}. "
-            + (f"The last complete checkpoint is {last}; " if last else "No complete checkpoint exists; ")
-            + "free some space (or fix the path), then restart with --resume_from_checkpoint auto")
+            + (f"The last complete checkpoint is {last}; free some space (or fix the path), then "
+               "restart with --resume_from_checkpoint auto" if last else
+               "No complete checkpoint exists; free some space (or fix the path) and run again"))
 
 
 def save_checkpoint(
