@@ -114,7 +114,8 @@ def resolve_resume(value: str | None, output_dir: str | os.PathLike) -> Path | N
             problem = verify_checkpoint(candidate)
             if problem is None:
                 return candidate
-            log.warning("--resume_from_checkpoint auto: skipping %s, it does not verify: %s", candidate, problem)
+            if dist.get_rank() == 0:
+                log.warning("--resume_from_checkpoint auto: skipping %s, it does not verify: %s", candidate, problem)
             skipped.append(f"{candidate.name}: {problem}")
         if skipped:
             raise ConfigError(f"--resume_from_checkpoint auto: no checkpoint in {output_dir} verifies ("

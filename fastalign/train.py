@@ -498,10 +498,9 @@ class Trainer:
         # Collective: every rank gets rank 0's pick (the newest checkpoint that verifies) or error.
         resume = ckpt.resolve_resume(args.resume_from_checkpoint, self.output_dir)
         if resume is not None:
-            saved_state = ckpt.read_trainer_state(resume)
-            self._check_resumable(saved_state)
-            ckpt.start_branch(self.output_dir, saved_state["step"])  # later checkpoints: abandoned
+            self._check_resumable(ckpt.read_trainer_state(resume))
             state = ckpt.load_checkpoint(resume, self.model, self.optimizer, self.scheduler)
+            ckpt.start_branch(self.output_dir, state["step"])  # later checkpoints: abandoned
             self.position = (state["step"], state["epoch"], state["step_in_epoch"])
             planned = state.get("total_steps", state.get("batch_layout", {}).get("total_steps"))
             if planned is not None and planned != self.total_steps:

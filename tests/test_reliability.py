@@ -267,9 +267,10 @@ def test_convert_refuses_to_overwrite_its_input(tmp_path, capsys):
     source = tmp_path / "pairs.jsonl"
     text = '{"prompt": "Hi", "chosen": "Hello.", "rejected": "Go away."}\n'
     source.write_text(text)
-    link = tmp_path / "link.jsonl"
+    link, hard_link = tmp_path / "link.jsonl", tmp_path / "hard.jsonl"
     link.symlink_to(source)
-    for output in (source, tmp_path / "." / "pairs.jsonl", link):
+    os.link(source, hard_link)
+    for output in (source, tmp_path / "." / "pairs.jsonl", link, hard_link):
         with pytest.raises(ConfigError, match="is the --input file"):
             convert.main(["--format", "pairs", "--input", str(source), "--output", str(output)])
     assert source.read_text() == text

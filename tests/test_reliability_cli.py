@@ -136,7 +136,8 @@ def start_train(args: list[str], nproc: int = 1) -> subprocess.Popen:
                             cwd=REPO, env=env)
 
 
-@pytest.mark.parametrize("sig, save", [(signal.SIGTERM, "steps"), (signal.SIGINT, "no")])
+@pytest.mark.parametrize("sig, save", [(signal.SIGTERM, "steps"), (signal.SIGINT, "no")],
+                         ids=["SIGTERM-saves", "SIGINT-save_strategy-no"])
 def test_signal_finishes_the_step_saves_and_names_the_resume_point(tiny, tmp_path, sig, save):
     model, data = tiny
     out = tmp_path / "out"
