@@ -111,9 +111,11 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             obj = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as err:
             shard = self.metadata.storage_data[read_item.storage_index].relative_path
+            # torch's message opens with advice to retry with weights_only=False: keep only the why
+            why = next((line for line in str(err).splitlines() if "GLOBAL" in line), "not plain data")
             raise UnsafeCheckpointError(
-                f"{shard}: entry {read_item.dest_index.fqn} is not plain data "
-                f"(torch.load weights_only=True refused it: {str(err).splitlines()[0]})") from None
+                f"{shard}: entry {read_item.dest_index.fqn} refused by torch.load(weights_only=True), "
+                f"it could run code: {why}") from None
         if self.flatten_state_dict:  # as DefaultLoadPlanner.load_bytes
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
