@@ -209,22 +209,34 @@ class AlignmentModel(nn.Module):
 
     def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int, targets,
                 response_index, scores, group_index,
-                num_groups: int | None = None) -> dict[str, torch.Tensor]:
+                num_groups: int | None = None, loss_plan=None) -> dict[str, torch.Tensor]:
         from fastalign.loss import stable_alignment_loss
 
         hidden = self.llama(input_ids, position_ids, cu_seqlens, max_seqlen)  # [T, H]
         out = stable_alignment_loss(hidden, self.llama.lm_head.weight, targets, response_index,
-                                    scores, group_index, num_groups=num_groups, **self.loss_kwargs)
+                                    scores, group_index, num_groups=num_groups, plan=loss_plan,
+                                    **self.loss_kwargs)
         return {"loss": out.loss, "nll": out.nll, "penalty": out.penalty, "best": out.best}
 
 
 PREFIX = "llama."  # AlignmentModel's parameter names = "llama." + the HF names without "model."
 
 
-def run_batch(model: nn.Module, batch) -> dict[str, torch.Tensor]:
+def run_batch(model: nn.Module, batch, loss_plan=None) -> dict[str, torch.Tensor]:
+    """One micro-batch through the model and the loss; loss_plan: `loss_plan_for(batch)`, made
+    from the host copy, so that the loss does not wait for the device (else it plans itself)."""
     return model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen,
                  batch.targets, batch.response_index, batch.scores, batch.group_index,
-                 num_groups=len(batch.record_indices))  # groups it holds: 1 for a filler
+                 num_groups=len(batch.record_indices),  # groups it holds: 1 for a filler
+                 loss_plan=loss_plan)
+
+
+def loss_plan_for(batch, vocab: int):
+    """The loss's validated token/group plan of a (host) micro-batch: no device sync."""
+    from fastalign.loss import plan_loss
+
+    return plan_loss(batch.targets, batch.response_index, batch.scores, batch.group_index,
+                     vocab=vocab, num_groups=len(batch.record_indices))
 
 
 def uses_fsdp(args, env: fdist.DistEnv, plan: fdist.FsdpPlan) -> bool:
@@ -620,15 +632,23 @@ class Trainer:
         """
         env = self.env
         scale = env.world_size / opt_step.global_groups
-        # All of the step's (small) index tensors are queued for the device up front.
+        # All of the step's (small) index tensors are queued for the device up front, with the
+        # loss's plan of each, made on the host: no micro-batch waits for the device before its
+        # forward is queued.
+        vocab = self.llama.config.vocab_size
         on_device = [b.to(env.device, non_blocking=True) for b in opt_step.micro_batches]
-        for host_batch, batch in zip(opt_step.micro_batches, on_device):
+        plans = [loss_plan_for(b, vocab).to(env.device, non_blocking=True)
+                 for b in opt_step.micro_batches]
+        last = len(on_device) - 1  # the same on every rank: fillers keep the counts equal
+        for index, (host_batch, batch, plan) in enumerate(zip(opt_step.micro_batches, on_device,
+                                                               plans)):
+            fdist.set_gradient_all_reduce(self.model, self.plan, enabled=index == last)
             if batch.num_groups:  # real tokens only: a filler batch's work is thrown away
                 lengths = (host_batch.cu_seqlens[1:] - host_batch.cu_seqlens[:-1]).long()  # [S]
                 window.tokens += batch.num_tokens
                 window.tokens_x_len += int((lengths * lengths).sum())
             try:
-                out = run_batch(self.model, batch)
+                out = run_batch(self.model, batch, plan)
                 (out["loss"] * (batch.num_groups * scale)).backward()
             except torch.OutOfMemoryError as err:
                 raise FastalignError(
@@ -791,7 +811,7 @@ def is_peer_failure(err: BaseException) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    env = fdist.init_distributed()
+    env = fdist.init_distributed(cpu_collectives=fdist.parse_fsdp(args.fsdp).offload)
     setup_logging(env.is_main)
     trainer = Trainer(args, env)
     try:
