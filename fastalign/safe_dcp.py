@@ -88,6 +88,11 @@ def read_metadata_file(path: Path) -> Metadata:
             raise UnsafeCheckpointError(f"{path}: not a readable DCP metadata file ({err})") from None
     if not isinstance(metadata, Metadata):
         raise UnsafeCheckpointError(f"{path}: holds a {type(metadata).__name__}, not DCP Metadata")
+    storage = metadata.storage_data if isinstance(metadata.storage_data, dict) else {}
+    for info in storage.values():  # shard files: plain names inside the checkpoint directory
+        name = getattr(info, "relative_path", None)
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise UnsafeCheckpointError(f"{path}: names a shard outside its directory ({name!r})")
     return metadata
 
 

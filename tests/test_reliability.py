@@ -114,6 +114,18 @@ def test_restricted_unpickler_refuses_globals_outside_the_allow_list(tmp_path):
         safe_dcp.read_metadata_file(bad)
 
 
+def test_metadata_naming_a_file_outside_the_checkpoint_is_refused(tmp_path, process_group):
+    (path,) = saved_checkpoints(tmp_path / "out", steps=(1,))
+    with open(path / ".metadata", "rb") as f:
+        metadata = pickle.load(f)
+    index, info = next(iter(metadata.storage_data.items()))
+    metadata.storage_data[index] = type(info)("../../secret", info.offset, info.length)
+    with open(path / ".metadata", "wb") as f:
+        pickle.dump(metadata, f)
+    with pytest.raises(safe_dcp.UnsafeCheckpointError, match="outside its directory"):
+        safe_dcp.read_metadata_file(path / ".metadata")
+
+
 def damage(path: Path, how: str) -> str:
     shard = path / "__0_0.distcp"
     data = bytearray(shard.read_bytes())
