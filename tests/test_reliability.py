@@ -308,3 +308,16 @@ def test_second_signal_exits_at_once(tmp_path):
     assert result.stdout.splitlines() == [f"flag {int(__import__('signal').SIGTERM)}"]
     assert "again: exiting now" in result.stderr
     assert time.monotonic() - started < 30
+
+
+def test_checkpoint_save_benchmark_runs_its_smoke_preset(tmp_path):
+    import json
+
+    result = subprocess.run([sys.executable, "benchmarks/checkpoint_save.py", "--preset", "smoke", "--trials", "1",
+                             "--out_dir", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=REPO,
+                            env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (written,) = tmp_path.glob("checkpoint_save-*-smoke-4mib.json")
+    (row,) = json.loads(written.read_text())["results"]
+    assert row["bytes"] > 3 * 4 * 2**20  # parameters + two AdamW moments
+    assert 0 < row["checksum_s"] < row["save_s"] and row["verify_s"] > 0
