@@ -85,17 +85,21 @@ def check_files(root: Path, files: dict[str, dict[str, int]]) -> str | None:
 def verify(root: Path, required: tuple[str, ...] = ()) -> str | None:
     """Collective check of a checkpoint directory; every rank gets the same answer.
 
-    Rank 0 reads the manifest; the listed files are split over the ranks (file i on rank
-    i % world size), so a sharded checkpoint is read once in total. Returns None when it
-    verifies, else why not (naming the file). `required`: names that must be listed.
+    Rank 0 reads the manifest and checks that it lists `required` and every file present; the
+    listed files are split over the ranks (file i on rank i % world size), so a sharded
+    checkpoint is read once in total. Returns None when it verifies, else why not (naming the
+    file).
     """
     problem, files = None, None
     if dist.get_rank() == 0:
         files, problem = read_manifest(root)
         if files is not None:
             missing = [name for name in required if name not in files]
-            if missing:
-                problem = f"{root / MANIFEST_FILE} does not list {', '.join(missing)}"
+            present = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                             if p.is_file() and p.name != MANIFEST_FILE)
+            unlisted = [name for name in present if name not in files]  # added after the save
+            if missing or unlisted:
+                problem = f"{root / MANIFEST_FILE} does not list {', '.join(missing + unlisted)}"
     files, problem = broadcast_object((files, problem))
     if problem is not None:
         return problem

@@ -140,10 +140,13 @@ def damage(path: Path, how: str) -> str:
     elif how == "no-manifest":  # an unfinished save, or a checkpoint from before manifests
         (path / manifest.MANIFEST_FILE).unlink()
         return manifest.MANIFEST_FILE
+    elif how == "extra-shard":  # a file the save did not write (DCP would read it if named)
+        (path / "__1_0.distcp").write_bytes(data)
+        return "__1_0.distcp"
     return "__0_0.distcp"
 
 
-@pytest.mark.parametrize("how", ["truncated", "overwritten", "bit-flip", "no-manifest"])
+@pytest.mark.parametrize("how", ["truncated", "overwritten", "bit-flip", "no-manifest", "extra-shard"])
 def test_damaged_newest_checkpoint_auto_takes_the_previous_explicit_is_an_error(
         tmp_path, process_group, how, caplog):
     out = tmp_path / "out"
