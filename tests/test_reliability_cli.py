@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from test_train import REPO, common, metrics, ok, run_train, tiny  # noqa: F401  (tiny is a fixture)
+from test_train import (  # noqa: F401  (tiny is a fixture)
+    REPO, assert_same_metrics, assert_same_weights, common, metrics, ok, run_train, tiny,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -159,6 +161,26 @@ def test_signal_finishes_the_step_saves_and_names_the_resume_point(tiny, tmp_pat
     result = ok(run_train(common(model, data, out, **dict(flags, max_steps=step + 1),
                                  resume_from_checkpoint="auto")))
     assert f"resumed from {out / f'checkpoint-{step}'}" in result.stderr
+
+
+def test_kill_9_mid_run_then_auto_resume_equals_the_uninterrupted_run(tiny, tmp_path):
+    """SIGKILL lands wherever it lands (a step, a save, a metrics line): `auto` resumes the newest
+    complete checkpoint and the run ends with the uninterrupted run's weights, bit for bit."""
+    model, data = tiny
+    flags = dict(max_steps=16, per_device_train_batch_size=2, save_strategy="steps", save_steps=1,
+                 save_total_limit=2)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    ok(run_train(common(model, data, full, **flags)))
+    proc = start_train(common(model, data, killed, **flags))
+    wait_for_steps(killed, proc, 4)
+    proc.kill()
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL  # killed, not finished
+    result = ok(run_train(common(model, data, killed, resume_from_checkpoint="auto", **flags)))
+    assert "resumed from" in result.stderr
+    assert_same_metrics(metrics(full), metrics(killed))
+    assert_same_weights(full, killed, atol=0)
+    assert not list(killed.glob("checkpoint-*.tmp"))
 
 
 def worker_pids(launcher: subprocess.Popen, count: int) -> dict[int, int]:
