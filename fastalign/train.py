@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import resource
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from fastalign.attention import BACKENDS as ATTN_BACKENDS
 from fastalign.cli import BOOLEAN_FLAG, nonneg_float, number, positive_float, positive_int, run_main
 from fastalign.console import setup_logging
 from fastalign.errors import ConfigError, DataError, FastalignError
+from fastalign.preemption import StopOnSignal, Stopped
 from fastalign.reporting import open_reporters, parse_report_to
 
 log = logging.getLogger("fastalign.train")
@@ -74,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     orig = parser.add_argument_group("flags of the original train_alignment.py command")
     orig.add_argument("--model_name_or_path", required=True, help="HF model directory: Llama, Mistral, Qwen2 or Qwen3 (config.json, safetensors or .bin weights, tokenizer).")
     orig.add_argument("--data_path", required=True, help="Sandbox records: JSON array or JSONL (.gz welcome).")
-    orig.add_argument("--output_dir", required=True, help="Where metrics.jsonl, checkpoint-<step>/ and the final HF model go.")
+    orig.add_argument("--output_dir", required=True, help="Where metrics.jsonl, checkpoint-<step>/ and the final HF model go. Must not be empty, nor --model_name_or_path or a directory inside it (unless --allow_output_in_model_dir True).")
     orig.add_argument("--bf16", default=False, help="bf16 compute with fp32 master weights and fp32 gradient reduction (FSDP2 MixedPrecisionPolicy).", **BOOLEAN_FLAG)
     orig.add_argument("--num_train_epochs", type=positive_float, default=3.0, help="Epochs (fractions allowed); ignored when --max_steps > 0. Default 3.")
     orig.add_argument("--per_device_train_batch_size", type=positive_int, default=8, help="Groups (query + its responses) per micro-batch per process. Default 8 (HF).")
@@ -118,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     own.add_argument("--max_grad_norm", type=nonneg_float, default=1.0, help="Clip the global gradient norm to this (0: no clipping). Default 1.")
     own.add_argument("--warmup_steps", type=int, default=0, help="Warmup steps; overrides --warmup_ratio when > 0. Default 0.")
     own.add_argument("--eval_data_path", default=None, help="Held-out Sandbox records for --evaluation_strategy steps|epoch.")
+    own.add_argument("--allow_output_in_model_dir", default=False, help="Allow --output_dir to be --model_name_or_path or inside it (the final model then replaces the base weights). Default False.", **BOOLEAN_FLAG)
     own.add_argument("--eval_steps", type=interval_steps, default=None, help="Steps between evaluations (default: --logging_steps).")
     own.add_argument("--token_cache_dir", default=None, help="Where tokenized data is cached between runs, keyed on data file, tokenizer and tokenization flags (rank 0 tokenizes, the other ranks read). 'none': no cache. Default: $XDG_CACHE_HOME/fastalign/tokens or ~/.cache/fastalign/tokens.")
 
@@ -152,6 +155,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.optim not in OPTIMIZERS:
         parser.error(f"argument --optim: fastalign always trains with AdamW; supported values: "
                      f"{', '.join(OPTIMIZERS)}; got {args.optim!r}")
+    if not args.output_dir.strip():
+        parser.error("argument --output_dir: must not be empty (the model would be written into the current directory)")
+    output, model_dir = Path(args.output_dir).resolve(), Path(args.model_name_or_path).resolve()
+    if (output == model_dir or model_dir in output.parents) and not args.allow_output_in_model_dir:
+        parser.error(f"argument --output_dir: {args.output_dir} is {'' if output == model_dir else 'inside '}"
+                     f"--model_name_or_path {args.model_name_or_path}; the trained model would overwrite "
+                     "the base model's files. Choose another directory, or pass "
+                     "--allow_output_in_model_dir True to write there anyway")
     if args.overwrite_output_dir and args.resume_from_checkpoint is not None:
         parser.error("argument --overwrite_output_dir: True deletes the checkpoints that "
                      "--resume_from_checkpoint would resume from; give only one of them")
@@ -496,6 +507,7 @@ class Trainer:
         self.env = env
         self.output_dir = Path(args.output_dir)
         self.plan = fdist.parse_fsdp(args.fsdp)
+        self.stop = StopOnSignal()  # main() installs it around train()
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -578,11 +590,12 @@ class Trainer:
                  else f"checkpoint {'each epoch' if args.save_strategy == 'epoch' else 'never'}")
 
         self.position = (0, 0, 0)  # (global step, epoch, step in epoch) of the next step
-        # Every rank validates the flag (same error everywhere); rank 0's pick of "auto" is used.
-        resume = ckpt.agree_on_resume(ckpt.resolve_resume(args.resume_from_checkpoint, self.output_dir))
+        # Collective: every rank gets rank 0's pick (the newest checkpoint that verifies) or error.
+        resume = ckpt.resolve_resume(args.resume_from_checkpoint, self.output_dir)
         if resume is not None:
             self._check_resumable(ckpt.read_trainer_state(resume))
             state = ckpt.load_checkpoint(resume, self.model, self.optimizer, self.scheduler)
+            ckpt.start_branch(self.output_dir, state["step"])  # later checkpoints: abandoned
             self.position = (state["step"], state["epoch"], state["step_in_epoch"])
             planned = state.get("total_steps", state.get("batch_layout", {}).get("total_steps"))
             if planned is not None and planned != self.total_steps:
@@ -697,10 +710,14 @@ class Trainer:
                 paused = time.perf_counter()  # evaluation and saving are not training time
                 if evaluate:
                     self._evaluate(step, epoch_float)
+                next_position = (epoch + 1, 0) if epoch_done else (epoch, done_in_epoch)
                 if save:
-                    next_position = (epoch + 1, 0) if epoch_done else (epoch, done_in_epoch)
                     self._save(step, next_position, self.nonfinite)
                 window.paused += time.perf_counter() - paused
+                if signum := self.stop.requested():  # SIGTERM/SIGINT on any rank
+                    if pending is not None:
+                        self._finish_log(pending, bar)
+                    self._stop_on_signal(signum, step, next_position, self.nonfinite, saved=save)
             epoch, first = epoch + 1, 0
         if pending is not None:
             self._finish_log(pending, bar)
@@ -857,6 +874,18 @@ class Trainer:
                                     state, save_total_limit=self.args.save_total_limit)
         log.info("saved %s", path)
 
+    def _stop_on_signal(self, signum: int, step: int, next_position: tuple[int, int],
+                        nonfinite: torch.Tensor, saved: bool) -> None:
+        """After the step a signal arrived in: checkpoint it (unless --save_strategy no) and stop."""
+        if self.args.save_strategy != "no" and not saved:
+            self._save(step, next_position, nonfinite)
+        last = ckpt.latest_checkpoint(self.output_dir)
+        where = (f"the last checkpoint is {last}; continue with --resume_from_checkpoint auto "
+                 f"(same --output_dir) or --resume_from_checkpoint {last}" if last
+                 else "no checkpoint was written (--save_strategy no): a new run starts from step 0")
+        raise Stopped(f"{signal.Signals(signum).name} received: stopped after step {step} of "
+                      f"{self.total_steps}; {where}", signum)
+
 
 def group_sums(out: dict[str, torch.Tensor], num_groups: int) -> torch.Tensor:
     """float64 [4] on the device: sum of loss_g, of nll_best, of penalty, active penalties."""
@@ -891,7 +920,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     trainer = Trainer(args, env)
     try:
         trainer.setup()
-        trainer.train()
+        with trainer.stop:
+            trainer.train()
     except (RuntimeError, dist.DistError) as err:
         if env.world_size == 1 or not is_peer_failure(err):
             raise
