@@ -212,7 +212,7 @@ def llama_nll(model, rating_scale: float = 7.0) -> Callable:
     """batch -> nll [S] of a plain (unsharded) fastalign Llama: hidden states + the fused loss head."""
 
     def forward(batch) -> torch.Tensor:
-        hidden = model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)  # [T, H]
+        hidden = model(batch.input_ids, batch.position_ids, **batch.attention_inputs())  # [T, H]
         return stable_alignment_loss(hidden, model.lm_head.weight, batch.targets, batch.response_index,
                                      batch.scores, batch.group_index, rating_scale=rating_scale,
                                      num_groups=len(batch.record_indices)).nll

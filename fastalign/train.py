@@ -197,11 +197,12 @@ class AlignmentModel(nn.Module):
                                 max_flow=max_flow, margin_mode=margin_mode, backend=loss_backend)
 
     def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int, targets,
-                response_index, scores, group_index,
-                num_groups: int | None = None) -> dict[str, torch.Tensor]:
+                response_index, scores, group_index, num_groups: int | None = None,
+                kv_index=None, cu_seqlens_k=None, max_seqlen_k: int | None = None) -> dict[str, torch.Tensor]:
         from fastalign.loss import stable_alignment_loss
 
-        hidden = self.llama(input_ids, position_ids, cu_seqlens, max_seqlen)  # [T, H]
+        hidden = self.llama(input_ids, position_ids, cu_seqlens, max_seqlen, kv_index, cu_seqlens_k,
+                            max_seqlen_k)  # [T, H]
         out = stable_alignment_loss(hidden, self.llama.lm_head.weight, targets, response_index,
                                     scores, group_index, num_groups=num_groups, **self.loss_kwargs)
         return {"loss": out.loss, "nll": out.nll, "penalty": out.penalty, "best": out.best}
@@ -213,7 +214,8 @@ PREFIX = "llama."  # AlignmentModel's parameter names = "llama." + the HF names 
 def run_batch(model: nn.Module, batch) -> dict[str, torch.Tensor]:
     return model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen,
                  batch.targets, batch.response_index, batch.scores, batch.group_index,
-                 num_groups=len(batch.record_indices))  # groups it holds: 1 for a filler
+                 num_groups=len(batch.record_indices),  # groups it holds: 1 for a filler
+                 kv_index=batch.kv_index, cu_seqlens_k=batch.cu_seqlens_k, max_seqlen_k=batch.max_seqlen_k)
 
 
 def uses_fsdp(args, env: fdist.DistEnv, plan: fdist.FsdpPlan) -> bool:
