@@ -51,6 +51,18 @@ PEAK_BF16_TFLOPS = (
 
 # ----------------------------------------------------------------------------- command line
 
+# --max_tokens_per_batch when not given: the step-level packing budget per device (tokens of one
+# micro-batch; a CPU core set is saturated by a few thousand, a GPU wants tens of thousands).
+DEFAULT_STEP_TOKENS = {"cpu": 4096, "cuda": 16384}
+
+
+def step_token_budget(flag: int | None, device: torch.device) -> int | None:
+    """The GroupBatcher step budget for --max_tokens_per_batch: None (0) turns step packing off."""
+    if flag is None:
+        return DEFAULT_STEP_TOKENS.get(device.type, DEFAULT_STEP_TOKENS["cuda"])
+    return flag or None
+
+
 # --save_steps / --logging_steps: a count of optimizer steps, or below 1 a fraction of the total
 interval_steps = number(float, low=0.0, low_open=True, what="a number > 0 (< 1: a fraction of the total steps)")
 
@@ -100,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     own = parser.add_argument_group("fastalign flags")
     own.add_argument("--seed", type=int, default=42, help="Seed for shuffling and candidate sampling. Default 42.")
     own.add_argument("--max_steps", type=int, default=-1, help="Total optimizer steps; overrides --num_train_epochs when > 0. Default -1.")
-    own.add_argument("--max_tokens_per_batch", type=positive_int, default=None, help="Pack whole groups into micro-batches of at most this many tokens instead of --per_device_train_batch_size groups.")
+    own.add_argument("--max_tokens_per_batch", type=number(int, low=0, what="an integer >= 0"), default=None, help=f"Step-level packing: the groups of one optimizer step on a process (per_device_train_batch_size x gradient_accumulation_steps) are cut into as few micro-batches of at most this many packed tokens as fit (a larger group goes alone); the step's groups and loss do not change. 0: one micro-batch per --per_device_train_batch_size groups (the original's passes). Default {DEFAULT_STEP_TOKENS['cpu']} on CPU, {DEFAULT_STEP_TOKENS['cuda']} on CUDA.")
+    own.add_argument("--share_prefix", default=True, help="Pack each group's query once and let every response attend to it (same loss, nll and gradients as query+response per response, fewer tokens computed); False: one query+response sequence per response. Default True.", **BOOLEAN_FLAG)
     own.add_argument("--gradient_checkpointing", default=False, help="Recompute each decoder layer in backward (less memory, ~30%% more compute). Default False.", **BOOLEAN_FLAG)
     own.add_argument("--compile", default=False, help="torch.compile each decoder layer. Default False.", **BOOLEAN_FLAG)
     own.add_argument("--attn_implementation", choices=("auto",) + ATTN_BACKENDS + ("flash_attention_2",), default="auto", help="Packed attention backend; auto: flash_attn, then torch_varlen, then sdpa. Default auto.")
@@ -288,6 +301,8 @@ def load_groups(path: str, tokenizer, args, what: str):
     """Records -> tokenized groups, with the statistics that go into the log."""
     from fastalign.data import load_records, tokenize_records
 
+    from fastalign.packing import packed_tokens
+
     loaded = load_records(path, rating_scale=args.rating_scale, skip_invalid=args.skip_invalid)
     tokenized = tokenize_records(loaded.records, tokenizer, model_max_length=args.model_max_length,
                                  append_eos=not args.no_append_eos, stop_response=args.stop_response)
@@ -296,8 +311,13 @@ def load_groups(path: str, tokenizer, args, what: str):
                         f"tokenization: {tokenized.stats})")
     skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(loaded.skipped.items())) or "none"
     stats = ", ".join(f"{k}={v}" for k, v in tokenized.stats.items())
+    # Over every response (before candidate sampling): what each layout runs through the layers.
+    computed = sum(packed_tokens(len(g.query_ids), [len(r) for r in g.response_ids], args.share_prefix)
+                   for g in tokenized.groups)
+    sequences = tokenized.stats["tokens"]
     summary = (f"{what} data {path}: {len(loaded.records)} valid records, skipped {skipped}; "
-               f"{len(tokenized.groups)} groups; {stats}")
+               f"{len(tokenized.groups)} groups; {stats}; share_prefix {args.share_prefix}: "
+               f"{computed} computed of {sequences} sequence tokens ({1 - computed / sequences:.1%} saved)")
     return tokenized, summary
 
 
@@ -314,8 +334,9 @@ class Window:
 
     device_sums: torch.Tensor
     groups: int = 0
-    tokens: int = 0
-    tokens_x_len: int = 0  # sum over sequences of length^2 (for the attention FLOPs)
+    tokens: int = 0  # sequence tokens: query + response per response, as the unshared layout counts
+    computed_tokens: int = 0  # positions run through the layers (fewer with --share_prefix)
+    tokens_x_len: int = 0  # sum over segments of Lq * (2 Lk - Lq) (= length^2 unshared; attention FLOPs)
     lr: float = 0.0  # the LR of the window's last step
     started: float = 0.0
 
@@ -332,7 +353,7 @@ class PendingLog:
     epoch: float
     lr: float
     elapsed: float  # seconds of the window (host clock)
-    values: torch.Tensor  # float64 [9 + world size], see Trainer._start_log
+    values: torch.Tensor  # float64 [10 + world size], see Trainer._start_log
     ready: "torch.cuda.Event | None"  # CUDA: recorded after the copy to the host
 
 
@@ -433,11 +454,10 @@ class Trainer:
         train_data, summary = load_groups(args.data_path, tokenizer, args, "train")
         log.info("%s", summary)
         self.batcher = GroupBatcher(
-            train_data, num_comp=args.num_comp, seed=args.seed,
-            batch_size=None if args.max_tokens_per_batch else args.per_device_train_batch_size,
-            max_tokens_per_batch=args.max_tokens_per_batch,
+            train_data, num_comp=args.num_comp, seed=args.seed, batch_size=args.per_device_train_batch_size,
+            step_token_budget=step_token_budget(args.max_tokens_per_batch, env.device),
             gradient_accumulation_steps=args.gradient_accumulation_steps,
-            world_size=env.world_size, rank=env.rank, shuffle=True,
+            world_size=env.world_size, rank=env.rank, shuffle=True, share_prefix=args.share_prefix,
             seed_compat=args.margin_mode == "seed")  # the original collator's order and int() scores
         self.eval_batcher = None
         if args.evaluation_strategy != "no":
@@ -446,7 +466,7 @@ class Trainer:
             self.eval_batcher = GroupBatcher(
                 eval_data, num_comp=args.num_comp, seed=args.seed,
                 batch_size=args.per_device_eval_batch_size, gradient_accumulation_steps=1,
-                world_size=env.world_size, rank=env.rank, shuffle=False,
+                world_size=env.world_size, rank=env.rank, shuffle=False, share_prefix=args.share_prefix,
                 seed_compat=args.margin_mode == "seed")
 
         self.total_steps = self._total_steps()
@@ -528,7 +548,9 @@ class Trainer:
         a = self.args
         return {"world_size": self.env.world_size, "gradient_accumulation_steps": a.gradient_accumulation_steps,
                 "per_device_train_batch_size": a.per_device_train_batch_size,
-                "max_tokens_per_batch": a.max_tokens_per_batch, "num_comp": a.num_comp, "seed": a.seed,
+                # not --max_tokens_per_batch / --share_prefix: they change how a step is computed,
+                # not which groups it holds
+                "num_comp": a.num_comp, "seed": a.seed,
                 "steps_in_epoch_0": self.batcher.steps_per_epoch(0)}
 
     def _check_resumable(self, state: dict) -> None:
@@ -609,9 +631,9 @@ class Trainer:
         on_device = [b.to(env.device, non_blocking=True) for b in opt_step.micro_batches]
         for host_batch, batch in zip(opt_step.micro_batches, on_device):
             if batch.num_groups:  # real tokens only: a filler batch's work is thrown away
-                lengths = (host_batch.cu_seqlens[1:] - host_batch.cu_seqlens[:-1]).long()  # [S]
-                window.tokens += batch.num_tokens
-                window.tokens_x_len += int((lengths * lengths).sum())
+                window.tokens += host_batch.sequence_tokens
+                window.computed_tokens += host_batch.computed_tokens
+                window.tokens_x_len += host_batch.attention_work
             try:
                 out = run_batch(self.model, batch)
                 (out["loss"] * (batch.num_groups * scale)).backward()
@@ -644,7 +666,7 @@ class Trainer:
         env = self.env
         memory = [0.0] * env.world_size  # each rank fills its own slot: the sum gathers them
         memory[env.rank] = peak_memory_gb(env.device)
-        host = torch.tensor([window.groups, window.tokens, window.tokens_x_len, *memory],
+        host = torch.tensor([window.groups, window.tokens, window.computed_tokens, window.tokens_x_len, *memory],
                             dtype=torch.float64, device=env.device)
         sums = torch.cat([window.device_sums, grad_norm.double().view(1) / env.world_size,
                           nonfinite.double().view(1), host])
@@ -662,13 +684,13 @@ class Trainer:
         if pending.ready is not None:
             pending.ready.synchronize()
         values = pending.values.tolist()
-        loss, nll_best, penalty, active, grad_norm, bad, groups, tokens, tokens_x_len = values[:9]
+        loss, nll_best, penalty, active, grad_norm, bad, groups, tokens, computed, tokens_x_len = values[:10]
         if bad or not math.isfinite(loss):
             self._fail_nonfinite(pending.step)
         tokens_per_s = tokens / pending.elapsed if pending.elapsed > 0 else 0.0
         mfu = None
-        if self.peak_flops and tokens:
-            flops = self.flops_per_token * tokens + self.flops_per_token_x_len * tokens_x_len
+        if self.peak_flops and computed:  # the FLOPs actually run: computed tokens, not sequence tokens
+            flops = self.flops_per_token * computed + self.flops_per_token_x_len * tokens_x_len
             mfu = flops / pending.elapsed / (self.peak_flops * self.env.world_size)
         record = {
             "step": pending.step,
@@ -680,8 +702,10 @@ class Trainer:
             "lr": pending.lr,
             "grad_norm": grad_norm,
             "tokens_per_s": round(tokens_per_s, 1),
+            "sequence_tokens": int(tokens),
+            "computed_tokens": int(computed),
             "mfu": mfu,
-            "peak_mem_gb": round(max(values[9:]), 3),
+            "peak_mem_gb": round(max(values[10:]), 3),
         }
         self.metrics.write(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_s:.0f}")
