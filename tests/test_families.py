@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_model import TOL, hf_logits_per_sequence, our_logits, packed_batch
+from test_shared_prefix import assert_layouts_equal, synthetic_groups
 from test_train import common, metrics, ok, run_train
 
 from fastalign.data import Record, sample_data_path, tokenize_records
@@ -70,6 +71,14 @@ def test_packed_logits_equal_transformers(variant, tmp_path):
     batch = packed_batch(ODD_LENGTHS, hf.config.vocab_size)
     with torch.no_grad():
         torch.testing.assert_close(our_logits(ours, batch), hf_logits_per_sequence(hf, batch), **TOL)
+
+
+@pytest.mark.parametrize("variant", ["llama_bias_tied", "mistral", "qwen2", "qwen3"])
+def test_shared_prefix_layout_gives_the_unshared_loss_nll_and_gradients(variant, tmp_path):
+    """Each family's attention (biases, q/k norms, GQA, windows) sees the shared query exactly."""
+    model_type, keys = VARIANTS[variant]
+    model = saved(hf_model(model_type, **keys), tmp_path)
+    assert_layouts_equal(model, synthetic_groups(vocab=model.config.vocab_size))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -30,12 +30,12 @@ from fastalign.records import load_records
 VOCAB = 97
 
 
-def synthetic_groups(seed: int = 0) -> list[TokenizedGroup]:
+def synthetic_groups(seed: int = 0, vocab: int = VOCAB) -> list[TokenizedGroup]:
     """k = 1..5, odd lengths, ties, a one-token query, a two-token query, one-token responses."""
     g = torch.Generator().manual_seed(seed)
 
     def ids(n: int) -> list[int]:
-        return torch.randint(3, VOCAB, (n,), generator=g).tolist()
+        return torch.randint(3, vocab, (n,), generator=g).tolist()
 
     shapes = [  # (query length, response lengths, scores)
         (7, [5], [4.0]),
