@@ -497,9 +497,12 @@ class Trainer:
             "bf16" if args.bf16 else "fp32", attn_backend,
             loss_backend_name(args.loss_backend, env.device),
             "on" if args.gradient_checkpointing else "off", "on" if args.compile else "off")
-        log.info("%d optimizer steps (%d in epoch 0; %d micro-batches x %d processes per step), "
+        budget = self.batcher.step_token_budget
+        log.info("%d optimizer steps (%d in epoch 0; %d groups x %d processes per step, %s), "
                  "warmup %d, %s schedule, logging every %d, %s", self.total_steps,
-                 self.batcher.steps_per_epoch(0), args.gradient_accumulation_steps, env.world_size,
+                 self.batcher.steps_per_epoch(0), args.per_device_train_batch_size * args.gradient_accumulation_steps,
+                 env.world_size, f"packed into micro-batches of <= {budget} tokens" if budget
+                 else f"{args.gradient_accumulation_steps} micro-batches of {args.per_device_train_batch_size} groups",
                  warmup, args.lr_scheduler_type, self.logging_steps,
                  f"checkpoint every {self.save_steps} steps" if args.save_strategy == "steps"
                  else f"checkpoint {'each epoch' if args.save_strategy == 'epoch' else 'never'}")
@@ -533,8 +536,7 @@ class Trainer:
                                   self.position[0] if resume is not None else None)
 
     def _total_steps(self) -> int:
-        """--max_steps, or HF's ceil(num_train_epochs x steps per epoch) (epochs may differ in
-        length when packing by --max_tokens_per_batch)."""
+        """--max_steps, or HF's ceil(num_train_epochs x steps per epoch)."""
         if self.args.max_steps > 0:
             return self.args.max_steps
         epochs = self.args.num_train_epochs
