@@ -161,6 +161,10 @@ def test_dict_records_are_validated_like_file_records(hf_tokenizer):  # noqa: F8
         tokenize_records([{"query": "q", "scores": [1]}], hf_tokenizer)
 
 
+def real_groups(step) -> list[int]:
+    return [i for mb in step.micro_batches if mb.num_groups for i in mb.record_indices]
+
+
 def budget_batcher(groups, rank=0, world_size=1, **options):
     data = TokenizedData(groups=groups, stats={})
     return GroupBatcher(data, num_comp=None, seed=7, batch_size=1, gradient_accumulation_steps=4,
@@ -170,7 +174,7 @@ def budget_batcher(groups, rank=0, world_size=1, **options):
 @pytest.mark.parametrize("share_prefix", [False, True])
 def test_step_level_packing_keeps_each_steps_groups_and_matches_ranks(share_prefix):
     groups = synthetic_groups() + synthetic_groups(seed=1) + synthetic_groups(seed=2)  # 15 groups
-    for group, index in zip(groups, range(100)):
+    for index, group in enumerate(groups):
         group.record_index = index
     for world_size in (1, 2):
         plain = [budget_batcher(groups, r, world_size, share_prefix=share_prefix) for r in range(world_size)]
@@ -182,8 +186,7 @@ def test_step_level_packing_keeps_each_steps_groups_and_matches_ranks(share_pref
             assert len(counts) == 1  # every rank runs as many micro-batches: collectives stay matched
             for a, b in zip(a_steps, b_steps):
                 assert a.global_groups == b.global_groups
-                real = lambda step: [i for mb in step.micro_batches if mb.num_groups for i in mb.record_indices]
-                assert real(a) == real(b)  # same groups, same order, on the same rank
+                assert real_groups(a) == real_groups(b)  # same groups, same order, on the same rank
                 for mb in b.micro_batches:
                     assert mb.num_groups == 0 or mb.num_tokens <= 60 or mb.num_groups == 1
                     assert mb.shares_prefix == share_prefix
