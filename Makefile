@@ -27,8 +27,9 @@ demo: $(STAMP)
 	$(PY) -m fastalign.demo
 
 # For a lent GPU machine (no network, no venv): uses the image's python and the source tree.
+# GPU_CHECK_ARGS: e.g. --out_dir DIR (default benchmarks/results/tmp/gpu-check-<date>-<gpu>/).
 gpu-check:
-	PYTHONPATH=. $(PYTHON) benchmarks/gpu_check.py
+	PYTHONPATH=. $(PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 bench-cpu: $(STAMP)
 	$(PY) benchmarks/loss_head.py --preset cpu

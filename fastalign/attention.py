@@ -63,6 +63,26 @@ def _torch_varlen_attn():
     return varlen_attn, causal_kwargs, "enable_gqa" in params
 
 
+@lru_cache(maxsize=1)
+def flash_attn_status():
+    """(flash_attn_varlen_func, None) when flash-attn imports for real, else (None, why not).
+
+    Imported, not just looked up: a wheel built against another torch or CUDA is found by
+    importlib but fails at import (undefined symbol, wrong libcudart) and would otherwise crash
+    the first forward. The reason is logged once; "auto" then falls back to the next backend.
+    """
+    if importlib.util.find_spec("flash_attn") is None:
+        return None, "the flash-attn package is not installed (pip install flash-attn)"
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except Exception as err:  # ImportError, OSError, RuntimeError: whatever a broken build raises
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        reason = f"flash-attn is installed but fails to import ({type(err).__name__}: {detail})"
+        log.warning("attention: %s; it will not be used", reason)
+        return None, reason
+    return flash_attn_varlen_func, None
+
+
 def _unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int | None) -> str | None:
     """Why `backend` cannot run with these settings, or None when it can."""
     if backend == "sdpa":
@@ -74,9 +94,7 @@ def _unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype, 
     if head_dim is not None and (head_dim > 256 or head_dim % 8):
         return f"needs head_dim <= 256 and a multiple of 8 (head_dim is {head_dim})"
     if backend == "flash_attn":
-        if importlib.util.find_spec("flash_attn") is None:
-            return "the flash-attn package is not installed (pip install flash-attn)"
-        return None
+        return flash_attn_status()[1]
     if _torch_varlen_attn() is None:
         return f"this torch ({torch.__version__}) has no torch.nn.attention.varlen.varlen_attn"
     if torch.cuda.get_device_capability(device) < (8, 0):
@@ -126,8 +144,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     else:
         k, v = k.index_select(0, kv_index), v.index_select(0, kv_index)  # [Tk, Hkv, D]
     if backend == "flash_attn":
-        from flash_attn import flash_attn_varlen_func
-
+        flash_attn_varlen_func = flash_attn_status()[0]
         # flash-attn handles Hkv < Hq natively (each K/V head serves Hq/Hkv query heads).
         return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k,
                                       dropout_p=0.0, causal=True)

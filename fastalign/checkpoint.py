@@ -4,21 +4,32 @@ A checkpoint is `output_dir/checkpoint-<step>/`:
 
     .metadata, __<rank>_0.distcp   model and optimizer shards (DCP; loadable at another world size)
     trainer_state.json             step, data position (epoch, step_in_epoch), batch layout, args
-    scheduler.pt                   LR scheduler state
-    rng/rank<r>.pt                 each rank's torch / CUDA / python / numpy RNG states
+    scheduler.json                 LR scheduler state
+    rng/rank<r>.json               each rank's torch / CUDA / python / numpy RNG states
+    manifest.json                  every other file's size and CRC-32 (fastalign.manifest), last
 
-It is written to `checkpoint-<step>.tmp/` and renamed by rank 0 once every rank has finished, so
-a directory named `checkpoint-<step>` is always complete; a crash leaves only a `.tmp` directory,
-which resume ignores and the next save removes.
+It is written to `checkpoint-<step>.tmp/` and renamed by rank 0 once every rank has finished and
+the manifest is written, so a directory named `checkpoint-<step>` is complete; a crash leaves only
+a `.tmp` directory, which the next start removes. Nothing read on resume can run code: the small
+state is JSON and the DCP files go through `fastalign.safe_dcp`. A resume first verifies the
+manifest: `auto` passes over a checkpoint that does not verify (with a warning) to the newest one
+that does; an explicit path that does not verify is an error.
+
+Lineage: resuming from checkpoint-S while checkpoints of later steps exist starts a new branch;
+the later ones (the abandoned branch) are moved into `output_dir/abandoned-<UTC time>/`, so
+rotation and `auto` only ever see the branch being trained.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,21 +38,29 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
+from fastalign import manifest, safe_dcp
 from fastalign.distributed import barrier, broadcast_object
-from fastalign.errors import ConfigError
+from fastalign.errors import ConfigError, FastalignError
+
+log = logging.getLogger("fastalign.checkpoint")
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # What a save may leave behind under output_dir: complete, unfinished (.tmp) or replaced (.old).
-CHECKPOINT_ANY_RE = re.compile(r"^checkpoint-\d+(\.tmp|\.old)?$")
+CHECKPOINT_ANY_RE = re.compile(r"^checkpoint-(\d+)(\.tmp|\.old)?$")
+ABANDONED_PREFIX = "abandoned-"
+EXPORT_TMP_GLOB = ".tmp-save-*"  # Llama.save_pretrained's staging directory inside output_dir
 STATE_FILE = "trainer_state.json"
-SCHEDULER_FILE = "scheduler.pt"
+SCHEDULER_FILE = "scheduler.json"
+METADATA_FILE = safe_dcp.METADATA_FILE
 TMP_SUFFIX = ".tmp"
 
 
@@ -49,12 +68,17 @@ def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
     return Path(output_dir) / f"checkpoint-{step}"
 
 
+def step_of(path: Path) -> int:
+    return int(CHECKPOINT_RE.match(path.name).group(1))
+
+
 def is_complete(path: Path) -> bool:
-    """A finished checkpoint: final name (not .tmp), its state file and DCP metadata present."""
+    """A finished save: final name (not .tmp), its state file and DCP metadata present. Whether
+    it can be resumed (manifest present, every byte intact) is `verify_checkpoint`'s question."""
     return (
         CHECKPOINT_RE.match(path.name) is not None
         and (path / STATE_FILE).is_file()
-        and (path / ".metadata").is_file()
+        and (path / METADATA_FILE).is_file()
     )
 
 
@@ -64,7 +88,7 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and is_complete(p)]
-    return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
+    return sorted(found, key=step_of)
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -72,41 +96,66 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def verify_checkpoint(path: Path) -> str | None:
+    """Collective: None if `path` is complete and every file matches its manifest, else why not."""
+    return manifest.verify(path, required=(STATE_FILE, METADATA_FILE, SCHEDULER_FILE))
+
+
 def resolve_resume(value: str | None, output_dir: str | os.PathLike) -> Path | None:
-    """`--resume_from_checkpoint`: None, `auto` (latest complete one, if any) or a path."""
+    """`--resume_from_checkpoint`: None, `auto` (the newest checkpoint that verifies; a fresh
+    start when there is none at all) or a path (which must verify). Collective: every rank gets
+    rank 0's choice, and the same ConfigError."""
     if value is None:
         return None
     if value.lower() in ("auto", "true", "latest"):
-        return latest_checkpoint(output_dir)
+        candidates = broadcast_object([str(p) for p in list_checkpoints(output_dir)] if dist.get_rank() == 0 else None)
+        skipped = []
+        for candidate in map(Path, reversed(candidates)):
+            problem = verify_checkpoint(candidate)
+            if problem is None:
+                return candidate
+            if dist.get_rank() == 0:
+                log.warning("--resume_from_checkpoint auto: skipping %s, it does not verify: %s", candidate, problem)
+            skipped.append(f"{candidate.name}: {problem}")
+        if skipped:
+            raise ConfigError(f"--resume_from_checkpoint auto: no checkpoint in {output_dir} verifies ("
+                              + "; ".join(skipped) + "). Start over with --overwrite_output_dir True")
+        return None
     path = Path(value)
     if not path.is_dir():
         raise ConfigError(f"--resume_from_checkpoint: {value} is not a directory")
     if not is_complete(path):
         raise ConfigError(
             f"--resume_from_checkpoint: {value} is not a complete checkpoint-<step> directory "
-            f"(missing {STATE_FILE} or .metadata, or an unfinished .tmp save)"
+            f"(missing {STATE_FILE} or {METADATA_FILE}, or an unfinished .tmp save)"
         )
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise ConfigError(f"--resume_from_checkpoint: {value} does not verify: {problem}")
     return path
 
 
 def prepare_output_dir(output_dir: str | os.PathLike, *, fresh_start: bool, overwrite: bool,
                        run_files: tuple[str, ...] = ()) -> None:
-    """Create `output_dir` and make sure a fresh run cannot mix with another run's checkpoints.
+    """Create `output_dir`, remove what interrupted saves left, and make sure a fresh run cannot
+    mix with another run's checkpoints.
 
     Collective (every rank calls it; rank 0 looks at the directory and every rank raises the same
     error). A fresh start into a directory holding complete checkpoints stops: rotation keeps the
     highest steps, so it would delete the new run's checkpoints and keep the old ones, and `auto`
     would later resume the foreign run. With `overwrite` (HF's --overwrite_output_dir) rank 0
-    deletes every checkpoint-* directory (.tmp / .old included) and `run_files` first.
+    deletes every checkpoint-* directory (.tmp / .old included), abandoned branches and
+    `run_files` first.
     """
     problem = None
     if dist.get_rank() == 0:
         root = Path(output_dir)
         try:
             root.mkdir(parents=True, exist_ok=True)
+            remove_partial_saves(root)
             if overwrite:
                 for path in root.iterdir():
-                    if path.is_dir() and CHECKPOINT_ANY_RE.match(path.name):
+                    if path.is_dir() and (CHECKPOINT_ANY_RE.match(path.name) or path.name.startswith(ABANDONED_PREFIX)):
                         shutil.rmtree(path)
                 for name in run_files:
                     (root / name).unlink(missing_ok=True)
@@ -126,34 +175,154 @@ def prepare_output_dir(output_dir: str | os.PathLike, *, fresh_start: bool, over
         raise ConfigError(problem)
 
 
-def rotate_checkpoints(output_dir: str | os.PathLike, keep: int | None) -> list[Path]:
-    """Delete the oldest complete checkpoints so at most `keep` remain; returns the deleted ones."""
+def remove_partial_saves(root: Path) -> None:
+    """Rank 0, at start: delete unfinished checkpoint-N.tmp and export .tmp-save-<pid> staging
+    directories (a killed save or export); put back a checkpoint-N.old whose replacement never
+    arrived (a kill between the two renames of a re-save), else delete it."""
+    for path in sorted(root.iterdir()):
+        match = CHECKPOINT_ANY_RE.match(path.name)
+        if path.is_dir() and (path.match(EXPORT_TMP_GLOB) or (match and match.group(2) == TMP_SUFFIX)):
+            log.info("removing %s, left by an interrupted save", path)
+            shutil.rmtree(path)
+        elif path.is_dir() and match and match.group(2) == ".old":
+            final = path.with_name(path.name[: -len(".old")])
+            if final.exists():
+                shutil.rmtree(path)
+            else:
+                path.rename(final)
+
+
+def start_branch(output_dir: str | os.PathLike, resume_step: int) -> Path | None:
+    """Collective: resuming at `resume_step` abandons the checkpoints of later steps in
+    `output_dir`; rank 0 moves them into abandoned-<UTC time>/ (returned; None if there were
+    none), so that rotation and `auto` see only the branch being trained."""
+    moved = None
+    if dist.get_rank() == 0:
+        root = Path(output_dir)
+        later = [p for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_ANY_RE.match(p.name))
+                 and int(m.group(1)) > resume_step] if root.is_dir() else []
+        if later:
+            moved = root / f"{ABANDONED_PREFIX}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+            moved.mkdir()
+            for path in sorted(later):
+                path.rename(moved / path.name)
+            log.warning("resuming at step %d starts a new branch: moved the later checkpoints of the "
+                        "abandoned branch (%s) to %s; delete it when it is not needed",
+                        resume_step, ", ".join(p.name for p in sorted(later)), moved)
+    chosen = broadcast_object(str(moved) if moved else None)
+    return Path(chosen) if chosen else None
+
+
+def rotate_checkpoints(output_dir: str | os.PathLike, keep: int | None,
+                       protect: Path | None = None) -> list[Path]:
+    """Delete the oldest complete checkpoints so at most `keep` remain (never `protect`, the one
+    just written); returns the deleted ones."""
     if keep is None or keep <= 0:
         return []
-    found = list_checkpoints(output_dir)
-    doomed = found[: max(0, len(found) - keep)]
+    found = [p for p in list_checkpoints(output_dir) if protect is None or p != protect]
+    doomed = found[: max(0, len(found) + (protect is not None) - keep)]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
 
 
+# ---------------------------------------------------------------------------- small state as JSON
+
+
 def _rng_state() -> dict[str, Any]:
+    """This process's RNG states as JSON values (lists of ints)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state().tolist(),
+        "python": [version, list(mt), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ConfigError(f"{path}: not a readable {what} (JSON): {err}") from None
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=1, sort_keys=True))
+
+
+# ---------------------------------------------------------------------------- save / load
+
+
+def _tensor_bytes(state: dict[str, Any]) -> int:
+    """Bytes of this rank's tensors in a (nested) state dict: what its shard file will hold."""
+    total = 0
+    for value in state.values():
+        if isinstance(value, dict):
+            total += _tensor_bytes(value)
+        elif isinstance(value, torch.Tensor):
+            local = value.to_local() if isinstance(value, DTensor) else value
+            total += local.numel() * local.element_size()
+    return total
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The first rank's original exception inside DCP's CheckpointException."""
+    if isinstance(err, CheckpointException) and err.failures:
+        return _root_cause(next(iter(err.failures.values()))[0])
+    return err
+
+
+def _portable(err: BaseException) -> OSError:
+    """An OSError carrying what write_failure reports, safe to send to the other ranks."""
+    if isinstance(err, OSError):
+        return OSError(err.errno, err.strerror, err.filename) if err.strerror else OSError(str(err))
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "unexpected pos" in text:  # torch.save into a stream turns the OSError into this
+        return OSError(f"a write stopped short inside torch.save (disk full, quota or file size limit?): {text}")
+    return OSError(f"{type(err).__name__}: {text}")
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def write_failure(what: str, target: Path, err: OSError, needed: int | None,
+                  output_dir: str | os.PathLike) -> str:
+    """The message for an OSError while writing a checkpoint or the model: the path, the reason,
+    the space needed (when known) and free, and the last complete checkpoint."""
+    path = err.filename or target
+    reason = f"{err.strerror} ({errno.errorcode.get(err.errno, err.errno)})" if err.strerror else str(err)
+    space = ""
+    try:
+        free = shutil.disk_usage(output_dir).free
+        space = (f"; it needs about {_size(needed)}, {_size(free)} are free there"
+                 if needed else f"; {_size(free)} are free there")
+        if not err.strerror and needed and free < needed:
+            space += " (less than it needs: most likely the disk is full)"
+    except OSError:
+        pass
+    last = latest_checkpoint(output_dir)
+    return (f"writing {what} {target} failed at {path}: {reason}{space}. "
+            + (f"The last complete checkpoint is {last}; free some space (or fix the path), then "
+               "restart with --resume_from_checkpoint auto" if last else
+               "No complete checkpoint exists; free some space (or fix the path) and run again"))
 
 
 def save_checkpoint(
@@ -166,55 +335,95 @@ def save_checkpoint(
     *,
     save_total_limit: int | None = None,
 ) -> Path:
-    """Write checkpoint-<step> collectively (every rank calls this); returns its final path."""
+    """Write checkpoint-<step> collectively (every rank calls this); returns its final path.
+
+    An OSError on any rank (a full disk, a lost mount) removes the .tmp directory and raises the
+    same FastalignError on every rank, naming the path and the space needed.
+    """
     rank = dist.get_rank()
     final = checkpoint_dir(output_dir, step)
     tmp = final.with_name(final.name + TMP_SUFFIX)
+    problem = None
     if rank == 0:
-        for stale in Path(output_dir).glob(f"checkpoint-*{TMP_SUFFIX}"):
-            shutil.rmtree(stale, ignore_errors=True)  # left by a crashed save
-        (tmp / "rng").mkdir(parents=True)
-    barrier()
+        try:
+            for stale in Path(output_dir).glob(f"checkpoint-*{TMP_SUFFIX}"):
+                shutil.rmtree(stale, ignore_errors=True)  # left by a crashed save
+            (tmp / "rng").mkdir(parents=True)
+        except OSError as err:
+            problem = _portable(err)
+    problem = broadcast_object(problem)  # also the barrier: the directory exists for every rank
 
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
-    torch.save(_rng_state(), tmp / "rng" / f"rank{rank}.pt")
+    needed = _tensor_bytes(model_state) + _tensor_bytes(optim_state)
+    entries: dict[str, dict[str, int]] = {}
+    if problem is None:
+        try:
+            dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
+            mine = [f"rng/rank{rank}.json"]
+            _write_json(tmp / mine[0], _rng_state())
+            if rank == 0:
+                _write_json(tmp / SCHEDULER_FILE, scheduler.state_dict())
+                _write_json(tmp / STATE_FILE, trainer_state)
+                mine += [SCHEDULER_FILE, STATE_FILE, METADATA_FILE]
+            mine += [p.name for p in tmp.glob(f"__{rank}_*.distcp")]
+            entries = manifest.describe(tmp, mine)
+        except (OSError, CheckpointException) as err:
+            problem = _portable(_root_cause(err))
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (entries, needed, problem))
+    problem = next((p for _, _, p in gathered if p is not None), None)
+    if problem is None and rank == 0:
+        try:
+            manifest.write_manifest(tmp, {name: e for files, _, _ in gathered for name, e in files.items()})
+            if final.exists():  # re-saving a step after resuming from an earlier checkpoint
+                old = final.with_name(final.name + ".old")
+                final.rename(old)
+                tmp.rename(final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(final)  # the checkpoint exists from here on, complete
+        except OSError as err:
+            problem = _portable(err)
+    problem = broadcast_object(problem)
+    if problem is not None:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # gives the space back
+        total = sum(n for _, n, _ in gathered)
+        raise FastalignError(write_failure("checkpoint", final, problem, total, output_dir))
     if rank == 0:
-        torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
-        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
-    barrier()
-
-    if rank == 0:
-        if final.exists():  # re-saving a step after resuming from an earlier checkpoint
-            old = final.with_name(final.name + ".old")
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
-        rotate_checkpoints(output_dir, save_total_limit)
+        rotate_checkpoints(output_dir, save_total_limit, protect=final)
     barrier()
     return final
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:
-    return json.loads((path / STATE_FILE).read_text())
+    return _read_json(path / STATE_FILE, "trainer state")
 
 
 def load_checkpoint(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
 ) -> dict[str, Any]:
-    """Restore model and optimizer shards, scheduler and this rank's RNG; returns trainer state."""
+    """Restore model and optimizer shards, scheduler and this rank's RNG; returns trainer state.
+
+    Nothing read here can run code (safe_dcp for the shards, JSON for the rest); a refused or
+    unreadable file is a ConfigError naming it. Verify the checkpoint first (`resolve_resume`).
+    """
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=str(path))
+    try:
+        safe_dcp.load(state, path)
+    except (CheckpointException, safe_dcp.UnsafeCheckpointError) as err:
+        cause = _root_cause(err)
+        if isinstance(cause, FastalignError):
+            raise ConfigError(f"--resume_from_checkpoint {path}: {cause}") from None
+        raise
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
     )
-    scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, weights_only=False))
-    rng_file = path / "rng" / f"rank{dist.get_rank()}.pt"
+    scheduler.load_state_dict(_read_json(path / SCHEDULER_FILE, "scheduler state"))
+    rng_file = path / "rng" / f"rank{dist.get_rank()}.json"
     if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(_read_json(rng_file, "RNG state"))
     return read_trainer_state(path)
 
 
@@ -234,18 +443,22 @@ def export_hf(model: nn.Module, config, output_dir: str | os.PathLike, tokenizer
     Every rank takes part in the gather; only rank 0 holds the full weights (on CPU) and writes.
     The writer is a fresh meta-device Llama of `config`: the trained module's own parameter names
     carry activation-checkpointing / compile wrapper segments that HF names do not have.
+    An OSError (a full disk) is the same FastalignError on every rank, naming the path and size;
+    save_pretrained has removed its staging directory by then.
     """
     from fastalign.model import Llama
 
     state = full_model_state_dict(model, prefix)
+    problem = None
     if dist.get_rank() == 0:
         with torch.device("meta"):
             writer = Llama(config)
-        writer.save_pretrained(output_dir, state_dict=state, tokenizer_dir=tokenizer_dir)
-    barrier()
+        try:
+            writer.save_pretrained(output_dir, state_dict=state, tokenizer_dir=tokenizer_dir)
+        except OSError as err:
+            problem = _portable(err)
+    problem = broadcast_object(problem)  # also the barrier: the model is complete for every rank
+    if problem is not None:
+        needed = sum(t.numel() * t.element_size() for t in state.values()) if state else None
+        raise FastalignError(write_failure("the model to", Path(output_dir), problem, needed, output_dir))
 
-
-def agree_on_resume(path: Path | None) -> Path | None:
-    """Rank 0's choice of checkpoint, so that every rank resumes from the same step."""
-    chosen = broadcast_object(str(path) if path is not None else None)
-    return Path(chosen) if chosen is not None else None

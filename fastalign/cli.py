@@ -15,15 +15,16 @@ from fastalign.errors import FastalignError
 
 
 def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
-    """Run a CLI `main(argv)`; a `FastalignError` becomes `error: <message>` and exit status 2.
+    """Run a CLI `main(argv)`; a `FastalignError` becomes `error: <message>` and exit status 2
+    (its `label` and `exit_code`: a run stopped by a signal prints `stopped:` and exits 128 + signal).
 
     Interrupts exit 130. Other exceptions propagate (a traceback there means a bug in fastalign).
     """
     try:
         return int(main(argv) or 0)
     except FastalignError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        print(f"{err.label}: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

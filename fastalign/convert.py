@@ -292,12 +292,22 @@ def validate_options(fmt: str, options: ConvertOptions) -> None:
                           f"--rejected_score {options.rejected_score}")
 
 
+def same_file(a: Path, b: Path) -> bool:
+    """The same path after resolving links, or (both existing) the same inode (a hard link)."""
+    if Path(a).resolve() == Path(b).resolve():
+        return True
+    return Path(a).exists() and Path(b).exists() and os.path.samefile(a, b)
+
+
 def convert_file(fmt: str, input_path: Path, output_path: Path, options: ConvertOptions = ConvertOptions(),
                  *, skip_invalid: bool = False) -> ConversionReport:
     """Convert a whole file; raises DataError on the first invalid record unless `skip_invalid`."""
     validate_options(fmt, options)
     file_kind(input_path, "--input")  # bad file names fail before any reading
     file_kind(output_path, "--output")
+    if same_file(input_path, output_path):
+        raise ConfigError(f"--output {output_path} is the --input file: converting would overwrite "
+                          "the source data; choose another --output")
     report = ConversionReport()
     with record_writer(output_path) as write:
         for item in iter_json_values(input_path, skipping_invalid=skip_invalid):

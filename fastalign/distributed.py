@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -80,14 +80,24 @@ def parse_fsdp(value: str) -> FsdpPlan:
     return FsdpPlan(strategy=strategies[0] if strategies else "no_shard", offload="offload" in words)
 
 
-def init_distributed(timeout_minutes: float = 30.0) -> DistEnv:
+def process_group_backend(use_cuda: bool, cpu_collectives: bool) -> str:
+    """NCCL on CUDA, gloo on CPU; both ("cuda:nccl,cpu:gloo") when collectives on CPU tensors
+    are needed on a CUDA machine: with `--fsdp offload` the gradients live on the host, and their
+    norm (clipping) is all-reduced there, which an NCCL-only group cannot do."""
+    if not use_cuda:
+        return "gloo"
+    return "cuda:nccl,cpu:gloo" if cpu_collectives else "nccl"
+
+
+def init_distributed(timeout_minutes: float = 30.0, *, cpu_collectives: bool = False) -> DistEnv:
     """Join torchrun's process group (NCCL on CUDA, gloo on CPU), or make a one-rank group.
 
     torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; multi-node rendezvous
     (`--nnodes --node_rank --rdzv_backend c10d --rdzv_endpoint host:port`) is torchrun's job.
+    cpu_collectives: also give CPU tensors a backend on CUDA (`process_group_backend`).
     """
     use_cuda = torch.cuda.is_available()
-    backend = "nccl" if use_cuda else "gloo"
+    backend = process_group_backend(use_cuda, cpu_collectives)
     timeout = datetime.timedelta(minutes=timeout_minutes)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -136,6 +146,23 @@ def build_mesh(env: DistEnv, plan: FsdpPlan) -> DeviceMesh:
             )
         shape = (env.world_size // env.local_world_size, env.local_world_size)
     return init_device_mesh(env.device.type, shape, mesh_dim_names=("replicate", "shard"))
+
+
+# Strategies whose mesh has a replicate dimension (gradients all-reduced across replicas).
+REPLICATED_STRATEGIES = ("no_shard", "hybrid_shard", "hybrid_shard_zero2")
+
+
+def set_gradient_all_reduce(model: nn.Module, plan: FsdpPlan, enabled: bool) -> None:
+    """Turn the all-reduce over a replicate mesh dimension on or off for the next backward.
+
+    Under gradient accumulation the trainer turns it off for every micro-batch but the last of
+    a step: FSDP2 then keeps the un-all-reduced sum of the micro-batches' (reduce-scattered)
+    gradients, one shard-sized fp32 buffer per layer, and all-reduces it once. The reduce-scatter
+    of a sharded dimension still runs every micro-batch: skipping it would keep unsharded
+    gradients, the memory that sharding exists to save. A no-op without a replicate dimension.
+    """
+    if isinstance(model, FSDPModule) and plan.strategy in REPLICATED_STRATEGIES:
+        model.set_requires_all_reduce(enabled)
 
 
 def apply_ac(layers: nn.ModuleList) -> None:

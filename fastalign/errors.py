@@ -8,6 +8,9 @@ Command-line entry points catch `FastalignError` and print its message without a
 class FastalignError(Exception):
     """An error caused by the user's input or environment, with a message that says how."""
 
+    label = "error"  # run_main prints "<label>: <message>" and exits with exit_code
+    exit_code = 2
+
 
 class DataError(FastalignError):
     """A data file or record that cannot be used (names the file, record index, field, reason)."""

@@ -26,24 +26,23 @@ num_groups (keyword, optional): G when the caller knows it (a packed batch: its 
 fillers included); it is checked against group_index like everything else, never trusted.
 
 Host syncs (each one, on CUDA, stalls the CPU until the device has caught up, so it cannot queue
-the next kernels): validation costs exactly one device->host read per call. Every check (finite
-scores, group_index >= 0, targets in [0, V) or -100, response_index in [0, S) where there is a
-target, >= 1 target token per response, groups 0..G-1 all non-empty and, when given, consistent
-with num_groups) is a flag in one small int64 tensor read together with the two sizes the plan
-needs (N = target tokens, and G when num_groups is not given); only when a flag is set are the
-detailed messages worked out (extra reads are fine on the way to an error). The syncs left are
-inherent to the algorithm (data-dependent shapes), each once per call, never per vocabulary slice:
-  - that read itself: N, the number of positions that carry a target (the -100 positions are
-    compacted away before any GEMM, so the head's GEMMs are [N, H] x [H, C]);
-  - kernels/group_math.build_group_layout: K, the largest group (the [G, K] group table), read with
-    `int(sizes.max())`, plus `torch.bincount` (which reads max/min on CUDA);
-  - kernels/group_math.group_math (the twin's group step, not the Triton path's): boolean-mask
-    indexing when it scatters d loss / d nll back to responses (a nonzero each);
+the next kernels). Everything data-dependent is worked out from the index tensors alone, by
+`plan_loss`: validation (finite scores, group_index >= 0, targets in [0, V) or -100,
+response_index in [0, S) where there is a target, >= 1 target token per response, groups 0..G-1
+all non-empty and, when given, consistent with num_groups) is a flag in one small int64 tensor,
+read in one go with the sizes the plan needs (N = target tokens, K = the largest group, and G
+when num_groups is not given); only when a flag is set are the detailed messages worked out
+(extra reads are fine on the way to an error). The [G, K] group table is built from those sizes
+(no bincount, no second read).
+  - The trainer makes the plan on the host copy of each micro-batch (`fastalign.train.
+    loss_plan_for`) and passes it as `plan=`: the loss's forward then reads nothing from the
+    device at all, and no micro-batch waits for the device before its forward is queued.
+  - Without `plan=`, `plan_loss` runs inside the call, on hidden's device: that one read.
   - backward: `nonzero(token_weight != 0)`, the tokens of responses with a non-zero gradient
     weight (with an inactive penalty only the best response of a group gets a gradient, so this
-    skips up to (k-1)/k of the backward GEMM work).
-The heads stream the vocabulary without any host read (the twin marks each slice's target with a
-scatter, not boolean indexing).
+    skips up to (k-1)/k of the backward GEMM work): one read per call.
+The heads and the group step (Triton kernel or kernels/group_math.py) read nothing: the twin marks
+each slice's target with a scatter and scatters d loss / d nll back without boolean masks.
 
 backend: "triton" (kernels/alignment_head.py; on CPU only under TRITON_INTERPRET=1),
 "torch" (kernels/alignment_head_torch.py, torch ops only) or "auto" (Triton on CUDA, else torch;
@@ -90,32 +89,99 @@ class _TokenPlan:
     response_tokens: torch.Tensor  # int64 [S], n_r
 
 
+@dataclass
+class LossPlan:
+    """Everything the loss derives from a batch's index tensors alone (validated): the target
+    positions and the [G, K] group table. `plan_loss` makes it; on host tensors that costs no
+    device sync, and `to(device)` queues the copies."""
+
+    tokens: _TokenPlan
+    layout: GroupLayout
+    num_tokens: int  # T
+    vocab: int  # V it was validated against
+
+    def to(self, device, non_blocking: bool = False) -> "LossPlan":
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=non_blocking)
+
+        tokens = _TokenPlan(**{k: move(v) for k, v in vars(self.tokens).items()})
+        layout = GroupLayout(slot_response=move(self.layout.slot_response),
+                             group_of=move(self.layout.group_of))
+        return LossPlan(tokens=tokens, layout=layout, num_tokens=self.num_tokens, vocab=self.vocab)
+
+
+def plan_loss(targets: torch.Tensor, response_index: torch.Tensor, scores: torch.Tensor,
+              group_index: torch.Tensor, *, vocab: int, num_groups: int | None = None) -> LossPlan:
+    """Validate a batch's index tensors and lay out its tokens and groups for the loss.
+
+    The trainer calls this on the host copy of each micro-batch before the model's forward is
+    queued, so the loss itself never waits for the device (see "Host syncs" above).
+    """
+    _check_indices(targets, response_index, scores, group_index)
+    num_groups = _checked_num_groups(num_groups)
+    tokens, num_groups, max_group_size = _plan_tokens(targets, response_index, scores, group_index,
+                                                      vocab=vocab, num_groups=num_groups)
+    layout = build_group_layout(group_index, num_groups, max_group_size)
+    return LossPlan(tokens=tokens, layout=layout, num_tokens=targets.shape[0], vocab=vocab)
+
+
 def stable_alignment_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           response_index: torch.Tensor, scores: torch.Tensor,
                           group_index: torch.Tensor, rating_scale: float = 7.0,
                           margin: float = 1.0, ratio: float = 0.2, max_flow: bool = False,
                           margin_mode: str = "paper", backend: str = "auto", *,
-                          num_groups: int | None = None) -> AlignmentLossOutput:
-    """Stable Alignment loss of one packed micro-batch; see the module docstring."""
+                          num_groups: int | None = None,
+                          plan: LossPlan | None = None) -> AlignmentLossOutput:
+    """Stable Alignment loss of one packed micro-batch; see the module docstring.
+
+    plan: `plan_loss(...)` of these same index tensors, made beforehand (then moved to hidden's
+    device); without it the plan is made here, from the tensors on hidden's device.
+    """
     opts = GroupOptions(rating_scale=float(rating_scale), margin=float(margin),
                         ratio=float(ratio), max_flow=bool(max_flow), margin_mode=margin_mode)
     _check_options(opts, backend)
     _check_shapes(hidden, weight, targets, response_index, scores, group_index)
-    if num_groups is not None:
-        if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral) \
-                or num_groups < 1:
-            raise LossInputError(f"num_groups must be a positive int (the number of groups in "
-                                 f"group_index) or None, got {num_groups!r}")
-        num_groups = int(num_groups)
     impl = _resolve_backend(backend, hidden.device)
     if hidden.dtype != weight.dtype:  # e.g. an fp32 final norm before a bf16 lm_head
         hidden = hidden.to(weight.dtype)  # the GEMMs run in the lm_head's dtype, as in nn.Linear
-    plan, num_groups, max_group_size = _plan_tokens(targets, response_index, scores, group_index,
-                                                    vocab=weight.shape[0], num_groups=num_groups)
-    layout = build_group_layout(group_index, num_groups, max_group_size)
-    loss, nll, penalty, best = _AlignmentHead.apply(hidden, weight, scores, plan, layout, opts,
-                                                    impl)
+    if plan is None:
+        plan = plan_loss(targets, response_index, scores, group_index, vocab=weight.shape[0],
+                         num_groups=num_groups)
+    else:
+        _check_plan(plan, hidden, weight, scores, _checked_num_groups(num_groups))
+    loss, nll, penalty, best = _AlignmentHead.apply(hidden, weight, scores, plan.tokens,
+                                                    plan.layout, opts, impl)
     return AlignmentLossOutput(loss=loss, nll=nll, penalty=penalty, best=best)
+
+
+def _checked_num_groups(num_groups) -> int | None:
+    if num_groups is None:
+        return None
+    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral) \
+            or num_groups < 1:
+        raise LossInputError(f"num_groups must be a positive int (the number of groups in "
+                             f"group_index) or None, got {num_groups!r}")
+    return int(num_groups)
+
+
+def _check_plan(plan: LossPlan, hidden, weight, scores, num_groups: int | None) -> None:
+    """A plan made for another batch, model or device is refused (shapes only: no sync)."""
+    problems = []
+    if plan.num_tokens != hidden.shape[0]:
+        problems.append(f"it covers {plan.num_tokens} positions, hidden has {hidden.shape[0]}")
+    if plan.tokens.response_tokens.shape[0] != scores.shape[0]:
+        problems.append(f"it has {plan.tokens.response_tokens.shape[0]} responses, scores "
+                        f"{scores.shape[0]}")
+    if plan.vocab != weight.shape[0]:
+        problems.append(f"it was checked for a vocabulary of {plan.vocab}, weight has "
+                        f"{weight.shape[0]} rows")
+    if num_groups is not None and plan.layout.num_groups != num_groups:
+        problems.append(f"it has {plan.layout.num_groups} groups, num_groups is {num_groups}")
+    if plan.tokens.position.device != hidden.device:
+        problems.append(f"it is on {plan.tokens.position.device}, hidden on {hidden.device} "
+                        "(LossPlan.to(device))")
+    if problems:
+        raise LossInputError("plan does not match this call: " + "; ".join(problems))
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -208,10 +274,19 @@ def _check_shapes(hidden, weight, targets, response_index, scores, group_index) 
     if not hidden.dtype.is_floating_point or not weight.dtype.is_floating_point:
         raise LossInputError(f"hidden and weight must be float tensors; got {hidden.dtype} and "
                              f"{weight.dtype}")
+    _check_indices(targets, response_index, scores, group_index, num_tokens=hidden.shape[0],
+                   device=hidden.device)
+
+
+def _check_indices(targets, response_index, scores, group_index, *, num_tokens: int | None = None,
+                   device: torch.device | None = None) -> None:
+    """Shapes, dtypes and devices of the index tensors (num_tokens / device: hidden's, if known)."""
     if scores.dim() != 1:
         raise LossInputError(f"scores must be [S] (one rating per response); got shape "
                              f"{tuple(scores.shape)}")
-    num_tokens, num_responses = hidden.shape[0], scores.shape[0]
+    num_tokens = targets.shape[0] if num_tokens is None else num_tokens
+    device = targets.device if device is None else device
+    num_responses = scores.shape[0]
     for name, tensor, length in (("targets", targets, num_tokens),
                                  ("response_index", response_index, num_tokens),
                                  ("scores", scores, num_responses),
@@ -221,8 +296,8 @@ def _check_shapes(hidden, weight, targets, response_index, scores, group_index) 
                         else "[S] with S = len(scores)")
             raise LossInputError(f"{name} must be {expected}; got shape {tuple(tensor.shape)} "
                                  f"(T = {num_tokens}, S = {scores.shape[0]})")
-        if tensor.device != hidden.device:
-            raise LossInputError(f"{name} is on {tensor.device} but hidden is on {hidden.device}")
+        if tensor.device != device:
+            raise LossInputError(f"{name} is on {tensor.device} but hidden is on {device}")
     for name, tensor in (("targets", targets), ("response_index", response_index),
                          ("group_index", group_index)):
         if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:

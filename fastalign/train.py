@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import resource
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from fastalign import distributed as fdist
 from fastalign.attention import BACKENDS as ATTN_BACKENDS
 from fastalign.cli import BOOLEAN_FLAG, nonneg_float, number, positive_float, positive_int, run_main
 from fastalign.errors import ConfigError, DataError, FastalignError
+from fastalign.preemption import StopOnSignal, Stopped
 
 log = logging.getLogger("fastalign.train")
 
@@ -81,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     orig = parser.add_argument_group("flags of the original train_alignment.py command")
     orig.add_argument("--model_name_or_path", required=True, help="HF model directory: Llama, Mistral, Qwen2 or Qwen3 (config.json, safetensors or .bin weights, tokenizer).")
     orig.add_argument("--data_path", required=True, help="Sandbox records: JSON array or JSONL (.gz welcome).")
-    orig.add_argument("--output_dir", required=True, help="Where metrics.jsonl, checkpoint-<step>/ and the final HF model go.")
+    orig.add_argument("--output_dir", required=True, help="Where metrics.jsonl, checkpoint-<step>/ and the final HF model go. Must not be empty, nor --model_name_or_path or a directory inside it (unless --allow_output_in_model_dir True).")
     orig.add_argument("--bf16", default=False, help="bf16 compute with fp32 master weights and fp32 gradient reduction (FSDP2 MixedPrecisionPolicy).", **BOOLEAN_FLAG)
     orig.add_argument("--num_train_epochs", type=positive_float, default=3.0, help="Epochs (fractions allowed); ignored when --max_steps > 0. Default 3.")
     orig.add_argument("--per_device_train_batch_size", type=positive_int, default=8, help="Groups (query + its responses) per micro-batch per process. Default 8 (HF).")
@@ -127,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     own.add_argument("--warmup_steps", type=int, default=0, help="Warmup steps; overrides --warmup_ratio when > 0. Default 0.")
     own.add_argument("--report_to", choices=("none", "tensorboard", "all"), default="none", help="Also log to TensorBoard (output_dir/runs) when installed. Default none.")
     own.add_argument("--eval_data_path", default=None, help="Held-out Sandbox records for --evaluation_strategy steps|epoch.")
+    own.add_argument("--allow_output_in_model_dir", default=False, help="Allow --output_dir to be --model_name_or_path or inside it (the final model then replaces the base weights). Default False.", **BOOLEAN_FLAG)
     own.add_argument("--eval_steps", type=interval_steps, default=None, help="Steps between evaluations (default: --logging_steps).")
     return parser
 
@@ -144,6 +147,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.optim not in OPTIMIZERS:
         parser.error(f"argument --optim: fastalign always trains with AdamW; supported values: "
                      f"{', '.join(OPTIMIZERS)}; got {args.optim!r}")
+    if not args.output_dir.strip():
+        parser.error("argument --output_dir: must not be empty (the model would be written into the current directory)")
+    output, model_dir = Path(args.output_dir).resolve(), Path(args.model_name_or_path).resolve()
+    if (output == model_dir or model_dir in output.parents) and not args.allow_output_in_model_dir:
+        parser.error(f"argument --output_dir: {args.output_dir} is {'' if output == model_dir else 'inside '}"
+                     f"--model_name_or_path {args.model_name_or_path}; the trained model would overwrite "
+                     "the base model's files. Choose another directory, or pass "
+                     "--allow_output_in_model_dir True to write there anyway")
     if args.overwrite_output_dir and args.resume_from_checkpoint is not None:
         parser.error("argument --overwrite_output_dir: True deletes the checkpoints that "
                      "--resume_from_checkpoint would resume from; give only one of them")
@@ -210,25 +221,37 @@ class AlignmentModel(nn.Module):
                                 max_flow=max_flow, margin_mode=margin_mode, backend=loss_backend)
 
     def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int, targets,
-                response_index, scores, group_index, num_groups: int | None = None,
+                response_index, scores, group_index, num_groups: int | None = None, loss_plan=None,
                 kv_index=None, cu_seqlens_k=None, max_seqlen_k: int | None = None) -> dict[str, torch.Tensor]:
         from fastalign.loss import stable_alignment_loss
 
         hidden = self.llama(input_ids, position_ids, cu_seqlens, max_seqlen, kv_index, cu_seqlens_k,
                             max_seqlen_k)  # [T, H]
         out = stable_alignment_loss(hidden, self.llama.lm_head.weight, targets, response_index,
-                                    scores, group_index, num_groups=num_groups, **self.loss_kwargs)
+                                    scores, group_index, num_groups=num_groups, plan=loss_plan,
+                                    **self.loss_kwargs)
         return {"loss": out.loss, "nll": out.nll, "penalty": out.penalty, "best": out.best}
 
 
 PREFIX = "llama."  # AlignmentModel's parameter names = "llama." + the HF names without "model."
 
 
-def run_batch(model: nn.Module, batch) -> dict[str, torch.Tensor]:
+def run_batch(model: nn.Module, batch, loss_plan=None) -> dict[str, torch.Tensor]:
+    """One micro-batch through the model and the loss; loss_plan: `loss_plan_for(batch)`, made
+    from the host copy, so that the loss does not wait for the device (else it plans itself)."""
     return model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen,
                  batch.targets, batch.response_index, batch.scores, batch.group_index,
                  num_groups=len(batch.record_indices),  # groups it holds: 1 for a filler
+                 loss_plan=loss_plan,
                  kv_index=batch.kv_index, cu_seqlens_k=batch.cu_seqlens_k, max_seqlen_k=batch.max_seqlen_k)
+
+
+def loss_plan_for(batch, vocab: int):
+    """The loss's validated token/group plan of a (host) micro-batch: no device sync."""
+    from fastalign.loss import plan_loss
+
+    return plan_loss(batch.targets, batch.response_index, batch.scores, batch.group_index,
+                     vocab=vocab, num_groups=len(batch.record_indices))
 
 
 def uses_fsdp(args, env: fdist.DistEnv, plan: fdist.FsdpPlan) -> bool:
@@ -435,6 +458,7 @@ class Trainer:
         self.env = env
         self.output_dir = Path(args.output_dir)
         self.plan = fdist.parse_fsdp(args.fsdp)
+        self.stop = StopOnSignal()  # main() installs it around train()
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -508,11 +532,12 @@ class Trainer:
                  else f"checkpoint {'each epoch' if args.save_strategy == 'epoch' else 'never'}")
 
         self.position = (0, 0, 0)  # (global step, epoch, step in epoch) of the next step
-        # Every rank validates the flag (same error everywhere); rank 0's pick of "auto" is used.
-        resume = ckpt.agree_on_resume(ckpt.resolve_resume(args.resume_from_checkpoint, self.output_dir))
+        # Collective: every rank gets rank 0's pick (the newest checkpoint that verifies) or error.
+        resume = ckpt.resolve_resume(args.resume_from_checkpoint, self.output_dir)
         if resume is not None:
             self._check_resumable(ckpt.read_trainer_state(resume))
             state = ckpt.load_checkpoint(resume, self.model, self.optimizer, self.scheduler)
+            ckpt.start_branch(self.output_dir, state["step"])  # later checkpoints: abandoned
             self.position = (state["step"], state["epoch"], state["step_in_epoch"])
             planned = state.get("total_steps", state.get("batch_layout", {}).get("total_steps"))
             if planned is not None and planned != self.total_steps:
@@ -607,9 +632,13 @@ class Trainer:
                     pending = None
                 if evaluate:
                     self._evaluate(step, epoch_float)
+                next_position = (epoch + 1, 0) if epoch_done else (epoch, done_in_epoch)
                 if save:
-                    next_position = (epoch + 1, 0) if epoch_done else (epoch, done_in_epoch)
                     self._save(step, next_position, nonfinite)
+                if signum := self.stop.requested():  # SIGTERM/SIGINT on any rank
+                    if pending is not None:
+                        self._finish_log(pending, bar)
+                    self._stop_on_signal(signum, step, next_position, nonfinite, saved=save)
             epoch, first = epoch + 1, 0
         if pending is not None:
             self._finish_log(pending, bar)
@@ -629,15 +658,23 @@ class Trainer:
         """
         env = self.env
         scale = env.world_size / opt_step.global_groups
-        # All of the step's (small) index tensors are queued for the device up front.
+        # All of the step's (small) index tensors are queued for the device up front, with the
+        # loss's plan of each, made on the host: no micro-batch waits for the device before its
+        # forward is queued.
+        vocab = self.llama.config.vocab_size
         on_device = [b.to(env.device, non_blocking=True) for b in opt_step.micro_batches]
-        for host_batch, batch in zip(opt_step.micro_batches, on_device):
+        plans = [loss_plan_for(b, vocab).to(env.device, non_blocking=True)
+                 for b in opt_step.micro_batches]
+        last = len(on_device) - 1  # the same on every rank: fillers keep the counts equal
+        for index, (host_batch, batch, plan) in enumerate(zip(opt_step.micro_batches, on_device,
+                                                               plans)):
+            fdist.set_gradient_all_reduce(self.model, self.plan, enabled=index == last)
             if batch.num_groups:  # real tokens only: a filler batch's work is thrown away
                 window.tokens += host_batch.sequence_tokens
                 window.computed_tokens += host_batch.computed_tokens
                 window.tokens_x_len += host_batch.attention_work
             try:
-                out = run_batch(self.model, batch)
+                out = run_batch(self.model, batch, plan)
                 (out["loss"] * (batch.num_groups * scale)).backward()
             except torch.OutOfMemoryError as err:
                 raise FastalignError(
@@ -759,6 +796,18 @@ class Trainer:
                                     state, save_total_limit=self.args.save_total_limit)
         log.info("saved %s", path)
 
+    def _stop_on_signal(self, signum: int, step: int, next_position: tuple[int, int],
+                        nonfinite: torch.Tensor, saved: bool) -> None:
+        """After the step a signal arrived in: checkpoint it (unless --save_strategy no) and stop."""
+        if self.args.save_strategy != "no" and not saved:
+            self._save(step, next_position, nonfinite)
+        last = ckpt.latest_checkpoint(self.output_dir)
+        where = (f"the last checkpoint is {last}; continue with --resume_from_checkpoint auto "
+                 f"(same --output_dir) or --resume_from_checkpoint {last}" if last
+                 else "no checkpoint was written (--save_strategy no): a new run starts from step 0")
+        raise Stopped(f"{signal.Signals(signum).name} received: stopped after step {step} of "
+                      f"{self.total_steps}; {where}", signum)
+
 
 def group_sums(out: dict[str, torch.Tensor], num_groups: int) -> torch.Tensor:
     """float64 [4] on the device: sum of loss_g, of nll_best, of penalty, active penalties."""
@@ -790,12 +839,13 @@ def is_peer_failure(err: BaseException) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    env = fdist.init_distributed()
+    env = fdist.init_distributed(cpu_collectives=fdist.parse_fsdp(args.fsdp).offload)
     setup_logging(env.is_main)
     trainer = Trainer(args, env)
     try:
         trainer.setup()
-        trainer.train()
+        with trainer.stop:
+            trainer.train()
     except (RuntimeError, dist.DistError) as err:
         if env.world_size == 1 or not is_peer_failure(err):
             raise

@@ -14,7 +14,7 @@ buffer, so no [N, V] tensor ever exists:
 - backward, `_softmax_grad_slice_kernel`: recomputed slice -> dZ = w * (softmax - onehot) in fp32,
   stored in place in the input dtype; then grad_weight[slice] = dZ^T @ hidden (one GEMM over all
   tokens, each row block written once) and grad_hidden += dZ @ W[slice] (fp32 accumulator, fed
-  by cuBLAS with an fp32 output where torch offers `out_dtype`).
+  by a GEMM with an fp32 output where torch offers `out_dtype`, else by fp32 copies).
   Tokens whose weight is zero never reach this path (loss.py compacts them away).
 
 Deterministic: every reduction has a fixed order (no atomics); GEMM shapes depend only on inputs.
@@ -25,6 +25,7 @@ the `*_config` functions below (which the drivers pass), checking registers and 
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -41,6 +42,8 @@ GRAD_BLOCK_COLS = 512
 RESPONSE_BLOCK = 256
 NUM_WARPS = 4  # every kernel; Triton's default, stated so the compile test builds the same thing
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+log = logging.getLogger(__name__)
 
 
 @triton.jit
@@ -109,13 +112,17 @@ def _group_kernel(slot_ptr, max_size, nll_ptr, score_ptr, loss_ptr, penalty_ptr,
     num_others = tl.maximum(size - 1, 1).to(tl.float32)
     if MAX_FLOW:
         neg_masked = tl.where(others, neg, float("-inf"))
-        aggregate = tl.max(neg_masked, 0)
+        aggregate = tl.max(neg_masked, 0)  # tl.max skips NaN (GPU and interpreter alike) ...
         worst = tl.min(tl.where(others & (neg_masked == aggregate), col, BLOCK_K), 0)
         share = tl.where(col == worst, 1.0, 0.0)
+        has_nan = tl.sum(tl.where(others & (neg != neg), 1, 0), 0) > 0
+        aggregate = tl.where(has_nan, float("nan"), aggregate)  # ... so a NaN nll is put back
     else:
-        aggregate = tl.sum(tl.where(others, neg, 0.0), 0) / num_others
+        aggregate = tl.sum(tl.where(others, neg, 0.0), 0) / num_others  # a NaN term gives NaN
         share = tl.zeros([BLOCK_K], dtype=tl.float32) + 1.0 / num_others
-    penalty = tl.where(size > 1, tl.maximum(aggregate, 0.0), 0.0)
+    # propagate_nan: the default maximum (max.f32 / maxnumf) returns the non-NaN operand, which
+    # would turn a NaN penalty into 0 and a finite loss, hiding the divergence from the trainer.
+    penalty = tl.where(size > 1, tl.maximum(aggregate, 0.0, propagate_nan=tl.PropagateNan.ALL), 0.0)
     active = tl.where(penalty > 0, 1.0, 0.0)
     dpen = tl.where(is_best, active, -active * share)
     dpen = tl.where(others | (is_best & (size > 1)), dpen, 0.0)
@@ -249,21 +256,31 @@ def head_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     return grad_hidden, grad_weight
 
 
-_cuda_out_dtype_gemm = True  # torch.addmm(..., out_dtype=float32): newer torch, CUDA only
+# Devices on which `torch.mm(..., out_dtype=torch.float32)` is tried (CUDA in torch >= 2.8);
+# a device type whose attempt failed is switched off here, once, with a warning.
+_TRY_FP32_OUT_GEMM = {"cuda": True}
 
 
 def _add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """acc + a @ b in fp32 (acc fp32 [N, H]) without rounding each slice's product to a's dtype:
-    with one bf16 partial per vocabulary slice, grad_hidden would be less accurate than plain
-    bf16 PyTorch, which rounds once after a single GEMM over the whole vocabulary."""
-    global _cuda_out_dtype_gemm
+    """acc + a @ b in fp32 (acc fp32 [N, H], a [N, C], b [C, H]) without rounding each slice's
+    product to a's dtype: with one bf16 partial per vocabulary slice, grad_hidden would be less
+    accurate than plain bf16 PyTorch, which rounds once after a single GEMM over the vocabulary.
+
+    Preferred: a bf16 GEMM with an fp32 output (cuBLAS, fp32 C). Otherwise fp32 copies of the
+    slice, which give the same exact fp32 sum at the cost of a copy and an fp32 GEMM.
+    """
     if a.dtype == torch.float32:
         return acc.addmm_(a, b)
-    if a.is_cuda and _cuda_out_dtype_gemm:
+    device = a.device.type
+    if _TRY_FP32_OUT_GEMM.get(device, False):
         try:
-            return torch.addmm(acc, a, b, out_dtype=torch.float32)  # cuBLAS, fp32 C
-        except (TypeError, RuntimeError):  # this torch lacks it: bf16 partials from now on
-            _cuda_out_dtype_gemm = False
-    if a.is_cuda:
-        return acc.add_(torch.mm(a, b))
-    return acc.addmm_(a.float(), b.float())  # CPU (interpreter tests): fp32 copies of the slice
+            return acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+        except torch.OutOfMemoryError:
+            raise  # a real failure: the trainer reports it with its hints
+        except (TypeError, NotImplementedError, RuntimeError) as err:  # this torch lacks the op
+            _TRY_FP32_OUT_GEMM[device] = False
+            log.warning("grad_hidden: torch %s cannot run a %s GEMM with an fp32 output on %s "
+                        "(%s: %s); using fp32 copies of each vocabulary slice instead (same "
+                        "result, slower)", torch.__version__, a.dtype, device, type(err).__name__,
+                        str(err).splitlines()[0] if str(err) else "")
+    return acc.addmm_(a.float(), b.float())

@@ -3,6 +3,12 @@
 Without CUDA, Triton kernels run under Triton's interpreter: TRITON_INTERPRET must be set before
 `triton` (and so `kernels`) is imported, which is why it is set here, at collection start.
 Tests marked `gpu` are skipped without CUDA; `make gpu-check` runs them on a GPU machine.
+
+On a CUDA machine the whole suite runs too (`make test` there): the `gpu` tests use the GPUs,
+and every other test keeps to the CPU it was written for. Processes those tests start (training
+under torchrun with 4 ranks, evaluation, benchmarks) see no GPU (CUDA_VISIBLE_DEVICES=""), so
+they run on gloo whatever the number of GPUs; this process has already counted its devices at
+import (below), so its own `gpu` tests are unaffected.
 """
 
 import os
@@ -22,3 +28,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_only_subprocesses(request, monkeypatch):
+    if "gpu" not in request.keywords:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")

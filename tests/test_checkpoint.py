@@ -11,19 +11,35 @@ import torch.distributed as dist
 from torch import nn
 
 from fastalign import checkpoint as ckpt
+from fastalign import manifest
 from fastalign.errors import ConfigError
 
 
+@pytest.fixture
+def process_group():
+    """A one-rank gloo group in this process (what `python -m fastalign.train` runs in)."""
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    if created:
+        dist.destroy_process_group()
+
+
 def make_checkpoint(root, step: int, complete: bool = True, suffix: str = ""):
+    """A stand-in checkpoint directory (its files are placeholders; their manifest is real)."""
     path = root / f"checkpoint-{step}{suffix}"
     path.mkdir(parents=True)
     (path / ".metadata").write_bytes(b"x")
     if complete:
         (path / ckpt.STATE_FILE).write_text(json.dumps({"step": step}))
+        (path / ckpt.SCHEDULER_FILE).write_text("{}")
+        names = [ckpt.STATE_FILE, ckpt.SCHEDULER_FILE, ".metadata"]
+        manifest.write_manifest(path, manifest.describe(path, names))
     return path
 
 
-def test_latest_checkpoint_skips_partial_and_orders_numerically(tmp_path):
+def test_latest_checkpoint_skips_partial_and_orders_numerically(tmp_path, process_group):
     make_checkpoint(tmp_path, 9)
     make_checkpoint(tmp_path, 10)
     make_checkpoint(tmp_path, 12, complete=False)  # crashed before its state file
@@ -34,12 +50,12 @@ def test_latest_checkpoint_skips_partial_and_orders_numerically(tmp_path):
     assert ckpt.resolve_resume("auto", tmp_path).name == "checkpoint-10"
 
 
-def test_auto_resume_without_checkpoint_starts_fresh(tmp_path):
+def test_auto_resume_without_checkpoint_starts_fresh(tmp_path, process_group):
     assert ckpt.resolve_resume("auto", tmp_path / "missing") is None
     assert ckpt.resolve_resume(None, tmp_path) is None
 
 
-def test_explicit_resume_path_must_be_complete(tmp_path):
+def test_explicit_resume_path_must_be_complete(tmp_path, process_group):
     partial = make_checkpoint(tmp_path, 4, complete=False)
     with pytest.raises(ConfigError, match="--resume_from_checkpoint"):
         ckpt.resolve_resume(str(partial), tmp_path)
@@ -57,17 +73,6 @@ def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path):
     assert [p.name for p in deleted] == ["checkpoint-2", "checkpoint-4"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10.tmp", "checkpoint-6", "checkpoint-8"]
     assert ckpt.rotate_checkpoints(tmp_path, None) == []
-
-
-@pytest.fixture
-def process_group():
-    """A one-rank gloo group in this process (what `python -m fastalign.train` runs in)."""
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    if created:
-        dist.destroy_process_group()
 
 
 def sharded_toy(seed: int):

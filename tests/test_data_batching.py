@@ -8,8 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from optional_deps import HealthCheck, given, settings, st
 
 from fastalign.data import (
     DataError,

@@ -7,8 +7,7 @@ import math
 from collections import Counter
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from optional_deps import given, settings, st
 
 from fastalign.evaluate import kendall_tau_b, pairwise_counts, score_record, summarize, summarize_by_category, top1_correct
 

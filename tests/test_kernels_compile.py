@@ -107,8 +107,9 @@ def _compile_case(name: str, resource_usage) -> dict:
     except Exception as err:  # reported per case; the test prints the compiler's message
         return dict(case=name, ok=False, error=f"{type(err).__name__}: {err}"[-4000:])
     cubin = compiled.asm.get("cubin", b"")
+    ptx = compiled.asm.get("ptx", "")
     return dict(case=name, ok=True, seconds=round(time.perf_counter() - start, 2),
-                ptx_bytes=len(compiled.asm.get("ptx", "")),
+                ptx_bytes=len(ptx), ptx_nan_max=ptx.count("max.NaN.f32"),
                 cubin_is_elf=cubin[:4] == b"\x7fELF", shared=compiled.metadata.shared,
                 num_warps=compiled.metadata.num_warps, **resource_usage(cubin))
 
@@ -192,6 +193,10 @@ def test_kernel_compiles_to_cubin_without_spills(compiled_cases, case):
         f"{case}: {row['shared']} bytes of shared memory, more than sm_{arch} offers")
     # Spills go to local memory (stack) and would make these memory-bound kernels slower still.
     assert row["stack"] == 0, f"{case}: {row['regs']} registers, {row['stack']} B stack (spills)"
+    if case.startswith("group-"):
+        # penalty = max(aggregate, 0) must keep a NaN (PTX max.NaN.f32): plain max.f32 returns
+        # the non-NaN operand, i.e. penalty 0 and a finite loss from a NaN nll.
+        assert row["ptx_nan_max"] > 0, f"{case}: no NaN-propagating max in the group kernel's PTX"
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """fastalign.loss.stable_alignment_loss against the full-logits oracle (tests/loss_oracle.py).
 
 Both backends run here: "torch" (the twin) and "triton" (on CPU under TRITON_INTERPRET=1, set by
-conftest.py; shapes stay small because the interpreter is slow). TestGPU repeats the checks
-compiled for real on CUDA, plus production-size shapes.
+conftest.py; shapes stay small because the interpreter is slow; on a CUDA machine the same cases
+run compiled on CUDA tensors, see tests/devices.py). TestGPU repeats the checks compiled for real
+on CUDA, plus production-size shapes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from fastalign.errors import FastalignError
 from fastalign.loss import LossInputError, stable_alignment_loss
 from kernels import alignment_head_torch
 from kernels.alignment_head_torch import vocab_chunk_size
-from kernels.group_math import GroupOptions, build_group_layout, group_math
+from kernels.group_math import GroupOptions, GroupResult, build_group_layout, group_math
+from devices import to_device, triton_device
 from loss_oracle import oracle_alignment_loss, oracle_group_loss
 
 try:
@@ -80,7 +82,18 @@ def make_batch(group_sizes, hidden_size, vocab, *, num_tokens=None, seed=0, dtyp
 
 
 def run_fused(batch, backend, grad_mix=None, **opts):
-    """Loss, nll, penalty, best and grads of (loss + mix . nll + mix' . penalty)."""
+    """Loss, nll, penalty, best and grads of (loss + mix . nll + mix' . penalty), on CPU.
+
+    The triton backend runs where tests/devices.py says (CPU under the interpreter, else CUDA).
+    """
+    if backend == "triton":
+        device = triton_device()
+        return to_device(_run_fused(to_device(batch, device), backend, to_device(grad_mix, device),
+                                    **opts), "cpu")
+    return _run_fused(batch, backend, grad_mix, **opts)
+
+
+def _run_fused(batch, backend, grad_mix, **opts):
     hidden = batch["hidden"].detach().clone().requires_grad_(True)
     weight = batch["weight"].detach().clone().requires_grad_(True)
     out = stable_alignment_loss(hidden, weight, batch["targets"], batch["response_index"],
@@ -208,7 +221,7 @@ def test_seed_margins_reproduce_original_indexing(backend):
     nll = torch.tensor([1.2, 1.0, 1.5])
     scores = torch.tensor([3.0, 7.0, 5.0])
     layout = build_group_layout(torch.zeros(3, dtype=torch.int64), 1)
-    stats = group_math if backend == "torch" else triton_head.group_stats
+    stats = group_math if backend == "torch" else triton_group_stats
     expected = {  # (margin_mode, max_flow) -> penalty
         ("seed", True): 1.0 - 1.5 + 4 / 7,  # response 2 is the worst
         ("seed", False): 0.0,  # mean(-0.2, 0.0714) < 0
@@ -237,7 +250,7 @@ def test_seed_margins_reproduce_original_indexing(backend):
 def test_group_math_random_groups_vs_oracle(backend):
     # many random groups (sizes 1..8, integer ratings so ties are common, NLLs close enough that
     # penalties are both active and inactive): values, and d loss / d nll against autograd
-    stats = group_math if backend == "torch" else triton_head.group_stats
+    stats = group_math if backend == "torch" else triton_group_stats
     gen = torch.Generator().manual_seed(21)
     seen_active = seen_inactive = 0
     for trial in range(12):
@@ -258,6 +271,35 @@ def test_group_math_random_groups_vs_oracle(backend):
         seen_active += int((penalty > 0).sum())
         seen_inactive += int((penalty == 0).sum())
     assert seen_active > 10 and seen_inactive > 10
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("max_flow", [False, True])
+@pytest.mark.parametrize("nan_at", [0, 2])  # a non-best response, the best one
+def test_nan_nll_gives_nan_loss_and_penalty(backend, max_flow, nan_at):
+    # The trainer stops on a non-finite loss; a NaN nll must never come out as penalty 0 and a
+    # finite loss (a NaN-dropping max: the GPU's max.f32, the interpreter's tl.max alike).
+    stats = group_math if backend == "torch" else triton_group_stats
+    nll = torch.tensor([1.0, 2.0, 0.5, 3.0, 1.5])
+    nll[nan_at] = float("nan")
+    scores = torch.tensor([5.0, 2.0, 7.0, 6.0, 1.0])  # group 0: responses 0-2 (best 2), group 1: 3-4
+    layout = build_group_layout(torch.tensor([0, 0, 0, 1, 1]), 2)
+    out = stats(nll, scores, layout, GroupOptions(ratio=0.5, max_flow=max_flow))
+    assert torch.isnan(out.penalty[0]) and torch.isnan(out.loss_per_group[0])
+    assert torch.isfinite(out.penalty[1]) and torch.isfinite(out.loss_per_group[1])  # the other group
+    assert out.best.tolist() == [2, 3]
+
+
+def test_nan_hidden_state_gives_a_nan_loss_on_both_backends():
+    for backend in ("torch", "triton") if triton_head is not None else ("torch",):
+        batch = make_batch([3, 2], 16, 90, seed=19)
+        others = (batch["response_index"] == 1) & (batch["targets"] != -100)  # a scored token of a
+        # response of group 0 that is not its best...
+        if int(batch["scores"][1]) == int(batch["scores"][:3].max()):
+            batch["scores"][1] = 0.5  # ... made sure of
+        batch["hidden"][others.nonzero()[0]] = float("nan")
+        got = run_fused(batch, backend)
+        assert torch.isnan(got["loss"]), backend
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -329,6 +371,8 @@ def test_low_precision_no_worse_than_plain_torch(backend, dtype, vocab, slice_bu
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_hidden_in_another_dtype_is_cast_to_the_lm_head_dtype(backend):
     batch = make_batch([2, 3], 16, 200, seed=18, dtype=torch.bfloat16)
+    if backend == "triton":
+        batch = to_device(batch, triton_device())
     hidden32 = batch["hidden"].float().requires_grad_(True)
     weight = batch["weight"].detach().clone().requires_grad_(True)
     out = stable_alignment_loss(hidden32, weight, batch["targets"], batch["response_index"],
@@ -336,12 +380,20 @@ def test_hidden_in_another_dtype_is_cast_to_the_lm_head_dtype(backend):
     out.loss.backward()
     same = run_fused(batch, backend)  # hidden already bf16: the same computation
     assert hidden32.grad.dtype == torch.float32 and weight.grad.dtype == torch.bfloat16
-    assert torch.equal(out.loss.detach(), same["loss"])
-    assert torch.equal(hidden32.grad, same["grad_hidden"].float())
-    assert torch.equal(weight.grad, same["grad_weight"])
+    assert torch.equal(out.loss.detach().cpu(), same["loss"])
+    assert torch.equal(hidden32.grad.cpu(), same["grad_hidden"].float())
+    assert torch.equal(weight.grad.cpu(), same["grad_weight"])
 
 
 # ----------------------------------------------------------------------------- errors
+
+
+def triton_group_stats(nll, scores, layout, opts):
+    """The Triton group kernel on the device tests/devices.py picks; results back on CPU."""
+    device = triton_device()
+    layout = type(layout)(**{k: v.to(device) for k, v in vars(layout).items()})
+    out = triton_head.group_stats(nll.to(device), scores.to(device), layout, opts)
+    return GroupResult(**to_device(vars(out), "cpu"))
 
 
 def _call(batch, **kw):
@@ -612,3 +664,73 @@ class TestGPU:
             # cuBLAS may tile the sliced GEMMs differently from the full one, so the bf16
             # roundings are other samples of the same error: a wider factor than on CPU
             assert err <= 1.5 * plain[key] + 1e-4 * ref_scale, (key, err, plain[key])
+
+
+# ----------------------------------------------------------------------------- fp32 grad_hidden
+
+
+@pytest.mark.skipif(triton_head is None, reason="triton not importable")
+def test_grad_hidden_fallback_is_exact_fp32_and_logged_once(monkeypatch, caplog):
+    # Force the path a torch without `mm(..., out_dtype=float32)` takes (here: CPU, where the op
+    # does not exist): the product must still be summed in fp32, never as a bf16-rounded slice.
+    monkeypatch.setattr(triton_head, "_TRY_FP32_OUT_GEMM", {"cpu": True})
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(7, 33, generator=gen).bfloat16()
+    b = torch.randn(33, 5, generator=gen).bfloat16()
+    acc = torch.randn(7, 5, generator=gen)
+    want = acc.clone().addmm_(a.float(), b.float())
+    with caplog.at_level("WARNING", logger=triton_head.__name__):
+        got = triton_head._add_product_fp32(acc.clone(), a, b)
+        again = triton_head._add_product_fp32(acc.clone(), a, b)
+    assert got.dtype == torch.float32 and torch.equal(got, want) and torch.equal(again, want)
+    warnings = [r for r in caplog.records if "fp32 copies" in r.getMessage()]
+    assert len(warnings) == 1 and "cpu" in warnings[0].getMessage()
+    assert triton_head._TRY_FP32_OUT_GEMM == {"cpu": False}
+
+
+@pytest.mark.skipif(triton_head is None, reason="triton not importable")
+def test_grad_hidden_gemm_out_of_memory_is_not_swallowed(monkeypatch):
+    monkeypatch.setattr(triton_head, "_TRY_FP32_OUT_GEMM", {"cpu": True})
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(triton_head.torch, "mm", out_of_memory)
+    a, b = torch.ones(2, 3, dtype=torch.bfloat16), torch.ones(3, 2, dtype=torch.bfloat16)
+    with pytest.raises(torch.OutOfMemoryError):
+        triton_head._add_product_fp32(torch.zeros(2, 2), a, b)
+    assert triton_head._TRY_FP32_OUT_GEMM == {"cpu": True}  # not mistaken for a missing op
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_with_a_host_plan_reads_nothing_from_the_device(host_syncs, backend):
+    # The trainer plans each micro-batch on its host copy before queueing the model's forward;
+    # the loss's forward, group step included, must then never wait for the device.
+    from fastalign.loss import plan_loss
+
+    batch = make_batch([2, 3, 4], 17, 300, seed=23, hard_best=(1,))
+    plan = plan_loss(batch["targets"], batch["response_index"], batch["scores"],
+                     batch["group_index"], vocab=300, num_groups=3)
+    if backend == "triton":
+        device = triton_device()
+        batch, plan = to_device(batch, device), plan.to(device)
+    with host_syncs:
+        out = _call(batch, backend=backend, num_groups=3, plan=plan)
+    assert host_syncs.total() == 0, dict(host_syncs.counts)
+    want = _call(batch, backend=backend)  # planned inside: the same numbers
+    assert torch.equal(out.loss, want.loss) and torch.equal(out.nll, want.nll)
+
+
+def test_a_plan_for_another_batch_is_refused():
+    from fastalign.loss import plan_loss
+
+    batch = make_batch([2, 3], 17, 300, seed=24)
+    other = make_batch([3, 3], 17, 300, seed=25)
+    plan = plan_loss(other["targets"], other["response_index"], other["scores"],
+                     other["group_index"], vocab=300)
+    with pytest.raises(LossInputError, match="plan does not match this call: it covers"):
+        _call(batch, plan=plan)
+    plan = plan_loss(batch["targets"], batch["response_index"], batch["scores"],
+                     batch["group_index"], vocab=299)
+    with pytest.raises(LossInputError, match="checked for a vocabulary of 299"):
+        _call(batch, plan=plan)

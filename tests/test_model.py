@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -301,6 +302,34 @@ def test_attention_backend_choice():
         resolve_backend("flash_attn", "cpu", torch.bfloat16)
     with pytest.raises(ConfigError, match="unknown value 'fast'"):
         resolve_backend("fast", "cpu", torch.float32)
+
+
+def test_broken_flash_attn_wheel_falls_back_with_the_reason(tmp_path, monkeypatch, caplog):
+    # A flash-attn built against another torch: importlib finds it, importing it fails. "auto"
+    # must skip it (logging why, once) and naming it must be a clear error, not a crash at the
+    # first forward.
+    from fastalign import attention
+
+    package = tmp_path / "flash_attn"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        'raise ImportError("flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDeviceEi")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    attention.flash_attn_status.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger=attention.__name__):
+            chosen = resolve_backend("auto", "cuda", torch.bfloat16, 64)
+            assert chosen in ("torch_varlen", "sdpa")
+            with pytest.raises(ConfigError, match=r"flash_attn: not available here: flash-attn is "
+                                                  r"installed but fails to import \(ImportError: "
+                                                  r"flash_attn_2_cuda.so: undefined symbol"):
+                resolve_backend("flash_attn", "cuda", torch.bfloat16, 64)
+        warnings = [r.getMessage() for r in caplog.records if "flash-attn" in r.getMessage()]
+        assert len(warnings) == 1 and "undefined symbol" in warnings[0]  # cached: logged once
+    finally:
+        attention.flash_attn_status.cache_clear()
 
 
 def test_flops_per_token_counts_matmuls_and_causal_attention():

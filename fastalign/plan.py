@@ -1,0 +1,547 @@
+"""Will it fit, and how long will it take? Plan a training run before renting the GPUs.
+
+    python -m fastalign.plan --model_name_or_path DIR | --config config.json
+        --nproc_per_node N [--nnodes M] --gpu A100-80GB | --gpu_memory_gb X [--gpu_tflops Y]
+        [the training flags it reads: --bf16 --fsdp --gradient_checkpointing
+         --per_device_train_batch_size --gradient_accumulation_steps --max_tokens_per_batch
+         --model_max_length --num_comp --share_prefix --num_train_epochs --data_path ...]
+
+Memory per rank (fastalign/plan_memory.py): the trainer's model is built on the meta device and
+sharded by the trainer's own `apply_ac` / `apply_fsdp` on a fake process group of the requested
+world size (no GPU, no weights read), so parameter, gradient and optimizer-state shards are the
+sizes FSDP2 allocates; activations, gathered layers and the loss head's buffers are counted
+tensor by tensor for the largest micro-batch the data (or, without data, the flags) implies.
+
+Time: the FLOPs the trainer's MFU counts (`LlamaConfig.flops_per_token`) over the GPU's dense
+bf16 peak at an assumed utilisation, and the FSDP traffic per step over an assumed link
+bandwidth. Every time is an estimate and printed as one.
+
+Token counts follow the packed layout: without a shared prefix every response is packed with its
+own copy of the query (`data.pack_groups`); with `--share_prefix True` (the default) the query is
+computed once per group and each response segment is its tokens plus one copied query token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from fastalign import distributed as fdist
+from fastalign import plan_memory as pm
+from fastalign.cli import BOOLEAN_FLAG, positive_float, positive_int, run_main
+from fastalign.errors import ConfigError
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Gpu:
+    memory_gib: float
+    tflops: float  # dense bf16 peak (as fastalign.train.PEAK_BF16_TFLOPS)
+    link_gb_s: float  # assumed NCCL bus bandwidth between GPUs of one node (GB/s)
+
+
+# Link figures are assumptions: what NCCL typically reaches over NVLink (A100: NVLink3, H100/H200:
+# NVLink4) or over PCIe (cards without NVLink), not measured here.
+GPUS = {
+    "A100-40GB": Gpu(40, 312.0, 200.0), "A100-80GB": Gpu(80, 312.0, 200.0),
+    "H100": Gpu(80, 989.0, 350.0), "H100-PCIe": Gpu(80, 756.0, 20.0), "H100-NVL": Gpu(94, 835.0, 20.0),
+    "H200": Gpu(141, 989.0, 350.0), "L40S": Gpu(48, 362.0, 20.0), "L4": Gpu(24, 121.0, 20.0),
+    "A10G": Gpu(24, 70.0, 20.0), "RTX4090": Gpu(24, 165.2, 20.0),
+}
+DEFAULT_MFU = 0.35  # assumed model-FLOPs utilisation while RESULTS.md has no GPU training rows
+INTER_NODE_GB_S = 25.0  # assumed: one 200 Gb/s NIC per GPU
+USABLE_FRACTION, RESERVED_GIB = 0.9, 1.0  # of the card: allocator slack; CUDA context, NCCL, cuBLAS
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastalign.plan", allow_abbrev=False,
+        usage="%(prog)s --model_name_or_path DIR | --config FILE --gpu NAME | --gpu_memory_gb X [FLAGS] (see --help)",
+        description="Predict per-rank memory (does it fit?) and time of a fastalign training run, "
+        "without GPUs: the trainer's own sharding on a fake process group, activations counted per tensor.")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model_name_or_path", help="HF model directory (its config.json; no weights are read).")
+    model.add_argument("--config", help="An HF config.json (Llama, Mistral, Qwen2, Qwen3).")
+    where = parser.add_argument_group("machines")
+    where.add_argument("--nproc_per_node", type=positive_int, default=1, help="GPUs (ranks) per node. Default 1.")
+    where.add_argument("--nnodes", type=positive_int, default=1, help="Nodes. Default 1.")
+    where.add_argument("--gpu", choices=sorted(GPUS), help="GPU model: its memory, bf16 peak and assumed link speed.")
+    where.add_argument("--gpu_memory_gb", type=positive_float, help="GPU memory in GiB (overrides --gpu's).")
+    where.add_argument("--gpu_tflops", type=positive_float, help="Dense bf16 peak TFLOP/s (overrides --gpu's).")
+    where.add_argument("--mfu", type=positive_float, default=None,
+                       help=f"Assumed model-FLOPs utilisation (default {DEFAULT_MFU}, an assumption: no GPU rows in benchmarks/RESULTS.md yet).")
+    where.add_argument("--link_gb_s", type=positive_float, help="GPU-to-GPU bus bandwidth within a node, GB/s (default: --gpu's assumption).")
+    where.add_argument("--inter_node_gb_s", type=positive_float, default=INTER_NODE_GB_S,
+                       help=f"Bandwidth per GPU between nodes, GB/s. Default {INTER_NODE_GB_S} (assumed).")
+    where.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                       help="cuda (default): plan a GPU run (flash attention, Triton head, 256 MiB slices); cpu: a CPU run (sdpa, torch head, 32 MiB slices).")
+    train = parser.add_argument_group("training flags (as python -m fastalign.train reads them)")
+    train.add_argument("--bf16", default=False, **BOOLEAN_FLAG)
+    train.add_argument("--fsdp", default="", help="As the trainer: 'full_shard auto_wrap', 'shard_grad_op', 'hybrid_shard', 'offload', ''.")
+    train.add_argument("--gradient_checkpointing", default=False, **BOOLEAN_FLAG)
+    train.add_argument("--per_device_train_batch_size", type=positive_int, default=8)
+    train.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
+    train.add_argument("--max_tokens_per_batch", type=positive_int, default=None)
+    train.add_argument("--model_max_length", type=positive_int, default=512)
+    train.add_argument("--num_comp", type=positive_int, default=3)
+    train.add_argument("--share_prefix", default=True, **BOOLEAN_FLAG,
+                       help="Query computed once per group (default True); False: once per response.")
+    train.add_argument("--num_train_epochs", type=positive_float, default=3.0)
+    train.add_argument("--loss_backend", choices=("auto", "triton", "torch"), default="auto")
+    data = parser.add_argument_group("data (optional: without it the flags' worst case is planned)")
+    data.add_argument("--data_path", help="Sandbox records; tokenized with --model_name_or_path's tokenizer.")
+    data.add_argument("--num_records", type=positive_int, default=None,
+                      help="Without --data_path: records per epoch, for epoch times (token lengths from the two flags below).")
+    data.add_argument("--mean_sequence_tokens", type=positive_float, default=None,
+                      help="Without --data_path: assumed mean query+response tokens (default --model_max_length).")
+    data.add_argument("--mean_query_tokens", type=positive_float, default=None,
+                      help="Without --data_path: assumed mean query tokens (default half the sequence).")
+    data.add_argument("--seed", type=int, default=42)
+    data.add_argument("--rating_scale", type=positive_float, default=7.0)
+    data.add_argument("--skip_invalid", default=False, **BOOLEAN_FLAG)
+    data.add_argument("--stop_response", default=False, **BOOLEAN_FLAG)
+    data.add_argument("--no_append_eos", default=False, **BOOLEAN_FLAG)
+    parser.add_argument("--json", dest="json_path", help="Also write the plan as JSON to this file.")
+    return parser
+
+
+# ----------------------------------------------------------------------------- token counts
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the data (or the flags) imply per rank and per epoch."""
+
+    largest: pm.MicroBatch  # the largest micro-batch (by tokens) any rank runs
+    largest_group_tokens: int  # the largest group: no --max_tokens_per_batch can split it
+    tokens_per_step: float  # computed tokens of one optimizer step, all ranks
+    attention_sq_per_step: float  # sum of sequence length^2 (attention FLOPs), all ranks
+    steps_per_epoch: int | None  # None without data
+    source: str  # "data FILE" or "flags"
+
+
+def group_counts(query: int, responses: Sequence[int], share_prefix: bool) -> tuple[int, int, int]:
+    """(computed tokens, target tokens, attention length^2) of one group, as packed.
+
+    Separate sequences: each response r is packed after its own copy of the query: q + r tokens,
+    r targets, (q + r)^2. Shared prefix: the query once (q tokens, q^2), each response a segment
+    of 1 copied query token + r tokens attending to the query too: (1 + r)^2 + 2 q (1 + r) in
+    units of a causal square (a q x (1 + r) rectangle costs twice a causal triangle of its area).
+    """
+    if not share_prefix:
+        return (sum(query + r for r in responses), sum(responses), sum((query + r) ** 2 for r in responses))
+    tokens = query + sum(1 + r for r in responses)
+    square = query ** 2 + sum((1 + r) ** 2 + 2 * query * (1 + r) for r in responses)
+    return tokens, sum(responses), square
+
+
+def workload_from_flags(args) -> Workload:
+    """Memory: the flags' worst case, every group with num_comp responses filling model_max_length
+    (a one-token query maximises a group's tokens under either layout). Time: the same worst case,
+    or with --num_records groups of num_comp responses of the assumed mean lengths."""
+    length, k = args.model_max_length, args.num_comp
+    tokens, targets, square = group_counts(1, [length - 1] * k, args.share_prefix)
+    if args.max_tokens_per_batch is None:
+        groups = args.per_device_train_batch_size
+    else:
+        groups = max(1, args.max_tokens_per_batch // tokens)
+    largest = pm.MicroBatch(tokens * groups, targets * groups)
+    if args.max_tokens_per_batch is not None and args.max_tokens_per_batch > largest.tokens:
+        # a budget filled with shorter groups: the same share of target tokens
+        budget = args.max_tokens_per_batch
+        largest = pm.MicroBatch(budget, budget * targets // tokens)
+        square = square * budget / tokens / groups
+    micro_batches = args.world_size * args.gradient_accumulation_steps
+    worst = Workload(largest=largest, largest_group_tokens=tokens,
+                     tokens_per_step=float(largest.tokens * micro_batches),
+                     attention_sq_per_step=float(square * groups * micro_batches),
+                     steps_per_epoch=None, source="flags (worst case: full-length sequences)")
+    if args.num_records is None:
+        return worst
+    sequence = args.mean_sequence_tokens or float(length)
+    query = args.mean_query_tokens or sequence / 2
+    tokens, _, square = group_counts(query, [sequence - query] * k, args.share_prefix)
+    if args.max_tokens_per_batch is None:
+        batches = math.ceil(args.num_records / args.per_device_train_batch_size)
+    else:
+        batches = math.ceil(args.num_records * tokens / args.max_tokens_per_batch)
+    steps = math.ceil(batches / micro_batches)
+    return Workload(largest=largest, largest_group_tokens=worst.largest_group_tokens,
+                    tokens_per_step=args.num_records * tokens / steps,
+                    attention_sq_per_step=args.num_records * square / steps, steps_per_epoch=steps,
+                    source=f"flags (memory: full-length sequences; time: {args.num_records} records of "
+                           f"{k} x {sequence:g} tokens, queries {query:g}, assumed)")
+
+
+def workload_from_data(args, tokenizer_dir: str) -> Workload:
+    """Epoch 0 of the real batcher (candidates, shuffle, packing, dealing to ranks)."""
+    import numpy as np
+
+    from fastalign.data import GroupBatcher, candidate_mask
+    from fastalign.model import load_tokenizer
+    from fastalign.train import load_groups
+
+    tokenized, _ = load_groups(args.data_path, load_tokenizer(tokenizer_dir), args, "train")
+    groups = tokenized.groups
+    batcher = GroupBatcher(tokenized, num_comp=args.num_comp, seed=args.seed,
+                           batch_size=None if args.max_tokens_per_batch else args.per_device_train_batch_size,
+                           max_tokens_per_batch=args.max_tokens_per_batch,
+                           gradient_accumulation_steps=args.gradient_accumulation_steps,
+                           world_size=args.world_size, rank=0, shuffle=True)
+    selected = candidate_mask(np.array([len(g.response_ids) for g in groups]),
+                              np.array([g.record_index for g in groups]),
+                              num_comp=args.num_comp, seed=args.seed, epoch=0)
+    counts, start = [], 0
+    for g in groups:
+        chosen = [len(r) for r, keep in zip(g.response_ids, selected[start:start + len(g.response_ids)]) if keep]
+        start += len(g.response_ids)
+        counts.append(group_counts(len(g.query_ids), chosen, args.share_prefix))
+    counts = np.array(counts, dtype=np.int64)  # [G, 3]: tokens, targets, length^2
+    # The batcher's own epoch plan (group positions of each micro-batch, in epoch order). It packs by
+    # separate-sequence tokens; with a shared prefix groups are smaller, and the batcher's greedy
+    # fill over the same order packs more of them under the same budget.
+    micro_batches = batcher._plan(0).micro_batches
+    if args.share_prefix and args.max_tokens_per_batch is not None:
+        micro_batches = batcher._fill_token_budget(np.concatenate(micro_batches), counts[:, 0])
+    per_batch = np.array([counts[m].sum(axis=0) for m in micro_batches])  # [B, 3]
+    largest = per_batch[int(per_batch[:, 0].argmax())]
+    steps = math.ceil(len(micro_batches) / (args.world_size * args.gradient_accumulation_steps))
+    return Workload(largest=pm.MicroBatch(int(largest[0]), int(largest[1])),
+                    largest_group_tokens=int(counts[:, 0].max()),
+                    tokens_per_step=float(per_batch[:, 0].sum() / steps),
+                    attention_sq_per_step=float(per_batch[:, 2].sum() / steps),
+                    steps_per_epoch=steps, source=f"data {args.data_path} (epoch 0: {len(groups)} groups)")
+
+
+# ----------------------------------------------------------------------------- time
+
+
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "results"  # in a source checkout
+
+
+def default_mfu(results: Path = RESULTS_DIR) -> tuple[float, str]:
+    """Utilisation to assume: fastalign's measured MFU from a GPU training benchmark on file
+    (benchmarks/train_throughput.py's JSON, gpu-7b-layers before gpu-1b, newest name first), else
+    DEFAULT_MFU as a stated assumption."""
+    for preset in ("gpu-7b-layers", "gpu-1b"):
+        files = sorted(results.rglob(f"train_throughput-*-{preset}.json")) if results.is_dir() else []
+        for file in reversed(files):
+            mfu = json.loads(file.read_text()).get("sides", {}).get("fastalign", {}).get("mfu")
+            if mfu:
+                return float(mfu), f"measured: {file.name}"
+    return DEFAULT_MFU, "assumed: no GPU training rows in benchmarks/RESULTS.md yet"
+
+
+def communication_bytes(state_numel: int, args, plan: fdist.FsdpPlan) -> tuple[float, float]:
+    """(bytes within a node, bytes between nodes) each rank moves per optimizer step.
+
+    Ring collectives move (n - 1) / n of the buffer per rank. Over the shard dimension FSDP2
+    all-gathers the parameters in the compute dtype on every micro-batch (forward, and again in
+    backward under full/hybrid_shard) and reduce-scatters fp32 gradients. Over a replicate
+    dimension (no_shard, hybrid) the trainer all-reduces the fp32 gradient shards once per
+    optimizer step (`distributed.set_gradient_all_reduce`): 2 (n - 1) / n of them.
+    """
+    world, per_node, b = args.world_size, args.nproc_per_node, 2 if args.bf16 else 4
+    if world == 1:
+        return 0.0, 0.0
+    micro = args.gradient_accumulation_steps
+    gathers = 2 if plan.reshard_after_forward else 1
+
+    def sharded(n: int) -> float:  # per step, over a shard dimension of n ranks
+        return micro * (gathers * b + 4) * state_numel * (n - 1) / n
+
+    def all_reduce(numel: float, n: int) -> float:  # once per step, over a replicate dimension of n
+        return 2 * 4 * numel * (n - 1) / n
+
+    if plan.strategy == "no_shard":
+        volume = all_reduce(state_numel, world)
+        return (volume, 0.0) if args.nnodes == 1 else (0.0, volume)
+    if plan.strategy in ("full_shard", "shard_grad_op"):
+        return (sharded(world), 0.0) if args.nnodes == 1 else (0.0, sharded(world))
+    # hybrid: shard within the node, replicate across nodes
+    return sharded(per_node), all_reduce(state_numel / per_node, args.nnodes)
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def plan_memory(config, args, world_size: int, procs_per_node: int, fsdp_plan: fdist.FsdpPlan,
+                gradient_checkpointing: bool, micro_batch: pm.MicroBatch) -> tuple[pm.StateBytes, pm.Phase]:
+    state = pm.measure_state(config, world_size=world_size, procs_per_node=procs_per_node,
+                             strategy=fsdp_plan.strategy, bf16=args.bf16,
+                             gradient_checkpointing=gradient_checkpointing, offload=fsdp_plan.offload)
+    opts = options(args, fsdp_plan, gradient_checkpointing)
+    return state, pm.peak_phase(config, state, micro_batch, opts)
+
+
+def options(args, fsdp_plan: fdist.FsdpPlan, gradient_checkpointing: bool) -> pm.Options:
+    return pm.Options(bf16=args.bf16, strategy=fsdp_plan.strategy, offload=fsdp_plan.offload,
+                      gradient_checkpointing=gradient_checkpointing, device_type=args.device,
+                      loss_backend=args.loss_backend)
+
+
+def largest_budget_that_fits(config, state: pm.StateBytes, opts: pm.Options, usable: float,
+                             target_share: float) -> int:
+    """The largest micro-batch in tokens (N = target_share x T) whose peak fits `usable` bytes; 0: none."""
+    def fits(tokens: int) -> bool:
+        batch = pm.MicroBatch(tokens, max(1, int(tokens * target_share)))
+        return pm.peak_phase(config, state, batch, opts).total <= usable
+
+    low, high = 0, 1
+    while fits(high) and high < 1 << 24:
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def make_plan(args) -> dict:
+    """Everything the report prints, as plain numbers (also written by --json)."""
+    from fastalign.model import LlamaConfig
+
+    config = (LlamaConfig.from_pretrained(args.model_name_or_path) if args.model_name_or_path
+              else LlamaConfig.from_hf_dict(_read_json(args.config), source=args.config))
+    config.check_length(args.model_max_length)  # as the trainer: a shorter sliding window is refused
+    fsdp_plan = fdist.parse_fsdp(args.fsdp)
+    gpu = GPUS.get(args.gpu) if args.gpu else None
+    memory_gib = args.gpu_memory_gb or (gpu.memory_gib if gpu else None)
+    usable = USABLE_FRACTION * memory_gib * GIB - RESERVED_GIB * GIB
+    work = workload_from_data(args, args.model_name_or_path) if args.data_path else workload_from_flags(args)
+
+    state, peak = plan_memory(config, args, args.world_size, args.nproc_per_node, fsdp_plan,
+                              args.gradient_checkpointing, work.largest)
+    opts = options(args, fsdp_plan, args.gradient_checkpointing)
+    phases = pm.step_phases(config, state, work.largest, opts)
+    share = work.largest.target_tokens / max(work.largest.tokens, 1)
+    budget = largest_budget_that_fits(config, state, opts, usable, share)
+    result = {
+        "model": {"config": args.model_name_or_path or args.config, "parameters": config.num_parameters(),
+                  "layers": config.num_hidden_layers, "hidden": config.hidden_size, "vocab": config.vocab_size},
+        "world": {"ranks": args.world_size, "nnodes": args.nnodes, "nproc_per_node": args.nproc_per_node,
+                  "fsdp": fsdp_plan.strategy + (" + offload" if fsdp_plan.offload else ""),
+                  "bf16": args.bf16, "gradient_checkpointing": args.gradient_checkpointing,
+                  "share_prefix": args.share_prefix, "device": args.device, "epochs": args.num_train_epochs},
+        "gpu": {"name": args.gpu, "memory_gib": memory_gib, "usable_gib": usable / GIB},
+        "workload": {"source": work.source, "largest_micro_batch_tokens": work.largest.tokens,
+                     "largest_micro_batch_target_tokens": work.largest.target_tokens,
+                     "largest_group_tokens": work.largest_group_tokens},
+        "memory": {"peak_bytes": peak.total, "peak_phase": peak.name, "parts_bytes": peak.parts,
+                   "phases_bytes": {phase.name: phase.total for phase in phases},
+                   "loss_head_slice_bytes": max(phase.parts["loss-head slice"] for phase in phases),
+                   "host_offload_bytes_per_rank": pm.host_state_bytes(state, opts),
+                   "fits": peak.total <= usable, "largest_max_tokens_per_batch_that_fits": budget,
+                   "largest_group_fits": budget >= work.largest_group_tokens},
+        "time": estimate_time(config, args, fsdp_plan, work, gpu),
+    }
+    if not result["memory"]["fits"]:
+        result["what_would_fit"] = what_would_fit(config, args, fsdp_plan, work, usable, budget)
+    return result
+
+
+def estimate_time(config, args, fsdp_plan: fdist.FsdpPlan, work: Workload, gpu: Gpu | None) -> dict:
+    tflops = args.gpu_tflops or (gpu.tflops if gpu else None)
+    if tflops is None:
+        return {"note": "no --gpu or --gpu_tflops: no time estimate"}
+    mfu, mfu_source = (args.mfu, "given by --mfu") if args.mfu else default_mfu()
+    per_token, per_square = config.flops_per_token(0), config.flops_per_token(1) - config.flops_per_token(0)
+    flops = per_token * work.tokens_per_step + per_square * work.attention_sq_per_step  # the trainer's MFU count
+    if args.gradient_checkpointing:  # one more forward of the layers: +1/3 of their matmuls
+        flops += 2 * (config.num_parameters(include_embeddings=False) - config.vocab_size * config.hidden_size
+                      * (not config.tie_word_embeddings)) * work.tokens_per_step
+    compute_s = flops / args.world_size / (tflops * 1e12 * mfu)
+    link = args.link_gb_s or (gpu.link_gb_s if gpu else None) or 20.0
+    inside, across = communication_bytes(config.num_parameters(), args, fsdp_plan)
+    comm_s = inside / (link * 1e9) + across / (args.inter_node_gb_s * 1e9)
+    step_s = max(compute_s, comm_s)  # FSDP2 overlaps its collectives with the layers' compute
+    out = {"flops_per_step": flops, "tflops_peak": tflops, "mfu": mfu, "mfu_source": mfu_source,
+           "link_gb_s": link, "inter_node_gb_s": args.inter_node_gb_s,
+           "communication_bytes_per_step_per_rank": inside + across,
+           "compute_s_per_step": compute_s, "communication_s_per_step": comm_s, "step_s": step_s,
+           "tokens_per_s": work.tokens_per_step / step_s,
+           "not_counted": "the host's AdamW step and the PCIe copies of offloaded shards" if fsdp_plan.offload else None}
+    if work.steps_per_epoch is not None:
+        out["steps_per_epoch"] = work.steps_per_epoch
+        out["epoch_hours"] = work.steps_per_epoch * step_s / 3600
+        out["run_hours"] = math.ceil(args.num_train_epochs * work.steps_per_epoch) * step_s / 3600
+    return out
+
+
+def what_would_fit(config, args, fsdp_plan: fdist.FsdpPlan, work: Workload, usable: float, budget: int) -> list[str]:
+    """Changes that make the plan fit (or why one cannot), each checked with the same memory count."""
+    hints = []
+    sharded = fdist.FsdpPlan("full_shard", fsdp_plan.offload) if fsdp_plan.strategy == "no_shard" else fsdp_plan
+    _, here = plan_memory(config, args, args.world_size, args.nproc_per_node, sharded, args.gradient_checkpointing,
+                          work.largest)
+    unsharded = here.total - sum(here.parts[p] for p in ("parameter shards", "gradients", "optimizer state"))
+    if unsharded > usable:  # activations and gathered layers do not shrink with more ranks
+        hints.append(f"does not fit on any number of GPUs of this size: the activations, gathered layers and "
+                     f"buffers alone take {_gib(unsharded)}")
+        factors = ()
+    else:
+        factors = (2, 4, 8, 16, 32, 64, 128)
+    for factor in factors:  # more nodes like this one
+        ranks = args.world_size * factor
+        _, peak = plan_memory(config, args, ranks, args.nproc_per_node, sharded, args.gradient_checkpointing,
+                              work.largest)
+        if peak.total <= usable:
+            hints.append(f"fits on {ranks} GPUs of this size: {_gib(peak.total)} per rank"
+                         + (f" with --fsdp {sharded.strategy}" if sharded is not fsdp_plan else ""))
+            break
+    else:
+        if factors:
+            hints.append(f"does not fit even on {args.world_size * 128} GPUs of this size with these flags")
+    candidates = []
+    if not args.gradient_checkpointing:
+        candidates.append(("--gradient_checkpointing True", fsdp_plan, True))
+    if not fsdp_plan.offload and args.device == "cuda":  # offload moves state from the GPU to the host
+        offload = fdist.FsdpPlan(sharded.strategy, True)
+        candidates.append((f"--fsdp '{sharded.strategy} offload'", offload, args.gradient_checkpointing))
+        if not args.gradient_checkpointing:
+            candidates.append((f"--fsdp '{sharded.strategy} offload' --gradient_checkpointing True", offload, True))
+    fitted = False
+    for label, plan, ac in candidates:
+        if fitted and "offload" in label and "checkpointing" in label:
+            break  # offload alone already fits
+        state, peak = plan_memory(config, args, args.world_size, args.nproc_per_node, plan, ac, work.largest)
+        if peak.total <= usable:
+            fitted = "offload" in label
+            host = pm.host_state_bytes(state, options(args, plan, ac))
+            hints.append(f"fits with {label}: {_gib(peak.total)} per GPU"
+                         + (f", and {_gib(host * args.nproc_per_node)} of host RAM per node for the offloaded state"
+                            if host else ""))
+        else:
+            hints.append(f"{label} alone is not enough: {_gib(peak.total)} per GPU")
+    if budget >= work.largest_group_tokens:
+        hints.append(f"fits with a smaller batch: --max_tokens_per_batch {budget} (or fewer groups per micro-batch)")
+    elif budget > 0:
+        hints.append(f"a smaller batch alone is not enough: micro-batches up to {budget} tokens fit, but the largest "
+                     f"group ({work.largest_group_tokens} tokens) cannot be split (lower --model_max_length or --num_comp)")
+    else:
+        hints.append("a smaller batch alone is not enough: the parameters, gradients and optimizer state do not "
+                     "fit by themselves")
+    return hints
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.2f} s"
+
+
+def format_report(plan: dict) -> str:
+    m, w, g, load, mem, t = plan["model"], plan["world"], plan["gpu"], plan["workload"], plan["memory"], plan["time"]
+    lines = [
+        f"model: {m['config']} ({m['parameters'] / 1e9:.2f} B parameters, {m['layers']} layers, hidden {m['hidden']}, vocab {m['vocab']})",
+        f"world: {w['ranks']} rank{'s' * (w['ranks'] > 1)} ({w['nnodes']} node{'s' * (w['nnodes'] > 1)} x "
+        f"{w['nproc_per_node']}), fsdp {w['fsdp']}, "
+        f"{'bf16' if w['bf16'] else 'fp32'} compute, activation checkpointing {'on' if w['gradient_checkpointing'] else 'off'}, "
+        f"shared prefix {'on' if w['share_prefix'] else 'off'}",
+        f"GPU: {g['name'] or 'custom'}, {g['memory_gib']:g} GiB ({g['usable_gib']:.2f} GiB usable: {USABLE_FRACTION:.0%} minus "
+        f"{RESERVED_GIB:g} GiB for the CUDA context, NCCL and cuBLAS)",
+        f"largest micro-batch: {load['largest_micro_batch_tokens']} tokens ({load['largest_micro_batch_target_tokens']} with a "
+        f"target), from {load['source']}",
+        "",
+        f"memory per rank at the peak ({mem['peak_phase']}):",
+    ]
+    for part in pm.PART_NAMES:
+        lines.append(f"  {part:<18} {_gib(mem['parts_bytes'][part]):>12}")
+    lines.append(f"  {'total':<18} {_gib(mem['peak_bytes']):>12}")
+    lines.append("  by moment of the step: " + ", ".join(f"{name} {_gib(total)}" for name, total in mem["phases_bytes"].items())
+                 + f" (the loss-head slice, {_gib(mem['loss_head_slice_bytes'])}, lives in its backward)")
+    if mem["host_offload_bytes_per_rank"]:
+        lines.append(f"  offloaded to host: {_gib(mem['host_offload_bytes_per_rank'])} per rank")
+    verdict = "FITS" if mem["fits"] else "DOES NOT FIT"
+    lines.append(f"verdict: {verdict} on {g['memory_gib']:g} GiB "
+                 f"({mem['peak_bytes'] / GIB:.2f} of {g['usable_gib']:.2f} GiB usable)")
+    budget = mem["largest_max_tokens_per_batch_that_fits"]
+    lines.append(f"largest --max_tokens_per_batch that fits: {budget}" if budget else
+                 "largest --max_tokens_per_batch that fits: none (the persistent state alone is too large)")
+    if budget and not mem["largest_group_fits"]:
+        lines.append(f"  (below the largest group, {load['largest_group_tokens']} tokens, which cannot be split)")
+    if plan.get("what_would_fit"):
+        lines.append("what would make it fit:")
+    for hint in plan.get("what_would_fit", []):
+        lines.append(f"  - {hint}")
+    lines.append("")
+    if "step_s" not in t:
+        lines.append(f"time: {t['note']}")
+    else:
+        lines += [
+            f"time (estimates): {t['flops_per_step']:.3g} FLOPs per step, each GPU at {t['mfu']:.0%} of "
+            f"{t['tflops_peak']:g} TFLOP/s ({t['mfu_source']})",
+            f"  compute {_duration(t['compute_s_per_step'])}/step, communication "
+            f"{t['communication_bytes_per_step_per_rank'] / 1e9:.2f} GB/rank/step = {_duration(t['communication_s_per_step'])} "
+            f"at {t['link_gb_s']:g} GB/s (between nodes {t['inter_node_gb_s']:g} GB/s), assumed overlapped",
+            f"  step ~{_duration(t['step_s'])}, ~{t['tokens_per_s']:,.0f} tokens/s (all ranks)"
+            + (f"; not counted: {t['not_counted']}" if t["not_counted"] else ""),
+        ]
+        if "epoch_hours" in t:
+            lines.append(f"  epoch ({t['steps_per_epoch']} steps) ~{_duration(t['epoch_hours'] * 3600)}; "
+                         f"the run's {w['epochs']:g} epochs ~{_duration(t['run_hours'] * 3600)}")
+        else:
+            lines.append("  epoch time: give --data_path (or --num_records)")
+    return "\n".join(lines)
+
+
+def _read_json(path: str) -> dict:
+    from fastalign.errors import ModelError
+
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ModelError(f"--config {path}: no such file") from None
+    except (OSError, ValueError) as err:
+        raise ModelError(f"--config {path}: not readable JSON ({err})") from None
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.gpu and not args.gpu_memory_gb:
+        parser.error("give --gpu NAME or --gpu_memory_gb X (the GPU's memory)")
+    if args.data_path and not args.model_name_or_path:
+        parser.error("--data_path needs --model_name_or_path (its tokenizer counts the tokens)")
+    if args.data_path and args.num_records:
+        parser.error("--num_records describes data without --data_path: give one of them")
+    sequence = args.mean_sequence_tokens or args.model_max_length
+    if sequence > args.model_max_length:
+        parser.error(f"--mean_sequence_tokens {sequence:g} exceeds --model_max_length {args.model_max_length}")
+    if args.mean_query_tokens is not None and args.mean_query_tokens >= sequence:
+        parser.error(f"--mean_query_tokens {args.mean_query_tokens:g} leaves no response tokens in a "
+                     f"{sequence:g}-token sequence (--mean_sequence_tokens)")
+    try:
+        plan = fdist.parse_fsdp(args.fsdp)
+    except ConfigError as err:
+        parser.error(str(err))
+    if plan.offload and args.device != "cuda":
+        parser.error("--fsdp offload: needs CUDA (as in the trainer)")
+    args.world_size = args.nproc_per_node * args.nnodes
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    plan = make_plan(args)
+    print(format_report(plan))
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(plan, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

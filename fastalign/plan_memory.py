@@ -1,0 +1,282 @@
+"""Per-rank memory of one training step, for `python -m fastalign.plan`.
+
+Two halves:
+
+- Sharded state, exact: `measure_state` builds the trainer's own model on the meta device
+  (`train.AlignmentModel` over `model.Llama`), applies the trainer's `apply_ac` and `apply_fsdp`
+  on a DeviceMesh of the requested world size made by torch.distributed's *fake* backend (one
+  process, no GPU, no weights read, no communication), and reads rank 0's DTensor shards: their
+  storage sizes are what FSDP2 allocates (rank 0 holds the largest shard of every parameter;
+  shards are padded to equal size, so every rank allocates the same).
+- Activations and transients, arithmetic: `step_phases` counts, tensor by tensor, what autograd
+  saves in the forward of `DecoderLayer`, the final norm and the loss head (fastalign/loss.py,
+  kernels/), and the buffers FSDP2 and the head hold during backward. Running the step itself
+  under FakeTensorMode is not possible here: the loss head's backward (`nonzero` of the tokens with
+  a gradient) and the sdpa fallback (`cu_seqlens.tolist()`) read sizes from the data, which fake
+  tensors cannot answer. The count is checked against autograd's saved tensors and the real
+  trainer's allocations on CPU (tests/test_plan.py).
+
+Sizes are bytes on the busiest rank. T = tokens of the micro-batch, N = its target tokens,
+H = hidden, I = intermediate, Q = heads x head_dim, K = kv heads x head_dim, V = vocab, b = bytes
+of the compute dtype (2 for bf16, 4 for fp32).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from fastalign import distributed as fdist
+from fastalign.model import Llama, LlamaConfig
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """What one rank keeps for the whole run (rank 0: the largest shard of each parameter)."""
+
+    params: int  # sharded fp32 master weights, as allocated (FSDP2 pads shards to equal size)
+    grads: int  # sharded fp32 gradients (FSDP2 writes them into the same padded layout)
+    optimizer: int  # AdamW exp_avg + exp_avg_sq (local shard shape) + one fp32 step per tensor
+    layer_numel: int  # parameters of one decoder layer, unsharded
+    root_numel: int  # embedding + final norm + lm_head, unsharded (a tied head counted once)
+    lm_head_numel: int  # V x H
+    fsdp: bool  # False: one fp32 process trains the plain module (no gathers, no reduce buffers)
+
+
+@contextmanager
+def fake_world(world_size: int):
+    """A one-process stand-in for `world_size` ranks: torch.distributed's fake backend (collectives
+    return at once and move nothing), this process being rank 0. The backend ships with torch
+    (torch.testing._internal.distributed.fake_pg, present since torch 2.1), as torchtitan uses it."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("fastalign.plan needs its own (fake) process group; one is already initialised")
+    dist.init_process_group(backend="fake", rank=0, world_size=world_size, store=FakeStore())
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _local_storage_bytes(tensor: torch.Tensor) -> int:
+    from torch.distributed.tensor import DTensor
+
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return local.untyped_storage().nbytes()
+
+
+def _local_numel(tensor: torch.Tensor) -> int:
+    from torch.distributed.tensor import DTensor
+
+    return (tensor.to_local() if isinstance(tensor, DTensor) else tensor).numel()
+
+
+def measure_state(config: LlamaConfig, *, world_size: int, procs_per_node: int, strategy: str,
+                  bf16: bool, gradient_checkpointing: bool, offload: bool) -> StateBytes:
+    """Shard the trainer's model as `fastalign.train.build_model` does and read rank 0's shards."""
+    from types import SimpleNamespace
+
+    from fastalign.train import AlignmentModel, uses_fsdp
+
+    plan = fdist.FsdpPlan(strategy=strategy, offload=offload)
+    env = fdist.DistEnv(rank=0, world_size=world_size, local_rank=0, local_world_size=procs_per_node,
+                        device=torch.device("cpu"), backend="fake")
+    with torch.device("meta"):
+        llama = Llama(config)
+    # the loss settings own no parameters or buffers: any valid values size the model alike
+    model = AlignmentModel(llama, rating_scale=7.0, margin=1.0, ratio=0.2, max_flow=False,
+                           margin_mode="paper", loss_backend="auto")
+    layer_numel = sum(p.numel() for p in llama.layers[0].parameters()) if len(llama.layers) else 0
+    root_numel = config.num_parameters() - config.num_hidden_layers * layer_numel
+    fsdp = uses_fsdp(SimpleNamespace(bf16=bf16), env, plan)
+    if gradient_checkpointing:
+        fdist.apply_ac(llama.layers)
+    if fsdp:
+        with fake_world(world_size):
+            mesh = fdist.build_mesh(env, plan)
+            # Offload only moves the same shards to host memory; the policy pins host memory,
+            # which meta tensors have none of, so the shards are measured without it.
+            fdist.apply_fsdp(model, llama.layers, mesh, param_dtype=torch.bfloat16 if bf16 else None,
+                             reshard_after_forward=plan.reshard_after_forward)
+            params = list(model.parameters())
+            param_bytes = sum(_local_storage_bytes(p) for p in params)
+            local_numel = sum(_local_numel(p) for p in params)
+    else:
+        params = list(model.parameters())
+        param_bytes = sum(p.numel() * p.element_size() for p in params)
+        local_numel = sum(p.numel() for p in params)
+    optimizer = 2 * 4 * local_numel + 4 * len(params)  # fused AdamW: m, v like the shard; fp32 step
+    return StateBytes(params=param_bytes, grads=param_bytes, optimizer=optimizer, layer_numel=layer_numel,
+                      root_numel=root_numel, lm_head_numel=config.vocab_size * config.hidden_size, fsdp=fsdp)
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    tokens: int  # T, computed tokens
+    target_tokens: int  # N, positions with a target (responses' tokens)
+
+
+@dataclass(frozen=True)
+class Options:
+    bf16: bool
+    strategy: str  # fdist.FSDP_STRATEGIES
+    offload: bool
+    gradient_checkpointing: bool
+    device_type: str = "cuda"  # "cpu": the sdpa attention fallback and the CPU slice budget
+    loss_backend: str = "auto"  # auto: triton on CUDA, the torch twin on CPU
+
+    @property
+    def compute_bytes(self) -> int:
+        return 2 if self.bf16 else 4
+
+    @property
+    def head_backend(self) -> str:
+        if self.loss_backend != "auto":
+            return self.loss_backend
+        return "triton" if self.device_type == "cuda" else "torch"
+
+
+def layer_saved_bytes(c: LlamaConfig, tokens: int, b: int, device_type: str) -> int:
+    """What autograd keeps from one DecoderLayer's forward until its backward (no checkpointing).
+
+    Each RMSNorm: its fp32 input (x.float(); for fp32 inputs the input itself) 4TH, rsqrt 4T, the
+    normalised b*TH (for the weight's gradient) and its output b*TH (the next linear's input).
+    Attention: rotated q and k, v, the attention output (q/k/v/o_proj save
+    their inputs, the same tensors) and the fp32 log-sum-exp [Hq, T]; the rotary multiplications
+    save only cos/sin (shared by all layers, counted once in `step_phases`). The sdpa fallback
+    concatenates its per-sequence outputs: one more [T, Q] copy. Qwen3's q/k norms: their own fp32
+    input, rsqrt and output. MLP: gate and up outputs, silu(gate) and the product, b*TI each.
+    """
+    h, q, k = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    t = tokens
+    norms = 2 * (4 * t * h + 4 * t + 2 * b * t * h)
+    attention = b * t * (2 * q + 2 * k) + 4 * c.num_attention_heads * t
+    if device_type == "cpu":
+        attention += b * t * q
+    if c.qk_norm:
+        attention += (4 + b) * t * (q + k) + 4 * t * (c.num_attention_heads + c.num_key_value_heads)
+    mlp = 4 * b * t * c.intermediate_size
+    return norms + attention + mlp
+
+
+def layer_backward_bytes(c: LlamaConfig, tokens: int, b: int) -> int:
+    """Activation gradients one layer's backward adds on top of the saved activations, at its
+    largest: in the MLP's backward the gradients of the product, of silu(gate) and of up (3 b*TI)
+    are alive while the product itself, used by down_proj's backward only, is already freed."""
+    return 2 * b * tokens * c.intermediate_size
+
+
+def head_slice_columns(c: LlamaConfig, target_tokens: int, opts: Options) -> tuple[int, int]:
+    """(C, bytes per logit) of the loss head's vocabulary slice: the head's own chunk rule
+    (kernels.alignment_head_torch.vocab_chunk_size; Triton keeps logits in the compute dtype, the
+    twin in fp32)."""
+    from kernels.alignment_head_torch import vocab_chunk_size
+
+    logit_bytes = opts.compute_bytes if opts.head_backend == "triton" else 4
+    columns = vocab_chunk_size(target_tokens, c.vocab_size, c.hidden_size, logit_bytes,
+                               device=opts.device_type)
+    return min(columns, c.vocab_size), logit_bytes
+
+
+def head_backward_bytes(c: LlamaConfig, mb: MicroBatch, opts: Options) -> tuple[int, int]:
+    """(slice bytes, other head buffers) alive in the loss head's backward (loss.py, kernels/).
+
+    Both heads: grad_hidden zeros [T, H] (b), the gathered token rows [N, H] (b), the fp32
+    token gradient [N, H], grad_weight [V, H] (b) and one logits slice [N, C]. Triton with bf16
+    adds each slice's fp32 product [N, H] before it is summed in (kernels/alignment_head.py,
+    `_add_product_fp32`). The twin adds its fp32 weighted token rows [N, H] (and an fp32 copy of
+    them for bf16 inputs) and the fp32 copy of the weight slice [C, H] with the product it assigns
+    from (bf16 weights)."""
+    b, h, n = opts.compute_bytes, c.hidden_size, mb.target_tokens
+    columns, logit_bytes = head_slice_columns(c, n, opts)
+    slice_bytes = n * columns * logit_bytes
+    other = b * mb.tokens * h + b * n * h + 4 * n * h + b * c.vocab_size * h
+    if opts.head_backend == "triton":
+        other += 4 * n * h * (b != 4)
+    else:
+        other += 4 * n * h * (1 if b == 4 else 2) + 4 * columns * h * (1 if b == 4 else 2)
+    return slice_bytes, other
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Bytes alive at one moment of the step, by part."""
+
+    name: str
+    parts: dict  # part name -> bytes
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+
+PART_NAMES = ("parameter shards", "gradients", "optimizer state", "gathered layers", "activations",
+              "loss-head slice", "loss-head buffers", "backward buffers")
+
+
+def step_phases(c: LlamaConfig, state: StateBytes, mb: MicroBatch, opts: Options) -> list[Phase]:
+    """The moments of a training step where memory peaks, each with its parts (bytes, one rank).
+
+    Persistent state (counted in every phase; with offload it lives in host memory instead):
+    parameter shards, gradient shards (kept across accumulation steps) and AdamW state.
+    Gathered parameters (FSDP2, compute dtype): the root (embedding, final norm, lm_head) stays
+    gathered from forward to the end of backward; full_shard / hybrid_shard re-gather each layer in
+    backward with the next one prefetched (2 layers), shard_grad_op / hybrid_shard_zero2 / no_shard
+    keep every layer gathered after forward. Phases:
+      loss-head backward: all saved activations + the head's backward buffers;
+      last layer's backward: all saved activations (a checkpointed layer re-computed) + the
+        layer's activation gradients, its unsharded gradients and fp32 reduce-scatter input, and
+        the lm_head gradient, unsharded until the root's reduce-scatter at the end;
+      end of backward: the root's unsharded gradients (lm_head, embedding) and their fp32
+        reduce-scatter input.
+    """
+    b, h, t = opts.compute_bytes, c.hidden_size, mb.tokens
+    layers = c.num_hidden_layers
+    on_gpu = not opts.offload
+    persistent = {"parameter shards": state.params * on_gpu, "gradients": state.grads * on_gpu,
+                  "optimizer state": state.optimizer * on_gpu}
+    keeps_layers = opts.strategy in ("shard_grad_op", "hybrid_shard_zero2", "no_shard")
+    if state.fsdp:
+        root_gathered = b * state.root_numel
+        layer_gathered = b * state.layer_numel
+        held_layers = layers if keeps_layers else 2
+        # unsharded gradients in the compute dtype, then the fp32 flat reduce-scatter input
+        layer_reduce = (b + 4) * state.layer_numel
+        root_reduce = (b + 4) * state.root_numel
+        lm_head_grad = b * state.lm_head_numel
+    else:  # the plain module: gradients are written straight into the persistent .grad tensors
+        root_gathered = layer_gathered = held_layers = layer_reduce = root_reduce = lm_head_grad = 0
+    per_layer = layer_saved_bytes(c, t, b, opts.device_type)
+    if opts.gradient_checkpointing:  # layer inputs; in a layer's backward also its re-computed activations
+        saved, in_layer_backward = layers * b * t * h, layers * b * t * h + per_layer
+    else:
+        saved = in_layer_backward = layers * per_layer
+    shared = 2 * b * t * c.head_dim  # cos, sin [T, 1, D]
+    final = 4 * t * h + 4 * t + 2 * b * t * h + 4 * mb.target_tokens  # final norm, its output, lse
+    slice_bytes, head_other = head_backward_bytes(c, mb, opts)
+    gathered_forward_end = root_gathered + (layers * layer_gathered if keeps_layers else 0)
+    return [
+        Phase("loss-head backward", {**persistent, "gathered layers": gathered_forward_end,
+                                     "activations": saved + shared + final, "loss-head slice": slice_bytes,
+                                     "loss-head buffers": head_other, "backward buffers": 0}),
+        Phase("last layer's backward", {**persistent, "gathered layers": root_gathered + held_layers * layer_gathered,
+                                        "activations": in_layer_backward + shared, "loss-head slice": 0, "loss-head buffers": 0,
+                                        "backward buffers": layer_backward_bytes(c, t, b) + layer_reduce
+                                        + lm_head_grad + b * t * h}),
+        Phase("end of backward", {**persistent, "gathered layers": root_gathered + layer_gathered,
+                                  "activations": 0, "loss-head slice": 0, "loss-head buffers": 0,
+                                  "backward buffers": root_reduce}),
+    ]
+
+
+def peak_phase(c: LlamaConfig, state: StateBytes, mb: MicroBatch, opts: Options) -> Phase:
+    return max(step_phases(c, state, mb, opts), key=lambda phase: phase.total)
+
+
+def host_state_bytes(state: StateBytes, opts: Options) -> int:
+    """Host memory one rank needs for its offloaded state (0 without offload)."""
+    return (state.params + state.grads + state.optimizer) if opts.offload else 0

@@ -1,0 +1,220 @@
+"""What a first run on a CUDA machine depends on, checked on this CPU-only one: GPU tests collect
+without the optional test packages, CPU tests keep to the CPU on any machine, the process group
+can reduce host tensors under CPU offload, and gradient accumulation all-reduces once per step."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fastalign.distributed import process_group_backend
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- process group
+
+
+def test_process_group_backend_adds_gloo_for_host_tensors_under_offload():
+    assert process_group_backend(use_cuda=False, cpu_collectives=False) == "gloo"
+    assert process_group_backend(use_cuda=False, cpu_collectives=True) == "gloo"
+    assert process_group_backend(use_cuda=True, cpu_collectives=False) == "nccl"
+    assert process_group_backend(use_cuda=True, cpu_collectives=True) == "cuda:nccl,cpu:gloo"
+
+
+@pytest.mark.parametrize("fsdp,wanted", [("full_shard auto_wrap offload", True),
+                                         ("full_shard auto_wrap", False), ("", False)])
+def test_trainer_asks_for_cpu_collectives_exactly_with_offload(monkeypatch, tmp_path, fsdp, wanted):
+    from fastalign import train
+
+    asked = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_init(*args, cpu_collectives=False, **kwargs):
+        asked.append(cpu_collectives)
+        raise Stop
+
+    monkeypatch.setattr(train.fdist, "init_distributed", fake_init)
+    with pytest.raises(Stop):
+        train.main(["--model_name_or_path", str(tmp_path), "--data_path", str(tmp_path / "d.json"),
+                    "--output_dir", str(tmp_path / "out"), "--fsdp", fsdp])
+    assert asked == [wanted]
+
+
+# ----------------------------------------------------------------------------- accumulation
+
+COUNT_ALL_REDUCES = textwrap.dedent("""
+    import json, os, sys
+    import torch.distributed as dist
+    from fastalign import train
+
+    calls = []
+    real_all_reduce = dist.all_reduce
+
+    def counting_all_reduce(*args, **kwargs):  # FSDP2's gradient all-reduce calls dist.all_reduce
+        if "_fsdp" in sys._getframe(1).f_code.co_filename:
+            calls.append(1)
+        return real_all_reduce(*args, **kwargs)
+
+    dist.all_reduce = counting_all_reduce
+    status = train.main(sys.argv[2:])
+    with open(f"{sys.argv[1]}.rank{os.environ['RANK']}", "w") as out:
+        out.write(str(len(calls)))
+    sys.exit(status)
+""")
+
+
+def test_accumulation_all_reduces_replicated_gradients_once_per_step(tmp_path):
+    """--fsdp no_shard (replicas), 2 ranks, 2 steps of 4 micro-batches: one gradient all-reduce
+    per FSDP unit (2 layers + root) per step, not per micro-batch, and the same weights as
+    full_shard (which reduce-scatters every micro-batch)."""
+    from test_train import assert_same_weights, common
+    from fastalign.data import sample_data_path
+    from fastalign.tiny import build_tiny_llama, sandbox_texts
+
+    model = build_tiny_llama(tmp_path / "model", sandbox_texts(sample_data_path()), vocab_size=300,
+                             hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                             intermediate_size=64, max_position_embeddings=256)
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(sample_data_path().read_text().splitlines()[:24]) + "\n")
+    script = tmp_path / "count.py"
+    script.write_text(COUNT_ALL_REDUCES)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    counts = {}
+    for name, fsdp in (("replicated", "no_shard"), ("sharded", "full_shard auto_wrap")):
+        args = common(model, data, tmp_path / name, max_steps=2, per_device_train_batch_size=1,
+                      gradient_accumulation_steps=4, logging_steps=2, fsdp=fsdp)
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 "--nproc_per_node=2", str(script), str(tmp_path / name), *args],
+                                capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+        assert result.returncode == 0, result.stderr[-4000:]
+        counts[name] = [int((tmp_path / f"{name}.rank{r}").read_text()) for r in (0, 1)]
+    assert counts["replicated"] == [3 * 2, 3 * 2], counts  # (2 layers + root) x 2 steps
+    assert counts["sharded"] == [0, 0], counts  # a 1-D mesh reduce-scatters only
+    assert_same_weights(tmp_path / "replicated", tmp_path / "sharded", atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the suite itself
+
+BARE_IMAGE_MISSING = ("hypothesis", "matplotlib", "tensorboard", "wandb")
+
+
+def _pytest(args: list[str], env_changes: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "blocked"), str(REPO)]),
+               PYTEST_DISABLE_PLUGIN_AUTOLOAD="1", **env_changes)
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
+                          capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+
+
+def _block_imports(tmp_path: Path) -> None:
+    """Packages that raise ImportError when imported: the GPU image has none of them."""
+    for name in BARE_IMAGE_MISSING:
+        package = tmp_path / "blocked" / name
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text(  # what a missing package raises
+            f'raise ModuleNotFoundError("No module named {name!r}", name={name!r})\n')
+
+
+def _collected(stdout: str) -> list[str]:
+    return sorted(line for line in stdout.splitlines() if "::" in line)
+
+
+def test_every_gpu_test_is_collected_without_the_optional_test_packages(tmp_path):
+    normal = _pytest(["--collect-only", "-q", "-m", "gpu", "tests"], {}, tmp_path)
+    assert normal.returncode == 0, normal.stdout[-3000:]
+    _block_imports(tmp_path)
+    bare = _pytest(["--collect-only", "-q", "-m", "gpu", "tests"], {}, tmp_path)
+    assert bare.returncode == 0, bare.stdout[-3000:]  # no collection error anywhere
+    assert _collected(normal.stdout) and _collected(bare.stdout) == _collected(normal.stdout)
+    # the property tests themselves skip, one by one, instead of breaking their module
+    run = _pytest(["-q", "-rs", "tests/test_evaluate.py", "-k", "metrics_match or summary"], {}, tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert "needs hypothesis" in run.stdout and " passed" in run.stdout
+
+
+def test_triton_cases_never_use_cpu_tensors_without_the_interpreter(tmp_path):
+    # On a CUDA machine conftest leaves TRITON_INTERPRET unset, so a Triton case on CPU tensors
+    # fails there ("needs CUDA tensors"). Simulated here: interpreter off, no CUDA -> every
+    # Triton case must skip (on CUDA they run compiled on CUDA tensors), none may fail.
+    result = _pytest(["-q", "-rs", "tests/test_loss.py", "-k", "triton and not compile"],
+                     {"TRITON_INTERPRET": "0"}, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "Triton needs CUDA, or TRITON_INTERPRET=1" in result.stdout
+
+
+def test_cpu_tests_start_their_processes_without_gpus():
+    # Training under torchrun with 4 ranks, `mfu is None`, gloo: the CPU tests' assumptions hold
+    # on a machine with 0, 1 or 8 GPUs because their processes see none (conftest.py).
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == ""
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                           capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip() == "0", probe.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- make gpu-check
+
+
+def _junit(tmp_path: Path, cases: list[tuple[str, str | None, str]]) -> Path:
+    """A JUnit file as pytest writes it: (test name, None | failure | error | skipped, message)."""
+    body = "".join(f'<testcase classname="tests.t" name="{name}">'
+                   + (f'<{kind} message="{message}">{message}</{kind}>' if kind else "")
+                   + "</testcase>" for name, kind, message in cases)
+    path = tmp_path / "pytest.xml"
+    path.write_text(f'<?xml version="1.0"?><testsuites><testsuite name="pytest">{body}</testsuite></testsuites>')
+    return path
+
+
+def test_gpu_check_fails_when_fewer_gpu_tests_ran_than_were_collected(tmp_path):
+    from benchmarks.gpu_check import pytest_verdict, read_junit
+
+    # pytest stopped early (a module failed to import): 18 collected on their own, 0 ran
+    status, note = pytest_verdict(read_junit(_junit(tmp_path, []), collected=18), 2, "")
+    assert status == "failed" and "only 0 ran" in note
+    ok_cases = [(f"test_{i}", None, "") for i in range(17)]
+    flash = ("test_backend[flash_attn]", "skipped", "flash_attn not available here")
+    status, note = pytest_verdict(read_junit(_junit(tmp_path, ok_cases + [flash]), collected=18), 0, "")
+    assert status == "ok" and note.startswith("17 passed, 0 failed, 0 errors, 1 skipped of 18 collected")
+    assert "flash_attn not available here" in note  # an optional package: listed, not failed
+    no_cuda = ("test_train", "skipped", "needs CUDA (run by `make gpu-check`)")
+    status, note = pytest_verdict(read_junit(_junit(tmp_path, ok_cases + [no_cuda]), collected=18), 0, "")
+    assert status == "failed" and "skipped for want of CUDA: test_train" in note
+    failing = ("test_kernel", "failure", "AssertionError: loss differs by 3e-2")
+    status, note = pytest_verdict(read_junit(_junit(tmp_path, ok_cases + [failing]), collected=18), 1, "")
+    assert status == "failed" and "first: test_kernel: AssertionError: loss differs by 3e-2" in note
+    status, note = pytest_verdict(None, 4, "collecting the GPU tests failed (exit 2): E   ImportError: x")
+    assert status == "failed" and note.startswith("collecting the GPU tests failed")
+
+
+def test_gpu_check_reason_is_one_line_not_a_traceback():
+    from benchmarks.gpu_check import failure_reason
+
+    wall = "\n".join(["step 1", "Traceback (most recent call last):",
+                      *[f'  File "x.py", line {i}, in f' for i in range(40)],
+                      "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", ""])
+    assert failure_reason(wall) == "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert failure_reason("error: --preset gpu-9b: unknown preset\n") == "error: --preset gpu-9b: unknown preset"
+    assert failure_reason("") == "no output"
+
+
+def test_gpu_check_reports_backends_and_versions_and_a_results_row(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--only", "--out_dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    info = json.loads((tmp_path / "environment.json").read_text())
+    import torch
+
+    assert info["attention_backend"] in ("flash_attn", "torch_varlen", "sdpa")
+    assert info["loss_backend"] in ("triton", "torch") and info["torch"] == torch.__version__
+    assert "triton" in info and "flash_attn" in info and "flash_attn_usable" in info
+    for key in ("attention_backend", "loss_backend", "torch", "triton"):
+        assert f"{key}: " in result.stdout  # on the console too
+    row = (tmp_path / "results-row.md").read_text()
+    assert row.startswith("| ") and f"attention {info['attention_backend']}" in row and "triton " in row
