@@ -122,13 +122,16 @@ def resolve_resume(value: str | None, output_dir: str | os.PathLike) -> Path | N
                               + "; ".join(skipped) + "). Start over with --overwrite_output_dir True")
         return None
     path = Path(value)
-    if not path.is_dir():
-        raise ConfigError(f"--resume_from_checkpoint: {value} is not a directory")
-    if not is_complete(path):
-        raise ConfigError(
-            f"--resume_from_checkpoint: {value} is not a complete checkpoint-<step> directory "
-            f"(missing {STATE_FILE} or {METADATA_FILE}, or an unfinished .tmp save)"
-        )
+    problem = None
+    if dist.get_rank() == 0:  # one view of the file system (NFS caches differ per node)
+        if not path.is_dir():
+            problem = f"--resume_from_checkpoint: {value} is not a directory"
+        elif not is_complete(path):
+            problem = (f"--resume_from_checkpoint: {value} is not a complete checkpoint-<step> directory "
+                       f"(missing {STATE_FILE} or {METADATA_FILE}, or an unfinished .tmp save)")
+    problem = broadcast_object(problem)
+    if problem is not None:
+        raise ConfigError(problem)
     problem = verify_checkpoint(path)
     if problem is not None:
         raise ConfigError(f"--resume_from_checkpoint: {value} does not verify: {problem}")
@@ -192,24 +195,37 @@ def remove_partial_saves(root: Path) -> None:
                 path.rename(final)
 
 
-def start_branch(output_dir: str | os.PathLike, resume_step: int) -> Path | None:
-    """Collective: resuming at `resume_step` abandons the checkpoints of later steps in
-    `output_dir`; rank 0 moves them into abandoned-<UTC time>/ (returned; None if there were
-    none), so that rotation and `auto` see only the branch being trained."""
-    moved = None
+def start_branch(output_dir: str | os.PathLike, resume_step: int, resumed: Path) -> Path | None:
+    """Collective: resuming at `resume_step` (from `resumed`, which is never moved) abandons the
+    checkpoints of later steps in `output_dir`; rank 0 moves them into abandoned-<UTC time>/
+    (returned; None if there were none), so that rotation and `auto` see only the branch being
+    trained. Runs after every rank has finished reading `resumed` (barrier first)."""
+    barrier()
+    moved, problem = None, None
     if dist.get_rank() == 0:
         root = Path(output_dir)
-        later = [p for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_ANY_RE.match(p.name))
-                 and int(m.group(1)) > resume_step] if root.is_dir() else []
-        if later:
-            moved = root / f"{ABANDONED_PREFIX}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-            moved.mkdir()
-            for path in sorted(later):
-                path.rename(moved / path.name)
-            log.warning("resuming at step %d starts a new branch: moved the later checkpoints of the "
-                        "abandoned branch (%s) to %s; delete it when it is not needed",
-                        resume_step, ", ".join(p.name for p in sorted(later)), moved)
-    chosen = broadcast_object(str(moved) if moved else None)
+        try:
+            later = [p for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_ANY_RE.match(p.name))
+                     and int(m.group(1)) > resume_step and p.resolve() != resumed.resolve()] \
+                if root.is_dir() else []
+            if later:
+                stamp = time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())
+                moved = root / f"{ABANDONED_PREFIX}{stamp}"
+                suffix = 1
+                while moved.exists():  # two branches started within one second
+                    moved, suffix = root / f"{ABANDONED_PREFIX}{stamp}-{suffix}", suffix + 1
+                moved.mkdir()
+                for path in sorted(later):
+                    path.rename(moved / path.name)
+                log.warning("resuming at step %d starts a new branch: moved the later checkpoints of the "
+                            "abandoned branch (%s) to %s; delete it when it is not needed",
+                            resume_step, ", ".join(p.name for p in sorted(later)), moved)
+        except OSError as err:
+            problem = (f"resuming at step {resume_step}: could not move the abandoned branch's later "
+                       f"checkpoints aside in {root} ({err.strerror or err}); nothing was trained")
+    chosen, problem = broadcast_object((str(moved) if moved else None, problem))
+    if problem is not None:
+        raise ConfigError(problem)
     return Path(chosen) if chosen else None
 
 

@@ -159,9 +159,11 @@ def set_gradient_all_reduce(model: nn.Module, plan: FsdpPlan, enabled: bool) -> 
     a step: FSDP2 then keeps the un-all-reduced sum of the micro-batches' (reduce-scattered)
     gradients, one shard-sized fp32 buffer per layer, and all-reduces it once. The reduce-scatter
     of a sharded dimension still runs every micro-batch: skipping it would keep unsharded
-    gradients, the memory that sharding exists to save. A no-op without a replicate dimension.
+    gradients, the memory that sharding exists to save. A no-op without a replicate dimension,
+    and under CPU offload (FSDP2 keeps the running sum on the GPU: with no_shard, the whole fp32
+    gradient, the memory that offload exists to free).
     """
-    if isinstance(model, FSDPModule) and plan.strategy in REPLICATED_STRATEGIES:
+    if isinstance(model, FSDPModule) and plan.strategy in REPLICATED_STRATEGIES and not plan.offload:
         model.set_requires_all_reduce(enabled)
 
 

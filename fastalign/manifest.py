@@ -69,17 +69,33 @@ def read_manifest(root: Path) -> tuple[dict[str, dict[str, int]] | None, str | N
 
 
 def check_files(root: Path, files: dict[str, dict[str, int]]) -> str | None:
-    """The first listed file that is missing or differs from its entry, as a sentence; else None."""
+    """The first listed file that is missing or differs from its entry, as a sentence; else None.
+    A read error (EIO on a failing disk, EACCES) is a problem like any other, never an exception:
+    the other ranks wait for this one's answer."""
     for name, expected in files.items():
         path = root / name
-        if not path.is_file():
-            return f"{path} is missing"
-        size = path.stat().st_size
-        if size != expected["size"]:
-            return f"{path} has {size} bytes, the manifest says {expected['size']} (truncated or overwritten)"
-        if file_entry(path)["crc32"] != expected["crc32"]:
-            return f"{path} does not match its checksum in {MANIFEST_FILE} (damaged bytes)"
+        try:
+            if not path.is_file():
+                return f"{path} is missing"
+            size = path.stat().st_size
+            if size != expected["size"]:
+                return f"{path} has {size} bytes, the manifest says {expected['size']} (truncated or overwritten)"
+            if file_entry(path)["crc32"] != expected["crc32"]:
+                return f"{path} does not match its checksum in {MANIFEST_FILE} (damaged bytes)"
+        except OSError as err:
+            return f"{path} cannot be read ({err.strerror or err})"
     return None
+
+
+def _inside(name: str) -> bool:
+    """A manifest entry names a file below the checkpoint directory (no absolute path, no ..)."""
+    parts = Path(name).parts
+    return bool(parts) and not Path(name).is_absolute() and ".." not in parts
+
+
+# Files that DCP or the resume would read if they appeared after the save (others, e.g. an NFS
+# .nfsXXXX placeholder or an editor's backup, are ignored rather than refused).
+_READ_SUFFIXES = (".distcp", ".metadata", ".json")
 
 
 def verify(root: Path, required: tuple[str, ...] = ()) -> str | None:
@@ -93,12 +109,18 @@ def verify(root: Path, required: tuple[str, ...] = ()) -> str | None:
     problem, files = None, None
     if dist.get_rank() == 0:
         files, problem = read_manifest(root)
+        outside = [name for name in files or () if not _inside(name)]
+        if outside:
+            files, problem = None, f"{root / MANIFEST_FILE} names files outside {root}: {', '.join(outside)}"
         if files is not None:
             missing = [name for name in required if name not in files]
-            present = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                             if p.is_file() and p.name != MANIFEST_FILE)
-            unlisted = [name for name in present if name not in files]  # added after the save
-            if missing or unlisted:
+            try:
+                present = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                                 if p.is_file() and p.name != MANIFEST_FILE and p.suffix in _READ_SUFFIXES)
+            except OSError as err:
+                files, problem, present = None, f"{root} cannot be listed ({err.strerror or err})", []
+            unlisted = [name for name in present if name not in (files or {})]  # added after the save
+            if files is not None and (missing or unlisted):
                 problem = f"{root / MANIFEST_FILE} does not list {', '.join(missing + unlisted)}"
     files, problem = broadcast_object((files, problem))
     if problem is not None:

@@ -2,8 +2,10 @@
 
 The first signal only raises a flag: the trainer finishes the optimizer step it is in, writes a
 checkpoint (unless --save_strategy no) and exits with 128 + the signal number (143 for SIGTERM,
-130 for SIGINT), naming the checkpoint to resume from. A second signal exits at once with the
-same status, without saving. Under torchrun a signal may reach only some ranks (a scheduler that
+130 for SIGINT), naming the checkpoint to resume from. A second signal exits at once, without
+saving: the first restores the signals' default action, so the kernel ends the process (status
+128 + signal in a shell) even while it is blocked in C, e.g. in a collective waiting on a dead
+peer, where a Python handler would not run until the call returned. Under torchrun a signal may reach only some ranks (a scheduler that
 signals one process, a node that is drained): the ranks agree on the flag once per step with one
 all_reduce of a single int on a CPU (gloo) group, so they all stop after the same step and no
 device synchronisation is added to the step.
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 
 import torch
 import torch.distributed as dist
@@ -61,13 +62,18 @@ class StopOnSignal:
             self._group = None
 
     def _handle(self, signum: int, frame) -> None:
-        name = signal.Signals(signum).name
-        if self.signum:
-            print(f"\n{name} again: exiting now without saving", file=sys.stderr, flush=True)
-            os._exit(128 + signum)
+        # The flag first: nothing below may lose it. os.write, not print: a handler that
+        # interrupts a write to stderr (tqdm writes there all the time) must not write through
+        # the same buffered stream ("reentrant call").
         self.signum = signum
-        print(f"\n{name}: finishing the current step, then saving a checkpoint and stopping "
-              f"(send it again to exit at once)", file=sys.stderr, flush=True)
+        # A second signal gets the default action (the kernel ends the process with 128 +
+        # signal), even while this process is blocked in C (a collective waiting on a dead
+        # peer, a device sync, a checkpoint write), where a Python handler would never run.
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        name = signal.Signals(signum).name
+        os.write(2, f"\n{name}: finishing the current step, then saving a checkpoint and stopping "
+                    f"(send it again to exit at once, without saving)\n".encode())
 
     def requested(self) -> int:
         if not dist.is_initialized() or dist.get_world_size() == 1:

@@ -537,7 +537,7 @@ class Trainer:
         if resume is not None:
             self._check_resumable(ckpt.read_trainer_state(resume))
             state = ckpt.load_checkpoint(resume, self.model, self.optimizer, self.scheduler)
-            ckpt.start_branch(self.output_dir, state["step"])  # later checkpoints: abandoned
+            ckpt.start_branch(self.output_dir, state["step"], resume)  # later ones: abandoned
             self.position = (state["step"], state["epoch"], state["step_in_epoch"])
             planned = state.get("total_steps", state.get("batch_layout", {}).get("total_steps"))
             if planned is not None and planned != self.total_steps:

@@ -256,9 +256,26 @@ def head_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     return grad_hidden, grad_weight
 
 
-# Devices on which `torch.mm(..., out_dtype=torch.float32)` is tried (CUDA in torch >= 2.8);
-# a device type whose attempt failed is switched off here, once, with a warning.
-_TRY_FP32_OUT_GEMM = {"cuda": True}
+# Per device type: does `torch.mm(bf16, bf16, out_dtype=torch.float32)` run (CUDA, torch >= 2.8)?
+# Probed once on a 1x1 product, so that a later failure of the real GEMM (out of memory, an
+# earlier kernel's error) is raised as what it is, never taken for a missing op.
+_FP32_OUT_GEMM: dict[str, bool] = {}
+
+
+def _fp32_out_gemm_runs(a: torch.Tensor) -> bool:
+    device = a.device.type
+    if device not in _FP32_OUT_GEMM:
+        probe = torch.ones(1, 1, dtype=a.dtype, device=a.device)
+        try:
+            torch.mm(probe, probe, out_dtype=torch.float32)
+            _FP32_OUT_GEMM[device] = True
+        except (TypeError, NotImplementedError, RuntimeError) as err:  # this torch lacks the op
+            _FP32_OUT_GEMM[device] = False  # CPU (interpreter tests): the op is CUDA-only
+            log.warning("grad_hidden: torch %s cannot run a %s GEMM with an fp32 output on %s "
+                        "(%s: %s); using fp32 copies of each vocabulary slice instead (same "
+                        "result, slower)", torch.__version__, a.dtype, device,
+                        type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+    return _FP32_OUT_GEMM[device]
 
 
 def _add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -271,16 +288,6 @@ def _add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> to
     """
     if a.dtype == torch.float32:
         return acc.addmm_(a, b)
-    device = a.device.type
-    if _TRY_FP32_OUT_GEMM.get(device, False):
-        try:
-            return acc.add_(torch.mm(a, b, out_dtype=torch.float32))
-        except torch.OutOfMemoryError:
-            raise  # a real failure: the trainer reports it with its hints
-        except (TypeError, NotImplementedError, RuntimeError) as err:  # this torch lacks the op
-            _TRY_FP32_OUT_GEMM[device] = False
-            log.warning("grad_hidden: torch %s cannot run a %s GEMM with an fp32 output on %s "
-                        "(%s: %s); using fp32 copies of each vocabulary slice instead (same "
-                        "result, slower)", torch.__version__, a.dtype, device, type(err).__name__,
-                        str(err).splitlines()[0] if str(err) else "")
+    if _fp32_out_gemm_runs(a):
+        return acc.add_(torch.mm(a, b, out_dtype=torch.float32))
     return acc.addmm_(a.float(), b.float())

@@ -44,7 +44,7 @@ def test_trainer_asks_for_cpu_collectives_exactly_with_offload(monkeypatch, tmp_
 
     monkeypatch.setattr(train.fdist, "init_distributed", fake_init)
     with pytest.raises(Stop):
-        train.main(["--model_name_or_path", str(tmp_path), "--data_path", str(tmp_path / "d.json"),
+        train.main(["--model_name_or_path", str(tmp_path / "model"), "--data_path", str(tmp_path / "d.json"),
                     "--output_dir", str(tmp_path / "out"), "--fsdp", fsdp])
     assert asked == [wanted]
 

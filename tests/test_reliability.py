@@ -10,6 +10,7 @@ import io
 import logging
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import time
@@ -175,11 +176,11 @@ def test_resuming_an_older_step_moves_the_abandoned_branch_aside(tmp_path, proce
     for step in (5, 10, 15, 20):
         make_checkpoint(tmp_path, step)
     make_checkpoint(tmp_path, 25, suffix=".tmp")
-    moved = ckpt.start_branch(tmp_path, 15)
+    moved = ckpt.start_branch(tmp_path, 15, tmp_path / "checkpoint-15")
     assert moved.name.startswith(ckpt.ABANDONED_PREFIX)
     assert sorted(p.name for p in moved.iterdir()) == ["checkpoint-20", "checkpoint-25.tmp"]
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-5", "checkpoint-10", "checkpoint-15"]
-    assert ckpt.start_branch(tmp_path, 15) is None  # nothing later: nothing moves
+    assert ckpt.start_branch(tmp_path, 15, tmp_path / "checkpoint-15") is None  # nothing later: nothing moves
     # The new branch's next save is the newest; a limit of 1 keeps it, not an older step.
     new = make_checkpoint(tmp_path, 16)
     ckpt.rotate_checkpoints(tmp_path, 1, protect=new)
@@ -292,25 +293,26 @@ def test_convert_refuses_to_overwrite_its_input(tmp_path, capsys):
 
 
 def test_second_signal_exits_at_once(tmp_path):
-    """First SIGTERM: a flag (the step goes on); second: exit 143 at once, without the rest."""
+    """First SIGTERM: a flag (the step goes on); second: the default action, at once, even while
+    the process is inside a long C++ call (a collective waiting on a dead peer, a device sync),
+    where a Python-level handler would only run once the call returned."""
     script = (
-        "import os, signal, sys, time\n"
+        "import os, signal, threading, time, torch\n"
         "from fastalign.preemption import StopOnSignal\n"
         "with StopOnSignal() as stop:\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    time.sleep(0.2)\n"
         "    print('flag', stop.requested(), flush=True)\n"
-        "    os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    time.sleep(5)\n"
+        "    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()\n"
+        "    a = torch.randn(1200, 1200, dtype=torch.float64)\n"
+        "    torch.linalg.matrix_power(a, 2**30)  # one op, seconds of C++ without bytecode\n"
         "    print('still running', flush=True)\n"
     )
-    started = time.monotonic()
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
-                            cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
-    assert result.returncode == 143, result.stderr
-    assert result.stdout.splitlines() == [f"flag {int(__import__('signal').SIGTERM)}"]
-    assert "again: exiting now" in result.stderr
-    assert time.monotonic() - started < 30
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
+    assert result.returncode == -signal.SIGTERM, (result.returncode, result.stderr[-2000:])  # 143 in a shell
+    assert result.stdout.splitlines() == [f"flag {int(signal.SIGTERM)}"]
+    assert "send it again to exit at once" in result.stderr
 
 
 def test_checkpoint_save_benchmark_runs_its_smoke_preset(tmp_path):
