@@ -498,6 +498,7 @@ class TrainPreset:
     warmup_steps: int = 1
     measure_steps: int = 4
     min_response_chars: int = 0  # > 0: lengthen the data's responses (see lengthened_records)
+    realignment_queries: bool = False  # queries quote an earlier answer and feedback (realignment_records)
     note: str = ""
 
 
@@ -520,6 +521,11 @@ TRAIN_PRESETS: dict[str, TrainPreset] = {p.name: p for p in (
                 min_response_chars=1600,
                 note="cpu-tiny on the bundled records with responses lengthened to >= 1600 characters "
                      "(about 400 tokens): the regime of the original's model_max_length 480"),
+    TrainPreset("cpu-tiny-realign", "cpu", _llama(256, 688, 4, 4, 4, 32000), tokenizer_vocab=8000,
+                model_max_length=480, num_comp=5, max_tokens_per_batch=4096, warmup_steps=1, measure_steps=6,
+                realignment_queries=True,
+                note="cpu-tiny on realignment-like records (realignment_records: each query quotes an earlier "
+                     "answer and a reviewer's feedback, so it is most of each sequence), k <= 5"),
     TrainPreset("gpu-1b", "cuda", _llama(2048, 5632, 22, 32, 4, 32000), tokenizer_vocab=8000, model_max_length=480,
                 max_tokens_per_batch=16384, precision="bf16", warmup_steps=2, measure_steps=8,
                 note="TinyLlama-1.1B shape (22 layers, hidden 2048, GQA 32/4), seq 480, bf16"),
@@ -548,6 +554,28 @@ def lengthened_records(src: Path, dst: Path, min_chars: int) -> Path:
                     position += 1
                 responses.append(response)
             out.write(json.dumps({"query": record.query, "responses": responses, "scores": record.scores}) + "\n")
+    return Path(dst)
+
+
+def realignment_records(src: Path, dst: Path) -> Path:
+    """A copy of a Sandbox file shaped like realignment data, whose queries carry an earlier answer
+    and feedback on it: record i's query becomes its instruction, then its first response as the
+    earlier answer, then feedback quoting its best-rated response; the responses are record i's and
+    the next record's, up to 5 (deterministic; ratings carried with their responses)."""
+    from fastalign.data import load_records
+
+    records = load_records(str(src)).records
+    with open(dst, "w") as out:
+        for i, record in enumerate(records):
+            neighbour = records[(i + 1) % len(records)]
+            instruction = record.query.removesuffix("### Response:").rstrip()
+            best = max(range(len(record.responses)), key=lambda j: record.scores[j])
+            query = (f"{instruction}\n\n### Earlier answer:\n{record.responses[0]}\n\n### Feedback:\n"
+                     f"A reviewer rated it {record.scores[0]:g} of 7 and wrote: a better answer would say "
+                     f"\"{record.responses[best]}\" Revise the earlier answer accordingly.\n\n### Response:")
+            responses = (record.responses + neighbour.responses)[:5]
+            scores = (record.scores + neighbour.scores)[:5]
+            out.write(json.dumps({"query": query, "responses": responses, "scores": scores}) + "\n")
     return Path(dst)
 
 

@@ -14,6 +14,15 @@ Backends, chosen once at start (`resolve_backend`, flag `--attn_implementation`)
                   included) and in any float dtype, with autograd. The fallback and the oracle.
 
 "auto" picks the first available in that order.
+
+Shared-prefix batches (fastalign.packing, docs/packed_batch.md): a segment's keys and values need
+not be its own. `kv_index` (int64 [Tk]) lists, segment by segment, the stream positions whose K/V
+the segment attends to (a response segment: its group's query segment, then itself), with
+`cu_seqlens_k` their boundaries. K/V are gathered into that second packed stream (`index_select`:
+its backward adds each response's gradient into the shared query's K/V), and causal attention is
+aligned bottom-right: the i-th of Lq queries sees the first Lk - Lq + i + 1 keys. flash-attn
+(>= 2.1) and torch's varlen_attn (the same FlashAttention-2 kernels) align causal masks that way
+when Lq != Lk; the SDPA fallback builds the bottom-right mask itself.
 """
 
 from __future__ import annotations
@@ -120,17 +129,24 @@ def resolve_backend(name: str = "auto", device="cpu", dtype: torch.dtype = torch
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                     max_seqlen: int, backend: str) -> torch.Tensor:
-    """Causal attention within each packed sequence.
+                     max_seqlen: int, backend: str, kv_index: torch.Tensor | None = None,
+                     cu_seqlens_k: torch.Tensor | None = None, max_seqlen_k: int | None = None) -> torch.Tensor:
+    """Causal attention within each packed segment.
 
     q [T, Hq, D], k and v [T, Hkv, D] with Hq a multiple of Hkv (grouped-query attention);
-    cu_seqlens int32 [S+1]; max_seqlen = longest sequence. Returns [T, Hq, D] in q's dtype.
-    Scale is 1/sqrt(D).
+    cu_seqlens int32 [N+1]; max_seqlen = longest segment. Without `kv_index` each segment attends
+    to itself; with it (int64 [Tk]), segment n attends to k/v[kv_index[cu_seqlens_k[n]:
+    cu_seqlens_k[n+1]]], causal aligned bottom-right (module docstring). Returns [T, Hq, D] in
+    q's dtype. Scale is 1/sqrt(D).
     """
+    if kv_index is None:
+        cu_seqlens_k, max_seqlen_k = cu_seqlens, max_seqlen
+    else:
+        k, v = k.index_select(0, kv_index), v.index_select(0, kv_index)  # [Tk, Hkv, D]
     if backend == "flash_attn":
         flash_attn_varlen_func = flash_attn_status()[0]
         # flash-attn handles Hkv < Hq natively (each K/V head serves Hq/Hkv query heads).
-        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k,
                                       dropout_p=0.0, causal=True)
     if backend == "torch_varlen":
         varlen_attn, causal_kwargs, has_gqa_flag = _torch_varlen_attn()
@@ -139,9 +155,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                 causal_kwargs = {**causal_kwargs, "enable_gqa": True}
             else:
                 k, v = _repeat_kv(k, v, q.shape[1])
-        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **causal_kwargs)
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, **causal_kwargs)
     if backend == "sdpa":
-        return _sdpa_per_sequence(q, k, v, cu_seqlens)
+        return _sdpa_per_sequence(q, k, v, cu_seqlens, None if kv_index is None else cu_seqlens_k)
     raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
 
 
@@ -162,22 +178,36 @@ def keep_sdpa_loop_out_of_compiled_graphs() -> None:
     _sdpa_per_sequence = torch.compiler.disable(_sdpa_loop)
 
 
-def _sdpa_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """SDPA on each sequence's slice: O(sum L_i^2) work, no [T, T] mask over the whole pack."""
-    bounds = cu_seqlens.tolist()  # one host sync per layer: acceptable for the fallback
-    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+def _sdpa_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+               cu_seqlens_k: torch.Tensor | None = None) -> torch.Tensor:
+    """SDPA on each segment's slice: O(sum Lq_i Lk_i) work, no [T, T] mask over the whole pack.
+
+    k, v are the segments' keys/values laid out by `cu_seqlens_k` (None: by `cu_seqlens`).
+    """
+    lengths = _lengths(cu_seqlens)  # one host sync per layer: acceptable for the fallback
+    key_lengths = lengths if cu_seqlens_k is None else _lengths(cu_seqlens_k)
     gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
     outputs = []
     # torch.split, not t[start:end]: its backward concatenates the S per-sequence gradients once,
     # where each slice's backward would write its gradient into a fresh zero [T, H, D] tensor.
-    for qi, ki, vi in zip(q.split(lengths), k.split(lengths), v.split(lengths)):
+    for qi, ki, vi in zip(q.split(lengths), k.split(key_lengths), v.split(key_lengths)):
         # [L, H, D] -> [1, H, L, D]: with the leading batch dimension PyTorch on CPU takes its flash
         # kernel (_scaled_dot_product_flash_attention_for_cpu); 3-D [H, L, D] inputs take the math
         # path (bmm, tril, softmax), measured 3.5x slower forward + backward.
+        lq, lk = qi.shape[0], ki.shape[0]
         qi, ki, vi = (t.transpose(0, 1).unsqueeze(0) for t in (qi, ki, vi))
-        out = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, **gqa)  # [1, Hq, L, D]
+        if lq == lk:
+            out = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, **gqa)  # [1, Hq, L, D]
+        else:  # bottom-right causal: query i sees keys 0 .. lk - lq + i (SDPA's is_causal is top-left)
+            mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+            out = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, **gqa)
         outputs.append(out.squeeze(0).transpose(0, 1))
     return torch.cat(outputs, dim=0)
+
+
+def _lengths(cu_seqlens: torch.Tensor) -> list[int]:
+    bounds = cu_seqlens.tolist()
+    return [end - start for start, end in zip(bounds[:-1], bounds[1:])]
 
 
 _sdpa_per_sequence = _sdpa_loop  # the compile-disabled wrapper once keep_sdpa_loop_out_of_compiled_graphs ran

@@ -44,8 +44,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from fastalign.cli import BOOLEAN_FLAG, positive_float, positive_int, run_main
-from fastalign.data import (IGNORE_INDEX, GroupBatcher, Record, _InvalidRecord, _validate, load_records,
-                            select_candidates, tokenize_records)
+from fastalign.data import (
+    IGNORE_INDEX,
+    GroupBatcher,
+    load_records,
+    records_from_dicts,
+    select_candidates,
+    tokenize_records,
+)
 from fastalign.distributed import init_distributed
 from fastalign.errors import DataError
 from fastalign.loss import stable_alignment_loss
@@ -213,7 +219,7 @@ def llama_nll(model, rating_scale: float = 7.0) -> Callable:
     """batch -> nll [S] of a plain (unsharded) fastalign Llama: hidden states + the fused loss head."""
 
     def forward(batch) -> torch.Tensor:
-        hidden = model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)  # [T, H]
+        hidden = model(batch.input_ids, batch.position_ids, **batch.attention_inputs())  # [T, H]
         return stable_alignment_loss(hidden, model.lm_head.weight, batch.targets, batch.response_index,
                                      batch.scores, batch.group_index, rating_scale=rating_scale,
                                      num_groups=len(batch.record_indices)).nll
@@ -227,23 +233,6 @@ def _distributed() -> tuple[int, int]:
     return 1, 0
 
 
-def as_records(records: Sequence, rating_scale: float) -> list[Record]:
-    """Records as given, or validated from plain dicts (a notebook's list of dicts).
-
-    A dict's index is its position in `records`; a bad one raises DataError naming that index.
-    """
-    out = []
-    for position, item in enumerate(records):
-        if isinstance(item, Record):
-            out.append(item)
-            continue
-        try:
-            out.append(_validate(item, position, rating_scale))
-        except _InvalidRecord as bad:
-            raise DataError(bad.message("evaluate_model(records)", f"record {position}")) from None
-    return out
-
-
 def evaluate_model(
     model,
     tokenizer,
@@ -251,6 +240,7 @@ def evaluate_model(
     *,
     model_max_length: int = 512,
     max_tokens_per_batch: int | None = 8192,
+    share_prefix: bool = True,
     num_comp: int | None = None,
     rating_scale: float = 7.0,
     append_eos: bool = True,
@@ -259,11 +249,9 @@ def evaluate_model(
     progress: bool = False,
     forward: Callable | None = None,
 ) -> dict:
-    """Score every response of `records` with `model` and compute metrics.
-
-    `records` holds fastalign.data.Record objects or plain dicts in the data file's format
-    ({"query", "responses", "scores", "category"?}); dicts are validated as a file's records are
-    (scores in [1, rating_scale]) and take their list position as their index.
+    """Score every response of `records` (fastalign.data.Record, or dicts in the file format,
+    validated alike) with `model` and compute metrics. `share_prefix`: each query runs once per
+    record (fastalign.packing; the same nll as one query + response sequence per response).
 
     `model` is a fastalign Llama, scored by `llama_nll`. A caller whose Llama is wrapped (the
     trainer's FSDP-sharded Llama + loss module) passes that module as `model` and
@@ -276,7 +264,7 @@ def evaluate_model(
              "tokenization": data stats (dropped/truncated counts)}.
     """
     world_size, rank = _distributed()
-    records = as_records(records, rating_scale)
+    records = records_from_dicts(records, rating_scale=rating_scale)
     data = tokenize_records(records, tokenizer, model_max_length=model_max_length,
                             append_eos=append_eos, stop_response=stop_response, progress=progress)
     categories = {r.index: r.category for r in records}
@@ -288,7 +276,7 @@ def evaluate_model(
                         for g in data.groups}
     batcher = GroupBatcher(data, num_comp=num_comp, seed=seed, batch_size=8,
                            max_tokens_per_batch=max_tokens_per_batch, world_size=world_size, rank=rank,
-                           shuffle=False)
+                           shuffle=False, share_prefix=share_prefix)
     forward = forward or llama_nll(model, rating_scale)
     device = next(model.parameters()).device
     was_training = model.training
@@ -349,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_json", default=None, help="Write the metrics and per-record results here.")
     p.add_argument("--model_max_length", type=positive_int, default=512, help="Longest query+response in tokens; responses are cut from the end, as in training. Default 512.")
     p.add_argument("--max_tokens_per_batch", type=positive_int, default=8192, help="Tokens per packed forward (whole records). Default 8192.")
+    p.add_argument("--share_prefix", default=True, help="Run each query once per record, every response attending to it (same nll as query+response per response, fewer tokens computed). Default True.", **BOOLEAN_FLAG)
     p.add_argument("--num_comp", type=positive_int, default=None, help="Responses scored per record, drawn with --seed when a record has more. Default: all.")
     p.add_argument("--rating_scale", type=positive_float, default=7.0, help="Highest rating; scores must lie in 1..rating_scale. Default 7.")
     p.add_argument("--bf16", help="Run the model in bfloat16. Default False.", default=False, **BOOLEAN_FLAG)
@@ -377,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tokenizer = load_tokenizer(args.model_name_or_path)
         report = evaluate_model(
             model, tokenizer, loaded.records, model_max_length=args.model_max_length,
-            max_tokens_per_batch=args.max_tokens_per_batch, num_comp=args.num_comp,
+            max_tokens_per_batch=args.max_tokens_per_batch, share_prefix=args.share_prefix, num_comp=args.num_comp,
             rating_scale=args.rating_scale, append_eos=not args.no_append_eos,
             stop_response=args.stop_response, seed=args.seed, progress=env.is_main,
         )

@@ -2,6 +2,7 @@
 
     model = Llama.from_pretrained(path, dtype=torch.bfloat16, device="cuda")
     hidden = model(input_ids, position_ids, cu_seqlens, max_seqlen)   # [T, H], after the final norm
+    hidden = model(batch.input_ids, batch.position_ids, **batch.attention_inputs())  # a PackedBatch
     model.lm_head.weight                                              # [V, H]; the loss applies it
     model.save_pretrained(out_dir)                                    # transformers loads it as is
 
@@ -377,9 +378,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
         return q, k, v
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, kv_index=None, cu_seqlens_k=None, max_seqlen_k=None):
         q, k, v = self.project(x, cos, sin)
-        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, self.backend)  # [T, Hq, D]
+        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, self.backend,
+                               kv_index, cu_seqlens_k, max_seqlen_k)  # [T, Hq, D]
         return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.head_dim))
 
 
@@ -404,9 +406,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, hidden, cos, sin, cu_seqlens, max_seqlen: int):
-        """hidden [T, H]; cos, sin [T, 1, head_dim] in hidden's dtype; cu_seqlens int32 [S+1]."""
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, cu_seqlens, max_seqlen)
+    def forward(self, hidden, cos, sin, cu_seqlens, max_seqlen: int, kv_index=None, cu_seqlens_k=None,
+                max_seqlen_k: int | None = None):
+        """hidden [T, H]; cos, sin [T, 1, head_dim] in hidden's dtype; cu_seqlens int32 [N+1];
+        kv_index, cu_seqlens_k: the shared-prefix keys of each segment (fastalign.attention)."""
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, cu_seqlens, max_seqlen,
+                                         kv_index, cu_seqlens_k, max_seqlen_k)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -424,13 +429,20 @@ class Llama(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------
 
-    def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int) -> torch.Tensor:
-        """input_ids, position_ids int64 [T]; cu_seqlens int32 [S+1] -> hidden [T, H] after the final norm."""
-        self.config.check_length(max_seqlen)
+    def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int, kv_index=None, cu_seqlens_k=None,
+                max_seqlen_k: int | None = None) -> torch.Tensor:
+        """input_ids, position_ids int64 [T]; cu_seqlens int32 [N+1] -> hidden [T, H] after the final norm.
+
+        kv_index int64 [Tk], cu_seqlens_k int32 [N+1], max_seqlen_k: a shared-prefix batch's key
+        segments (fastalign.packing; None: each segment attends to itself).
+        """
+        if kv_index is None:
+            max_seqlen_k = max_seqlen
+        self.config.check_length(max(max_seqlen, max_seqlen_k))  # the longest query + response
         hidden = self.embed_tokens(input_ids)
         cos, sin = self.rotary(position_ids, hidden.dtype)
         for layer in self.layers:
-            hidden = layer(hidden, cos, sin, cu_seqlens, max_seqlen)
+            hidden = layer(hidden, cos, sin, cu_seqlens, max_seqlen, kv_index, cu_seqlens_k, max_seqlen_k)
         return self.norm(hidden)
 
     def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

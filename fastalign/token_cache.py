@@ -101,7 +101,7 @@ def write_entry(path: Path, tokenized, meta: dict) -> None:
 
 def read_entry(path: Path):
     """(TokenizedData, meta) from an entry; raises OSError/ValueError/KeyError when damaged."""
-    from fastalign.data import TokenizedData, TokenizedGroup, _SharedInts
+    from fastalign.tokenization import TokenizedData, TokenizedGroup, _SharedInts
 
     with np.load(path, allow_pickle=False) as entry:
         arrays = {name: entry[name] for name in entry.files}
@@ -128,7 +128,7 @@ def read_entry(path: Path):
 
 def layout_matches() -> bool:
     """The entry stores exactly TokenizedGroup's fields (a new field would be lost otherwise)."""
-    from fastalign.data import TokenizedGroup
+    from fastalign.tokenization import TokenizedGroup
 
     return tuple(f.name for f in dataclasses.fields(TokenizedGroup)) == _GROUP_FIELDS
 

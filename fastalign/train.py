@@ -57,6 +57,18 @@ PEAK_BF16_TFLOPS = (
 
 # ----------------------------------------------------------------------------- command line
 
+# --max_tokens_per_batch when not given: the step-level packing budget per device (tokens of one
+# micro-batch; a CPU core set is saturated by a few thousand, a GPU wants tens of thousands).
+DEFAULT_STEP_TOKENS = {"cpu": 4096, "cuda": 16384}
+
+
+def step_token_budget(flag: int | None, device: torch.device) -> int | None:
+    """The GroupBatcher step budget for --max_tokens_per_batch: None (0) turns step packing off."""
+    if flag is None:
+        return DEFAULT_STEP_TOKENS.get(device.type, DEFAULT_STEP_TOKENS["cuda"])
+    return flag or None
+
+
 # --save_steps / --logging_steps: a count of optimizer steps, or below 1 a fraction of the total
 interval_steps = number(float, low=0.0, low_open=True, what="a number > 0 (< 1: a fraction of the total steps)")
 unit_interval = number(float, low=0.0, high=1.0, what="a number in [0, 1)")  # AdamW betas (1 checked in parse_args)
@@ -107,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     own = parser.add_argument_group("fastalign flags")
     own.add_argument("--seed", type=int, default=42, help="Seed for shuffling and candidate sampling. Default 42.")
     own.add_argument("--max_steps", type=int, default=-1, help="Total optimizer steps; overrides --num_train_epochs when > 0. Default -1.")
-    own.add_argument("--max_tokens_per_batch", type=positive_int, default=None, help="Pack whole groups into micro-batches of at most this many tokens instead of --per_device_train_batch_size groups.")
+    own.add_argument("--max_tokens_per_batch", type=number(int, low=0, what="an integer >= 0"), default=None, help=f"Step-level packing: the groups of one optimizer step on a process (per_device_train_batch_size x gradient_accumulation_steps) are cut into as few micro-batches of at most this many packed tokens as fit (a larger group goes alone); the step's groups and loss do not change. 0: one micro-batch per --per_device_train_batch_size groups (the original's passes). Default {DEFAULT_STEP_TOKENS['cpu']} on CPU, {DEFAULT_STEP_TOKENS['cuda']} on CUDA.")
+    own.add_argument("--share_prefix", default=True, help="Pack each group's query once and let every response attend to it (same loss, nll and gradients as query+response per response, fewer tokens computed); False: one query+response sequence per response. Default True.", **BOOLEAN_FLAG)
     own.add_argument("--gradient_checkpointing", default=False, help="Recompute each decoder layer in backward (less memory, ~30%% more compute). Default False.", **BOOLEAN_FLAG)
     own.add_argument("--compile", default=False, help="torch.compile each decoder layer. Default False.", **BOOLEAN_FLAG)
     own.add_argument("--attn_implementation", choices=("auto",) + ATTN_BACKENDS + ("flash_attention_2",), default="auto", help="Packed attention backend; auto: flash_attn, then torch_varlen, then sdpa. Default auto.")
@@ -250,11 +263,12 @@ class AlignmentModel(nn.Module):
                                 max_flow=max_flow, margin_mode=margin_mode, backend=loss_backend)
 
     def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int, targets,
-                response_index, scores, group_index,
-                num_groups: int | None = None, loss_plan=None) -> dict[str, torch.Tensor]:
+                response_index, scores, group_index, num_groups: int | None = None, loss_plan=None,
+                kv_index=None, cu_seqlens_k=None, max_seqlen_k: int | None = None) -> dict[str, torch.Tensor]:
         from fastalign.loss import stable_alignment_loss
 
-        hidden = self.llama(input_ids, position_ids, cu_seqlens, max_seqlen)  # [T, H]
+        hidden = self.llama(input_ids, position_ids, cu_seqlens, max_seqlen, kv_index, cu_seqlens_k,
+                            max_seqlen_k)  # [T, H]
         out = stable_alignment_loss(hidden, self.llama.lm_head.weight, targets, response_index,
                                     scores, group_index, num_groups=num_groups, plan=loss_plan,
                                     **self.loss_kwargs)
@@ -270,7 +284,8 @@ def run_batch(model: nn.Module, batch, loss_plan=None) -> dict[str, torch.Tensor
     return model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen,
                  batch.targets, batch.response_index, batch.scores, batch.group_index,
                  num_groups=len(batch.record_indices),  # groups it holds: 1 for a filler
-                 loss_plan=loss_plan)
+                 loss_plan=loss_plan,
+                 kv_index=batch.kv_index, cu_seqlens_k=batch.cu_seqlens_k, max_seqlen_k=batch.max_seqlen_k)
 
 
 def loss_plan_for(batch, vocab: int):
@@ -373,6 +388,7 @@ def load_groups(path: str, tokenizer: Callable[[], object], args, what: str, env
     the tokenizer, loaded only when something has to be tokenized.
     """
     from fastalign.data import load_records, tokenize_records
+    from fastalign.packing import packed_tokens
     from fastalign.token_cache import cached_groups
 
     def tokenize():
@@ -394,8 +410,13 @@ def load_groups(path: str, tokenizer: Callable[[], object], args, what: str, env
                         f"tokenization: {tokenized.stats})")
     skipped_text = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())) or "none"
     stats = ", ".join(f"{k}={v}" for k, v in tokenized.stats.items())
+    # Over every response (before candidate sampling): what each layout runs through the layers.
+    computed = sum(packed_tokens(len(g.query_ids), [len(r) for r in g.response_ids], args.share_prefix)
+                   for g in tokenized.groups)
+    sequences = tokenized.stats["tokens"]
     summary = (f"{what} data {path} ({how}): {meta['valid_records']} valid records, skipped {skipped_text}; "
-               f"{len(tokenized.groups)} groups; {stats}")
+               f"{len(tokenized.groups)} groups; {stats}; share_prefix {args.share_prefix}: "
+               f"{computed} computed of {sequences} sequence tokens ({1 - computed / sequences:.1%} saved)")
     return tokenized, summary
 
 
@@ -412,8 +433,9 @@ class Window:
 
     device_sums: torch.Tensor
     groups: int = 0
-    tokens: int = 0
-    tokens_x_len: int = 0  # sum over sequences of length^2 (for the attention FLOPs)
+    tokens: int = 0  # sequence tokens: query + response per response, as the unshared layout counts
+    computed_tokens: int = 0  # positions run through the layers (fewer with --share_prefix)
+    tokens_x_len: int = 0  # sum over segments of Lq * (2 Lk - Lq) (= length^2 unshared; attention FLOPs)
     lr: float = 0.0  # the LR of the window's last step
     started: float = 0.0
     paused: float = 0.0  # seconds of evaluation and checkpointing inside the window (not training)
@@ -434,7 +456,7 @@ class PendingLog:
     epoch: float
     lr: float
     elapsed: float  # training seconds of the window (host clock; evaluation and saving excluded)
-    values: torch.Tensor  # float64 [9 + world size], see Trainer._start_log
+    values: torch.Tensor  # float64 [10 + world size], see Trainer._start_log
     ready: "torch.cuda.Event | None"  # CUDA: recorded after the copy to the host
 
 
@@ -538,11 +560,10 @@ class Trainer:
         train_data, summary = load_groups(args.data_path, tokenizer, args, "train", env)
         log.info("%s", summary)
         self.batcher = GroupBatcher(
-            train_data, num_comp=args.num_comp, seed=args.seed,
-            batch_size=None if args.max_tokens_per_batch else args.per_device_train_batch_size,
-            max_tokens_per_batch=args.max_tokens_per_batch,
+            train_data, num_comp=args.num_comp, seed=args.seed, batch_size=args.per_device_train_batch_size,
+            step_token_budget=step_token_budget(args.max_tokens_per_batch, env.device),
             gradient_accumulation_steps=args.gradient_accumulation_steps,
-            world_size=env.world_size, rank=env.rank, shuffle=True,
+            world_size=env.world_size, rank=env.rank, shuffle=True, share_prefix=args.share_prefix,
             seed_compat=args.margin_mode == "seed")  # the original collator's order and int() scores
         self.eval_batcher = None
         if args.evaluation_strategy != "no":
@@ -551,7 +572,7 @@ class Trainer:
             self.eval_batcher = GroupBatcher(
                 eval_data, num_comp=args.num_comp, seed=args.seed,
                 batch_size=args.per_device_eval_batch_size, gradient_accumulation_steps=1,
-                world_size=env.world_size, rank=env.rank, shuffle=False,
+                world_size=env.world_size, rank=env.rank, shuffle=False, share_prefix=args.share_prefix,
                 seed_compat=args.margin_mode == "seed")
 
         self.total_steps = self._total_steps()
@@ -582,9 +603,12 @@ class Trainer:
             "bf16" if args.bf16 else "fp32", attn_backend,
             loss_backend_name(args.loss_backend, env.device),
             "on" if args.gradient_checkpointing else "off", "on" if args.compile else "off")
-        log.info("%d optimizer steps (%d in epoch 0; %d micro-batches x %d processes per step), "
+        budget = self.batcher.step_token_budget
+        log.info("%d optimizer steps (%d in epoch 0; %d groups x %d processes per step, %s), "
                  "warmup %d, %s schedule, logging every %d, %s", self.total_steps,
-                 self.batcher.steps_per_epoch(0), args.gradient_accumulation_steps, env.world_size,
+                 self.batcher.steps_per_epoch(0), args.per_device_train_batch_size * args.gradient_accumulation_steps,
+                 env.world_size, f"packed into micro-batches of <= {budget} tokens" if budget
+                 else f"{args.gradient_accumulation_steps} micro-batches of {args.per_device_train_batch_size} groups",
                  warmup, args.lr_scheduler_type, self.logging_steps,
                  f"checkpoint every {self.save_steps} steps" if args.save_strategy == "steps"
                  else f"checkpoint {'each epoch' if args.save_strategy == 'epoch' else 'never'}")
@@ -625,8 +649,7 @@ class Trainer:
                                   self.position[0] if resume is not None else None)
 
     def _total_steps(self) -> int:
-        """--max_steps, or HF's ceil(num_train_epochs x steps per epoch) (epochs may differ in
-        length when packing by --max_tokens_per_batch)."""
+        """--max_steps, or HF's ceil(num_train_epochs x steps per epoch)."""
         if self.args.max_steps > 0:
             return self.args.max_steps
         epochs = self.args.num_train_epochs
@@ -640,7 +663,9 @@ class Trainer:
         a = self.args
         return {"world_size": self.env.world_size, "gradient_accumulation_steps": a.gradient_accumulation_steps,
                 "per_device_train_batch_size": a.per_device_train_batch_size,
-                "max_tokens_per_batch": a.max_tokens_per_batch, "num_comp": a.num_comp, "seed": a.seed,
+                # not --max_tokens_per_batch / --share_prefix: they change how a step is computed,
+                # not which groups it holds
+                "num_comp": a.num_comp, "seed": a.seed,
                 "steps_in_epoch_0": self.batcher.steps_per_epoch(0)}
 
     def _check_resumable(self, state: dict) -> None:
@@ -744,9 +769,9 @@ class Trainer:
                                                                plans)):
             fdist.set_gradient_all_reduce(self.model, self.plan, enabled=index == last)
             if batch.num_groups:  # real tokens only: a filler batch's work is thrown away
-                lengths = (host_batch.cu_seqlens[1:] - host_batch.cu_seqlens[:-1]).long()  # [S]
-                window.tokens += batch.num_tokens
-                window.tokens_x_len += int((lengths * lengths).sum())
+                window.tokens += host_batch.sequence_tokens
+                window.computed_tokens += host_batch.computed_tokens
+                window.tokens_x_len += host_batch.attention_work
             try:
                 out = run_batch(self.model, batch, plan)
                 (out["loss"] * (batch.num_groups * scale)).backward()
@@ -779,7 +804,7 @@ class Trainer:
         env = self.env
         memory = [0.0] * env.world_size  # each rank fills its own slot: the sum gathers them
         memory[env.rank] = peak_memory_gb(env.device)
-        host = torch.tensor([window.groups, window.tokens, window.tokens_x_len, *memory],
+        host = torch.tensor([window.groups, window.tokens, window.computed_tokens, window.tokens_x_len, *memory],
                             dtype=torch.float64, device=env.device)
         sums = torch.cat([window.device_sums, grad_norm.double().view(1) / env.world_size,
                           nonfinite.double().view(1), host])
@@ -797,13 +822,13 @@ class Trainer:
         if pending.ready is not None:
             pending.ready.synchronize()
         values = pending.values.tolist()
-        loss, nll_best, penalty, active, grad_norm, bad, groups, tokens, tokens_x_len = values[:9]
+        loss, nll_best, penalty, active, grad_norm, bad, groups, tokens, computed, tokens_x_len = values[:10]
         if bad or not math.isfinite(loss):
             self._fail_nonfinite(pending.step)
         tokens_per_s = tokens / pending.elapsed if pending.elapsed > 0 else 0.0
         mfu = None
-        if self.peak_flops and tokens:
-            flops = self.flops_per_token * tokens + self.flops_per_token_x_len * tokens_x_len
+        if self.peak_flops and computed:  # the FLOPs actually run: computed tokens, not sequence tokens
+            flops = self.flops_per_token * computed + self.flops_per_token_x_len * tokens_x_len
             mfu = flops / pending.elapsed / (self.peak_flops * self.env.world_size)
         record = {
             "step": pending.step,
@@ -815,8 +840,10 @@ class Trainer:
             "lr": pending.lr,
             "grad_norm": grad_norm,
             "tokens_per_s": round(tokens_per_s, 1),
+            "sequence_tokens": int(tokens),
+            "computed_tokens": int(computed),
             "mfu": mfu,
-            "peak_mem_gb": round(max(values[9:]), 3),
+            "peak_mem_gb": round(max(values[10:]), 3),
         }
         self.metrics.write(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_s:.0f}")

@@ -155,12 +155,15 @@ def test_train_throughput_runs_on_the_smoke_preset_and_both_sides_agree(tmp_path
                       "--out_dir", str(tmp_path), "--plot")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = only_json(tmp_path, "train_throughput")
-    assert set(result["sides"]) == {"baseline", "fastalign"}
+    assert set(result["sides"]) == {"baseline", "fastalign", "fastalign_unshared"}
     for side in result["sides"].values():
         assert side["tokens_per_s"] > 0 and side["peak_memory_bytes"] > 0 and len(side["step_times_s"]) == 1
         assert side["mfu"] is None  # CPU: no MFU
-    assert {"tokens_per_s", "tokens_per_s_paired_median", "step_time", "peak_memory"} <= set(result["ratios"])
-    # the two sides optimise the same objective on the same tokens (fp32 on CPU)
+    for ratios in (result["ratios"], result["ratios_unshared"]):
+        assert {"tokens_per_s", "tokens_per_s_paired_median", "step_time", "peak_memory"} <= set(ratios)
+    shared, unshared = (result["sides"][s]["layout_first_measured_step"] for s in ("fastalign", "fastalign_unshared"))
+    assert shared["computed_tokens"] < unshared["computed_tokens"]  # each query once
+    # the sides optimise the same objective on the same tokens (fp32 on CPU)
     assert result["objective_check"]["abs_diff"] < 1e-4 * max(1.0, abs(result["objective_check"]["baseline"]))
     assert (tmp_path / next(tmp_path.glob("train_throughput-*.json")).with_suffix(".png").name).is_file()
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_model import TOL, hf_logits_per_sequence, our_logits, packed_batch
+from test_shared_prefix import assert_layouts_equal, synthetic_groups
 from test_train import common, metrics, ok, run_train
 
 from fastalign.data import Record, sample_data_path, tokenize_records
@@ -70,6 +71,14 @@ def test_packed_logits_equal_transformers(variant, tmp_path):
     batch = packed_batch(ODD_LENGTHS, hf.config.vocab_size)
     with torch.no_grad():
         torch.testing.assert_close(our_logits(ours, batch), hf_logits_per_sequence(hf, batch), **TOL)
+
+
+@pytest.mark.parametrize("variant", ["llama_bias_tied", "mistral", "qwen2", "qwen3"])
+def test_shared_prefix_layout_gives_the_unshared_loss_nll_and_gradients(variant, tmp_path):
+    """Each family's attention (biases, q/k norms, GQA, windows) sees the shared query exactly."""
+    model_type, keys = VARIANTS[variant]
+    model = saved(hf_model(model_type, **keys), tmp_path)
+    assert_layouts_equal(model, synthetic_groups(vocab=model.config.vocab_size))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -211,7 +220,9 @@ def test_qwen2_trains_with_biases_read_row_sliced_under_fsdp_as_on_one_rank(tiny
     save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(sample_data_path().read_text().splitlines()[:8]) + "\n")
-    flags = dict(max_steps=2, per_device_train_batch_size=2, fsdp="full_shard auto_wrap")
+    # max_tokens_per_batch 0: the same 2-group micro-batches on both sides, so the weights agree to
+    # 1e-6 (step-level packing regroups them: summation order, checked in test_train)
+    flags = dict(max_steps=2, per_device_train_batch_size=2, fsdp="full_shard auto_wrap", max_tokens_per_batch=0)
     ok(run_train(common(model, data, tmp_path / "one", gradient_accumulation_steps=2, **flags)))
     ok(run_train(common(model, data, tmp_path / "two", gradient_accumulation_steps=1, **flags), nproc=2))
     assert_trained_as_family(model, tmp_path / "two", "qwen2", steps=2)

@@ -92,3 +92,36 @@ def test_model_with_backend_agrees_with_sdpa(backend):
     assert_close_as_sdpa(hidden, sdpa_hidden, ref_hidden, "hidden")
     for name in ("layers.0.self_attn.q_proj.weight", "layers.1.self_attn.k_proj.weight", "embed_tokens.weight"):
         assert_close_as_sdpa(grads[name], sdpa_grads[name], ref_grads[name], name)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("num_kv_heads", [8, 2])
+def test_backend_runs_shared_prefix_segments_as_sdpa_does(backend, num_kv_heads):
+    """Gathered keys (kv_index, cu_seqlens_k != cu_seqlens): the backend's causal alignment must be
+    bottom-right, as the SDPA fallback's explicit mask (itself tested against a dense mask on CPU)."""
+    from fastalign.data import TokenizedGroup, pack_groups
+
+    require(backend, 64)
+    g = torch.Generator().manual_seed(1)
+    shapes = [(37, [1, 128, 9]), (1, [300, 2]), (64, [5, 64, 17, 3, 1])]  # (query, response lengths)
+    groups = [TokenizedGroup(record_index=i, query_ids=torch.randint(0, 50, (q,), generator=g).tolist(),
+                             response_ids=[torch.randint(0, 50, (n,), generator=g).tolist() for n in lengths],
+                             scores=[1.0] * len(lengths)) for i, (q, lengths) in enumerate(shapes)]
+    batch = pack_groups(groups, share_prefix=True).to("cuda")
+    t = batch.num_tokens
+    q, k, v = (torch.randn(t, h, 64, device="cuda").to(torch.bfloat16).requires_grad_() for h in (8, num_kv_heads, num_kv_heads))
+    grad_out = torch.randn_like(q, dtype=torch.float32)
+
+    def run(name, q, k, v):
+        out = varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, name, batch.kv_index,
+                               batch.cu_seqlens_k, batch.max_seqlen_k)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out.to(out.dtype))
+        return out.detach(), grads
+
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    ref_out, ref_grads = run("sdpa", q32, k32, v32)
+    sdpa_out, sdpa_grads = run("sdpa", q, k, v)
+    out, grads = run(backend, q, k, v)
+    assert_close_as_sdpa(out, sdpa_out, ref_out, "out")
+    for name, got, sdpa, ref in zip("qkv", grads, sdpa_grads, ref_grads):
+        assert_close_as_sdpa(got, sdpa, ref, f"d{name}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -117,7 +118,10 @@ def test_one_rank_x4_equals_two_ranks_x2_equals_four_ranks_x1(tiny, tmp_path):
     """The step loss is the mean over the global batch's groups, however they are split over
     accumulation steps and ranks (1 process: plain module; 2 and 4: FSDP2 full_shard)."""
     model, data = tiny
-    flags = dict(max_steps=3, per_device_train_batch_size=2, fsdp="full_shard auto_wrap")
+    # max_tokens_per_batch 0: every side runs the same 2-group micro-batches (step-level packing
+    # would regroup them differently per world size: the same loss, but a summation order that
+    # Adam's first update amplifies past 1e-6; test_both_layouts_... covers it at 5e-6)
+    flags = dict(max_steps=3, per_device_train_batch_size=2, fsdp="full_shard auto_wrap", max_tokens_per_batch=0)
     one, two, four = tmp_path / "one", tmp_path / "two", tmp_path / "four"
     # Activation checkpointing on one side only: recomputation must not change the numbers.
     ok(run_train(common(model, data, one, gradient_accumulation_steps=4, gradient_checkpointing=True,
@@ -131,11 +135,34 @@ def test_one_rank_x4_equals_two_ranks_x2_equals_four_ranks_x1(tiny, tmp_path):
     assert not torch.equal(start, load_file(one / "model.safetensors")["model.norm.weight"])
 
 
-def test_resume_after_step_3_equals_uninterrupted_run(tiny, tmp_path):
+def test_both_layouts_and_step_packing_on_two_ranks_equal_one_rank_of_single_group_passes(tiny, tmp_path):
+    """The original's passes (one group per micro-batch, query + response per response, 1 rank)
+    vs 2 FSDP ranks with the shared prefix and step-level packing (all of a rank's groups in one
+    pass), and vs 2 ranks unshared: the same loss, gradient norm and weights."""
+    model, data = tiny
+    flags = dict(max_steps=2, per_device_train_batch_size=1, fsdp="full_shard auto_wrap")
+    original, shared, unshared = tmp_path / "original", tmp_path / "shared", tmp_path / "unshared"
+    ok(run_train(common(model, data, original, gradient_accumulation_steps=4, share_prefix=False,
+                        max_tokens_per_batch=0, **flags)))
+    result = ok(run_train(common(model, data, shared, gradient_accumulation_steps=2, **flags), nproc=2))
+    assert re.search(r"share_prefix True: \d+ computed of \d+ sequence tokens \(\d+\.\d% saved\)", result.stderr)
+    ok(run_train(common(model, data, unshared, gradient_accumulation_steps=2, share_prefix=False, **flags), nproc=2))
+    for other in (shared, unshared):
+        assert_same_metrics(metrics(original), metrics(other))
+        assert_same_weights(original, other, atol=5e-6)
+    for a, b in zip(metrics(original), metrics(shared)):
+        assert a["sequence_tokens"] == b["sequence_tokens"] == a["computed_tokens"]  # same real tokens
+        assert b["computed_tokens"] < b["sequence_tokens"]                          # fewer computed
+    for a, b in zip(metrics(original), metrics(unshared)):
+        assert a["computed_tokens"] == b["computed_tokens"]
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_resume_after_step_3_equals_uninterrupted_run(tiny, tmp_path, share_prefix):
     model, data = tiny
     flags = dict(max_steps=6, per_device_train_batch_size=2, gradient_accumulation_steps=2,
                  save_strategy="steps", save_steps=3, lr_scheduler_type="cosine", warmup_steps=2,
-                 num_comp=2)
+                 num_comp=2, share_prefix=share_prefix)
     full = tmp_path / "full"
     ok(run_train(common(model, data, full, **flags)))
     assert sorted(p.name for p in full.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
@@ -338,10 +365,13 @@ def test_accumulation_over_unequal_micro_batches_equals_one_micro_batch(tiny, tm
     assert next(one_batch.iter_steps(0)).micro_batches[0].record_indices == [
         i for b in first.micro_batches for i in b.record_indices]
 
+    # Through the command line: the same 4 groups as 4 single-group passes (step packing off) and
+    # as one pass (step-level packing at the default budget).
     split, whole = tmp_path / "split", tmp_path / "whole"
-    ok(run_train(common(model, data, split, max_steps=1, max_tokens_per_batch=budget,
-                        gradient_accumulation_steps=3)))
-    ok(run_train(common(model, data, whole, max_steps=1, per_device_train_batch_size=4)))
+    ok(run_train(common(model, data, split, max_steps=1, per_device_train_batch_size=1, max_tokens_per_batch=0,
+                        gradient_accumulation_steps=4)))
+    ok(run_train(common(model, data, whole, max_steps=1, per_device_train_batch_size=1,
+                        gradient_accumulation_steps=4)))
     assert_same_metrics(metrics(split), metrics(whole))  # grad_norm: the step's gradient
     # Adam's first update is lr * g / (|g| + eps): elements with |g| near eps amplify the
     # summation-order difference of differently packed micro-batches (1e-6 of a 1e-3 update).
