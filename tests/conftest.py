@@ -30,6 +30,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_token_cache(tmp_path_factory):
+    """The trainer caches tokenized data under $XDG_CACHE_HOME/fastalign: the suite uses its own,
+    so it neither writes to the user's home nor depends on what an earlier run left there."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
+
+
 @pytest.fixture(autouse=True)
 def _cpu_only_subprocesses(request, monkeypatch):
     if "gpu" not in request.keywords:
