@@ -331,9 +331,12 @@ def plan_memory(config, args, world_size: int, procs_per_node: int, fsdp_plan: f
 
 
 def options(args, fsdp_plan: fdist.FsdpPlan, gradient_checkpointing: bool, work: Workload) -> pm.Options:
+    # accumulation: on average more than one micro-batch per step, or the largest step split
+    split = work.largest_step_tokens > work.largest.tokens
     return pm.Options(bf16=args.bf16, strategy=fsdp_plan.strategy, offload=fsdp_plan.offload,
                       gradient_checkpointing=gradient_checkpointing, device_type=args.device,
-                      loss_backend=args.loss_backend, micro_batches_per_step=math.ceil(work.micro_batches_per_step))
+                      loss_backend=args.loss_backend,
+                      micro_batches_per_step=max(math.ceil(work.micro_batches_per_step), 1 + split))
 
 
 def largest_budget_that_fits(config, state: pm.StateBytes, opts: pm.Options, usable: float, work: Workload) -> int:
@@ -517,7 +520,8 @@ def format_report(plan: dict) -> str:
         f"GPU: {g['name'] or 'custom'}, {g['memory_gib']:g} GiB ({g['usable_gib']:.2f} GiB usable: {USABLE_FRACTION:.0%} minus "
         f"{RESERVED_GIB:g} GiB for the CUDA context, NCCL and cuBLAS)",
         f"micro-batches: --max_tokens_per_batch {load['max_tokens_per_batch'] or '0 (off)'}, "
-        f"{load['micro_batches_per_step']:g} per rank per step; the largest {load['largest_micro_batch_tokens']} tokens "
+        f"{load['micro_batches_per_step']:.3g} per rank per step (the time's workload); the largest "
+        f"{load['largest_micro_batch_tokens']} tokens "
         f"({load['largest_micro_batch_target_tokens']} with a target"
         + (f", {load['largest_micro_batch_key_tokens']} gathered key/value rows" if w['share_prefix'] else "")
         + f"), from {load['source']}",

@@ -413,16 +413,17 @@ def test_whole_step_in_one_micro_batch_fits_any_budget(llama7b, tmp_path, capsys
     assert "largest --max_tokens_per_batch that fits: any (a rank's whole step, 2880 tokens" in text
 
 
-def test_command_line_exits_3_when_the_plan_does_not_fit(tiny, tmp_path):
-    """What a script sees from `python -m fastalign.plan`: 3 and the verdict; 0 when it fits."""
+def test_command_line_exits_3_when_the_plan_does_not_fit(tiny, tmp_path, capsys):
+    """What a script sees from `python -m fastalign.plan`: 3 and the verdict (0 when it fits)."""
     model, _ = tiny
+    argv = ["--model_name_or_path", str(model), "--model_max_length", "256"]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    for memory, status in (("0.05", 3), ("8", 0)):
-        proc = subprocess.run([sys.executable, "-m", "fastalign.plan", "--model_name_or_path", str(model),
-                               "--gpu_memory_gb", memory, "--model_max_length", "256"],
-                              capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
-        assert proc.returncode == status, proc.stdout + proc.stderr
-        assert ("DOES NOT FIT" in proc.stdout) == (status == 3)
+    proc = subprocess.run([sys.executable, "-m", "fastalign.plan", *argv, "--gpu_memory_gb", "0.05"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "verdict: DOES NOT FIT on 0.05 GiB" in proc.stdout and "what would make it fit:" in proc.stdout
+    status, plan, text = run_plan([*argv, "--gpu_memory_gb", "8"], tmp_path, capsys)
+    assert status == 0 and plan["memory"]["fits"] and "verdict: FITS" in text
 
 
 @pytest.mark.parametrize("argv,message", [
