@@ -16,7 +16,8 @@ Two halves:
   tensors cannot answer. The count is checked against autograd's saved tensors and the real
   trainer's allocations on CPU (tests/test_plan.py).
 
-Sizes are bytes on the busiest rank. T = tokens of the micro-batch, N = its target tokens,
+Sizes are bytes on the busiest rank. T = tokens of the micro-batch, N = its target tokens, Tk = its
+gathered key/value rows (shared prefix),
 H = hidden, I = intermediate, Q = heads x head_dim, K = kv heads x head_dim, V = vocab, b = bytes
 of the compute dtype (2 for bf16, 4 for fp32).
 """
