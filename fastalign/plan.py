@@ -16,9 +16,16 @@ Time: the FLOPs the trainer's MFU counts (`LlamaConfig.flops_per_token`) over th
 bf16 peak at an assumed utilisation, and the FSDP traffic per step over an assumed link
 bandwidth. Every time is an estimate and printed as one.
 
-Token counts follow the packed layout: without a shared prefix every response is packed with its
-own copy of the query (`data.pack_groups`); with `--share_prefix True` (the default) the query is
-computed once per group and each response segment is its tokens plus one copied query token.
+Token counts follow the trainer's packed layout (fastalign.packing): without a shared prefix every
+response is packed with its own copy of the query; with `--share_prefix True` (the default) a
+group is a query segment of its first Lq - 1 tokens, then per response the last query token and
+the response, attending to the query segment's keys and values gathered next to its own. Micro-
+batches are the trainer's: `--max_tokens_per_batch` is the step-level budget (the groups of one
+optimizer step on a rank, per_device_train_batch_size x gradient_accumulation_steps, cut into
+micro-batches of at most that many tokens; default 4096 on CPU, 16384 on CUDA as in
+fastalign.train; 0: one micro-batch per per_device_train_batch_size groups).
+
+Exit status: 0 when the plan fits, 3 (EXIT_DOES_NOT_FIT) when it does not, 2 for a usage error.
 """
 
 from __future__ import annotations
@@ -27,13 +34,13 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 from fastalign import distributed as fdist
 from fastalign import plan_memory as pm
-from fastalign.cli import BOOLEAN_FLAG, positive_float, positive_int, run_main
+from fastalign.cli import BOOLEAN_FLAG, number, positive_float, positive_int, run_main
 from fastalign.errors import ConfigError
 
 GIB = 1 << 30
@@ -57,6 +64,7 @@ GPUS = {
 DEFAULT_MFU = 0.35  # assumed model-FLOPs utilisation while RESULTS.md has no GPU training rows
 INTER_NODE_GB_S = 25.0  # assumed: one 200 Gb/s NIC per GPU
 USABLE_FRACTION, RESERVED_GIB = 0.9, 1.0  # of the card: allocator slack; CUDA context, NCCL, cuBLAS
+EXIT_DOES_NOT_FIT = 3  # exit status of a plan that does not fit (2 is a usage error, as everywhere)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -90,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--gradient_checkpointing", default=False, **BOOLEAN_FLAG)
     train.add_argument("--per_device_train_batch_size", type=positive_int, default=8)
     train.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
-    train.add_argument("--max_tokens_per_batch", type=positive_int, default=None)
+    train.add_argument("--max_tokens_per_batch", type=number(int, low=0, what="an integer >= 0"), default=None,
+                       help="The trainer's step-level packing budget (default 4096 with --device cpu, 16384 with "
+                            "cuda; 0: one micro-batch per --per_device_train_batch_size groups).")
     train.add_argument("--model_max_length", type=positive_int, default=512)
     train.add_argument("--num_comp", type=positive_int, default=3)
     train.add_argument("--share_prefix", default=True, **BOOLEAN_FLAG,
@@ -121,69 +131,102 @@ def build_parser() -> argparse.ArgumentParser:
 class Workload:
     """What the data (or the flags) imply per rank and per epoch."""
 
-    largest: pm.MicroBatch  # the largest micro-batch (by tokens) any rank runs
+    largest: pm.MicroBatch  # the largest micro-batch (by tokens, then gathered key rows) any rank runs
     largest_group_tokens: int  # the largest group: no --max_tokens_per_batch can split it
+    largest_step_tokens: int  # the most tokens one rank's groups of one step take: no budget packs more
+    micro_batches_per_step: float  # per rank (the same on every rank); a mean over the epoch with data
     tokens_per_step: float  # computed tokens of one optimizer step, all ranks
-    attention_sq_per_step: float  # sum of sequence length^2 (attention FLOPs), all ranks
+    attention_work_per_step: float  # sum of PackedBatch.attention_work (attention FLOPs), all ranks
     steps_per_epoch: int | None  # None without data
     source: str  # "data FILE" or "flags"
 
 
-def group_counts(query: int, responses: Sequence[int], share_prefix: bool) -> tuple[int, int, int]:
-    """(computed tokens, target tokens, attention length^2) of one group, as packed.
+COUNT_FIELDS = ("tokens", "target_tokens", "key_tokens", "mask_elements", "attention_work")
 
-    Separate sequences: each response r is packed after its own copy of the query: q + r tokens,
-    r targets, (q + r)^2. Shared prefix: the query once (q tokens, q^2), each response a segment
-    of 1 copied query token + r tokens attending to the query too: (1 + r)^2 + 2 q (1 + r) in
-    units of a causal square (a q x (1 + r) rectangle costs twice a causal triangle of its area).
+
+def group_counts(query: int, responses: Sequence[int], share_prefix: bool) -> tuple[int, int, int, int, int]:
+    """One group as fastalign.packing packs it: (computed tokens, target tokens, gathered key/value
+    rows, sdpa mask elements, attention work), the fields of `pm.MicroBatch` plus the attention
+    FLOP term (PackedBatch.attention_work: sum over segments of Lq (2 Lk - Lq)).
+
+    Unshared: per response r one segment of q + r tokens (r targets), attention (q + r)^2, no
+    gather. Shared prefix: a query segment of q - 1 tokens (attention (q - 1)^2), then per
+    response a segment of 1 + r queries over q + r keys (the query segment's and its own): they
+    gather (q - 1) + sum (q + r) key rows, and with q > 1 each response segment's keys include the
+    query segment, which the sdpa fallback masks with a [1 + r, q + r] tensor.
     """
+    from fastalign.packing import packed_tokens
+
+    tokens, targets = packed_tokens(query, responses, share_prefix), sum(responses)
     if not share_prefix:
-        return (sum(query + r for r in responses), sum(responses), sum((query + r) ** 2 for r in responses))
-    tokens = query + sum(1 + r for r in responses)
-    square = query ** 2 + sum((1 + r) ** 2 + 2 * query * (1 + r) for r in responses)
-    return tokens, sum(responses), square
+        return tokens, targets, 0, 0, sum((query + r) ** 2 for r in responses)
+    keys = query - 1 + sum(query + r for r in responses)
+    mask = sum((1 + r) * (query + r) for r in responses) if query > 1 else 0
+    work = (query - 1) ** 2 + sum((1 + r) * (2 * (query + r) - (1 + r)) for r in responses)
+    return tokens, targets, keys, mask, work
+
+
+def _micro_batch(counts: Sequence[float]) -> pm.MicroBatch:
+    return pm.MicroBatch(*(int(round(c)) for c in counts[:4]))
+
+
+def step_budget(args) -> int | None:
+    """The trainer's step-level packing budget for these flags (fastalign.train.step_token_budget):
+    the device default when --max_tokens_per_batch is not given, None for 0."""
+    import torch
+
+    from fastalign.train import step_token_budget
+
+    return step_token_budget(args.max_tokens_per_batch, torch.device(args.device))
 
 
 def workload_from_flags(args) -> Workload:
-    """Memory: the flags' worst case, every group with num_comp responses filling model_max_length
-    (a one-token query maximises a group's tokens under either layout). Time: the same worst case,
-    or with --num_records groups of num_comp responses of the assumed mean lengths."""
+    """Memory: the flags' worst case, every group with num_comp responses filling model_max_length.
+    A one-token query maximises a group's computed tokens (k L in either layout) and, with two or
+    more responses, its bytes; with one response the tokens are L whatever the query, and the
+    longest query (L - 1) gathers the most key rows. The step's bs x GA groups are cut as the
+    trainer cuts them; a budget larger than whole groups fill may be filled by shorter groups, up
+    to the step's worst-case tokens (the same shares of targets and key rows). Time: the same worst
+    case, or with --num_records groups of num_comp responses of the assumed mean lengths."""
     length, k = args.model_max_length, args.num_comp
-    tokens, targets, square = group_counts(1, [length - 1] * k, args.share_prefix)
-    if args.max_tokens_per_batch is None:
-        groups = args.per_device_train_batch_size
-    else:
-        groups = max(1, args.max_tokens_per_batch // tokens)
-    largest = pm.MicroBatch(tokens * groups, targets * groups)
-    if args.max_tokens_per_batch is not None and args.max_tokens_per_batch > largest.tokens:
-        # a budget filled with shorter groups: the same share of target tokens
-        budget = args.max_tokens_per_batch
-        largest = pm.MicroBatch(budget, budget * targets // tokens)
-        square = square * budget / tokens / groups
-    micro_batches = args.world_size * args.gradient_accumulation_steps
-    worst = Workload(largest=largest, largest_group_tokens=tokens,
-                     tokens_per_step=float(largest.tokens * micro_batches),
-                     attention_sq_per_step=float(square * groups * micro_batches),
+    query = length - 1 if (k == 1 and args.share_prefix) else 1
+    group = group_counts(query, [length - query] * k, args.share_prefix)
+    step_groups = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    budget = step_budget(args)
+
+    def cut(tokens: float) -> tuple[int, int]:  # (groups per micro-batch, micro-batches per step)
+        per_micro = args.per_device_train_batch_size if budget is None else max(1, min(step_groups, int(budget // tokens)))
+        return per_micro, math.ceil(step_groups / per_micro)
+
+    per_micro, micro_batches = cut(group[0])
+    counts = [c * per_micro for c in group]
+    if budget is not None and group[0] <= budget and counts[0] < min(budget, step_groups * group[0]):
+        fill = min(budget, step_groups * group[0]) / counts[0]  # shorter groups fill the budget
+        counts = [c * fill for c in counts]
+    largest = _micro_batch(counts)
+    worst = Workload(largest=largest, largest_group_tokens=group[0], largest_step_tokens=step_groups * group[0],
+                     micro_batches_per_step=micro_batches,
+                     tokens_per_step=float(args.world_size * step_groups * group[0]),
+                     attention_work_per_step=float(args.world_size * step_groups * group[4]),
                      steps_per_epoch=None, source="flags (worst case: full-length sequences)")
     if args.num_records is None:
         return worst
     sequence = args.mean_sequence_tokens or float(length)
     query = args.mean_query_tokens or sequence / 2
-    tokens, _, square = group_counts(query, [sequence - query] * k, args.share_prefix)
-    if args.max_tokens_per_batch is None:
-        batches = math.ceil(args.num_records / args.per_device_train_batch_size)
-    else:
-        batches = math.ceil(args.num_records * tokens / args.max_tokens_per_batch)
-    steps = math.ceil(batches / micro_batches)
+    mean = group_counts(query, [sequence - query] * k, args.share_prefix)
+    steps = math.ceil(args.num_records / (args.world_size * step_groups))
     return Workload(largest=largest, largest_group_tokens=worst.largest_group_tokens,
-                    tokens_per_step=args.num_records * tokens / steps,
-                    attention_sq_per_step=args.num_records * square / steps, steps_per_epoch=steps,
+                    largest_step_tokens=worst.largest_step_tokens, micro_batches_per_step=cut(mean[0])[1],
+                    tokens_per_step=args.num_records * mean[0] / steps,
+                    attention_work_per_step=args.num_records * mean[4] / steps, steps_per_epoch=steps,
                     source=f"flags (memory: full-length sequences; time: {args.num_records} records of "
                            f"{k} x {sequence:g} tokens, queries {query:g}, assumed)")
 
 
 def workload_from_data(args, tokenizer_dir: str) -> Workload:
-    """Epoch 0 of the real batcher (candidates, shuffle, packing, dealing to ranks)."""
+    """Epoch 0 of the trainer's own batcher (candidates, shuffle, step-level packing, dealing to
+    ranks), every step of every rank: the micro-batches' group positions from
+    `GroupBatcher.step_assignment`, each group counted as `group_counts` packs its candidates."""
     import numpy as np
 
     from fastalign.data import GroupBatcher, candidate_mask
@@ -193,10 +236,9 @@ def workload_from_data(args, tokenizer_dir: str) -> Workload:
     tokenized, _ = load_groups(args.data_path, load_tokenizer(tokenizer_dir), args, "train")
     groups = tokenized.groups
     batcher = GroupBatcher(tokenized, num_comp=args.num_comp, seed=args.seed,
-                           batch_size=None if args.max_tokens_per_batch else args.per_device_train_batch_size,
-                           max_tokens_per_batch=args.max_tokens_per_batch,
+                           batch_size=args.per_device_train_batch_size, step_token_budget=step_budget(args),
                            gradient_accumulation_steps=args.gradient_accumulation_steps,
-                           world_size=args.world_size, rank=0, shuffle=True)
+                           world_size=args.world_size, rank=0, shuffle=True, share_prefix=args.share_prefix)
     selected = candidate_mask(np.array([len(g.response_ids) for g in groups]),
                               np.array([g.record_index for g in groups]),
                               num_comp=args.num_comp, seed=args.seed, epoch=0)
@@ -205,20 +247,23 @@ def workload_from_data(args, tokenizer_dir: str) -> Workload:
         chosen = [len(r) for r, keep in zip(g.response_ids, selected[start:start + len(g.response_ids)]) if keep]
         start += len(g.response_ids)
         counts.append(group_counts(len(g.query_ids), chosen, args.share_prefix))
-    counts = np.array(counts, dtype=np.int64)  # [G, 3]: tokens, targets, length^2
-    # The batcher's own epoch plan (group positions of each micro-batch, in epoch order). It packs by
-    # separate-sequence tokens; with a shared prefix groups are smaller, and the batcher's greedy
-    # fill over the same order packs more of them under the same budget.
-    micro_batches = batcher._plan(0).micro_batches
-    if args.share_prefix and args.max_tokens_per_batch is not None:
-        micro_batches = batcher._fill_token_budget(np.concatenate(micro_batches), counts[:, 0])
-    per_batch = np.array([counts[m].sum(axis=0) for m in micro_batches])  # [B, 3]
-    largest = per_batch[int(per_batch[:, 0].argmax())]
-    steps = math.ceil(len(micro_batches) / (args.world_size * args.gradient_accumulation_steps))
-    return Workload(largest=pm.MicroBatch(int(largest[0]), int(largest[1])),
-                    largest_group_tokens=int(counts[:, 0].max()),
-                    tokens_per_step=float(per_batch[:, 0].sum() / steps),
-                    attention_sq_per_step=float(per_batch[:, 2].sum() / steps),
+    counts = np.array(counts, dtype=np.int64)  # [G, 5]: COUNT_FIELDS
+    largest, step_tokens, micro_batches = np.zeros(5, dtype=np.int64), 0, 0
+    totals = np.zeros(5, dtype=np.int64)
+    steps = batcher.steps_per_epoch(0)
+    for step in range(steps):
+        for rank in range(args.world_size):
+            assignment, _ = batcher.step_assignment(0, step, rank)
+            real = [counts[positions].sum(axis=0) for positions in assignment if positions is not None]
+            for batch in real:  # fillers (None) repeat a group whose work is thrown away: not counted
+                if (batch[0], batch[2]) > (largest[0], largest[2]):
+                    largest = batch
+                totals += batch
+            step_tokens = max(step_tokens, int(sum(batch[0] for batch in real)))
+        micro_batches += len(assignment)
+    return Workload(largest=_micro_batch(largest), largest_group_tokens=int(counts[:, 0].max()),
+                    largest_step_tokens=step_tokens, micro_batches_per_step=micro_batches / steps,
+                    tokens_per_step=float(totals[0] / steps), attention_work_per_step=float(totals[4] / steps),
                     steps_per_epoch=steps, source=f"data {args.data_path} (epoch 0: {len(groups)} groups)")
 
 
@@ -241,8 +286,10 @@ def default_mfu(results: Path = RESULTS_DIR) -> tuple[float, str]:
     return DEFAULT_MFU, "assumed: no GPU training rows in benchmarks/RESULTS.md yet"
 
 
-def communication_bytes(state_numel: int, args, plan: fdist.FsdpPlan) -> tuple[float, float]:
-    """(bytes within a node, bytes between nodes) each rank moves per optimizer step.
+def communication_bytes(state_numel: int, args, plan: fdist.FsdpPlan, micro_batches: float) -> tuple[float, float]:
+    """(bytes within a node, bytes between nodes) each rank moves per optimizer step of
+    `micro_batches` micro-batches per rank (the step-level packing's count, not
+    --gradient_accumulation_steps).
 
     Ring collectives move (n - 1) / n of the buffer per rank. Over the shard dimension FSDP2
     all-gathers the parameters in the compute dtype on every micro-batch (forward, and again in
@@ -253,7 +300,7 @@ def communication_bytes(state_numel: int, args, plan: fdist.FsdpPlan) -> tuple[f
     world, per_node, b = args.world_size, args.nproc_per_node, 2 if args.bf16 else 4
     if world == 1:
         return 0.0, 0.0
-    micro = args.gradient_accumulation_steps
+    micro = micro_batches
     gathers = 2 if plan.reshard_after_forward else 1
 
     def sharded(n: int) -> float:  # per step, over a shard dimension of n ranks
@@ -275,30 +322,43 @@ def communication_bytes(state_numel: int, args, plan: fdist.FsdpPlan) -> tuple[f
 
 
 def plan_memory(config, args, world_size: int, procs_per_node: int, fsdp_plan: fdist.FsdpPlan,
-                gradient_checkpointing: bool, micro_batch: pm.MicroBatch) -> tuple[pm.StateBytes, pm.Phase]:
+                gradient_checkpointing: bool, work: Workload) -> tuple[pm.StateBytes, pm.Phase]:
     state = pm.measure_state(config, world_size=world_size, procs_per_node=procs_per_node,
                              strategy=fsdp_plan.strategy, bf16=args.bf16,
                              gradient_checkpointing=gradient_checkpointing, offload=fsdp_plan.offload)
-    opts = options(args, fsdp_plan, gradient_checkpointing)
-    return state, pm.peak_phase(config, state, micro_batch, opts)
+    opts = options(args, fsdp_plan, gradient_checkpointing, work)
+    return state, pm.peak_phase(config, state, work.largest, opts)
 
 
-def options(args, fsdp_plan: fdist.FsdpPlan, gradient_checkpointing: bool) -> pm.Options:
+def options(args, fsdp_plan: fdist.FsdpPlan, gradient_checkpointing: bool, work: Workload) -> pm.Options:
+    # accumulation: on average more than one micro-batch per step, or the largest step split
+    split = work.largest_step_tokens > work.largest.tokens
     return pm.Options(bf16=args.bf16, strategy=fsdp_plan.strategy, offload=fsdp_plan.offload,
                       gradient_checkpointing=gradient_checkpointing, device_type=args.device,
-                      loss_backend=args.loss_backend)
+                      loss_backend=args.loss_backend,
+                      micro_batches_per_step=max(math.ceil(work.micro_batches_per_step), 1 + split))
 
 
-def largest_budget_that_fits(config, state: pm.StateBytes, opts: pm.Options, usable: float,
-                             target_share: float) -> int:
-    """The largest micro-batch in tokens (N = target_share x T) whose peak fits `usable` bytes; 0: none."""
+def largest_budget_that_fits(config, state: pm.StateBytes, opts: pm.Options, usable: float, work: Workload) -> int:
+    """The largest --max_tokens_per_batch whose micro-batches fit `usable` bytes, in the trainer's
+    step-level sense: under a budget B no micro-batch exceeds B tokens (a larger group aside), nor
+    one rank's groups of one step, so B fits when a micro-batch of B tokens (with the largest
+    micro-batch's shares of targets, gathered key rows and mask elements, and accumulating over
+    the micro-batches a smaller budget makes) does. Returns the
+    largest fitting micro-batch, at most `work.largest_step_tokens` (then every budget fits);
+    0: none fits."""
+    shares = [getattr(work.largest, field) / max(work.largest.tokens, 1) for field in COUNT_FIELDS[1:4]]
+
     def fits(tokens: int) -> bool:
-        batch = pm.MicroBatch(tokens, max(1, int(tokens * target_share)))
-        return pm.peak_phase(config, state, batch, opts).total <= usable
+        batch = pm.MicroBatch(tokens, *(int(tokens * share) for share in shares))
+        # a budget below the step's tokens cuts it into several micro-batches: gradients accumulate
+        split = replace(opts, micro_batches_per_step=1 + (tokens < work.largest_step_tokens))
+        return pm.peak_phase(config, state, batch, split).total <= usable
 
-    low, high = 0, 1
-    while fits(high) and high < 1 << 24:
-        low, high = high, high * 2
+    cap = max(work.largest_step_tokens, 1)
+    if fits(cap):
+        return cap
+    low, high = 0, cap  # fits(low), not fits(high)
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (middle, high) if fits(middle) else (low, middle)
@@ -319,11 +379,11 @@ def make_plan(args) -> dict:
     work = workload_from_data(args, args.model_name_or_path) if args.data_path else workload_from_flags(args)
 
     state, peak = plan_memory(config, args, args.world_size, args.nproc_per_node, fsdp_plan,
-                              args.gradient_checkpointing, work.largest)
-    opts = options(args, fsdp_plan, args.gradient_checkpointing)
+                              args.gradient_checkpointing, work)
+    opts = options(args, fsdp_plan, args.gradient_checkpointing, work)
     phases = pm.step_phases(config, state, work.largest, opts)
-    share = work.largest.target_tokens / max(work.largest.tokens, 1)
-    budget = largest_budget_that_fits(config, state, opts, usable, share)
+    budget = largest_budget_that_fits(config, state, opts, usable, work)
+    step_budget_tokens = step_budget(args)
     result = {
         "model": {"config": args.model_name_or_path or args.config, "parameters": config.num_parameters(),
                   "layers": config.num_hidden_layers, "hidden": config.hidden_size, "vocab": config.vocab_size},
@@ -332,14 +392,19 @@ def make_plan(args) -> dict:
                   "bf16": args.bf16, "gradient_checkpointing": args.gradient_checkpointing,
                   "share_prefix": args.share_prefix, "device": args.device, "epochs": args.num_train_epochs},
         "gpu": {"name": args.gpu, "memory_gib": memory_gib, "usable_gib": usable / GIB},
-        "workload": {"source": work.source, "largest_micro_batch_tokens": work.largest.tokens,
+        "workload": {"source": work.source, "max_tokens_per_batch": step_budget_tokens or 0,
+                     "largest_micro_batch_tokens": work.largest.tokens,
                      "largest_micro_batch_target_tokens": work.largest.target_tokens,
-                     "largest_group_tokens": work.largest_group_tokens},
+                     "largest_micro_batch_key_tokens": work.largest.key_tokens,
+                     "largest_group_tokens": work.largest_group_tokens,
+                     "largest_step_tokens_per_rank": work.largest_step_tokens,
+                     "micro_batches_per_step": work.micro_batches_per_step},
         "memory": {"peak_bytes": peak.total, "peak_phase": peak.name, "parts_bytes": peak.parts,
                    "phases_bytes": {phase.name: phase.total for phase in phases},
                    "loss_head_slice_bytes": max(phase.parts["loss-head slice"] for phase in phases),
                    "host_offload_bytes_per_rank": pm.host_state_bytes(state, opts),
                    "fits": peak.total <= usable, "largest_max_tokens_per_batch_that_fits": budget,
+                   "any_max_tokens_per_batch_fits": budget >= work.largest_step_tokens,
                    "largest_group_fits": budget >= work.largest_group_tokens},
         "time": estimate_time(config, args, fsdp_plan, work, gpu),
     }
@@ -354,13 +419,13 @@ def estimate_time(config, args, fsdp_plan: fdist.FsdpPlan, work: Workload, gpu: 
         return {"note": "no --gpu or --gpu_tflops: no time estimate"}
     mfu, mfu_source = (args.mfu, "given by --mfu") if args.mfu else default_mfu()
     per_token, per_square = config.flops_per_token(0), config.flops_per_token(1) - config.flops_per_token(0)
-    flops = per_token * work.tokens_per_step + per_square * work.attention_sq_per_step  # the trainer's MFU count
+    flops = per_token * work.tokens_per_step + per_square * work.attention_work_per_step  # the trainer's MFU count
     if args.gradient_checkpointing:  # one more forward of the layers: +1/3 of their matmuls
         flops += 2 * (config.num_parameters(include_embeddings=False) - config.vocab_size * config.hidden_size
                       * (not config.tie_word_embeddings)) * work.tokens_per_step
     compute_s = flops / args.world_size / (tflops * 1e12 * mfu)
     link = args.link_gb_s or (gpu.link_gb_s if gpu else None) or 20.0
-    inside, across = communication_bytes(config.num_parameters(), args, fsdp_plan)
+    inside, across = communication_bytes(config.num_parameters(), args, fsdp_plan, work.micro_batches_per_step)
     comm_s = inside / (link * 1e9) + across / (args.inter_node_gb_s * 1e9)
     step_s = max(compute_s, comm_s)  # FSDP2 overlaps its collectives with the layers' compute
     out = {"flops_per_step": flops, "tflops_peak": tflops, "mfu": mfu, "mfu_source": mfu_source,
@@ -381,7 +446,7 @@ def what_would_fit(config, args, fsdp_plan: fdist.FsdpPlan, work: Workload, usab
     hints = []
     sharded = fdist.FsdpPlan("full_shard", fsdp_plan.offload) if fsdp_plan.strategy == "no_shard" else fsdp_plan
     _, here = plan_memory(config, args, args.world_size, args.nproc_per_node, sharded, args.gradient_checkpointing,
-                          work.largest)
+                          work)
     unsharded = here.total - sum(here.parts[p] for p in ("parameter shards", "gradients", "optimizer state"))
     if unsharded > usable:  # activations and gathered layers do not shrink with more ranks
         hints.append(f"does not fit on any number of GPUs of this size: the activations, gathered layers and "
@@ -392,7 +457,7 @@ def what_would_fit(config, args, fsdp_plan: fdist.FsdpPlan, work: Workload, usab
     for factor in factors:  # more nodes like this one
         ranks = args.world_size * factor
         _, peak = plan_memory(config, args, ranks, args.nproc_per_node, sharded, args.gradient_checkpointing,
-                              work.largest)
+                              work)
         if peak.total <= usable:
             hints.append(f"fits on {ranks} GPUs of this size: {_gib(peak.total)} per rank"
                          + (f" with --fsdp {sharded.strategy}" if sharded is not fsdp_plan else ""))
@@ -412,17 +477,18 @@ def what_would_fit(config, args, fsdp_plan: fdist.FsdpPlan, work: Workload, usab
     for label, plan, ac in candidates:
         if fitted and "offload" in label and "checkpointing" in label:
             break  # offload alone already fits
-        state, peak = plan_memory(config, args, args.world_size, args.nproc_per_node, plan, ac, work.largest)
+        state, peak = plan_memory(config, args, args.world_size, args.nproc_per_node, plan, ac, work)
         if peak.total <= usable:
             fitted = "offload" in label
-            host = pm.host_state_bytes(state, options(args, plan, ac))
+            host = pm.host_state_bytes(state, options(args, plan, ac, work))
             hints.append(f"fits with {label}: {_gib(peak.total)} per GPU"
                          + (f", and {_gib(host * args.nproc_per_node)} of host RAM per node for the offloaded state"
                             if host else ""))
         else:
             hints.append(f"{label} alone is not enough: {_gib(peak.total)} per GPU")
     if budget >= work.largest_group_tokens:
-        hints.append(f"fits with a smaller batch: --max_tokens_per_batch {budget} (or fewer groups per micro-batch)")
+        hints.append(f"fits with a smaller batch: --max_tokens_per_batch {budget} (the step's groups cut into "
+                     f"micro-batches of at most {budget} tokens)")
     elif budget > 0:
         hints.append(f"a smaller batch alone is not enough: micro-batches up to {budget} tokens fit, but the largest "
                      f"group ({work.largest_group_tokens} tokens) cannot be split (lower --model_max_length or --num_comp)")
@@ -453,8 +519,12 @@ def format_report(plan: dict) -> str:
         f"shared prefix {'on' if w['share_prefix'] else 'off'}",
         f"GPU: {g['name'] or 'custom'}, {g['memory_gib']:g} GiB ({g['usable_gib']:.2f} GiB usable: {USABLE_FRACTION:.0%} minus "
         f"{RESERVED_GIB:g} GiB for the CUDA context, NCCL and cuBLAS)",
-        f"largest micro-batch: {load['largest_micro_batch_tokens']} tokens ({load['largest_micro_batch_target_tokens']} with a "
-        f"target), from {load['source']}",
+        f"micro-batches: --max_tokens_per_batch {load['max_tokens_per_batch'] or '0 (off)'}, "
+        f"{load['micro_batches_per_step']:.3g} per rank per step (the time's workload); the largest "
+        f"{load['largest_micro_batch_tokens']} tokens "
+        f"({load['largest_micro_batch_target_tokens']} with a target"
+        + (f", {load['largest_micro_batch_key_tokens']} gathered key/value rows" if w['share_prefix'] else "")
+        + f"), from {load['source']}",
         "",
         f"memory per rank at the peak ({mem['peak_phase']}):",
     ]
@@ -469,8 +539,12 @@ def format_report(plan: dict) -> str:
     lines.append(f"verdict: {verdict} on {g['memory_gib']:g} GiB "
                  f"({mem['peak_bytes'] / GIB:.2f} of {g['usable_gib']:.2f} GiB usable)")
     budget = mem["largest_max_tokens_per_batch_that_fits"]
-    lines.append(f"largest --max_tokens_per_batch that fits: {budget}" if budget else
-                 "largest --max_tokens_per_batch that fits: none (the persistent state alone is too large)")
+    if mem["any_max_tokens_per_batch_fits"]:
+        lines.append(f"largest --max_tokens_per_batch that fits: any (a rank's whole step, {budget} tokens, "
+                     "fits in one micro-batch)")
+    else:
+        lines.append(f"largest --max_tokens_per_batch that fits: {budget}" if budget else
+                     "largest --max_tokens_per_batch that fits: none (the persistent state alone is too large)")
     if budget and not mem["largest_group_fits"]:
         lines.append(f"  (below the largest group, {load['largest_group_tokens']} tokens, which cannot be split)")
     if plan.get("what_would_fit"):
@@ -540,7 +614,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_report(plan))
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(plan, indent=2) + "\n")
-    return 0
+    return 0 if plan["memory"]["fits"] else EXIT_DOES_NOT_FIT
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ Two halves:
   tensors cannot answer. The count is checked against autograd's saved tensors and the real
   trainer's allocations on CPU (tests/test_plan.py).
 
-Sizes are bytes on the busiest rank. T = tokens of the micro-batch, N = its target tokens,
+Sizes are bytes on the busiest rank. T = tokens of the micro-batch, N = its target tokens, Tk = its
+gathered key/value rows (shared prefix),
 H = hidden, I = intermediate, Q = heads x head_dim, K = kv heads x head_dim, V = vocab, b = bytes
 of the compute dtype (2 for bf16, 4 for fp32).
 """
@@ -43,6 +44,8 @@ class StateBytes:
     root_numel: int  # embedding + final norm + lm_head, unsharded (a tied head counted once)
     lm_head_numel: int  # V x H
     fsdp: bool  # False: one fp32 process trains the plain module (no gathers, no reduce buffers)
+    layer_shard_bytes: int = 0  # fp32 shard of one decoder layer (its reduce-scatter output)
+    root_shard_bytes: int = 0  # fp32 shard of the root (embedding, final norm, lm_head)
 
 
 @contextmanager
@@ -105,19 +108,29 @@ def measure_state(config: LlamaConfig, *, world_size: int, procs_per_node: int, 
             params = list(model.parameters())
             param_bytes = sum(_local_storage_bytes(p) for p in params)
             local_numel = sum(_local_numel(p) for p in params)
+            layer_ids = {id(p) for layer in llama.layers for p in layer.parameters()}
+            layer_shard = sum(4 * _local_numel(p) for p in llama.layers[0].parameters()) if len(llama.layers) else 0
+            root_shard = sum(4 * _local_numel(p) for p in params if id(p) not in layer_ids)
     else:
         params = list(model.parameters())
         param_bytes = sum(p.numel() * p.element_size() for p in params)
         local_numel = sum(p.numel() for p in params)
+        layer_shard = root_shard = 0
     optimizer = 2 * 4 * local_numel + 4 * len(params)  # fused AdamW: m, v like the shard; fp32 step
     return StateBytes(params=param_bytes, grads=param_bytes, optimizer=optimizer, layer_numel=layer_numel,
-                      root_numel=root_numel, lm_head_numel=config.vocab_size * config.hidden_size, fsdp=fsdp)
+                      root_numel=root_numel, lm_head_numel=config.vocab_size * config.hidden_size, fsdp=fsdp,
+                      layer_shard_bytes=layer_shard, root_shard_bytes=root_shard)
 
 
 @dataclass(frozen=True)
 class MicroBatch:
     tokens: int  # T, computed tokens
     target_tokens: int  # N, positions with a target (responses' tokens)
+    # Shared-prefix layout only (0 when unshared): Tk, the key/value rows every layer gathers
+    # (`kv_index`: each segment's query segment plus itself), and the query x key pairs of the
+    # segments whose keys include a query segment (Lq != Lk: the sdpa fallback's explicit mask).
+    key_tokens: int = 0
+    mask_elements: int = 0
 
 
 @dataclass(frozen=True)
@@ -128,6 +141,7 @@ class Options:
     gradient_checkpointing: bool
     device_type: str = "cuda"  # "cpu": the sdpa attention fallback and the CPU slice budget
     loss_backend: str = "auto"  # auto: triton on CUDA, the torch twin on CPU
+    micro_batches_per_step: int = 1  # > 1: gradients accumulate over the step's micro-batches
 
     @property
     def compute_bytes(self) -> int:
@@ -140,34 +154,47 @@ class Options:
         return "triton" if self.device_type == "cuda" else "torch"
 
 
-def layer_saved_bytes(c: LlamaConfig, tokens: int, b: int, device_type: str) -> int:
+def layer_saved_bytes(c: LlamaConfig, mb: MicroBatch, b: int, device_type: str) -> int:
     """What autograd keeps from one DecoderLayer's forward until its backward (no checkpointing).
 
     Each RMSNorm: its fp32 input (x.float(); for fp32 inputs the input itself) 4TH, rsqrt 4T, the
     normalised b*TH (for the weight's gradient) and its output b*TH (the next linear's input).
-    Attention: rotated q and k, v, the attention output (q/k/v/o_proj save
-    their inputs, the same tensors) and the fp32 log-sum-exp [Hq, T]; the rotary multiplications
-    save only cos/sin (shared by all layers, counted once in `step_phases`). The sdpa fallback
-    concatenates its per-sequence outputs: one more [T, Q] copy. Qwen3's q/k norms: their own fp32
-    input, rsqrt and output. MLP: gate and up outputs, silu(gate) and the product, b*TI each.
+    Attention: rotated q, the keys and values it attends to, the attention output (q/k/v/o_proj
+    save their inputs, the same tensors) and the fp32 log-sum-exp [Hq, T]; the rotary
+    multiplications save only cos/sin (shared by all layers, counted once in `step_phases`). Keys
+    and values are k, v [T, K] unshared; with a shared prefix the attention saves the gathered
+    k[kv_index], v[kv_index] [Tk, K] instead (`attention.varlen_attention`; the gather itself saves
+    only kv_index, shared by all layers, counted once in `step_phases`). The sdpa fallback
+    concatenates its per-sequence outputs: one more [T, Q] copy; and for a segment that also sees
+    its query segment it saves the bottom-right mask as a [Lq, Lk] tensor of the compute dtype.
+    Qwen3's q/k norms: their own fp32 input, rsqrt and output. MLP: gate and up outputs,
+    silu(gate) and the product, b*TI each.
     """
     h, q, k = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    t = tokens
+    t = mb.tokens
+    key_rows = mb.key_tokens or t
     norms = 2 * (4 * t * h + 4 * t + 2 * b * t * h)
-    attention = b * t * (2 * q + 2 * k) + 4 * c.num_attention_heads * t
+    attention = b * (2 * t * q + 2 * key_rows * k) + 4 * c.num_attention_heads * t
     if device_type == "cpu":
-        attention += b * t * q
+        attention += b * t * q + b * mb.mask_elements
     if c.qk_norm:
         attention += (4 + b) * t * (q + k) + 4 * t * (c.num_attention_heads + c.num_key_value_heads)
     mlp = 4 * b * t * c.intermediate_size
     return norms + attention + mlp
 
 
-def layer_backward_bytes(c: LlamaConfig, tokens: int, b: int) -> int:
+def layer_backward_bytes(c: LlamaConfig, mb: MicroBatch, b: int) -> int:
     """Activation gradients one layer's backward adds on top of the saved activations, at its
     largest: in the MLP's backward the gradients of the product, of silu(gate) and of up (3 b*TI)
-    are alive while the product itself, used by down_proj's backward only, is already freed."""
-    return 2 * b * tokens * c.intermediate_size
+    are alive while the product itself, used by down_proj's backward only, is already freed; in
+    the attention's backward the gradients of q [T, Q] and of the keys and values it attended to,
+    and with a shared prefix the gather's backward, which adds the [Tk, K] gradients into fresh
+    [T, K] ones. Whichever is larger."""
+    q, k = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    t = mb.tokens
+    mlp = 2 * b * t * c.intermediate_size
+    attention = b * t * (q + 2 * k) + (2 * b * mb.key_tokens * k if mb.key_tokens else 0)
+    return max(mlp, attention)
 
 
 def head_slice_columns(c: LlamaConfig, target_tokens: int, opts: Options) -> tuple[int, int]:
@@ -233,6 +260,15 @@ def step_phases(c: LlamaConfig, state: StateBytes, mb: MicroBatch, opts: Options
         the lm_head gradient, unsharded until the root's reduce-scatter at the end;
       end of backward: the root's unsharded gradients (lm_head, embedding) and their fp32
         reduce-scatter input.
+    Accumulation (more than one micro-batch per step, no offload): each reduce-scatter's fp32
+    output, one shard of the layer (of the root at the end of backward), is alive next to the
+    running sum it is added into. Sharded meshes add it into the gradient shards. Replicated meshes
+    (no_shard, hybrid) keep the sum in a per-layer partial-gradient buffer of shard size across the
+    micro-batches (`distributed.set_gradient_all_reduce`; FSDP2's `_partial_reduce_output`) and
+    all-reduce it in the last one. The gradient shards do not exist then: the optimizer step frees
+    them (`zero_grad(set_to_none=True)`), and the last micro-batch turns each buffer into its
+    layer's gradient. So the "gradients" part counts that buffer, and the transient output is the
+    only extra.
     """
     b, h, t = opts.compute_bytes, c.hidden_size, mb.tokens
     layers = c.num_hidden_layers
@@ -248,14 +284,17 @@ def step_phases(c: LlamaConfig, state: StateBytes, mb: MicroBatch, opts: Options
         layer_reduce = (b + 4) * state.layer_numel
         root_reduce = (b + 4) * state.root_numel
         lm_head_grad = b * state.lm_head_numel
+        if opts.micro_batches_per_step > 1 and not opts.offload:
+            layer_reduce += state.layer_shard_bytes
+            root_reduce += state.root_shard_bytes
     else:  # the plain module: gradients are written straight into the persistent .grad tensors
         root_gathered = layer_gathered = held_layers = layer_reduce = root_reduce = lm_head_grad = 0
-    per_layer = layer_saved_bytes(c, t, b, opts.device_type)
+    per_layer = layer_saved_bytes(c, mb, b, opts.device_type)
     if opts.gradient_checkpointing:  # layer inputs; in a layer's backward also its re-computed activations
         saved, in_layer_backward = layers * b * t * h, layers * b * t * h + per_layer
     else:
         saved = in_layer_backward = layers * per_layer
-    shared = 2 * b * t * c.head_dim  # cos, sin [T, 1, D]
+    shared = 2 * b * t * c.head_dim + 8 * mb.key_tokens  # cos, sin [T, 1, D]; kv_index int64 [Tk]
     final = 4 * t * h + 4 * t + 2 * b * t * h + 4 * mb.target_tokens  # final norm, its output, lse
     slice_bytes, head_other = head_backward_bytes(c, mb, opts)
     gathered_forward_end = root_gathered + (layers * layer_gathered if keeps_layers else 0)
@@ -265,7 +304,7 @@ def step_phases(c: LlamaConfig, state: StateBytes, mb: MicroBatch, opts: Options
                                      "loss-head buffers": head_other, "backward buffers": 0}),
         Phase("last layer's backward", {**persistent, "gathered layers": root_gathered + held_layers * layer_gathered,
                                         "activations": in_layer_backward + shared, "loss-head slice": 0, "loss-head buffers": 0,
-                                        "backward buffers": layer_backward_bytes(c, t, b) + layer_reduce
+                                        "backward buffers": layer_backward_bytes(c, mb, b) + layer_reduce
                                         + lm_head_grad + b * t * h}),
         Phase("end of backward", {**persistent, "gathered layers": root_gathered + layer_gathered,
                                   "activations": 0, "loss-head slice": 0, "loss-head buffers": 0,

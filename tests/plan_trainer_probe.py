@@ -6,7 +6,8 @@ Sets the trainer up from the flags, runs one optimizer step (which creates the A
 reports rank by rank: the bytes of its parameter shards, its gradient shards (after one more
 micro-batch's backward) and its optimizer state, each summed over distinct storages; and the
 peak of live tensor memory (tests/live_memory.py) during the second optimizer step, with the
-tokens of that step's largest micro-batch.
+tokens, target tokens and gathered key/value rows (shared prefix: kv_index) of that step's
+largest micro-batch and the step's micro-batch count.
 """
 
 from __future__ import annotations
@@ -35,6 +36,14 @@ def storage_bytes(tensors) -> int:
     return sum(seen.values())
 
 
+def mask_elements(batch) -> int:
+    """Query x key pairs of the segments whose keys are more than their own (shared prefix)."""
+    if batch.cu_seqlens_k is None:
+        return 0
+    queries, keys = batch.cu_seqlens.diff().long(), batch.cu_seqlens_k.diff().long()
+    return int((queries * keys)[queries != keys].sum())
+
+
 def main() -> int:
     out_path, flags = sys.argv[1], sys.argv[2:]
     torch.set_num_threads(1)
@@ -56,6 +65,9 @@ def main() -> int:
               "grad_bytes": storage_bytes(p.grad for p in params if p.grad is not None),
               "optimizer_bytes": storage_bytes(states), "peak_bytes": memory.peak,
               "tokens": largest.num_tokens, "target_tokens": largest.num_target_tokens,
+              "key_tokens": 0 if largest.kv_index is None else largest.kv_index.numel(),
+              "mask_elements": mask_elements(largest),
+              "micro_batches": len(step.micro_batches),
               "fsdp": isinstance(trainer.model, torch.distributed.fsdp.FSDPModule)}
     gathered = [None] * env.world_size
     dist.all_gather_object(gathered, result)
