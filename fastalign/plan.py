@@ -22,7 +22,8 @@ group is a query segment of its first Lq - 1 tokens, then per response the last 
 the response, attending to the query segment's keys and values gathered next to its own. Micro-
 batches are the trainer's: `--max_tokens_per_batch` is the step-level budget (the groups of one
 optimizer step on a rank, per_device_train_batch_size x gradient_accumulation_steps, cut into
-micro-batches of at most that many tokens; default 4096 on CPU, 16384 on CUDA as in
+micro-batches of at most that many tokens; default 4096 on CPU, on CUDA the original's padded
+micro-batch, per_device_train_batch_size x num_comp x model_max_length, as in
 fastalign.train; 0: one micro-batch per per_device_train_batch_size groups).
 
 Exit status: 0 when the plan fits, 3 (EXIT_DOES_NOT_FIT) when it does not, 2 for a usage error.
@@ -99,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--per_device_train_batch_size", type=positive_int, default=8)
     train.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
     train.add_argument("--max_tokens_per_batch", type=number(int, low=0, what="an integer >= 0"), default=None,
-                       help="The trainer's step-level packing budget (default 4096 with --device cpu, 16384 with "
-                            "cuda; 0: one micro-batch per --per_device_train_batch_size groups).")
+                       help="The trainer's step-level packing budget (default 4096 with --device cpu; with cuda "
+                            "per_device_train_batch_size x num_comp x model_max_length; 0: one micro-batch "
+                            "per --per_device_train_batch_size groups).")
     train.add_argument("--model_max_length", type=positive_int, default=512)
     train.add_argument("--num_comp", type=positive_int, default=3)
     train.add_argument("--share_prefix", default=True, **BOOLEAN_FLAG,
@@ -177,7 +179,9 @@ def step_budget(args) -> int | None:
 
     from fastalign.train import step_token_budget
 
-    return step_token_budget(args.max_tokens_per_batch, torch.device(args.device))
+    return step_token_budget(args.max_tokens_per_batch, torch.device(args.device),
+                             batch_size=args.per_device_train_batch_size, num_comp=args.num_comp,
+                             model_max_length=args.model_max_length)
 
 
 def workload_from_flags(args) -> Workload:

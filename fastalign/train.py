@@ -57,15 +57,20 @@ PEAK_BF16_TFLOPS = (
 
 # ----------------------------------------------------------------------------- command line
 
-# --max_tokens_per_batch when not given: the step-level packing budget per device (tokens of one
-# micro-batch; a CPU core set is saturated by a few thousand, a GPU wants tens of thousands).
-DEFAULT_STEP_TOKENS = {"cpu": 4096, "cuda": 16384}
+# --max_tokens_per_batch when not given on CPU: a CPU core set is saturated by a few thousand tokens
+# (the CPU figures in benchmarks/RESULTS.md were measured with it).
+DEFAULT_CPU_STEP_TOKENS = 4096
 
 
-def step_token_budget(flag: int | None, device: torch.device) -> int | None:
-    """The GroupBatcher step budget for --max_tokens_per_batch: None (0) turns step packing off."""
+def step_token_budget(flag: int | None, device: torch.device, *, batch_size: int, num_comp: int,
+                      model_max_length: int) -> int | None:
+    """The GroupBatcher step budget for --max_tokens_per_batch: None (0) turns step packing off.
+    Not given on a GPU: the original approach's own padded micro-batch, batch_size x num_comp x
+    model_max_length tokens. One pass then never holds more tokens than a pass of the original
+    command, which ran on the same GPUs (a fixed larger default packed the published run's 8 groups
+    into one 11,520-token pass, ~80 GiB per rank), while shorter groups still share a pass."""
     if flag is None:
-        return DEFAULT_STEP_TOKENS.get(device.type, DEFAULT_STEP_TOKENS["cuda"])
+        return DEFAULT_CPU_STEP_TOKENS if device.type == "cpu" else batch_size * num_comp * model_max_length
     return flag or None
 
 
@@ -119,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     own = parser.add_argument_group("fastalign flags")
     own.add_argument("--seed", type=int, default=42, help="Seed for shuffling and candidate sampling. Default 42.")
     own.add_argument("--max_steps", type=int, default=-1, help="Total optimizer steps; overrides --num_train_epochs when > 0. Default -1.")
-    own.add_argument("--max_tokens_per_batch", type=number(int, low=0, what="an integer >= 0"), default=None, help=f"Step-level packing: the groups of one optimizer step on a process (per_device_train_batch_size x gradient_accumulation_steps) are cut into as few micro-batches of at most this many packed tokens as fit (a larger group goes alone); the step's groups and loss do not change. 0: one micro-batch per --per_device_train_batch_size groups (the original's passes). Default {DEFAULT_STEP_TOKENS['cpu']} on CPU, {DEFAULT_STEP_TOKENS['cuda']} on CUDA.")
+    own.add_argument("--max_tokens_per_batch", type=number(int, low=0, what="an integer >= 0"), default=None, help=f"Step-level packing: the groups of one optimizer step on a process (per_device_train_batch_size x gradient_accumulation_steps) are cut into as few micro-batches of at most this many packed tokens as fit (a larger group goes alone); the step's groups and loss do not change. 0: one micro-batch per --per_device_train_batch_size groups (the original's passes). Default {DEFAULT_CPU_STEP_TOKENS} on CPU; on CUDA per_device_train_batch_size x num_comp x model_max_length (the original's padded micro-batch, so no pass holds more tokens than one of its passes).")
     own.add_argument("--share_prefix", default=True, help="Pack each group's query once and let every response attend to it (same loss, nll and gradients as query+response per response, fewer tokens computed); False: one query+response sequence per response. Default True.", **BOOLEAN_FLAG)
     own.add_argument("--gradient_checkpointing", default=False, help="Recompute each decoder layer in backward (less memory, ~30%% more compute). Default False.", **BOOLEAN_FLAG)
     own.add_argument("--compile", default=False, help="torch.compile each decoder layer. Default False.", **BOOLEAN_FLAG)
@@ -561,7 +566,9 @@ class Trainer:
         log.info("%s", summary)
         self.batcher = GroupBatcher(
             train_data, num_comp=args.num_comp, seed=args.seed, batch_size=args.per_device_train_batch_size,
-            step_token_budget=step_token_budget(args.max_tokens_per_batch, env.device),
+            step_token_budget=step_token_budget(args.max_tokens_per_batch, env.device,
+                                                batch_size=args.per_device_train_batch_size,
+                                                num_comp=args.num_comp, model_max_length=args.model_max_length),
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             world_size=env.world_size, rank=env.rank, shuffle=True, share_prefix=args.share_prefix,
             seed_compat=args.margin_mode == "seed")  # the original collator's order and int() scores

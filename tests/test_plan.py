@@ -205,7 +205,7 @@ def test_data_workload_is_the_trainers_micro_batches(tiny, share_prefix):
     batch size, accumulation) on both ranks, every micro-batch packed by fastalign.packing."""
     from fastalign.data import GroupBatcher
     from fastalign.model import load_tokenizer
-    from fastalign.train import DEFAULT_STEP_TOKENS, load_groups
+    from fastalign.train import DEFAULT_CPU_STEP_TOKENS, load_groups
 
     sys.path.insert(0, str(REPO / "tests"))
     from plan_trainer_probe import mask_elements
@@ -220,7 +220,7 @@ def test_data_workload_is_the_trainers_micro_batches(tiny, share_prefix):
     largest, tokens, work_sum, micro_batches, step_tokens = None, 0, 0, 0, 0
     for rank in (0, 1):
         batcher = GroupBatcher(tokenized, num_comp=3, seed=42, batch_size=8, gradient_accumulation_steps=3,
-                               step_token_budget=DEFAULT_STEP_TOKENS["cpu"], world_size=2, rank=rank,
+                               step_token_budget=DEFAULT_CPU_STEP_TOKENS, world_size=2, rank=rank,
                                share_prefix=share_prefix)
         for step in batcher.iter_steps(0):
             real = [b for b in step.micro_batches if b.num_groups]
@@ -289,43 +289,64 @@ def published_parts(t: int, accumulates: bool) -> dict:
 
 
 def test_published_7b_run_agrees_with_hand_arithmetic(llama7b, tmp_path, capsys):
-    """The card's flags with the trainer's CUDA default budget (16384): a rank's 8 groups of one
-    step (bs 1 x GA 8) are packed into ONE micro-batch of 8 x 1440 tokens, which does not fit; with
-    --max_tokens_per_batch 0 (the original's 8 micro-batches of one group) it fits."""
+    """The card's flags with the trainer's CUDA default budget, the original's padded micro-batch
+    (bs 1 x num_comp 3 x 480 = 1440 tokens): a full-length group fills it, so a rank's 8 groups of
+    one step run as 8 micro-batches of one group, as the original ran them, and it fits; the mean
+    250-token groups (502 tokens) share a pass two at a time. A budget of 16384 would pack the 8
+    groups into ONE micro-batch of 8 x 1440 tokens, which does not fit."""
     assert LAYER == 202_383_360 and PARAMS == 6_738_415_616 and PER_TOKEN_LAYER == 186_504
     start = time.perf_counter()
     status, plan, text = run_plan(["--config", str(llama7b), *PUBLISHED], tmp_path, capsys)
     assert time.perf_counter() - start < 120
     assert plan["model"]["parameters"] == PARAMS
     # worst case of the flags: groups of 3 responses filling 480 tokens after a 1-token query; shared
-    # prefix: no query segment, 3 x (1 + 479) tokens, 3 x 479 targets; 8 of them in one micro-batch
-    t, n = 8 * 3 * 480, 8 * 3 * 479
+    # prefix: no query segment, 3 x (1 + 479) = 1440 tokens, 3 x 479 targets: one per micro-batch
+    t, n = 3 * 480, 3 * 479
     load = plan["workload"]
-    assert (load["max_tokens_per_batch"], load["micro_batches_per_step"]) == (16384, 1)
+    assert (load["max_tokens_per_batch"], load["micro_batches_per_step"]) == (1 * 3 * 480, 8)
     assert (load["largest_micro_batch_tokens"], load["largest_micro_batch_target_tokens"],
-            load["largest_micro_batch_key_tokens"]) == (t, n, t) == (11520, 11496, 11520)
+            load["largest_micro_batch_key_tokens"]) == (t, n, t) == (1440, 1437, 1440)
     assert plan["memory"]["peak_phase"] == "last layer's backward"
-    assert plan["memory"]["parts_bytes"] == published_parts(t, accumulates=False)
-    assert 79 * 2**30 < plan["memory"]["peak_bytes"] < 80 * 2**30  # 64 GiB of activations
-    assert status == fplan.EXIT_DOES_NOT_FIT == 3
-    assert not plan["memory"]["fits"] and "verdict: DOES NOT FIT on 40 GiB" in text
-    budget = plan["memory"]["largest_max_tokens_per_batch_that_fits"]
+    assert plan["memory"]["parts_bytes"] == published_parts(t, accumulates=True)  # 8 micro-batches
+    assert 23 * 2**30 < plan["memory"]["peak_bytes"] < 24 * 2**30  # 8 GiB of activations
+    assert status == 0 and plan["memory"]["fits"] and "verdict: FITS on 40 GiB" in text
     # the largest micro-batch that fits: 35 GiB usable minus the fixed parts, over the per-token parts
     fixed = sum(published_parts(0, accumulates=True).values())
     per_token = sum(published_parts(1, accumulates=True).values()) - fixed
-    assert budget == int((35 * 2**30 - fixed) // per_token) == 3519  # 2 full groups per micro-batch
-    hints = plan["what_would_fit"]
-    assert any(h.startswith("fits with --gradient_checkpointing True") for h in hints), hints
-    assert any(h.startswith(f"fits with a smaller batch: --max_tokens_per_batch {budget} ") for h in hints), hints
+    assert plan["memory"]["largest_max_tokens_per_batch_that_fits"] == int((35 * 2**30 - fixed) // per_token) == 3519
     # FLOPs as the trainer's MFU counts them: 6 x (params - embedding) per token + attention
     # 6 x 32 layers x 4096 x (sum of attention work: 480^2 per response segment), over 8 ranks x 8 groups
     flops = 64 * (6 * (PARAMS - V * H) * 1440 + 6 * LAYERS * H * 3 * 480 ** 2)
     assert plan["time"]["flops_per_step"] == pytest.approx(flops, rel=1e-12)
     mfu = plan["time"]["mfu"]  # 0.35 while no GPU benchmark is on file (fplan.default_mfu)
     assert plan["time"]["compute_s_per_step"] == pytest.approx(flops / 8 / (312e12 * mfu), rel=1e-12)
-    # one micro-batch: bf16 all-gather twice (forward, backward) and fp32 reduce-scatter, 7/8 of it
-    assert plan["time"]["communication_bytes_per_step_per_rank"] == pytest.approx((2 * 2 + 4) * PARAMS * 7 / 8)
+    # 8 micro-batches (no --num_records: the time's workload is the worst case too), each a bf16
+    # all-gather twice (forward, backward) and an fp32 reduce-scatter, 7/8 of it per rank
+    assert plan["time"]["communication_bytes_per_step_per_rank"] == pytest.approx(8 * (2 * 2 + 4) * PARAMS * 7 / 8)
     assert "time (estimates)" in text
+    # with the README's assumed mean groups (a 125-token query, 3 x 125-token responses) a group
+    # packs to 124 + 3 x (1 + 125) = 502 tokens: 1440 // 502 = 2 per micro-batch, 8 / 2 = 4 per step
+    status, plan, _ = run_plan(["--config", str(llama7b), *PUBLISHED, "--num_records", "93800",
+                                "--mean_sequence_tokens", "250"], tmp_path, capsys)
+    assert status == 0 and plan["workload"]["micro_batches_per_step"] == 4
+    assert plan["time"]["communication_bytes_per_step_per_rank"] == pytest.approx(4 * (2 * 2 + 4) * PARAMS * 7 / 8)
+    assert plan["time"]["steps_per_epoch"] == -(-93800 // 64)
+
+    status, plan, text = run_plan(["--config", str(llama7b), *PUBLISHED, "--max_tokens_per_batch", "16384"],
+                                  tmp_path, capsys)
+    big = 8 * t  # the rank's whole step in one micro-batch: 11520 tokens, 11496 targets
+    load = plan["workload"]
+    assert (load["largest_micro_batch_tokens"], load["largest_micro_batch_target_tokens"],
+            load["micro_batches_per_step"]) == (big, 8 * n, 1) == (11520, 11496, 1)
+    assert plan["memory"]["parts_bytes"] == published_parts(big, accumulates=False)
+    assert 79 * 2**30 < plan["memory"]["peak_bytes"] < 80 * 2**30  # 64 GiB of activations
+    assert status == fplan.EXIT_DOES_NOT_FIT == 3
+    assert not plan["memory"]["fits"] and "verdict: DOES NOT FIT on 40 GiB" in text
+    hints = plan["what_would_fit"]
+    assert any(h.startswith("fits with --gradient_checkpointing True") for h in hints), hints
+    assert any(h.startswith("fits with a smaller batch: --max_tokens_per_batch 3519 ") for h in hints), hints
+    assert plan["time"]["flops_per_step"] == pytest.approx(flops, rel=1e-12)  # the same groups
+    assert plan["time"]["communication_bytes_per_step_per_rank"] == pytest.approx((2 * 2 + 4) * PARAMS * 7 / 8)
 
     status, plan, text = run_plan(["--config", str(llama7b), *PUBLISHED, "--max_tokens_per_batch", "0"],
                                   tmp_path, capsys)
@@ -406,7 +427,8 @@ def test_smaller_batch_is_the_fix_when_only_activations_overflow(llama7b, tmp_pa
 def test_whole_step_in_one_micro_batch_fits_any_budget(llama7b, tmp_path, capsys):
     status, plan, text = run_plan(["--config", str(llama7b), "--nproc_per_node", "8", "--gpu", "H200",
                                    "--bf16", "True", "--fsdp", "full_shard", "--per_device_train_batch_size", "1",
-                                   "--gradient_accumulation_steps", "2", "--model_max_length", "480"], tmp_path, capsys)
+                                   "--gradient_accumulation_steps", "2", "--model_max_length", "480",
+                                   "--max_tokens_per_batch", "16384"], tmp_path, capsys)
     assert status == 0 and plan["memory"]["any_max_tokens_per_batch_fits"]
     assert plan["memory"]["largest_max_tokens_per_batch_that_fits"] == 2 * 1440 == plan["workload"]["largest_micro_batch_tokens"]
     assert "largest --max_tokens_per_batch that fits: any (a rank's whole step, 2880 tokens" in text
