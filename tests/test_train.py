@@ -348,6 +348,28 @@ def test_output_dir_that_is_a_file_is_a_clean_error(tiny, tmp_path):
     assert "error: --output_dir" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_default_step_token_budget_is_the_originals_padded_micro_batch():
+    """Not given on CUDA: bs x num_comp x model_max_length (one padded pass of the original command,
+    read from the trainer's own parsed flags); on CPU 4096; a given budget and 0 (off) whatever the device."""
+    from fastalign.train import parse_args, step_token_budget
+
+    def budget(device: str, *flags: str) -> int | None:
+        args = parse_args(["--model_name_or_path", "m", "--data_path", "d.jsonl", "--output_dir", "o", *flags])
+        return step_token_budget(args.max_tokens_per_batch, torch.device(device),
+                                 batch_size=args.per_device_train_batch_size, num_comp=args.num_comp,
+                                 model_max_length=args.model_max_length)
+
+    published = ("--per_device_train_batch_size", "1", "--num_comp", "3", "--model_max_length", "480",
+                 "--gradient_accumulation_steps", "8")
+    assert budget("cuda", *published) == 1 * 3 * 480 == 1440
+    assert budget("cuda", "--per_device_train_batch_size", "4", "--num_comp", "5", "--model_max_length", "512") == 10240
+    assert budget("cuda") == 8 * 3 * 512  # the parser's defaults
+    assert budget("cpu", *published) == budget("cpu") == 4096
+    for device in ("cuda", "cpu"):
+        assert budget(device, *published, "--max_tokens_per_batch", "2880") == 2880
+        assert budget(device, *published, "--max_tokens_per_batch", "0") is None
+
+
 def test_accumulation_over_unequal_micro_batches_equals_one_micro_batch(tiny, tmp_path):
     """Micro-batches of 1, 1 and 2 groups accumulated == the same 4 groups in one micro-batch.
     The mean over the step's groups tells these apart from HF's mean of micro-batch means."""
