@@ -235,9 +235,9 @@ def workload_from_data(args, tokenizer_dir: str) -> Workload:
 
     from fastalign.data import GroupBatcher, candidate_mask
     from fastalign.model import load_tokenizer
-    from fastalign.train import load_groups
+    from fastalign.train import tokenize_file
 
-    tokenized, _ = load_groups(args.data_path, load_tokenizer(tokenizer_dir), args, "train")
+    tokenized, _ = tokenize_file(args.data_path, load_tokenizer(tokenizer_dir), args)
     groups = tokenized.groups
     batcher = GroupBatcher(tokenized, num_comp=args.num_comp, seed=args.seed,
                            batch_size=args.per_device_train_batch_size, step_token_budget=step_budget(args),

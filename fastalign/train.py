@@ -386,20 +386,28 @@ def build_optimizer(model: nn.Module, args) -> torch.optim.AdamW:
 # ----------------------------------------------------------------------------- data
 
 
+def tokenize_file(path: str, tokenizer, args):
+    """Read, validate and tokenize a data file as the trainer's flags say -> (TokenizedData,
+    LoadedRecords). No cache: `load_groups` wraps this in one."""
+    from fastalign.data import load_records, tokenize_records
+
+    loaded = load_records(path, rating_scale=args.rating_scale, skip_invalid=args.skip_invalid)
+    tokenized = tokenize_records(loaded.records, tokenizer, model_max_length=args.model_max_length,
+                                 append_eos=not args.no_append_eos, stop_response=args.stop_response)
+    return tokenized, loaded
+
+
 def load_groups(path: str, tokenizer: Callable[[], object], args, what: str, env: fdist.DistEnv):
     """Records -> tokenized groups, with the statistics that go into the log.
 
     Tokenized once per run and cached across runs (fastalign.token_cache); `tokenizer()` returns
     the tokenizer, loaded only when something has to be tokenized.
     """
-    from fastalign.data import load_records, tokenize_records
     from fastalign.packing import packed_tokens
     from fastalign.token_cache import cached_groups
 
     def tokenize():
-        loaded = load_records(path, rating_scale=args.rating_scale, skip_invalid=args.skip_invalid)
-        tokenized = tokenize_records(loaded.records, tokenizer(), model_max_length=args.model_max_length,
-                                     append_eos=not args.no_append_eos, stop_response=args.stop_response)
+        tokenized, loaded = tokenize_file(path, tokenizer(), args)
         return tokenized, {"valid_records": len(loaded.records), "skipped": loaded.skipped}
 
     settings = {"model_max_length": args.model_max_length, "append_eos": not args.no_append_eos,

@@ -205,7 +205,7 @@ def test_data_workload_is_the_trainers_micro_batches(tiny, share_prefix):
     batch size, accumulation) on both ranks, every micro-batch packed by fastalign.packing."""
     from fastalign.data import GroupBatcher
     from fastalign.model import load_tokenizer
-    from fastalign.train import DEFAULT_CPU_STEP_TOKENS, load_groups
+    from fastalign.train import DEFAULT_CPU_STEP_TOKENS, tokenize_file
 
     sys.path.insert(0, str(REPO / "tests"))
     from plan_trainer_probe import mask_elements
@@ -216,7 +216,7 @@ def test_data_workload_is_the_trainers_micro_batches(tiny, share_prefix):
             "--model_max_length", "256", "--share_prefix", str(share_prefix)]
     args = fplan.parse_args(argv)
     work = fplan.workload_from_data(args, str(model))
-    tokenized, _ = load_groups(str(data), load_tokenizer(model), args, "train")
+    tokenized, _ = tokenize_file(str(data), load_tokenizer(model), args)
     largest, tokens, work_sum, micro_batches, step_tokens = None, 0, 0, 0, 0
     for rank in (0, 1):
         batcher = GroupBatcher(tokenized, num_comp=3, seed=42, batch_size=8, gradient_accumulation_steps=3,
