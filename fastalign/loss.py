@@ -118,7 +118,13 @@ def plan_loss(targets: torch.Tensor, response_index: torch.Tensor, scores: torch
     queued, so the loss itself never waits for the device (see "Host syncs" above).
     """
     _check_indices(targets, response_index, scores, group_index)
-    num_groups = _checked_num_groups(num_groups)
+    return _make_plan(targets, response_index, scores, group_index, vocab=vocab,
+                      num_groups=_checked_num_groups(num_groups))
+
+
+def _make_plan(targets, response_index, scores, group_index, *, vocab: int,
+               num_groups: int | None) -> LossPlan:
+    """plan_loss after its shape/dtype/device checks (the caller made them)."""
     tokens, num_groups, max_group_size = _plan_tokens(targets, response_index, scores, group_index,
                                                       vocab=vocab, num_groups=num_groups)
     layout = build_group_layout(group_index, num_groups, max_group_size)
@@ -144,11 +150,12 @@ def stable_alignment_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     impl = _resolve_backend(backend, hidden.device)
     if hidden.dtype != weight.dtype:  # e.g. an fp32 final norm before a bf16 lm_head
         hidden = hidden.to(weight.dtype)  # the GEMMs run in the lm_head's dtype, as in nn.Linear
-    if plan is None:
-        plan = plan_loss(targets, response_index, scores, group_index, vocab=weight.shape[0],
-                         num_groups=num_groups)
+    num_groups = _checked_num_groups(num_groups)
+    if plan is None:  # the index tensors were checked with hidden above
+        plan = _make_plan(targets, response_index, scores, group_index, vocab=weight.shape[0],
+                          num_groups=num_groups)
     else:
-        _check_plan(plan, hidden, weight, scores, _checked_num_groups(num_groups))
+        _check_plan(plan, hidden, weight, scores, num_groups)
     loss, nll, penalty, best = _AlignmentHead.apply(hidden, weight, scores, plan.tokens,
                                                     plan.layout, opts, impl)
     return AlignmentLossOutput(loss=loss, nll=nll, penalty=penalty, best=best)
@@ -280,7 +287,9 @@ def _check_shapes(hidden, weight, targets, response_index, scores, group_index) 
 
 def _check_indices(targets, response_index, scores, group_index, *, num_tokens: int | None = None,
                    device: torch.device | None = None) -> None:
-    """Shapes, dtypes and devices of the index tensors (num_tokens / device: hidden's, if known)."""
+    """Shapes, dtypes and devices of the index tensors (num_tokens / device: hidden's when the
+    loss checks them, else targets')."""
+    reference = "hidden" if device is not None else "targets"
     if scores.dim() != 1:
         raise LossInputError(f"scores must be [S] (one rating per response); got shape "
                              f"{tuple(scores.shape)}")
@@ -297,7 +306,7 @@ def _check_indices(targets, response_index, scores, group_index, *, num_tokens: 
             raise LossInputError(f"{name} must be {expected}; got shape {tuple(tensor.shape)} "
                                  f"(T = {num_tokens}, S = {scores.shape[0]})")
         if tensor.device != device:
-            raise LossInputError(f"{name} is on {tensor.device} but hidden is on {device}")
+            raise LossInputError(f"{name} is on {tensor.device} but {reference} is on {device}")
     for name, tensor in (("targets", targets), ("response_index", response_index),
                          ("group_index", group_index)):
         if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
