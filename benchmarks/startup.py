@@ -57,7 +57,7 @@ launched = float(sys.argv[1])
 import fastalign.train as train
 imported = time.time()
 from fastalign import distributed as fdist, model as fmodel
-from fastalign.cli import run_main
+from fastalign.cli import exit_process, run_main
 spent = {}
 def timed(owner, name, label):
     original = getattr(owner, name)
@@ -88,6 +88,7 @@ phases = {"imports": imported - launched, "process group": spent["process group"
           "first step": first["end"] - first["start"]}
 phases["other setup"] = first["start"] - imported - sum(v for k, v in phases.items() if k not in ("imports", "first step"))
 print("STARTUP " + json.dumps({"phases": phases, "to_first_step": first["end"] - launched, "status": status}))
+exit_process(0)
 """
 
 # The original approach's start-up: HF Trainer-style imports, tokenizer, raw JSON data, model,

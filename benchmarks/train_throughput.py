@@ -434,6 +434,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from fastalign.cli import run_main
+    from fastalign.cli import exit_process, run_main
 
-    sys.exit(run_main(main))
+    exit_process(run_main(main))

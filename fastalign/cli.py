@@ -7,9 +7,12 @@ have (`--bf16`, `--model_max_length`, ...) reads and fails the same way in both.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
+import os
 import sys
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Callable, NoReturn, Sequence
 
 from fastalign.errors import FastalignError
 
@@ -28,6 +31,48 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def gloo_threads_alive() -> bool:
+    """Whether this process still has gloo's worker threads (torch names them pt_gloo_runloop and
+    gloo_tcp_loop); False where /proc/self/task cannot tell (not Linux)."""
+    try:
+        tasks = list(Path("/proc/self/task").iterdir())
+    except OSError:
+        return False
+    for task in tasks:
+        try:
+            if "gloo" in (task / "comm").read_text():
+                return True
+        except OSError:  # the thread ended while we looked
+            continue
+    return False
+
+
+def exit_process(status: int) -> NoReturn:
+    """End a command's process with `status`: `sys.exit(status)`, except that a process still
+    holding gloo's worker threads ends at once (os._exit) after its output is flushed.
+
+    Why: gloo's worker threads release a finished collective's tensors on their own time. When
+    that happens after the interpreter has begun finalising, the thread needs the GIL, Python ends
+    it with pthread_exit, and the unwinding aborts the whole process ("terminate called without
+    an active exception", status -6) after all of its work succeeded (gdb: the release comes from
+    ~AsyncBarrierWork in ProcessGroupGloo::runLoop while the main thread is in Py_FinalizeEx).
+    destroy_process_group does not end those threads: the group lives on in the DeviceMesh that
+    DTensor's sharding cache keeps. Seen about once in 50 two-rank CPU runs. Every entry point
+    that may run a process group ends with `exit_process(run_main(main))`; whatever must reach
+    disk is closed before (metrics, reporters, checkpoints), and stdio and logging are flushed
+    here. Where no gloo thread is left, the interpreter finalises as usual (atexit handlers run).
+    """
+    if not gloo_threads_alive():
+        sys.exit(status)
+    logging.shutdown()  # flushes and closes every handler
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can be written anyway
+            pass
+    os._exit(status)
 
 
 def str_to_bool(value: str) -> bool:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -43,7 +42,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from fastalign.cli import BOOLEAN_FLAG, positive_float, positive_int, run_main
+from fastalign.cli import BOOLEAN_FLAG, exit_process, positive_float, positive_int, run_main
 from fastalign.data import (
     IGNORE_INDEX,
     GroupBatcher,
@@ -391,4 +390,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_process(run_main(main))

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import json
 import logging
 import math
 import os
 import resource
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +33,7 @@ from torch.distributed.tensor import DTensor
 from fastalign import checkpoint as ckpt
 from fastalign import distributed as fdist
 from fastalign.attention import BACKENDS as ATTN_BACKENDS
-from fastalign.cli import BOOLEAN_FLAG, nonneg_float, number, positive_float, positive_int, run_main
+from fastalign.cli import BOOLEAN_FLAG, exit_process, nonneg_float, number, positive_float, positive_int, run_main
 from fastalign.console import setup_logging
 from fastalign.errors import ConfigError, DataError, FastalignError
 from fastalign.preemption import StopOnSignal, Stopped
@@ -530,7 +528,9 @@ class MetricsLog:
             reporter.write(record)
 
     def close(self) -> None:
-        for reporter in self.reporters:
+        """Finish the reporters (once: the trainer closes on success, main() on every exit)."""
+        reporters, self.reporters = self.reporters, []
+        for reporter in reporters:
             reporter.close()
 
 
@@ -544,6 +544,7 @@ class Trainer:
         self.output_dir = Path(args.output_dir)
         self.plan = fdist.parse_fsdp(args.fsdp)
         self.stop = StopOnSignal()  # main() installs it around train()
+        self.metrics: MetricsLog | None = None  # setup() opens it
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -975,16 +976,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"another rank died (see its own error above/below; torchrun names it): {first_line}. "
             + (f"The last complete checkpoint is {last}; " if last else "No checkpoint was completed; ")
             + "restart with --resume_from_checkpoint auto.") from err
-    # Free the model, optimizer and FSDP state (which keep the last collectives' work objects and
-    # their tensors) while the process group and the interpreter are fully alive, then the group:
-    # gloo work still holding Python-backed tensors at interpreter exit can abort the process
-    # ("terminate called without an active exception", exit -6), seen rarely at the end of 2-rank
-    # CPU runs.
-    del trainer
-    gc.collect()
+    finally:
+        # On every exit, stopped and failed runs too: the process may end through os._exit
+        # (cli.exit_process), which runs no atexit handler, so wandb/TensorBoard finish here.
+        if trainer.metrics is not None:
+            trainer.metrics.close()
     dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_process(run_main(main))

@@ -78,4 +78,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fastalign.cli import exit_process
+
+    exit_process(main())

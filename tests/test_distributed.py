@@ -100,6 +100,8 @@ SHARDED_LOAD = textwrap.dedent("""
     dist.barrier()
     print("RANK", env.rank, json.dumps({s: r["asked"] for s, r in results.items()}))
     dist.destroy_process_group()
+    from fastalign.cli import exit_process
+    exit_process(0)
 """)
 
 

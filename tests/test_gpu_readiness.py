@@ -55,6 +55,7 @@ COUNT_ALL_REDUCES = textwrap.dedent("""
     import json, os, sys
     import torch.distributed as dist
     from fastalign import train
+    from fastalign.cli import exit_process
 
     calls = []
     real_all_reduce = dist.all_reduce
@@ -68,7 +69,7 @@ COUNT_ALL_REDUCES = textwrap.dedent("""
     status = train.main(sys.argv[2:])
     with open(f"{sys.argv[1]}.rank{os.environ['RANK']}", "w") as out:
         out.write(str(len(calls)))
-    sys.exit(status)
+    exit_process(status)
 """)
 
 

@@ -4,6 +4,7 @@ SIGINT (one process and under torchrun), and output paths that would destroy inp
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import resource
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from fastalign.reporting import installed
 from test_train import (  # noqa: F401  (tiny is a fixture)
     REPO, assert_same_metrics, assert_same_weights, common, metrics, ok, run_train, tiny,
 )
@@ -129,11 +131,11 @@ def wait_for_steps(out: Path, proc: subprocess.Popen, steps: int) -> None:
     raise AssertionError(f"no {steps} logged steps: {proc.communicate()[1][-3000:]}")
 
 
-def start_train(args: list[str], nproc: int = 1) -> subprocess.Popen:
+def start_train(args: list[str], nproc: int = 1, extra_env: dict | None = None) -> subprocess.Popen:
     launch = ([sys.executable, "-m", "fastalign.train"] if nproc == 1 else
               [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "fastalign.train"])
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **(extra_env or {}))
     return subprocess.Popen(launch + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=REPO, env=env)
 
@@ -144,7 +146,9 @@ def test_signal_finishes_the_step_saves_and_names_the_resume_point(tiny, tmp_pat
     model, data = tiny
     out = tmp_path / "out"
     flags = dict(max_steps=400, per_device_train_batch_size=2, save_strategy=save, save_steps=1000)
-    proc = start_train(common(model, data, out, **flags))
+    report = installed("wandb")
+    proc = start_train(common(model, data, out, **flags, **(dict(report_to="wandb") if report else {})),
+                       extra_env={"WANDB_MODE": "offline"})
     wait_for_steps(out, proc, 2)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
@@ -153,6 +157,13 @@ def test_signal_finishes_the_step_saves_and_names_the_resume_point(tiny, tmp_pat
     assert f"stopped: {sig.name} received: stopped after step" in stderr
     step = int(stderr.split("stopped after step ")[1].split()[0])
     assert [m["step"] for m in metrics(out)] == list(range(1, step + 1))  # every finished step logged
+    if report:  # the run was finished on the way out (exit record, every step's history)
+        from test_train_hf_flags import wandb_records
+
+        records = list(wandb_records(Path(glob.glob(str(out / "wandb" / "offline-run-*" / "*.wandb"))[0])))
+        assert [r.history.step.num for r in records if r.WhichOneof("record_type") == "history"] == \
+            list(range(1, step + 1))
+        assert any(r.WhichOneof("record_type") == "exit" for r in records)
     if save == "no":
         assert "no checkpoint was written" in stderr and not list(out.glob("checkpoint-*"))
         return

@@ -126,13 +126,13 @@ COUNTING_MAIN = """
 import os, sys
 import fastalign.data as data
 from fastalign import train
-from fastalign.cli import run_main
+from fastalign.cli import exit_process, run_main
 original = data.tokenize_records
 def counted(*args, **kwargs):
     print(f"TOKENIZE rank={os.environ.get('RANK')}", flush=True)
     return original(*args, **kwargs)
 data.tokenize_records = counted
-sys.exit(run_main(train.main, sys.argv[1:]))
+exit_process(run_main(train.main, sys.argv[1:]))
 """
 
 

@@ -160,7 +160,7 @@ PROBED_MAIN = """
 import json, os, sys, time
 import torch.distributed as dist
 from fastalign import train
-from fastalign.cli import run_main
+from fastalign.cli import exit_process, run_main
 
 SLOW = 1.5
 seen = {}
@@ -178,7 +178,7 @@ for name in ("_save", "_evaluate"):
 status = run_main(train.main, sys.argv[1:])
 seen["LOCAL_RANK"] = os.environ.get("LOCAL_RANK")
 print("PROBES " + json.dumps(seen))
-sys.exit(status)
+exit_process(status)
 """
 
 
