@@ -34,8 +34,12 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
 
 
 def gloo_threads_alive() -> bool:
-    """Whether this process still has gloo's worker threads (torch names them pt_gloo_runloop and
-    gloo_tcp_loop); False where /proc/self/task cannot tell (not Linux)."""
+    """Whether this process still has gloo's threads (torch names them pt_gloo_runloop and
+    gloo_tcp_loop); False where /proc/self/task cannot tell (not Linux).
+
+    A thread names itself when it first runs, so one not yet scheduled is missed; that one has
+    executed no collective and so holds nothing that could be released late.
+    """
     try:
         tasks = list(Path("/proc/self/task").iterdir())
     except OSError:

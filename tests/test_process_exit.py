@@ -17,11 +17,15 @@ REPO = Path(__file__).resolve().parents[1]
 ENDING = textwrap.dedent("""
     import atexit, logging, sys
     from logging.handlers import MemoryHandler
+    import torch
     import torch.distributed as dist
     from fastalign.cli import exit_process, gloo_threads_alive
 
     if sys.argv[1] == "group":
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        # A finished collective, as at the end of a run: its worker thread has run (and named
+        # itself; a thread that has not been scheduled yet has no name).
+        dist.all_reduce(torch.ones(4))
         kept = dist.group.WORLD  # outlives destroy_process_group, as the DeviceMesh of FSDP does
         dist.destroy_process_group()
     print(f"threads={gloo_threads_alive()}", file=sys.stderr)
