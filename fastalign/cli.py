@@ -63,7 +63,7 @@ def exit_process(status: int) -> NoReturn:
     an active exception", status -6) after all of its work succeeded (gdb: the release comes from
     ~AsyncBarrierWork in ProcessGroupGloo::runLoop while the main thread is in Py_FinalizeEx).
     destroy_process_group does not end those threads: the group lives on in the DeviceMesh that
-    DTensor's sharding cache keeps. Seen about once in 50 two-rank CPU runs. Every entry point
+    DTensor's sharding cache keeps. Seen in 2 of 140 two-rank CPU runs. Every entry point
     that may run a process group ends with `exit_process(run_main(main))`; whatever must reach
     disk is closed before (metrics, reporters, checkpoints), and stdio and logging are flushed
     here. Where no gloo thread is left, the interpreter finalises as usual (atexit handlers run).
