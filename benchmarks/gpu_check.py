@@ -15,8 +15,10 @@ flash-attn are optional). Stages, each with its own timeout inside an overall bu
                    skipped for want of CUDA fails the stage
   3. loss_head     `benchmarks/loss_head.py --preset gpu` (fused loss head vs full logits)
   4. train_gpu-1b  `benchmarks/train_throughput.py --preset gpu-1b --plot` (fastalign vs baseline)
-  5. train_gpu-7b-layers   the same for 4 layers of Llama-7B's shape, when time and GPU memory
-                   (60 GiB) are left
+  5. train_gpu-1b-realign  the same on long-query, realignment-like records with k <= 5 (the CPU
+                   preset cpu-tiny-realign's data at gpu-1b's size), when time is left
+  6. train_gpu-7b-layers   the same for 4 layers of Llama-7B's shape, when time and GPU memory
+                   (64 GiB) are left
 
 The console gets one line per stage (status, seconds, a one-line reason when it did not pass);
 each stage's full output goes to its log. Everything lands in one folder, by default
@@ -80,10 +82,12 @@ def stages(python: str, out_dir: Path) -> list[Stage]:
         Stage("loss_head", [python, str(bench / "loss_head.py"), "--preset", "gpu"], max_s=120, min_s=30,
               writes_results=True),
         Stage("train_gpu-1b", [python, str(bench / "train_throughput.py"), "--preset", "gpu-1b", "--plot"],
-              max_s=200, min_s=90, writes_results=True, min_gpu_gib=44),  # 2 processes x ~20 GiB
+              max_s=200, min_s=90, writes_results=True, min_gpu_gib=64),  # 3 processes x ~20 GiB (below)
+        Stage("train_gpu-1b-realign", [python, str(bench / "train_throughput.py"), "--preset", "gpu-1b-realign",
+                                       "--plot"], max_s=170, min_s=90, writes_results=True, min_gpu_gib=64),
         Stage("train_gpu-7b-layers", [python, str(bench / "train_throughput.py"), "--preset", "gpu-7b-layers",
                                       "--plot"], max_s=180, min_s=100, writes_results=True,
-              min_gpu_gib=60),  # two processes, each ~17 GiB of fp32 weights, grads and AdamW + activations
+              min_gpu_gib=64),  # three sides' processes, each ~17 GiB of fp32 weights, grads and AdamW + activations
     ]
 
 

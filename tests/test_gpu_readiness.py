@@ -194,6 +194,23 @@ def test_gpu_check_fails_when_fewer_gpu_tests_ran_than_were_collected(tmp_path):
     assert status == "failed" and note.startswith("collecting the GPU tests failed")
 
 
+def test_gpu_check_trains_the_bundled_and_the_long_query_data_at_gpu_size():
+    # The CPU targets are judged on the bundled records and on long-query realignment-like ones;
+    # the GPU run must measure both, with the same data settings, not only the bundled one.
+    from benchmarks.common import TRAIN_PRESETS
+    from benchmarks.gpu_check import stages
+
+    presets = [stage.argv[stage.argv.index("--preset") + 1] for stage in stages("python", REPO)
+               if stage.argv[1].endswith("train_throughput.py")]
+    gpu = [TRAIN_PRESETS[name] for name in presets]
+    assert gpu and all(p.device == "cuda" for p in gpu)
+    assert any(not p.realignment_queries and not p.min_response_chars for p in gpu)  # bundled records
+    realign = [p for p in gpu if p.realignment_queries]
+    cpu = TRAIN_PRESETS["cpu-tiny-realign"]
+    assert realign and all((p.num_comp, p.model_max_length) == (cpu.num_comp, cpu.model_max_length)
+                           for p in realign)
+
+
 def test_gpu_check_reason_is_one_line_not_a_traceback():
     from benchmarks.gpu_check import failure_reason
 
