@@ -62,6 +62,8 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 CHECKPOINT_ANY_RE = re.compile(r"^checkpoint-(\d+)(\.tmp|\.old)?$")
 ABANDONED_PREFIX = "abandoned-"
 EXPORT_TMP_GLOB = ".tmp-save-*"  # Llama.save_pretrained's staging directory inside output_dir
+# ... and beside a --save_only_model checkpoint-N.tmp that does not exist yet: .checkpoint-N.tmp.tmp-<pid>
+MODEL_ONLY_TMP_GLOB = ".checkpoint-*.tmp-*"
 STATE_FILE = "trainer_state.json"
 SCHEDULER_FILE = "scheduler.json"
 METADATA_FILE = safe_dcp.METADATA_FILE
@@ -126,8 +128,9 @@ def verify_checkpoint(path: Path) -> str | None:
 
 def resolve_resume(value: str | None, output_dir: str | os.PathLike) -> Path | None:
     """`--resume_from_checkpoint`: None, `auto` (the newest checkpoint that verifies; a fresh
-    start when there is none at all) or a path (which must verify). Collective: every rank gets
-    rank 0's choice, and the same ConfigError."""
+    start when there is no checkpoint at all; an error when there are only --save_only_model
+    ones) or a path (which must verify). Collective: every rank gets rank 0's choice, and the
+    same ConfigError."""
     if value is None:
         return None
     if value.lower() in ("auto", "true", "latest"):
@@ -143,6 +146,15 @@ def resolve_resume(value: str | None, output_dir: str | os.PathLike) -> Path | N
         if skipped:
             raise ConfigError(f"--resume_from_checkpoint auto: no checkpoint in {output_dir} verifies ("
                               + "; ".join(skipped) + "). Start over with --overwrite_output_dir True")
+        # Starting fresh over a --save_only_model run would replace its metrics and checkpoints.
+        model_only = broadcast_object([p.name for p in list_model_only_checkpoints(output_dir)]
+                                      if dist.get_rank() == 0 else None)
+        if model_only:
+            raise ConfigError(
+                f"--resume_from_checkpoint auto: {output_dir} holds only --save_only_model checkpoints "
+                f"({', '.join(model_only)}): they hold the model weights only, so training cannot resume "
+                f"from them. Start a new run from one with --model_name_or_path {Path(output_dir) / model_only[-1]} "
+                "and another --output_dir, or start over here with --overwrite_output_dir True (deletes them)")
         return None
     path = Path(value)
     problem = None
@@ -207,12 +219,14 @@ def prepare_output_dir(output_dir: str | os.PathLike, *, fresh_start: bool, over
 
 
 def remove_partial_saves(root: Path) -> None:
-    """Rank 0, at start: delete unfinished checkpoint-N.tmp and export .tmp-save-<pid> staging
-    directories (a killed save or export); put back a checkpoint-N.old whose replacement never
-    arrived (a kill between the two renames of a re-save), else delete it."""
+    """Rank 0, at start: delete unfinished checkpoint-N.tmp and the export's staging directories
+    (.tmp-save-<pid>, and .checkpoint-N.tmp.tmp-<pid> of a --save_only_model checkpoint) that a
+    killed save or export left; put back a checkpoint-N.old whose replacement never arrived (a
+    kill between the two renames of a re-save), else delete it."""
     for path in sorted(root.iterdir()):
         match = CHECKPOINT_ANY_RE.match(path.name)
-        if path.is_dir() and (path.match(EXPORT_TMP_GLOB) or (match and match.group(2) == TMP_SUFFIX)):
+        staging = path.match(EXPORT_TMP_GLOB) or path.match(MODEL_ONLY_TMP_GLOB)
+        if path.is_dir() and (staging or (match and match.group(2) == TMP_SUFFIX)):
             log.info("removing %s, left by an interrupted save", path)
             shutil.rmtree(path)
         elif path.is_dir() and match and match.group(2) == ".old":

@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     orig.add_argument("--lr_scheduler_type", choices=LR_SCHEDULERS, default="linear", help="Decay after warmup. Default linear.")
     orig.add_argument("--logging_steps", type=interval_steps, default=500, help="Optimizer steps between metrics.jsonl lines (< 1: fraction of total). Default 500.")
     orig.add_argument("--fsdp", default="", help="HF FSDP options, e.g. 'full_shard auto_wrap'. full_shard: FSDP2, params re-gathered in backward; shard_grad_op: kept gathered forward->backward; hybrid_shard[_zero2]: shard per node, replicate across nodes; no_shard or empty: replicate; offload: CPU offload; auto_wrap: always on (one FSDP unit per decoder layer). Default empty.")
-    orig.add_argument("--fsdp_transformer_layer_cls_to_wrap", default=None, help="Accepted for compatibility: fastalign always wraps each decoder layer (LlamaDecoderLayer) as one FSDP unit.")
+    orig.add_argument("--fsdp_transformer_layer_cls_to_wrap", default=None, help="Accepted for compatibility when it names the family's decoder layer (LlamaDecoderLayer, MistralDecoderLayer, Qwen2DecoderLayer, Qwen3DecoderLayer): fastalign always wraps each decoder layer as one FSDP unit.")
     orig.add_argument("--tf32", default=False, help="Allow TF32 matmuls on CUDA (fp32 parts of the computation). Default False (as HF; the published command passes True).", **BOOLEAN_FLAG)
     orig.add_argument("--model_max_length", type=positive_int, default=512, help="Longest query+response in tokens; responses are cut from the end. Default 512.")
     orig.add_argument("--rating_scale", type=positive_float, default=7.0, help="Highest rating; also validates scores (1..rating_scale). Default 7.")
@@ -654,14 +654,8 @@ class Trainer:
                                                                last_epoch=state["step"] - 1)
             log.info("resumed from %s at step %d (epoch %d, step %d of the epoch)", resume, *self.position)
         elif args.resume_from_checkpoint is not None:
-            model_only = ckpt.list_model_only_checkpoints(self.output_dir)
-            if model_only:
-                log.warning("--resume_from_checkpoint %s: %s holds only --save_only_model checkpoints "
-                            "(%s), which cannot be resumed; starting fresh", args.resume_from_checkpoint,
-                            self.output_dir, ", ".join(p.name for p in model_only))
-            else:
-                log.info("--resume_from_checkpoint %s: no complete checkpoint in %s, starting fresh",
-                         args.resume_from_checkpoint, self.output_dir)
+            log.info("--resume_from_checkpoint %s: no checkpoint in %s, starting fresh",
+                     args.resume_from_checkpoint, self.output_dir)
         self.metrics = MetricsLog(self.output_dir, env.is_main, args,
                                   self.position[0] if resume is not None else None)
 
@@ -923,10 +917,17 @@ class Trainer:
         """After the step a signal arrived in: checkpoint it (unless --save_strategy no) and stop."""
         if self.args.save_strategy != "no" and not saved:
             self._save(step, next_position, nonfinite)
+        model_only = ckpt.list_model_only_checkpoints(self.output_dir) if self.args.save_only_model else []
         last = ckpt.latest_checkpoint(self.output_dir)
-        where = (f"the last checkpoint is {last}; continue with --resume_from_checkpoint auto "
-                 f"(same --output_dir) or --resume_from_checkpoint {last}" if last
-                 else "no checkpoint was written (--save_strategy no): a new run starts from step 0")
+        if model_only:
+            where = (f"the last checkpoint is {model_only[-1]}, model only (--save_only_model): it cannot be "
+                     f"resumed; load it with from_pretrained, or start a new run from it with "
+                     f"--model_name_or_path {model_only[-1]}")
+        elif last:
+            where = (f"the last checkpoint is {last}; continue with --resume_from_checkpoint auto "
+                     f"(same --output_dir) or --resume_from_checkpoint {last}")
+        else:
+            where = "no checkpoint was written (--save_strategy no): a new run starts from step 0"
         raise Stopped(f"{signal.Signals(signum).name} received: stopped after step {step} of "
                       f"{self.total_steps}; {where}", signum)
 

@@ -269,6 +269,8 @@ def _fp32_out_gemm_runs(a: torch.Tensor) -> bool:
         try:
             torch.mm(probe, probe, out_dtype=torch.float32)
             _FP32_OUT_GEMM[device] = True
+        except torch.OutOfMemoryError:  # a RuntimeError too: never taken for a missing op
+            raise
         except (TypeError, NotImplementedError, RuntimeError) as err:  # this torch lacks the op
             _FP32_OUT_GEMM[device] = False  # CPU (interpreter tests): the op is CUDA-only
             log.warning("grad_hidden: torch %s cannot run a %s GEMM with an fp32 output on %s "

@@ -4,11 +4,12 @@ Without CUDA, Triton kernels run under Triton's interpreter: TRITON_INTERPRET mu
 `triton` (and so `kernels`) is imported, which is why it is set here, at collection start.
 Tests marked `gpu` are skipped without CUDA; `make gpu-check` runs them on a GPU machine.
 
-On a CUDA machine the whole suite runs too (`make test` there): the `gpu` tests use the GPUs,
-and every other test keeps to the CPU it was written for. Processes those tests start (training
-under torchrun with 4 ranks, evaluation, benchmarks) see no GPU (CUDA_VISIBLE_DEVICES=""), so
-they run on gloo whatever the number of GPUs; this process has already counted its devices at
-import (below), so its own `gpu` tests are unaffected.
+On a CUDA machine the whole suite runs too (`make test` there): the `gpu` tests use the GPUs.
+Processes the other tests start (training under torchrun with 4 ranks, evaluation, benchmarks),
+also from a module's shared fixtures, see no GPU (CUDA_VISIBLE_DEVICES="" for each module, set
+before the module's own fixtures run), so they run on gloo whatever the number of GPUs. A `gpu`
+test gets the machine's setting back, for itself and the processes it starts; collection (where
+skip conditions count devices) sees it unchanged.
 """
 
 import os
@@ -19,6 +20,7 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+_VISIBLE_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -37,7 +39,18 @@ def _private_token_cache(tmp_path_factory):
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _cpu_only_subprocesses():
+    # Module scope and autouse: set up before any fixture of the module (a run its tests share).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CUDA_VISIBLE_DEVICES", "")
+        yield
+
+
 @pytest.fixture(autouse=True)
-def _cpu_only_subprocesses(request, monkeypatch):
-    if "gpu" not in request.keywords:
-        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+def _gpus_for_gpu_tests(request, monkeypatch):
+    if "gpu" in request.keywords:
+        if _VISIBLE_DEVICES is None:
+            monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+        else:
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", _VISIBLE_DEVICES)

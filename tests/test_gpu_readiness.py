@@ -92,7 +92,8 @@ def test_accumulation_all_reduces_replicated_gradients_once_per_step(tmp_path):
     counts = {}
     for name, fsdp in (("replicated", "no_shard"), ("sharded", "full_shard auto_wrap")):
         args = common(model, data, tmp_path / name, max_steps=2, per_device_train_batch_size=1,
-                      gradient_accumulation_steps=4, logging_steps=2, fsdp=fsdp)
+                      gradient_accumulation_steps=4, logging_steps=2, fsdp=fsdp,
+                      max_tokens_per_batch=0)  # 4 micro-batches a step, not one packed by the budget
         result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                  "--nproc_per_node=2", str(script), str(tmp_path / name), *args],
                                 capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
@@ -151,10 +152,16 @@ def test_triton_cases_never_use_cpu_tensors_without_the_interpreter(tmp_path):
     assert "Triton needs CUDA, or TRITON_INTERPRET=1" in result.stdout
 
 
-def test_cpu_tests_start_their_processes_without_gpus():
+@pytest.fixture(scope="module")
+def visible_devices_in_a_module_fixture():
+    # Module fixtures (a trained run shared by a module's tests) start before per-test fixtures.
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_cpu_tests_start_their_processes_without_gpus(visible_devices_in_a_module_fixture):
     # Training under torchrun with 4 ranks, `mfu is None`, gloo: the CPU tests' assumptions hold
     # on a machine with 0, 1 or 8 GPUs because their processes see none (conftest.py).
-    assert os.environ.get("CUDA_VISIBLE_DEVICES") == ""
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == "" == visible_devices_in_a_module_fixture
     probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
                            capture_output=True, text=True, timeout=120)
     assert probe.stdout.strip() == "0", probe.stderr[-2000:]

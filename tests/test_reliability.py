@@ -271,6 +271,7 @@ def test_next_start_removes_what_killed_saves_and_exports_left(tmp_path, process
     make_checkpoint(tmp_path, 6, suffix=".tmp")
     (tmp_path / ".tmp-save-4242").mkdir()  # export killed while writing
     (tmp_path / ".tmp-save-4242" / "model.safetensors").write_bytes(b"\0" * 10)
+    (tmp_path / ".checkpoint-8.tmp.tmp-4243").mkdir()  # --save_only_model checkpoint killed while written
     make_checkpoint(tmp_path, 3, suffix=".old")  # killed between the two renames of a re-save
     ckpt.prepare_output_dir(tmp_path, fresh_start=False, overwrite=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3", "checkpoint-4"]

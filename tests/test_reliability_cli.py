@@ -140,12 +140,13 @@ def start_train(args: list[str], nproc: int = 1, extra_env: dict | None = None) 
                             cwd=REPO, env=env)
 
 
-@pytest.mark.parametrize("sig, save", [(signal.SIGTERM, "steps"), (signal.SIGINT, "no")],
-                         ids=["SIGTERM-saves", "SIGINT-save_strategy-no"])
+@pytest.mark.parametrize("sig, save", [(signal.SIGINT, "steps"), (signal.SIGTERM, "no"), (signal.SIGTERM, "model")],
+                         ids=["SIGINT-saves", "SIGTERM-save_strategy-no", "SIGTERM-save_only_model"])
 def test_signal_finishes_the_step_saves_and_names_the_resume_point(tiny, tmp_path, sig, save):
     model, data = tiny
     out = tmp_path / "out"
-    flags = dict(max_steps=400, per_device_train_batch_size=2, save_strategy=save, save_steps=1000)
+    flags = dict(max_steps=400, per_device_train_batch_size=2, save_strategy="no" if save == "no" else "steps",
+                 save_steps=1000, **(dict(save_only_model=True) if save == "model" else {}))
     report = installed("wandb")
     proc = start_train(common(model, data, out, **flags, **(dict(report_to="wandb") if report else {})),
                        extra_env={"WANDB_MODE": "offline"})
@@ -168,6 +169,11 @@ def test_signal_finishes_the_step_saves_and_names_the_resume_point(tiny, tmp_pat
         assert "no checkpoint was written" in stderr and not list(out.glob("checkpoint-*"))
         return
     assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{step}"]
+    if save == "model":  # written, and said to be model only: no resume hint that would fail
+        stopped = next(line for line in stderr.splitlines() if "stopped: " in line)
+        assert f"the last checkpoint is {out / f'checkpoint-{step}'}, model only" in stopped
+        assert "cannot be resumed" in stopped and "--resume_from_checkpoint" not in stopped
+        return
     assert f"--resume_from_checkpoint {out / f'checkpoint-{step}'}" in stderr
     result = ok(run_train(common(model, data, out, **dict(flags, max_steps=step + 1),
                                  resume_from_checkpoint="auto")))
