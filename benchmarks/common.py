@@ -526,16 +526,18 @@ TRAIN_PRESETS: dict[str, TrainPreset] = {p.name: p for p in (
                 realignment_queries=True,
                 note="cpu-tiny on realignment-like records (realignment_records: each query quotes an earlier "
                      "answer and a reviewer's feedback, so it is most of each sequence), k <= 5"),
+    # GPU presets: the trainer's CUDA default budget (train.step_token_budget: the original's
+    # padded micro-batch, per_device_train_batch_size 1 x num_comp x model_max_length).
     TrainPreset("gpu-1b", "cuda", _llama(2048, 5632, 22, 32, 4, 32000), tokenizer_vocab=8000, model_max_length=480,
-                max_tokens_per_batch=16384, precision="bf16", warmup_steps=2, measure_steps=8,
+                max_tokens_per_batch=1 * 3 * 480, precision="bf16", warmup_steps=2, measure_steps=8,
                 note="TinyLlama-1.1B shape (22 layers, hidden 2048, GQA 32/4), seq 480, bf16"),
     TrainPreset("gpu-1b-realign", "cuda", _llama(2048, 5632, 22, 32, 4, 32000), tokenizer_vocab=8000,
-                model_max_length=480, num_comp=5, max_tokens_per_batch=16384, precision="bf16", warmup_steps=2,
+                model_max_length=480, num_comp=5, max_tokens_per_batch=1 * 5 * 480, precision="bf16", warmup_steps=2,
                 measure_steps=4, realignment_queries=True,
                 note="gpu-1b on cpu-tiny-realign's records (long queries quoting an earlier answer and feedback), "
                      "k <= 5, seq 480, bf16"),
     TrainPreset("gpu-7b-layers", "cuda", _llama(4096, 11008, 4, 32, 32, 32000), tokenizer_vocab=8000,
-                model_max_length=480, max_tokens_per_batch=16384, precision="bf16", warmup_steps=2,
+                model_max_length=480, max_tokens_per_batch=1 * 3 * 480, precision="bf16", warmup_steps=2,
                 measure_steps=8, note="Llama-7B layer and head shapes, 4 of its 32 layers (fits one GPU per side)"),
 )}
 

@@ -62,7 +62,7 @@ GPUS = {
     "H200": Gpu(141, 989.0, 350.0), "L40S": Gpu(48, 362.0, 20.0), "L4": Gpu(24, 121.0, 20.0),
     "A10G": Gpu(24, 70.0, 20.0), "RTX4090": Gpu(24, 165.2, 20.0),
 }
-DEFAULT_MFU = 0.35  # assumed model-FLOPs utilisation while RESULTS.md has no GPU training rows
+DEFAULT_MFU = 0.35  # assumed model-FLOPs utilisation while benchmarks/results/ has no GPU training benchmark
 INTER_NODE_GB_S = 25.0  # assumed: one 200 Gb/s NIC per GPU
 USABLE_FRACTION, RESERVED_GIB = 0.9, 1.0  # of the card: allocator slack; CUDA context, NCCL, cuBLAS
 EXIT_DOES_NOT_FIT = 3  # exit status of a plan that does not fit (2 is a usage error, as everywhere)
@@ -279,15 +279,17 @@ RESULTS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "results"  # 
 
 def default_mfu(results: Path = RESULTS_DIR) -> tuple[float, str]:
     """Utilisation to assume: fastalign's measured MFU from a GPU training benchmark on file
-    (benchmarks/train_throughput.py's JSON, gpu-7b-layers before gpu-1b, newest name first), else
+    (benchmarks/train_throughput.py's JSON, gpu-7b-layers before gpu-1b, newest name first; not
+    the git-ignored staging folder results/tmp/, which holds runs nobody has kept yet), else
     DEFAULT_MFU as a stated assumption."""
     for preset in ("gpu-7b-layers", "gpu-1b"):
-        files = sorted(results.rglob(f"train_throughput-*-{preset}.json")) if results.is_dir() else []
+        files = sorted(file for file in results.rglob(f"train_throughput-*-{preset}.json")
+                       if "tmp" not in file.relative_to(results).parts[:-1]) if results.is_dir() else []
         for file in reversed(files):
             mfu = json.loads(file.read_text()).get("sides", {}).get("fastalign", {}).get("mfu")
             if mfu:
                 return float(mfu), f"measured: {file.name}"
-    return DEFAULT_MFU, "assumed: no GPU training rows in benchmarks/RESULTS.md yet"
+    return DEFAULT_MFU, "assumed: no GPU training benchmark in benchmarks/results/ yet"
 
 
 def communication_bytes(state_numel: int, args, plan: fdist.FsdpPlan, micro_batches: float) -> tuple[float, float]:

@@ -95,7 +95,7 @@ def test_save_pretrained_loads_as_the_family_class_with_identical_logits(variant
     for key in ("model_type", "architectures", "tie_word_embeddings", "num_key_value_heads",
                 "attention_bias", "sliding_window", "use_sliding_window", "max_window_layers", "layer_types"):
         assert written.get(key) == original.get(key), key
-    assert written["head_dim"] == original.get("head_dim") or hf.config.hidden_size // hf.config.num_attention_heads
+    assert written["head_dim"] == (original.get("head_dim") or hf.config.hidden_size // hf.config.num_attention_heads)
     ids = torch.randint(0, hf.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(again(ids).logits, hf(ids).logits)

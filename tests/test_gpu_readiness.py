@@ -211,6 +211,13 @@ def test_gpu_check_trains_the_bundled_and_the_long_query_data_at_gpu_size():
                if stage.argv[1].endswith("train_throughput.py")]
     gpu = [TRAIN_PRESETS[name] for name in presets]
     assert gpu and all(p.device == "cuda" for p in gpu)
+    import torch
+
+    from fastalign.train import step_token_budget
+
+    for p in gpu:  # what a user gets: the trainer's CUDA default budget for the published bs 1
+        assert p.max_tokens_per_batch == step_token_budget(None, torch.device("cuda"), batch_size=1,
+                                                           num_comp=p.num_comp, model_max_length=p.model_max_length)
     assert any(not p.realignment_queries and not p.min_response_chars for p in gpu)  # bundled records
     realign = [p for p in gpu if p.realignment_queries]
     cpu = TRAIN_PRESETS["cpu-tiny-realign"]

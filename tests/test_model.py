@@ -290,6 +290,30 @@ def test_missing_unknown_and_misshaped_weights_are_named(tmp_path):
     assert "wrong shapes: model.norm.weight [31] (config needs [32])" in str(err.value)
 
 
+class _Payload:
+    """Unpickling this creates a directory: what a malicious pytorch_model.bin would do with os.system."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_a_weight_file_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
+    hf = hf_model("mha")
+    state = dict(hf.state_dict())
+    marker = tmp_path / "pwned"
+    state["model.norm.weight"] = _Payload(marker)  # a model dir downloaded from anywhere
+    (tmp_path / "m").mkdir()
+    torch.save(state, tmp_path / "m" / "pytorch_model.bin")
+    hf.config.save_pretrained(tmp_path / "m")
+    with pytest.raises(ModelError) as err:
+        Llama.from_pretrained(tmp_path / "m")
+    assert not marker.exists(), "a weight file ran code"
+    assert "pytorch_model.bin" in str(err.value) and "weights_only=True" in str(err.value)
+
+
 def test_no_weights_is_a_clear_error(tmp_path):
     hf_model("mha").config.save_pretrained(tmp_path)
     with pytest.raises(ModelError, match="no weights found"):

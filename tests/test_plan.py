@@ -83,11 +83,15 @@ def test_gpu_peaks_agree_with_the_trainers_mfu_table():
 
 
 def test_utilisation_comes_from_a_gpu_benchmark_once_one_is_on_file(tmp_path):
-    assert fplan.default_mfu(tmp_path) == (fplan.DEFAULT_MFU, "assumed: no GPU training rows in "
-                                                              "benchmarks/RESULTS.md yet")
+    assumed = (fplan.DEFAULT_MFU, "assumed: no GPU training benchmark in benchmarks/results/ yet")
+    assert fplan.default_mfu(tmp_path) == assumed
     cpu_row = {"sides": {"fastalign": {"mfu": None}}}  # CPU runs have no MFU: not a source
     (tmp_path / "train_throughput-2026-11-25-cpu-2c-cpu-tiny.json").write_text(json.dumps(cpu_row))
     assert fplan.default_mfu(tmp_path)[0] == fplan.DEFAULT_MFU
+    (tmp_path / "tmp" / "gpu-check-y").mkdir(parents=True)  # gpu-check's staging folder: not kept yet
+    staged = {"sides": {"fastalign": {"mfu": 0.05}}}
+    (tmp_path / "tmp" / "gpu-check-y" / "train_throughput-2026-12-05-h100-gpu-1b.json").write_text(json.dumps(staged))
+    assert fplan.default_mfu(tmp_path) == assumed
     (tmp_path / "gpu-check-x").mkdir()
     row = {"sides": {"fastalign": {"mfu": 0.41}}}
     (tmp_path / "gpu-check-x" / "train_throughput-2026-12-04-h100-gpu-1b.json").write_text(json.dumps(row))
@@ -347,6 +351,13 @@ def test_published_7b_run_agrees_with_hand_arithmetic(llama7b, tmp_path, capsys)
     assert any(h.startswith("fits with a smaller batch: --max_tokens_per_batch 3519 ") for h in hints), hints
     assert plan["time"]["flops_per_step"] == pytest.approx(flops, rel=1e-12)  # the same groups
     assert plan["time"]["communication_bytes_per_step_per_rank"] == pytest.approx((2 * 2 + 4) * PARAMS * 7 / 8)
+
+    # activation checkpointing: the time counts the layers' recomputed forward, 2 x (layer
+    # parameters + final norm) per token (MFU, model FLOPs, does not)
+    status, plan, _ = run_plan(["--config", str(llama7b), *PUBLISHED, "--gradient_checkpointing", "True"],
+                               tmp_path, capsys)
+    recompute = 2 * (LAYERS * LAYER + H) * 64 * 1440
+    assert status == 0 and plan["time"]["flops_per_step"] == pytest.approx(flops + recompute, rel=1e-12)
 
     status, plan, text = run_plan(["--config", str(llama7b), *PUBLISHED, "--max_tokens_per_batch", "0"],
                                   tmp_path, capsys)

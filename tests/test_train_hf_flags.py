@@ -160,10 +160,49 @@ def test_report_to_names_integrations_as_hf(tmp_path):
             parse_report_to(bad)
 
 
+@pytest.mark.skipif(not installed("wandb"), reason="wandb not installed")
+def test_wandb_goes_offline_without_a_login_or_a_network(tmp_path, monkeypatch):
+    # The choice made when WANDB_MODE is not set: online only with a login and a reachable server.
+    import socket
+
+    import wandb
+
+    from fastalign import reporting
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no login
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("no login: no network try"))
+    assert reporting.wandb_can_go_online() is False
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+
+    def unreachable(*args, **kwargs):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    assert reporting.wandb_can_go_online() is False
+    modes = []
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: modes.append(kwargs["mode"]))
+    reporting.WandbReporter(tmp_path, "r", {})
+    assert modes == ["offline"]
+
+    class Answered:
+        def close(self):
+            pass
+
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: Answered())
+    assert reporting.wandb_can_go_online() is True
+    reporting.WandbReporter(tmp_path, "r", {})
+    assert modes == ["offline", "online"]
+
+
 # ------------------------------------------------------------------------------ optimizer, process group, window
 
-# Runs the trainer's own main() with two probes: the process group's timeout as torch receives it,
-# and a save / evaluation that each take SLOW seconds (as a large checkpoint would).
+# Runs the trainer's own main() with probes: the process group's timeout as torch receives it, a
+# save / evaluation that each take SLOW seconds (as a large checkpoint would), and a device peak
+# of FAKE_PEAK_FLOPS (so that a CPU run logs an MFU).
+FAKE_PEAK_FLOPS = 1e9
+
 PROBED_MAIN = """
 import json, os, sys, time
 import torch.distributed as dist
@@ -171,6 +210,7 @@ from fastalign import train
 from fastalign.cli import exit_process, run_main
 
 SLOW = 1.5
+train.peak_flops = lambda device: FAKE_PEAK_FLOPS  # an MFU on CPU, to check what it counts
 seen = {}
 init = dist.init_process_group
 def recording_init(*args, **kwargs):
@@ -187,7 +227,7 @@ status = run_main(train.main, sys.argv[1:])
 seen["LOCAL_RANK"] = os.environ.get("LOCAL_RANK")
 print("PROBES " + json.dumps(seen))
 exit_process(status)
-"""
+""".replace("FAKE_PEAK_FLOPS", repr(FAKE_PEAK_FLOPS))
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +275,24 @@ def test_tokens_per_s_leaves_out_evaluation_and_checkpoint_time(probed_run):
     clean = min(rates[1], rates[2])
     for step in (3, 4, 5):
         assert rates[step] > clean / 8, rates
+
+
+def test_mfu_counts_the_flops_of_computed_tokens_only(probed_run, tiny):
+    # With the shared prefix the layers run fewer positions (computed_tokens) than the unshared
+    # layout counts (sequence_tokens, what tokens_per_s reports); MFU must count the former.
+    from fastalign.model import LlamaConfig
+
+    out, _, _ = probed_run
+    config = LlamaConfig.from_pretrained(tiny[0])
+    per_token, longest = config.flops_per_token(0), config.flops_per_token(128)  # model_max_length 128
+    lines = [m for m in metrics(out) if "tokens_per_s" in m]
+    assert lines
+    for m in lines:
+        elapsed = m["sequence_tokens"] / m["tokens_per_s"]
+        flops = m["mfu"] * FAKE_PEAK_FLOPS * elapsed  # what the trainer counted for the window
+        assert per_token * m["computed_tokens"] <= flops * 1.01, m
+        assert flops <= longest * m["computed_tokens"] * 1.01, m
+        assert flops < per_token * m["sequence_tokens"], m  # sequence tokens would count more
 
 
 def test_log_lines_start_their_own_line_beside_the_bar(probed_run):
