@@ -163,14 +163,21 @@ def compiled_cases(tmp_path_factory) -> dict[str, dict]:
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))  # compile, not a hit
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join([repo, env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=repo,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"compile subprocess failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
+    # One compiling process per core (each case is compiled alone, so splitting changes nothing
+    # but the wall time).
+    cases = case_names()
+    workers = max(1, min(len(os.sched_getaffinity(0)), 4))
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *cases[i::workers]], env=env, cwd=repo,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(workers)]
     results = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("{"):
-            row = json.loads(line)
-            results[row["case"]] = row
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"compile subprocess failed:\n{stdout}\n{stderr[-6000:]}"
+        for line in stdout.splitlines():
+            if line.startswith("{"):
+                row = json.loads(line)
+                results[row["case"]] = row
     print("\nkernel compile results (regs / stack bytes / shared bytes / seconds):")
     for row in results.values():
         if row["ok"]:

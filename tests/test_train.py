@@ -259,7 +259,7 @@ def assert_finite_checkpoint(path: Path, scratch: Path) -> None:
 
     flat = scratch / f"{path.name}.pt"
     dcp_to_torch_save(path, flat)
-    weights = torch.load(flat, weights_only=False)["model"]
+    weights = torch.load(flat, weights_only=True)["model"]
     assert weights
     for name, tensor in weights.items():
         assert torch.isfinite(tensor).all(), (path.name, name)

@@ -254,7 +254,7 @@ def test_adam_flags_reach_the_optimizer(probed_run, tmp_path):
     out, _, _ = probed_run
     flat = tmp_path / "ckpt.pt"
     dcp_to_torch_save(out / "checkpoint-4", flat)
-    groups = torch.load(flat, weights_only=False)["optimizer"]["param_groups"]
+    groups = torch.load(flat, weights_only=True)["optimizer"]["param_groups"]
     for group in groups.values() if isinstance(groups, dict) else groups:
         assert tuple(group["betas"]) == (0.8, 0.95) and group["eps"] == 1e-6
 
