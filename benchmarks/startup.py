@@ -57,7 +57,11 @@ launched = float(sys.argv[1])
 import fastalign.train as train
 imported = time.time()
 from fastalign import distributed as fdist, model as fmodel
-from fastalign.cli import exit_process, run_main
+from fastalign.cli import run_main
+try:
+    from fastalign.cli import exit_process
+except ImportError:  # a tree from before it existed
+    exit_process = sys.exit
 spent = {}
 def timed(owner, name, label):
     original = getattr(owner, name)
@@ -87,7 +91,8 @@ phases = {"imports": imported - launched, "process group": spent["process group"
           "data": spent["data+tokenizer"] - tokenizer, "model build": spent["model build"],
           "first step": first["end"] - first["start"]}
 phases["other setup"] = first["start"] - imported - sum(v for k, v in phases.items() if k not in ("imports", "first step"))
-print("STARTUP " + json.dumps({"phases": phases, "to_first_step": first["end"] - launched, "status": status}))
+print("STARTUP " + json.dumps({"phases": phases, "to_first_step": first["end"] - launched, "status": status,
+                               "source": train.__file__}))
 exit_process(0)
 """
 
@@ -151,14 +156,19 @@ print("STARTUP " + json.dumps({"phases": phases, "to_first_step": time.time() - 
 
 
 def run_probe(code: str, args: list[str], tree: Path = REPO) -> dict:
-    """One fresh process running `code` with fastalign imported from `tree`."""
+    """One fresh process running `code` with fastalign imported from `tree`. It runs in `tree`:
+    `python -c` puts the working directory first on sys.path, ahead of PYTHONPATH, so from any
+    other directory holding a fastalign/ that one would be measured instead."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(dict.fromkeys([str(tree), str(REPO)])), OMP_NUM_THREADS="1")
     launched = time.time()
     proc = subprocess.run([sys.executable, "-c", code, repr(launched), *args], capture_output=True, text=True,
-                          cwd=REPO, env=env, timeout=900)
+                          cwd=tree, env=env, timeout=900)
     if proc.returncode != 0 or "STARTUP " not in proc.stdout:
         raise RuntimeError(f"probe failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.split("STARTUP ", 1)[1].splitlines()[0])
+    result = json.loads(proc.stdout.split("STARTUP ", 1)[1].splitlines()[0])
+    if "source" in result and not Path(result["source"]).resolve().is_relative_to(tree.resolve()):
+        raise RuntimeError(f"probe measured {result['source']}, not the tree {tree}")
+    return result
 
 
 def demo_inputs(work: Path, records: int | None) -> tuple[Path, Path, list[str]]:

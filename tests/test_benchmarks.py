@@ -267,5 +267,7 @@ def test_startup_times_every_phase_and_the_warm_cache_skips_the_tokenizer(tmp_pa
         assert all(finite(p["median_s"]) for p in phases.values()), side
         run = result["runs"][side][0]
         assert sum(run["phases"].values()) <= run["to_first_step"] + 1e-6, side  # phases do not overlap
+        if side.startswith("fastalign"):  # the tree asked for was measured (this one)
+            assert Path(run["source"]).resolve().is_relative_to(ROOT), run["source"]
     assert result["summary"]["fastalign, cold cache"]["tokenizer"]["median_s"] > 0
     assert result["summary"]["fastalign, warm cache"]["tokenizer"]["median_s"] == 0  # never loaded on a hit
