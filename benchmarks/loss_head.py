@@ -22,7 +22,7 @@ Methods (each where available):
 - torch_linear_ce: torch.nn.functional.linear_cross_entropy(reduction='none') with
                LinearCrossEntropyOptions() (torch's chunked fused path), + per-response means.
 - liger:       Liger-Kernel's fused linear cross entropy (reduction='none'), + per-response means.
-The group part (best, margins, penalty) of the baselines is kernels.group_math under autograd.
+The group part (best, margins, penalty) of the baselines is fastalign.kernels.group_math under autograd.
 
 Method. Each method runs in its own child process (benchmarks.common.Worker): inputs are built
 there, then one untimed warm-up step, then the peak-memory step, then timed steps interleaved
@@ -124,7 +124,7 @@ def _group_loss(token_nll, batch):
     """Baselines: per-response means of per-token NLL (0 at -100), then the group loss."""
     import torch
 
-    from kernels.group_math import GroupOptions, build_group_layout, group_math
+    from fastalign.kernels.group_math import GroupOptions, build_group_layout, group_math
 
     num_responses = batch["scores"].numel()
     has_target = (batch["targets"] != -100).float()

@@ -12,7 +12,7 @@ response, 0..G-1). Returns `AlignmentLossOutput`: loss (fp32 scalar, mean of los
 groups), nll (fp32 [S]), penalty (fp32 [G]), best (int64 [G], the best response of each group).
 loss, nll and penalty are differentiable w.r.t. hidden and weight.
 
-The math (docs/design.md section 1) is in kernels/group_math.py, including `margin_mode="seed"`: a
+The math (docs/design.md section 1) is in fastalign/kernels/group_math.py, including `margin_mode="seed"`: a
 compatibility mode that reproduces the original code, which paired the response at position j of
 its group with the j-th largest rating of the group (ratings [3, 7, 5] give the 3-rated response
 margin 0 instead of (7 - 3) / rating_scale * margin).
@@ -41,11 +41,11 @@ when num_groups is not given); only when a flag is set are the detailed messages
   - backward: `nonzero(token_weight != 0)`, the tokens of responses with a non-zero gradient
     weight (with an inactive penalty only the best response of a group gets a gradient, so this
     skips up to (k-1)/k of the backward GEMM work): one read per call.
-The heads and the group step (Triton kernel or kernels/group_math.py) read nothing: the twin marks
+The heads and the group step (Triton kernel or fastalign/kernels/group_math.py) read nothing: the twin marks
 each slice's target with a scatter and scatters d loss / d nll back without boolean masks.
 
-backend: "triton" (kernels/alignment_head.py; on CPU only under TRITON_INTERPRET=1),
-"torch" (kernels/alignment_head_torch.py, torch ops only) or "auto" (Triton on CUDA, else torch;
+backend: "triton" (fastalign/kernels/alignment_head.py; on CPU only under TRITON_INTERPRET=1),
+"torch" (fastalign/kernels/alignment_head_torch.py, torch ops only) or "auto" (Triton on CUDA, else torch;
 also torch on CUDA when triton cannot be imported).
 """
 
@@ -59,8 +59,8 @@ from types import ModuleType
 import torch
 
 from fastalign.errors import FastalignError
-from kernels import alignment_head_torch
-from kernels.group_math import MARGIN_MODES, GroupLayout, GroupOptions, build_group_layout
+from fastalign.kernels import alignment_head_torch
+from fastalign.kernels.group_math import MARGIN_MODES, GroupLayout, GroupOptions, build_group_layout
 
 IGNORE_INDEX = -100
 BACKENDS = ("auto", "triton", "torch")
@@ -203,7 +203,7 @@ def _resolve_backend(backend: str, device: torch.device) -> ModuleType:
             "Triton's interpreter (set TRITON_INTERPRET=1 before importing triton), otherwise "
             "use backend='torch' or 'auto'")
     try:
-        from kernels import alignment_head
+        from fastalign.kernels import alignment_head
     except ImportError as err:
         if backend == "auto":  # CUDA without triton: the twin still works
             return alignment_head_torch

@@ -10,7 +10,7 @@ Two halves:
   shards are padded to equal size, so every rank allocates the same).
 - Activations and transients, arithmetic: `step_phases` counts, tensor by tensor, what autograd
   saves in the forward of `DecoderLayer`, the final norm and the loss head (fastalign/loss.py,
-  kernels/), and the buffers FSDP2 and the head hold during backward. Running the step itself
+  fastalign/kernels/), and the buffers FSDP2 and the head hold during backward. Running the step itself
   under FakeTensorMode is not possible here: the loss head's backward (`nonzero` of the tokens with
   a gradient) and the sdpa fallback (`cu_seqlens.tolist()`) read sizes from the data, which fake
   tensors cannot answer. The count is checked against autograd's saved tensors and the real
@@ -199,9 +199,9 @@ def layer_backward_bytes(c: LlamaConfig, mb: MicroBatch, b: int) -> int:
 
 def head_slice_columns(c: LlamaConfig, target_tokens: int, opts: Options) -> tuple[int, int]:
     """(C, bytes per logit) of the loss head's vocabulary slice: the head's own chunk rule
-    (kernels.alignment_head_torch.vocab_chunk_size; Triton keeps logits in the compute dtype, the
+    (fastalign.kernels.alignment_head_torch.vocab_chunk_size; Triton keeps logits in the compute dtype, the
     twin in fp32)."""
-    from kernels.alignment_head_torch import vocab_chunk_size
+    from fastalign.kernels.alignment_head_torch import vocab_chunk_size
 
     logit_bytes = opts.compute_bytes if opts.head_backend == "triton" else 4
     columns = vocab_chunk_size(target_tokens, c.vocab_size, c.hidden_size, logit_bytes,
@@ -210,11 +210,11 @@ def head_slice_columns(c: LlamaConfig, target_tokens: int, opts: Options) -> tup
 
 
 def head_backward_bytes(c: LlamaConfig, mb: MicroBatch, opts: Options) -> tuple[int, int]:
-    """(slice bytes, other head buffers) alive in the loss head's backward (loss.py, kernels/).
+    """(slice bytes, other head buffers) alive in the loss head's backward (loss.py, fastalign/kernels/).
 
     Both heads: grad_hidden zeros [T, H] (b), the gathered token rows [N, H] (b), the fp32
     token gradient [N, H], grad_weight [V, H] (b) and one logits slice [N, C]. Triton with bf16
-    adds each slice's fp32 product [N, H] before it is summed in (kernels/alignment_head.py,
+    adds each slice's fp32 product [N, H] before it is summed in (fastalign/kernels/alignment_head.py,
     `_add_product_fp32`). The twin adds its fp32 weighted token rows [N, H] (and an fp32 copy of
     them for bf16 inputs) and the fp32 copy of the weight slice [C, H] with the product it assigns
     from (bf16 weights)."""

@@ -1,7 +1,7 @@
 """Test-wide setup.
 
 Without CUDA, Triton kernels run under Triton's interpreter: TRITON_INTERPRET must be set before
-`triton` (and so `kernels`) is imported, which is why it is set here, at collection start.
+`triton` (and so `fastalign.kernels`) is imported, which is why it is set here, at collection start.
 Tests marked `gpu` are skipped without CUDA; `make gpu-check` runs them on a GPU machine.
 
 On a CUDA machine the whole suite runs too (`make test` there): the `gpu` tests use the GPUs.

@@ -1,10 +1,10 @@
-"""Compile every Triton kernel of kernels/ for real GPUs, on this CPU-only machine.
+"""Compile every Triton kernel of fastalign/kernels/ for real GPUs, on this CPU-only machine.
 
 The loss tests run the kernels under TRITON_INTERPRET=1, which never compiles them: type
 promotion, layout / broadcasting, constexpr and block-size errors only show in the compiler. Here
 Triton's full pipeline (ttir -> ttgir -> llir -> ptx -> cubin, with the ptxas its wheel ships) runs
 for sm_90 (H100) and sm_80 (A100), with the constexprs and num_warps the launchers pass
-(kernels.alignment_head.*_config) and each logits dtype. No CUDA driver is needed.
+(fastalign.kernels.alignment_head.*_config) and each logits dtype. No CUDA driver is needed.
 
 conftest.py sets TRITON_INTERPRET for the whole pytest process, so the compiling happens in a
 subprocess without it: this file run as a script (`python tests/test_kernels_compile.py`) compiles
@@ -50,8 +50,8 @@ def case_names() -> list[str]:
 
 def _build_case(name: str):
     """-> (kernel, runtime argument types, launch config, ints divisible by 16, arch)."""
-    from kernels import alignment_head as ah
-    from kernels.group_math import GroupOptions
+    from fastalign.kernels import alignment_head as ah
+    from fastalign.kernels.group_math import GroupOptions
 
     parts = name.split("-")
     kernel, arch = parts[0], ARCHS[parts[-1]]

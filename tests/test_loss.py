@@ -19,14 +19,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fastalign import loss as loss_module
 from fastalign.errors import FastalignError
 from fastalign.loss import LossInputError, stable_alignment_loss
-from kernels import alignment_head_torch
-from kernels.alignment_head_torch import vocab_chunk_size
-from kernels.group_math import GroupOptions, GroupResult, build_group_layout, group_math
+from fastalign.kernels import alignment_head_torch
+from fastalign.kernels.alignment_head_torch import vocab_chunk_size
+from fastalign.kernels.group_math import GroupOptions, GroupResult, build_group_layout, group_math
 from devices import to_device, triton_device
 from loss_oracle import oracle_alignment_loss, oracle_group_loss
 
 try:
-    from kernels import alignment_head as triton_head
+    from fastalign.kernels import alignment_head as triton_head
 except ImportError:  # no triton on this platform: the triton cases skip
     triton_head = None
 
@@ -569,7 +569,7 @@ def _forward_backward_syncs(counter, batch, **kw):
 @pytest.mark.parametrize("num_groups", [3, None])
 def test_validation_reads_the_device_once(host_syncs, monkeypatch, num_groups):
     # Everything stable_alignment_loss does itself (checks, token plan, the streamed head) costs
-    # one host read; the group table and the twin's group step (kernels/group_math.py, with
+    # one host read; the group table and the twin's group step (fastalign/kernels/group_math.py, with
     # their own inherent reads) are not counted here.
     for module, name in ((loss_module, "build_group_layout"), (alignment_head_torch, "group_stats")):
         original = getattr(module, name)

@@ -1,16 +1,29 @@
-"""The installed package: our top-level `kernels` must not look like transformers' hub `kernels`."""
+"""The installed package: one top-level package, which shadows nothing transformers imports."""
 
-import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import fastalign
 
+REPO = Path(__file__).resolve().parents[1]
 
-def test_transformers_does_not_mistake_our_kernels_package():
-    import kernels  # noqa: F401  (ours: the Triton kernels package)
-    from transformers.utils import import_utils
 
-    importlib.reload(import_utils)  # fresh lru_caches, with our `kernels` importable
-    assert import_utils.is_kernels_available() is False
+def test_transformers_models_import_from_the_repository_root():
+    # Commands run from the repository root (gpu-check, `python -m ...`) have it first on
+    # sys.path. transformers >= 5.25 requires and imports the hub package `kernels`; a
+    # top-level `kernels/` directory of ours shadowed it and broke its model code's import.
+    code = ("import importlib.util, transformers.activations, transformers.models.llama.modeling_llama\n"
+            "spec = importlib.util.find_spec('kernels')\n"
+            "print('KERNELS', spec.origin if spec else None)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    origin = result.stdout.split("KERNELS ", 1)[1].strip()
+    assert origin == "None" or not Path(origin).resolve().is_relative_to(REPO / "kernels"), origin
+    assert not (REPO / "kernels").exists()
 
 
 def test_package_data_ships_sample():

@@ -1,4 +1,4 @@
-"""PyTorch twin of the fused alignment head (kernels/alignment_head.py): same streaming algorithm,
+"""PyTorch twin of the fused alignment head (fastalign/kernels/alignment_head.py): same streaming algorithm,
 torch ops only. Used on CPU, for backend="torch", and as the Triton path's oracle in tests.
 
 All inputs are already compacted by fastalign/loss.py to the N tokens that have a target (the
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.group_math import group_math as group_stats  # noqa: F401  (the twin's group step)
+from fastalign.kernels.group_math import group_math as group_stats  # noqa: F401  (the twin's group step)
 
 # Transient budget for one logits slice [N, C] (plus the fp32 copy of the weight slice [C, H]).
 # CPU: 32 MiB; a slice that stays in cache is as fast or faster than a wide one (head forward +

@@ -1,6 +1,6 @@
 """Fused Stable Alignment LM head: Triton kernels around cuBLAS slice GEMMs.
 
-Same algorithm and interface as the PyTorch twin (kernels/alignment_head_torch.py, the oracle of
+Same algorithm and interface as the PyTorch twin (fastalign/kernels/alignment_head_torch.py, the oracle of
 this module in tests); fastalign/loss.py drives both. The vocabulary is streamed in slices of C
 columns (chunk rule: `vocab_chunk_size`); per slice, the [N, C] logits come from one GEMM in the
 input dtype (fp32 accumulation inside the GEMM) and a Triton kernel consumes them in the same
@@ -10,7 +10,7 @@ buffer, so no [N, V] tensor ever exists:
   target logit, all in fp32 (one read of the slice).
 - `_response_mean_kernel`: per response, the mean NLL over its tokens (fixed order, no atomics).
 - `_group_kernel`: per group, best response, margins (paper or seed), penalty, loss and each
-  response's d loss / d nll and d penalty / d nll (kernels/group_math.py is its reference).
+  response's d loss / d nll and d penalty / d nll (fastalign/kernels/group_math.py is its reference).
 - backward, `_softmax_grad_slice_kernel`: recomputed slice -> dZ = w * (softmax - onehot) in fp32,
   stored in place in the input dtype; then grad_weight[slice] = dZ^T @ hidden (one GEMM over all
   tokens, each row block written once) and grad_hidden += dZ @ W[slice] (fp32 accumulator, fed
@@ -32,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.alignment_head_torch import slice_view, vocab_slices, vocab_chunk_size
-from kernels.group_math import GroupLayout, GroupOptions, GroupResult
+from fastalign.kernels.alignment_head_torch import slice_view, vocab_slices, vocab_chunk_size
+from fastalign.kernels.group_math import GroupLayout, GroupOptions, GroupResult
 
 ROWS_PER_PROGRAM = 4  # lse kernel: rows per program, looping over the slice's columns
 LSE_BLOCK_COLS = 1024
@@ -218,7 +218,7 @@ def response_mean(token_values: torch.Tensor, response_ptr: torch.Tensor) -> tor
 
 def group_stats(nll: torch.Tensor, scores: torch.Tensor, layout: GroupLayout,
                 opts: GroupOptions) -> GroupResult:
-    """kernels.group_math.group_math as one Triton program per group."""
+    """fastalign.kernels.group_math.group_math as one Triton program per group."""
     num_groups, max_size = layout.num_groups, layout.max_group_size
     device = nll.device
     loss = torch.empty(num_groups, dtype=torch.float32, device=device)

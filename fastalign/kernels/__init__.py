@@ -8,7 +8,6 @@ fastalign/loss.py drives them (validation, autograd, backend choice). On CPU the
 run under TRITON_INTERPRET=1, which compiles nothing; tests/test_kernels_compile.py compiles them
 for sm_80 and sm_90 with Triton's own compiler and ptxas, no GPU needed.
 
-This top-level package is named `kernels`; transformers probes an optional hub package of the same
-import name. Our distribution is `fastalign` (version < 0.18), so transformers' check
-`is_kernels_available()` stays False (tests/test_packaging.py asserts it).
+It lives inside the fastalign package: a top-level `kernels` would shadow the hub package of that
+import name, which transformers >= 5.25 requires and imports (tests/test_packaging.py).
 """
