@@ -426,9 +426,10 @@ def estimate_time(config, args, fsdp_plan: fdist.FsdpPlan, work: Workload, gpu: 
     mfu, mfu_source = (args.mfu, "given by --mfu") if args.mfu else default_mfu()
     per_token, per_square = config.flops_per_token(0), config.flops_per_token(1) - config.flops_per_token(0)
     flops = per_token * work.tokens_per_step + per_square * work.attention_work_per_step  # the trainer's MFU count
-    if args.gradient_checkpointing:  # one more forward of the layers: +1/3 of their matmuls
-        flops += 2 * (config.num_parameters(include_embeddings=False) - config.vocab_size * config.hidden_size
-                      * (not config.tie_word_embeddings)) * work.tokens_per_step
+    if args.gradient_checkpointing:  # one more forward of the decoder layers: 1/3 of their matmuls and attention
+        layer_params = (config.num_parameters(include_embeddings=False) - config.hidden_size  # final norm
+                        - config.vocab_size * config.hidden_size * (not config.tie_word_embeddings))  # lm_head
+        flops += 2 * layer_params * work.tokens_per_step + per_square * work.attention_work_per_step / 3
     compute_s = flops / args.world_size / (tflops * 1e12 * mfu)
     link = args.link_gb_s or (gpu.link_gb_s if gpu else None) or 20.0
     inside, across = communication_bytes(config.num_parameters(), args, fsdp_plan, work.micro_batches_per_step)

@@ -171,13 +171,18 @@ def compiled_cases(tmp_path_factory) -> dict[str, dict]:
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(workers)]
     results = {}
-    for proc in procs:
-        stdout, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"compile subprocess failed:\n{stdout}\n{stderr[-6000:]}"
-        for line in stdout.splitlines():
-            if line.startswith("{"):
-                row = json.loads(line)
-                results[row["case"]] = row
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=600)
+            assert proc.returncode == 0, f"compile subprocess failed:\n{stdout}\n{stderr[-6000:]}"
+            for line in stdout.splitlines():
+                if line.startswith("{"):
+                    row = json.loads(line)
+                    results[row["case"]] = row
+    finally:
+        for proc in procs:  # a failed or timed-out one leaves no compiler running
+            proc.kill()
+            proc.wait()
     print("\nkernel compile results (regs / stack bytes / shared bytes / seconds):")
     for row in results.values():
         if row["ok"]:
