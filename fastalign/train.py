@@ -38,6 +38,8 @@ from fastalign.console import setup_logging
 from fastalign.errors import ConfigError, DataError, FastalignError
 from fastalign.preemption import StopOnSignal, Stopped
 from fastalign.reporting import open_reporters, parse_report_to
+from fastalign.run_inputs import RunInputs, refuse_destroying_inputs
+from fastalign.run_lock import hold_output_dir
 
 log = logging.getLogger("fastalign.train")
 
@@ -558,6 +560,10 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = args.tf32
             torch.backends.cudnn.allow_tf32 = args.tf32
         check_loss_backend(args.loss_backend, env.device)
+        self.inputs = RunInputs.from_args(args)
+        refuse_destroying_inputs(self.output_dir, self.inputs, overwrite=args.overwrite_output_dir,
+                                 save_total_limit=args.save_total_limit if args.save_strategy != "no" else None,
+                                 save_only_model=args.save_only_model, run_files=(METRICS_FILE,))
         ckpt.prepare_output_dir(self.output_dir, fresh_start=args.resume_from_checkpoint is None,
                                 overwrite=args.overwrite_output_dir, run_files=(METRICS_FILE,))
         if args.eval_data_path and args.evaluation_strategy == "no":
@@ -636,7 +642,7 @@ class Trainer:
         if resume is not None:
             self._check_resumable(ckpt.read_trainer_state(resume))
             state = ckpt.load_checkpoint(resume, self.model, self.optimizer, self.scheduler)
-            ckpt.start_branch(self.output_dir, state["step"], resume)  # later ones: abandoned
+            ckpt.start_branch(self.output_dir, state["step"], resume, self.inputs)  # later ones: abandoned
             self.position = (state["step"], state["epoch"], state["step_in_epoch"])
             planned = state.get("total_steps", state.get("batch_layout", {}).get("total_steps"))
             if planned is not None and planned != self.total_steps:
@@ -963,6 +969,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  cpu_collectives=fdist.parse_fsdp(args.fsdp).offload)
     setup_logging(env.is_main)
     trainer = Trainer(args, env)
+    lock = hold_output_dir(args.output_dir)  # one run per directory, before anything in it changes
     try:
         trainer.setup()
         with trainer.stop:
@@ -982,6 +989,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # (cli.exit_process), which runs no atexit handler, so wandb/TensorBoard finish here.
         if trainer.metrics is not None:
             trainer.metrics.close()
+        lock.release()
     dist.destroy_process_group()
     return 0
 
