@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     orig = parser.add_argument_group("flags of the original train_alignment.py command")
     orig.add_argument("--model_name_or_path", required=True, help="HF model directory: Llama, Mistral, Qwen2 or Qwen3 (config.json, safetensors or .bin weights, tokenizer).")
     orig.add_argument("--data_path", required=True, help="Sandbox records: JSON array or JSONL (.gz welcome).")
-    orig.add_argument("--output_dir", required=True, help="Where metrics.jsonl, checkpoint-<step>/ and the final HF model go. Must not be empty, nor --model_name_or_path or a directory inside it (unless --allow_output_in_model_dir True).")
+    orig.add_argument("--output_dir", required=True, help="Where metrics.jsonl, checkpoint-<step>/ and the final HF model go. Must not be empty, nor --model_name_or_path or a directory inside it (unless --allow_output_in_model_dir True). One run at a time: a run holds OUTPUT_DIR/.fastalign.lock and a second trainer there is refused.")
     orig.add_argument("--bf16", default=False, help="bf16 compute with fp32 master weights and fp32 gradient reduction (FSDP2 MixedPrecisionPolicy).", **BOOLEAN_FLAG)
     orig.add_argument("--num_train_epochs", type=positive_float, default=3.0, help="Epochs (fractions allowed); ignored when --max_steps > 0. Default 3.")
     orig.add_argument("--per_device_train_batch_size", type=positive_int, default=8, help="Groups (query + its responses) per micro-batch per process. Default 8 (HF).")
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     orig.add_argument("--ratio", type=nonneg_float, default=0.5, help="Weight of the penalty term. Default 0.5 (as the original script; its published command passes 0.2).")
     orig.add_argument("--optim", default="adamw_torch", help=f"HF optimizer name; fastalign always trains with AdamW, so only {' / '.join(OPTIMIZERS)} are accepted. Default adamw_torch.")
     orig.add_argument("--cache_dir", default=None, help="Accepted for compatibility and ignored: fastalign reads --model_name_or_path from a local directory and caches nothing.")
-    orig.add_argument("--overwrite_output_dir", default=False, help="Delete --output_dir's checkpoint-* directories and metrics.jsonl before a fresh start (unlike HF, which deletes nothing). Without it a fresh start into a directory holding checkpoints stops with an error. Default False.", **BOOLEAN_FLAG)
+    orig.add_argument("--overwrite_output_dir", default=False, help="Delete --output_dir's checkpoint-* directories and metrics.jsonl before a fresh start (unlike HF, which deletes nothing). Without it a fresh start into a directory holding checkpoints stops with an error. Refused (nothing deleted) when the model or a data file lies in what it would delete. Default False.", **BOOLEAN_FLAG)
     orig.add_argument("--num_comp", type=positive_int, default=3, help="Responses per query used in a step (sampled, seeded, when a record has more). Default 3.")
 
     own = parser.add_argument_group("fastalign flags")
