@@ -109,7 +109,8 @@ def test_a_lock_held_on_another_host_is_refused(tmp_path):
 
 
 def run_args(model: Path, data: Path, eval_data: Path | None = None) -> Namespace:
-    return Namespace(model_name_or_path=str(model), data_path=str(data), eval_data_path=str(eval_data) if eval_data else None)
+    return Namespace(model_name_or_path=str(model), data_path=str(data),
+                     eval_data_path=str(eval_data) if eval_data else None)
 
 
 def guard(out: Path, args: Namespace, *, overwrite=False, save_total_limit=None, save_only_model=False):
@@ -160,7 +161,8 @@ def test_a_data_file_reached_through_a_symlink_is_protected(tmp_path, process_gr
     monkeypatch.chdir(tmp_path)
     before = tree(out)
     doomed = out / Path(where).parts[0]
-    with pytest.raises(ConfigError, match=re.escape(f"{action} {doomed}, which holds --data_path link.jsonl ({target})")):
+    expected = f"{action} {doomed}, which holds --data_path link.jsonl ({target})"
+    with pytest.raises(ConfigError, match=re.escape(expected)):
         guard(out, run_args(tmp_path / "model", Path("link.jsonl")), **flags)
     assert tree(out) == before
 
@@ -192,7 +194,8 @@ def test_overwrite_output_dir_keeps_the_model_it_starts_from(tiny, tmp_path):
     before = tree(out)
     result = run_train(common(start, data, out, overwrite_output_dir=True, **flags))
     stderr = no_traceback(result)
-    assert f"error: --overwrite_output_dir True would delete {start}, which holds --model_name_or_path {start}" in stderr
+    assert (f"error: --overwrite_output_dir True would delete {start}, which holds "
+            f"--model_name_or_path {start}") in stderr
     assert tree(out) == before  # the model, the other checkpoint, metrics: every byte
 
 
