@@ -35,7 +35,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -54,6 +54,9 @@ from torch.distributed.tensor import DTensor
 from fastalign import manifest, safe_dcp
 from fastalign.distributed import barrier, broadcast_object
 from fastalign.errors import ConfigError, FastalignError
+
+if TYPE_CHECKING:
+    from fastalign.run_inputs import RunInputs
 
 log = logging.getLogger("fastalign.checkpoint")
 
@@ -197,11 +200,11 @@ def prepare_output_dir(output_dir: str | os.PathLike, *, fresh_start: bool, over
             root.mkdir(parents=True, exist_ok=True)
             remove_partial_saves(root)
             if overwrite:
-                for path in root.iterdir():
-                    if path.is_dir() and (CHECKPOINT_ANY_RE.match(path.name) or path.name.startswith(ABANDONED_PREFIX)):
+                for path in overwritten(root, run_files):
+                    if path.is_dir():
                         shutil.rmtree(path)
-                for name in run_files:
-                    (root / name).unlink(missing_ok=True)
+                    else:
+                        path.unlink()
         except OSError as err:  # e.g. the path is a file: every rank reports it, not a traceback
             problem = f"--output_dir {root}: {err.strerror or err}"
         if problem is None and fresh_start and not overwrite:
@@ -218,30 +221,45 @@ def prepare_output_dir(output_dir: str | os.PathLike, *, fresh_start: bool, over
         raise ConfigError(problem)
 
 
+def overwritten(root: Path, run_files: tuple[str, ...]) -> list[Path]:
+    """What --overwrite_output_dir deletes in `root`: every checkpoint-* directory (.tmp / .old
+    included), abandoned branches, and those of `run_files` that exist."""
+    runs = [path for path in sorted(root.iterdir()) if path.is_dir() and (
+        CHECKPOINT_ANY_RE.match(path.name) or path.name.startswith(ABANDONED_PREFIX))]
+    return runs + [root / name for name in run_files if (root / name).exists()]
+
+
+def partial_saves(root: Path) -> list[Path]:
+    """What killed saves and exports left in `root`: unfinished checkpoint-N.tmp, replaced
+    checkpoint-N.old, and the export's staging directories (.tmp-save-<pid>, and
+    .checkpoint-N.tmp.tmp-<pid> of a --save_only_model checkpoint)."""
+    return [path for path in sorted(root.iterdir()) if path.is_dir() and (
+        path.match(EXPORT_TMP_GLOB) or path.match(MODEL_ONLY_TMP_GLOB)
+        or ((match := CHECKPOINT_ANY_RE.match(path.name)) and match.group(2) is not None))]
+
+
 def remove_partial_saves(root: Path) -> None:
-    """Rank 0, at start: delete unfinished checkpoint-N.tmp and the export's staging directories
-    (.tmp-save-<pid>, and .checkpoint-N.tmp.tmp-<pid> of a --save_only_model checkpoint) that a
-    killed save or export left; put back a checkpoint-N.old whose replacement never arrived (a
-    kill between the two renames of a re-save), else delete it."""
-    for path in sorted(root.iterdir()):
-        match = CHECKPOINT_ANY_RE.match(path.name)
-        staging = path.match(EXPORT_TMP_GLOB) or path.match(MODEL_ONLY_TMP_GLOB)
-        if path.is_dir() and (staging or (match and match.group(2) == TMP_SUFFIX)):
-            log.info("removing %s, left by an interrupted save", path)
-            shutil.rmtree(path)
-        elif path.is_dir() and match and match.group(2) == ".old":
+    """Rank 0, at start: delete the `partial_saves`, except that a checkpoint-N.old whose
+    replacement never arrived (a kill between the two renames of a re-save) is put back."""
+    for path in partial_saves(root):
+        if path.name.endswith(".old"):
             final = path.with_name(path.name[: -len(".old")])
             if final.exists():
                 shutil.rmtree(path)
             else:
                 path.rename(final)
+        else:
+            log.info("removing %s, left by an interrupted save", path)
+            shutil.rmtree(path)
 
 
-def start_branch(output_dir: str | os.PathLike, resume_step: int, resumed: Path) -> Path | None:
+def start_branch(output_dir: str | os.PathLike, resume_step: int, resumed: Path,
+                 inputs: "RunInputs | None" = None) -> Path | None:
     """Collective: resuming at `resume_step` (from `resumed`, which is never moved) abandons the
     checkpoints of later steps in `output_dir`; rank 0 moves them into abandoned-<UTC time>/
     (returned; None if there were none), so that rotation and `auto` see only the branch being
-    trained. Runs after every rank has finished reading `resumed` (barrier first)."""
+    trained. Runs after every rank has finished reading `resumed` (barrier first). When one of
+    them holds one of the run's `inputs` (its model, a data file), nothing moves: ConfigError."""
     barrier()
     moved, problem = None, None
     if dist.get_rank() == 0:
@@ -250,7 +268,10 @@ def start_branch(output_dir: str | os.PathLike, resume_step: int, resumed: Path)
             later = [p for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_ANY_RE.match(p.name))
                      and int(m.group(1)) > resume_step and p.resolve() != resumed.resolve()] \
                 if root.is_dir() else []
-            if later:
+            if inputs is not None:
+                problem = inputs.refusal(later, f"resuming at step {resume_step} would move into "
+                                                f"{ABANDONED_PREFIX}<UTC time>/ the later checkpoint")
+            if later and problem is None:
                 stamp = time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())
                 moved = root / f"{ABANDONED_PREFIX}{stamp}"
                 suffix = 1

@@ -38,6 +38,8 @@ from fastalign.console import setup_logging
 from fastalign.errors import ConfigError, DataError, FastalignError
 from fastalign.preemption import StopOnSignal, Stopped
 from fastalign.reporting import open_reporters, parse_report_to
+from fastalign.run_inputs import RunInputs, refuse_destroying_inputs
+from fastalign.run_lock import hold_output_dir
 
 log = logging.getLogger("fastalign.train")
 
@@ -92,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     orig = parser.add_argument_group("flags of the original train_alignment.py command")
     orig.add_argument("--model_name_or_path", required=True, help="HF model directory: Llama, Mistral, Qwen2 or Qwen3 (config.json, safetensors or .bin weights, tokenizer).")
     orig.add_argument("--data_path", required=True, help="Sandbox records: JSON array or JSONL (.gz welcome).")
-    orig.add_argument("--output_dir", required=True, help="Where metrics.jsonl, checkpoint-<step>/ and the final HF model go. Must not be empty, nor --model_name_or_path or a directory inside it (unless --allow_output_in_model_dir True).")
+    orig.add_argument("--output_dir", required=True, help="Where metrics.jsonl, checkpoint-<step>/ and the final HF model go. Must not be empty, nor --model_name_or_path or a directory inside it (unless --allow_output_in_model_dir True). One run at a time: a run holds OUTPUT_DIR/.fastalign.lock and a second trainer there is refused.")
     orig.add_argument("--bf16", default=False, help="bf16 compute with fp32 master weights and fp32 gradient reduction (FSDP2 MixedPrecisionPolicy).", **BOOLEAN_FLAG)
     orig.add_argument("--num_train_epochs", type=positive_float, default=3.0, help="Epochs (fractions allowed); ignored when --max_steps > 0. Default 3.")
     orig.add_argument("--per_device_train_batch_size", type=positive_int, default=8, help="Groups (query + its responses) per micro-batch per process. Default 8 (HF).")
@@ -117,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     orig.add_argument("--ratio", type=nonneg_float, default=0.5, help="Weight of the penalty term. Default 0.5 (as the original script; its published command passes 0.2).")
     orig.add_argument("--optim", default="adamw_torch", help=f"HF optimizer name; fastalign always trains with AdamW, so only {' / '.join(OPTIMIZERS)} are accepted. Default adamw_torch.")
     orig.add_argument("--cache_dir", default=None, help="Accepted for compatibility and ignored: fastalign reads --model_name_or_path from a local directory and caches nothing.")
-    orig.add_argument("--overwrite_output_dir", default=False, help="Delete --output_dir's checkpoint-* directories and metrics.jsonl before a fresh start (unlike HF, which deletes nothing). Without it a fresh start into a directory holding checkpoints stops with an error. Default False.", **BOOLEAN_FLAG)
+    orig.add_argument("--overwrite_output_dir", default=False, help="Delete --output_dir's checkpoint-* directories and metrics.jsonl before a fresh start (unlike HF, which deletes nothing). Without it a fresh start into a directory holding checkpoints stops with an error. Refused (nothing deleted) when the model or a data file lies in what it would delete. Default False.", **BOOLEAN_FLAG)
     orig.add_argument("--num_comp", type=positive_int, default=3, help="Responses per query used in a step (sampled, seeded, when a record has more). Default 3.")
 
     own = parser.add_argument_group("fastalign flags")
@@ -558,6 +560,10 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = args.tf32
             torch.backends.cudnn.allow_tf32 = args.tf32
         check_loss_backend(args.loss_backend, env.device)
+        self.inputs = RunInputs.from_args(args)
+        refuse_destroying_inputs(self.output_dir, self.inputs, overwrite=args.overwrite_output_dir,
+                                 save_total_limit=args.save_total_limit if args.save_strategy != "no" else None,
+                                 save_only_model=args.save_only_model, run_files=(METRICS_FILE,))
         ckpt.prepare_output_dir(self.output_dir, fresh_start=args.resume_from_checkpoint is None,
                                 overwrite=args.overwrite_output_dir, run_files=(METRICS_FILE,))
         if args.eval_data_path and args.evaluation_strategy == "no":
@@ -636,7 +642,7 @@ class Trainer:
         if resume is not None:
             self._check_resumable(ckpt.read_trainer_state(resume))
             state = ckpt.load_checkpoint(resume, self.model, self.optimizer, self.scheduler)
-            ckpt.start_branch(self.output_dir, state["step"], resume)  # later ones: abandoned
+            ckpt.start_branch(self.output_dir, state["step"], resume, self.inputs)  # later ones: abandoned
             self.position = (state["step"], state["epoch"], state["step_in_epoch"])
             planned = state.get("total_steps", state.get("batch_layout", {}).get("total_steps"))
             if planned is not None and planned != self.total_steps:
@@ -963,6 +969,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  cpu_collectives=fdist.parse_fsdp(args.fsdp).offload)
     setup_logging(env.is_main)
     trainer = Trainer(args, env)
+    lock = hold_output_dir(args.output_dir)  # one run per directory, before anything in it changes
     try:
         trainer.setup()
         with trainer.stop:
@@ -982,6 +989,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # (cli.exit_process), which runs no atexit handler, so wandb/TensorBoard finish here.
         if trainer.metrics is not None:
             trainer.metrics.close()
+        lock.release()
     dist.destroy_process_group()
     return 0
 
