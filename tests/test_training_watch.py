@@ -64,6 +64,23 @@ def test_ranking_record_has_the_evaluate_metrics_overall_and_per_category():
     assert not any(key.endswith("/None") for key in record)
 
 
+def test_ranking_metrics_reach_tensorboard_as_eval_scalars(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fastalign.reporting import TensorBoardReporter
+
+    reporter = TensorBoardReporter(tmp_path, "run", {})
+    reporter.write({"step": 4, "eval_loss": 2.5, "eval_pairwise_accuracy": 0.75,
+                    "eval_kendall_tau": None, "eval_top1_accuracy/advice": 0.5})
+    reporter.close()
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("eval/pairwise_accuracy")] == [(4, 0.75)]
+    assert [e.value for e in events.Scalars("eval/top1_accuracy/advice")] == [0.5]
+    assert "eval/kendall_tau" not in events.Tags()["scalars"]  # undefined (null) is not a point
+
+
 # ----------------------------------------------------------------------------- the best checkpoint
 
 
