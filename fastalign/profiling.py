@@ -40,6 +40,9 @@ from typing import Iterable, Iterator
 import torch
 import torch.distributed as dist
 
+from fastalign.distributed import broadcast_object
+from fastalign.errors import FastalignError
+
 log = logging.getLogger("fastalign.train")
 
 PREFIX = "fastalign/"
@@ -111,8 +114,9 @@ def breakdown(steps: list[tuple[float, float]], ranges: list[tuple[str, float, f
             "share": {k: (v / step_time if step_time else 0.0) for k, v in totals.items()}}
 
 
-def events_breakdown(events) -> dict:
-    """`breakdown` of a torch.profiler run's events (`profile.events()`)."""
+def events_breakdown(events, complete_steps: int) -> dict:
+    """`breakdown` of a torch.profiler run's events (`profile.events()`), over its first
+    `complete_steps` steps (a profile ended before its schedule holds a last, unfinished one)."""
     steps, ranges = [], []
     for event in events:
         start, end = event.time_range.start, event.time_range.end
@@ -123,7 +127,7 @@ def events_breakdown(events) -> dict:
         label = classify(event.name, on_device)
         if label is not None:
             ranges.append((label, start, end))
-    return breakdown(sorted(steps), ranges)
+    return breakdown(sorted(steps)[:complete_steps], ranges)
 
 
 def format_summary(summary: dict) -> str:
@@ -189,35 +193,49 @@ class StepProfiler:
             yield item
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.failed = exc_type is not None
-        self._finish()
-
-    def _finish(self) -> None:
         global _recording
+        self.failed = exc_type is not None
         _recording = False
         profile, self.profile = self.profile, None
         if profile is not None:
             profile.__exit__(None, None, None)  # writes the trace if it stopped while recording
             if not (self.written or self.failed) and self.rank == 0:
-                log.warning("--profile_steps %d: the run ended in the warm-up step, before a step "
-                            "could be profiled; no trace written", self.steps)
+                log.warning("--profile_steps %d: the run ended before a step could be profiled "
+                            "after the warm-up step; no trace written", self.steps)
 
     def _write(self, profile) -> None:
         global _recording
         _recording = False  # the N steps are done: no more synchronizing regions
-        if self.failed:
-            return
+        # step() calls so far: 1 warm-up + the recorded steps that finished
+        mine = events_breakdown(profile.events(), complete_steps=min(self.steps, profile.step_num - 1))
+        if self.failed or not mine["steps"]:  # no step ended while recording: nothing to show
+            return  # (the same on every rank: they step together)
         self.written = True
-        self.directory.mkdir(parents=True, exist_ok=True)
         trace = self.directory / TRACE_NAME.format(rank=self.rank)
-        profile.export_chrome_trace(str(trace))
-        mine = events_breakdown(profile.events())
+        problem = None
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            profile.export_chrome_trace(str(trace))
+        except OSError as err:
+            problem = f"writing {trace} failed: {err.strerror or err}"
         gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, mine)
-        if self.rank != 0:
-            return
-        summary = mean_over_ranks(gathered)
-        (self.directory / SUMMARY_FILE).write_text(json.dumps(
-            {**summary, "per_rank": gathered, "categories": list(CATEGORIES),
-             "traces": sorted(p.name for p in self.directory.glob("rank*.pt.trace.json"))}, indent=1) + "\n")
-        log.info("%s\n  traces and summary.json in %s", format_summary(summary), self.directory)
+        dist.all_gather_object(gathered, (mine, problem))
+        self._raise_if_any(gathered)
+        if self.rank == 0:
+            summary = mean_over_ranks([mine for mine, _ in gathered])
+            path = self.directory / SUMMARY_FILE
+            try:
+                path.write_text(json.dumps({**summary, "per_rank": [mine for mine, _ in gathered],
+                                            "categories": list(CATEGORIES)}, indent=1) + "\n")
+            except OSError as err:
+                problem = f"writing {path} failed: {err.strerror or err}"
+            else:
+                log.info("%s\n  traces and summary.json in %s", format_summary(summary), self.directory)
+        self._raise_if_any([(None, broadcast_object(problem))])  # rank 0's summary.json
+
+    def _raise_if_any(self, gathered: list) -> None:
+        """The same error on every rank when one could not write its part of the profile."""
+        problems = [problem for _, problem in gathered if problem is not None]
+        if problems:
+            raise FastalignError(f"--profile_steps: {problems[0]}; training stopped after the "
+                                 f"profiled steps (run without --profile_steps, or free the disk)")

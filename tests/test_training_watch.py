@@ -18,9 +18,10 @@ from fastalign import best_model
 from fastalign import checkpoint as ckpt
 from fastalign.console import format_metrics_line
 from fastalign.evaluate import ranking_record, score_record
-from fastalign.profiling import CATEGORIES, breakdown
+from fastalign.errors import FastalignError
+from fastalign.profiling import CATEGORIES, StepProfiler, breakdown, region
 from fastalign.train import parse_args
-from test_checkpoint import make_checkpoint
+from test_checkpoint import make_checkpoint, process_group  # noqa: F401  (process_group: fixture)
 from test_train import REPO, common, metrics, ok, run_train, tiny  # noqa: F401  (tiny: fixture)
 
 REQUIRED = ["--model_name_or_path", "m", "--data_path", "d", "--output_dir", "o"]
@@ -152,6 +153,42 @@ def test_breakdown_gives_each_moment_of_the_step_to_its_most_specific_range():
     assert result["step_time_s"] == pytest.approx(90e-6)
     assert sum(result["share"].values()) == pytest.approx(1.0)
     assert set(result["share"]) == set(CATEGORIES)
+
+
+def profiled_work(profiler: StepProfiler, steps: int) -> None:
+    """`steps` "optimizer steps" of a toy model, marked as the trainer marks its phases."""
+    import torch
+
+    model = torch.nn.Linear(64, 64)
+    with profiler:
+        for batch in profiler.data(torch.randn(8, 64) for _ in range(steps)):
+            with region("forward"):
+                loss = model(batch).square().mean()
+            with region("backward"):
+                loss.backward()
+            profiler.step()
+
+
+def test_profile_writes_a_trace_and_a_summary_in_process(tmp_path, process_group):
+    profiled_work(StepProfiler(2, tmp_path, rank=0), steps=4)
+    trace = json.loads((tmp_path / "profile" / "rank0.pt.trace.json").read_text())
+    assert sum(e.get("name", "").startswith("ProfilerStep#") for e in trace["traceEvents"]) == 2
+    summary = json.loads((tmp_path / "profile" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["world_size"] == 1 and summary["step_time_s"] > 0
+    assert summary["seconds"]["forward"] > 0 and summary["seconds"]["backward"] > 0
+
+
+def test_profile_that_cannot_be_written_is_a_clean_error(tmp_path, process_group):
+    blocker = tmp_path / "out"
+    blocker.write_text("a file where the output directory should be")
+    with pytest.raises(FastalignError, match=r"--profile_steps: writing .*out/profile/rank0\.pt\.trace\.json failed"):
+        profiled_work(StepProfiler(1, blocker, rank=0), steps=3)
+
+
+def test_a_run_too_short_to_profile_says_so(tmp_path, process_group, caplog):
+    profiled_work(StepProfiler(2, tmp_path, rank=0), steps=1)  # only the warm-up step
+    assert not (tmp_path / "profile").exists()
+    assert "before a step could be profiled" in caplog.text
 
 
 # ----------------------------------------------------------------------------- the plot
