@@ -138,6 +138,15 @@ def test_rotation_never_deletes_the_best_checkpoint(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-8"]  # best = newest
 
 
+def test_a_best_checkpoint_gone_by_the_end_is_a_clean_error_and_exports_nothing(tmp_path, process_group):
+    import torch
+
+    best = best_model.BestCheckpoint("eval_loss", greater_is_better=False, step=4, value=1.5)
+    with pytest.raises(FastalignError, match=r"best checkpoint .*checkpoint-4 .*missing.*Nothing was exported"):
+        best_model.load_for_export(best, tmp_path, torch.nn.Linear(2, 2), prefix="", final_step=6)
+    assert list(tmp_path.iterdir()) == []
+
+
 # ----------------------------------------------------------------------------- the profile breakdown
 
 
