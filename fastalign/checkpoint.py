@@ -293,13 +293,20 @@ def start_branch(output_dir: str | os.PathLike, resume_step: int, resumed: Path,
 
 
 def rotate_checkpoints(output_dir: str | os.PathLike, keep: int | None,
-                       protect: Path | None = None, *, model_only: bool = False) -> list[Path]:
+                       protect: Path | None = None, *, model_only: bool = False,
+                       best: Path | None = None) -> list[Path]:
     """Delete the oldest complete (with `model_only`: --save_only_model) checkpoints so at most
-    `keep` remain (never `protect`, the one just written); returns the deleted ones."""
+    `keep` remain (never `protect`, the one just written); returns the deleted ones.
+
+    `best` (--load_best_model_at_end, fastalign.best_model) is never deleted either; it counts
+    towards `keep`, so with keep=1 and an older best, two checkpoints remain (as HF)."""
     if keep is None or keep <= 0:
         return []
     listed = list_model_only_checkpoints(output_dir) if model_only else list_checkpoints(output_dir)
     found = [p for p in listed if protect is None or p != protect]
+    if best is not None and best in found:
+        found.remove(best)
+        keep -= 1
     doomed = found[: max(0, len(found) + (protect is not None) - keep)]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
@@ -414,11 +421,13 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     *,
     save_total_limit: int | None = None,
+    best: Path | None = None,
 ) -> Path:
     """Write checkpoint-<step> collectively (every rank calls this); returns its final path.
 
     An OSError on any rank (a full disk, a lost mount) removes the .tmp directory and raises the
-    same FastalignError on every rank, naming the path and the space needed.
+    same FastalignError on every rank, naming the path and the space needed. `best`: a checkpoint
+    the rotation to `save_total_limit` keeps (--load_best_model_at_end).
     """
     rank = dist.get_rank()
     final = checkpoint_dir(output_dir, step)
@@ -471,14 +480,14 @@ def save_checkpoint(
         total = sum(n for _, n, _ in gathered)
         raise FastalignError(write_failure("checkpoint", final, problem, total, output_dir))
     if rank == 0:
-        rotate_checkpoints(output_dir, save_total_limit, protect=final)
+        rotate_checkpoints(output_dir, save_total_limit, protect=final, best=best)
     barrier()
     return final
 
 
 def save_model_only_checkpoint(output_dir: str | os.PathLike, step: int, model: nn.Module, config,
                                tokenizer_dir: str, trainer_state: dict[str, Any], *, prefix: str = "",
-                               save_total_limit: int | None = None) -> Path:
+                               save_total_limit: int | None = None, best: Path | None = None) -> Path:
     """--save_only_model: write checkpoint-<step> as the HF model + a trainer_state.json marked
     `save_only_model` (collective, like save_checkpoint; staged as .tmp and renamed); at most
     `save_total_limit` such checkpoints are kept."""
@@ -501,7 +510,7 @@ def save_model_only_checkpoint(output_dir: str | os.PathLike, step: int, model: 
     if problem is not None:
         raise FastalignError(write_failure("checkpoint", final, problem, None, output_dir))
     if dist.get_rank() == 0:
-        rotate_checkpoints(output_dir, save_total_limit, protect=final, model_only=True)
+        rotate_checkpoints(output_dir, save_total_limit, protect=final, model_only=True, best=best)
     barrier()
     return final
 

@@ -307,19 +307,55 @@ def _score_batches(batcher, forward, device, categories: dict, chosen_responses:
         steps = tqdm(steps, total=batcher.steps_per_epoch(), desc="evaluating", unit="batch")
     for step in steps:
         for batch in step.micro_batches:
-            nll = forward(batch.to(device)).float().cpu()  # [S]
-            if batch.num_groups == 0:  # a filler keeps the ranks' forwards matched; not counted
-                continue
-            tokens = torch.bincount(batch.response_index[batch.targets != IGNORE_INDEX],
-                                    minlength=batch.num_sequences)  # [S] response tokens averaged over
-            group_of = batch.group_index.tolist()
-            for g, record_index in enumerate(batch.record_indices):
-                members = [s for s, owner in enumerate(group_of) if owner == g]  # in response order
-                results.append(score_record(
-                    record_index, categories.get(record_index), chosen_responses[record_index],
-                    batch.scores[members].tolist(), (-nll[members]).tolist(), tokens[members].tolist(),
-                ))
+            nll = forward(batch.to(device))  # [S]
+            results += score_batch(batch, nll, categories, chosen_responses)
     return results
+
+
+def score_batch(batch, nll: torch.Tensor, categories: dict | None = None,
+                chosen_responses: dict | None = None) -> list[RecordResult]:
+    """RecordResults of one host micro-batch's groups from the model's nll [S] of its responses
+    (any device); [] for a filler batch (it only keeps the ranks' forwards matched).
+
+    `categories`: record index -> category; `chosen_responses`: record index -> the positions in
+    the record's "responses" of the scored ones (default: 0..k-1, the group's own order). The
+    trainer's evaluation and `evaluate_model` both score through here, so their metrics agree."""
+    if batch.num_groups == 0:
+        return []
+    nll = nll.detach().float().cpu()
+    tokens = torch.bincount(batch.response_index[batch.targets != IGNORE_INDEX],
+                            minlength=batch.num_sequences)  # [S] response tokens averaged over
+    group_of = batch.group_index.tolist()
+    results = []
+    for g, record_index in enumerate(batch.record_indices):
+        members = [s for s, owner in enumerate(group_of) if owner == g]  # in response order
+        positions = (chosen_responses or {}).get(record_index, range(len(members)))
+        results.append(score_record(
+            record_index, (categories or {}).get(record_index), positions,
+            batch.scores[members].tolist(), (-nll[members]).tolist(), tokens[members].tolist(),
+        ))
+    return results
+
+
+def record_categories(path: str, *, rating_scale: float, skip_invalid: bool) -> dict[int, str]:
+    """Record index -> "category" of the records of a data file that have one."""
+    loaded = load_records(path, rating_scale=rating_scale, skip_invalid=skip_invalid)
+    return {r.index: r.category for r in loaded.records if r.category is not None}
+
+
+# The ranking metrics the trainer's evaluation reports beside eval_loss (as eval_<name>).
+RANKING_METRICS = ("pairwise_accuracy", "kendall_tau", "top1_accuracy")
+
+
+def ranking_record(results: Sequence[RecordResult], prefix: str = "eval_") -> dict[str, float | None]:
+    """The ranking metrics of `results` as flat keys: `<prefix><metric>` over all records and
+    `<prefix><metric>/<category>` per category (when records have one). None: not defined (no
+    pair with different ratings)."""
+    record = {f"{prefix}{name}": value for name, value in summarize(results).items()
+              if name in RANKING_METRICS}
+    for category, metrics in summarize_by_category(results).items():
+        record |= {f"{prefix}{name}/{category}": metrics[name] for name in RANKING_METRICS}
+    return record
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,9 +2,11 @@
 
     python -m fastalign.plot OUTPUT_DIR [--output PNG]      # default: OUTPUT_DIR/metrics.png
 
-Panels over optimizer steps: loss, nll_best, penalty, active-penalty fraction, tokens/s and
-learning rate. Evaluation lines of the same file (`eval_loss`, `eval_nll_best`, ...) are drawn as
-markers on the matching panel; epoch boundaries as dotted vertical lines. A value that is null,
+Panels over optimizer steps: loss, the evaluation's ranking metrics (eval_pairwise_accuracy,
+eval_kendall_tau, eval_top1_accuracy: what `python -m fastalign.evaluate` reports) beside it,
+nll_best, penalty, active-penalty fraction, tokens/s and learning rate. Evaluation lines of the
+same file (`eval_loss`, `eval_nll_best`, ...) are drawn as markers on the matching panel; epoch
+boundaries as dotted vertical lines. A value that is null,
 missing or not finite is left out (e.g. `mfu` on CPU). If a step appears twice, its last line
 counts. The file may be plotted while training still writes it: an unfinished last line (no
 newline yet) is ignored; any other line that is not a JSON object with a numeric "step" is an error
@@ -35,7 +37,13 @@ PANELS = (
     ("lr", "learning rate"),
 )
 
-PLOTTED_KEYS = frozenset(["epoch"] + [k for key, _ in PANELS for k in (key, f"eval_{key}")])
+# Drawn together in the panel beside the loss: (key, legend label).
+RANKING_KEYS = (("eval_pairwise_accuracy", "pairwise accuracy"), ("eval_kendall_tau", "Kendall tau-b"),
+                ("eval_top1_accuracy", "top-1 accuracy"))
+RANKING_TITLE = "eval ranking metrics"
+
+PLOTTED_KEYS = frozenset(["epoch"] + [k for key, _ in PANELS for k in (key, f"eval_{key}")]
+                         + [key for key, _ in RANKING_KEYS])
 
 
 def _is_number(value: object) -> bool:
@@ -103,28 +111,25 @@ def epoch_boundaries(records: Sequence[dict]) -> list[float]:
     return [k * steps_per_epoch for k in range(1, math.floor(last_epoch + 1e-6) + 1)]
 
 
-def plot_metrics(output_dir: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
-    """Draw OUTPUT_DIR/metrics.jsonl to a PNG (default OUTPUT_DIR/metrics.png); returns its path."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise FastalignError("plotting needs matplotlib: pip install matplotlib") from None
-
-    run_dir = Path(output_dir)
-    records = read_metrics(run_dir / METRICS_FILE)
-    target = Path(output) if output is not None else run_dir / "metrics.png"
+def draw(records: Sequence[dict], title: str):
+    """The figure of `records` (metrics.jsonl lines): the loss, the ranking metrics beside it,
+    then the other PANELS; returns a matplotlib Figure on an Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     # Figure + Agg canvas directly (no pyplot): no global backend state, no display needed.
-    figure = Figure(figsize=(12, 10), layout="constrained")
+    figure = Figure(figsize=(12, 13), layout="constrained")
     FigureCanvasAgg(figure)
-    axes = figure.subplots(3, 2, sharex=True).ravel()
+    axes = figure.subplots(4, 2, sharex=True).ravel()
     boundaries = epoch_boundaries(records)
-    for ax, (key, title) in zip(axes, PANELS):
-        ax.set_title(title)
+    for ax in axes[:len(PANELS) + 1]:
         ax.grid(alpha=0.3)
         for step in boundaries:
             ax.axvline(step, color="grey", linestyle=":", linewidth=1)
+    _plot_ranking(axes[1], records)
+    axes[-1].set_visible(False)  # 7 panels on a 4 x 2 grid
+    for ax, (key, panel_title) in zip([axes[0], *axes[2:]], PANELS):  # axes[1]: the ranking metrics
+        ax.set_title(panel_title)
         steps, values = series(records, key)
         eval_steps, eval_values = series(records, f"eval_{key}")
         if steps:
@@ -134,10 +139,25 @@ def plot_metrics(output_dir: str | os.PathLike, output: str | os.PathLike | None
             ax.legend(loc="best", fontsize="small")
         if not steps and not eval_steps:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
-    for ax in axes[-2:]:
+    for ax in axes[-3:-1]:
         ax.set_xlabel("optimizer step")
-    figure.suptitle(f"{run_dir.resolve().name}: metrics up to step {max(r['step'] for r in records):g}")
+        ax.xaxis.set_tick_params(labelbottom=True)
+    figure.suptitle(f"{title}: metrics up to step {max(r['step'] for r in records):g}")
+    return figure
 
+
+def plot_metrics(output_dir: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
+    """Draw OUTPUT_DIR/metrics.jsonl to a PNG (default OUTPUT_DIR/metrics.png); returns its path."""
+    try:
+        import matplotlib  # noqa: F401  (draw imports its parts)
+    except ImportError:
+        raise FastalignError("plotting needs matplotlib: pip install matplotlib") from None
+
+    run_dir = Path(output_dir)
+    records = read_metrics(run_dir / METRICS_FILE)
+    target = Path(output) if output is not None else run_dir / "metrics.png"
+
+    figure = draw(records, run_dir.resolve().name)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
     try:
@@ -148,6 +168,22 @@ def plot_metrics(output_dir: str | os.PathLike, output: str | os.PathLike | None
     finally:
         tmp.unlink(missing_ok=True)
     return target
+
+
+def _plot_ranking(ax, records: Sequence[dict]) -> None:
+    """The evaluation's ranking metrics (one line each) on one panel."""
+    ax.set_title(RANKING_TITLE)
+    drawn = False
+    for key, label in RANKING_KEYS:
+        steps, values = series(records, key)
+        if steps:
+            ax.plot(steps, values, marker="o", linestyle="--", label=label)
+            drawn = True
+    if drawn:
+        ax.legend(loc="best", fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no evaluation with ranking metrics", ha="center", va="center",
+                transform=ax.transAxes, color="grey")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,13 +30,15 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from fastalign import best_model
 from fastalign import checkpoint as ckpt
 from fastalign import distributed as fdist
 from fastalign.attention import BACKENDS as ATTN_BACKENDS
 from fastalign.cli import BOOLEAN_FLAG, exit_process, nonneg_float, number, positive_float, positive_int, run_main
-from fastalign.console import setup_logging
+from fastalign.console import format_metrics_line, setup_logging
 from fastalign.errors import ConfigError, DataError, FastalignError
 from fastalign.preemption import StopOnSignal, Stopped
+from fastalign.profiling import PAUSED, StepProfiler, region
 from fastalign.reporting import open_reporters, parse_report_to
 from fastalign.run_inputs import RunInputs, refuse_destroying_inputs
 from fastalign.run_lock import hold_output_dir
@@ -141,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     own.add_argument("--eval_data_path", default=None, help="Held-out Sandbox records for --evaluation_strategy steps|epoch.")
     own.add_argument("--allow_output_in_model_dir", default=False, help="Allow --output_dir to be --model_name_or_path or inside it (the final model then replaces the base weights). Default False.", **BOOLEAN_FLAG)
     own.add_argument("--eval_steps", type=interval_steps, default=None, help="Steps between evaluations (default: --logging_steps).")
+    own.add_argument("--profile_steps", type=number(int, low=0, what="an integer >= 0"), default=0, help="Profile this many optimizer steps after the first (torch.profiler): a Chrome/Perfetto trace per rank in OUTPUT_DIR/profile/ and a table of where the step time goes (data, forward, loss head, backward, optimizer, communication, host waits) in the log and profile/summary.json. Default 0 (off).")
     own.add_argument("--token_cache_dir", default=None, help="Where tokenized data is cached between runs, keyed on data file, tokenizer and tokenization flags (rank 0 tokenizes, the other ranks read). 'none': no cache. Default: $XDG_CACHE_HOME/fastalign/tokens or ~/.cache/fastalign/tokens.")
 
     hf = parser.add_argument_group("HF Trainer flags (same meaning as in transformers' TrainingArguments)")
@@ -149,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     hf.add_argument("--adam_epsilon", type=positive_float, default=1e-8, help="AdamW epsilon. Default 1e-8.")
     hf.add_argument("--save_only_model", default=False, help="Checkpoints hold the HF model only (loadable with from_pretrained; no optimizer, scheduler or data position), so they cannot be resumed. Default False.", **BOOLEAN_FLAG)
     hf.add_argument("--logging_first_step", default=False, help="Also write a metrics line after the first step. Default False.", **BOOLEAN_FLAG)
+    hf.add_argument("--load_best_model_at_end", default=False, help="Keep the checkpoint with the best --metric_for_best_model out of rotation and export its weights at the end instead of the last step's (needs --save_strategy equal to --evaluation_strategy; --save_steps a multiple of --eval_steps). Default False.", **BOOLEAN_FLAG)
+    hf.add_argument("--metric_for_best_model", default=None, help="Evaluation metric that picks the best checkpoint: eval_pairwise_accuracy, eval_kendall_tau, eval_top1_accuracy, eval_loss, eval_nll_best, eval_penalty, eval_penalty_active_frac (the eval_ prefix may be left out). Default eval_pairwise_accuracy.")
+    hf.add_argument("--greater_is_better", default=None, help="Whether a larger --metric_for_best_model is better. Default: False for a metric ending in 'loss', else True (as HF).", **BOOLEAN_FLAG)
     hf.add_argument("--logging_dir", default=None, help="TensorBoard log directory. Default: output_dir/runs.")
     hf.add_argument("--report_to", nargs="+", default=["none"], metavar="none|tensorboard|wandb|all", help="Also log to these (space- or comma-separated): tensorboard (--logging_dir), wandb (offline when there is no login or network), all (the installed ones). Default none.")
     hf.add_argument("--run_name", default=None, help="Name of the run in TensorBoard's args and in wandb. Default: --output_dir.")
@@ -188,6 +194,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     try:
         fdist.parse_fsdp(args.fsdp)
         args.report_to = parse_report_to(args.report_to)
+        best_model.settle_flags(args)
     except ConfigError as err:
         parser.error(str(err))
     for flag in ("adam_beta1", "adam_beta2"):
@@ -275,9 +282,10 @@ class AlignmentModel(nn.Module):
 
         hidden = self.llama(input_ids, position_ids, cu_seqlens, max_seqlen, kv_index, cu_seqlens_k,
                             max_seqlen_k)  # [T, H]
-        out = stable_alignment_loss(hidden, self.llama.lm_head.weight, targets, response_index,
-                                    scores, group_index, num_groups=num_groups, plan=loss_plan,
-                                    **self.loss_kwargs)
+        with region("loss_head"):
+            out = stable_alignment_loss(hidden, self.llama.lm_head.weight, targets, response_index,
+                                        scores, group_index, num_groups=num_groups, plan=loss_plan,
+                                        **self.loss_kwargs)
         return {"loss": out.loss, "nll": out.nll, "penalty": out.penalty, "best": out.best}
 
 
@@ -553,6 +561,7 @@ class Trainer:
     def setup(self) -> None:
         args, env = self.args, self.env
         from fastalign.data import GroupBatcher
+        from fastalign.evaluate import record_categories
         from fastalign.model import load_tokenizer
 
         torch.manual_seed(args.seed)
@@ -597,11 +606,17 @@ class Trainer:
                 batch_size=args.per_device_eval_batch_size, gradient_accumulation_steps=1,
                 world_size=env.world_size, rank=env.rank, shuffle=False, share_prefix=args.share_prefix,
                 seed_compat=args.margin_mode == "seed")
+            self.eval_categories = (record_categories(args.eval_data_path, rating_scale=args.rating_scale,
+                                                      skip_invalid=args.skip_invalid) if env.is_main else {})
 
         self.total_steps = self._total_steps()
         self.logging_steps = interval(args.logging_steps, self.total_steps)
         self.save_steps = interval(args.save_steps, self.total_steps)
         self.eval_steps = interval(args.eval_steps, self.total_steps) or self.logging_steps
+        self.best = None  # --load_best_model_at_end: the best checkpoint so far
+        if args.load_best_model_at_end:
+            best_model.check_intervals(self.save_steps, self.eval_steps, args.save_strategy)
+            self.best = best_model.BestCheckpoint(args.metric_for_best_model, args.greater_is_better)
 
         self.model, self.llama, attn_backend = build_model(args, env, self.plan)
         config = self.llama.config
@@ -644,6 +659,8 @@ class Trainer:
             state = ckpt.load_checkpoint(resume, self.model, self.optimizer, self.scheduler)
             ckpt.start_branch(self.output_dir, state["step"], resume, self.inputs)  # later ones: abandoned
             self.position = (state["step"], state["epoch"], state["step_in_epoch"])
+            if self.best is not None:
+                self.best.restore(state.get(best_model.STATE_KEY))
             planned = state.get("total_steps", state.get("batch_layout", {}).get("total_steps"))
             if planned is not None and planned != self.total_steps:
                 log.warning("resuming a run planned for %s steps as a run of %d steps: the LR "
@@ -699,13 +716,17 @@ class Trainer:
         from tqdm import tqdm
 
         step = self.position[0]
-        bar = tqdm(total=self.total_steps, initial=step, disable=not self.env.is_main or self.args.disable_tqdm,
-                   desc="train", unit="step", dynamic_ncols=True)
+        # disable=None: no bar when stderr is not a terminal (a log file gets the log lines only)
+        bar = tqdm(total=self.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=True if not self.env.is_main or self.args.disable_tqdm else None)
         try:
-            step = self._loop(bar)
+            with StepProfiler(self.args.profile_steps, self.output_dir, self.env.rank) as self.profiler:
+                step = self._loop(bar)
         finally:  # also on an error: the message that follows must not land on the bar's line
             bar.close()
         self._check_finite(self.nonfinite, step)
+        if self.best is not None:
+            best_model.load_for_export(self.best, self.output_dir, self.model, PREFIX, step)
         log.info("training done at step %d; writing the model to %s", step, self.output_dir)
         ckpt.export_hf(self.model, self.llama.config, self.output_dir, self.args.model_name_or_path,
                        prefix=PREFIX)
@@ -720,7 +741,7 @@ class Trainer:
         pending: PendingLog | None = None  # CUDA: a logging step's numbers, read one step later
         while step < self.total_steps:
             steps_in_epoch = self.batcher.steps_per_epoch(epoch)
-            for opt_step in self.batcher.iter_steps(epoch, first):
+            for opt_step in self.profiler.data(self.batcher.iter_steps(epoch, first)):
                 if step >= self.total_steps:
                     break
                 grad_norm = self._train_step(opt_step, window)
@@ -750,11 +771,14 @@ class Trainer:
                     self._finish_log(pending, bar)
                     pending = None
                 paused = time.perf_counter()  # evaluation and saving are not training time
-                if evaluate:
-                    self._evaluate(step, epoch_float)
                 next_position = (epoch + 1, 0) if epoch_done else (epoch, done_in_epoch)
-                if save:
-                    self._save(step, next_position, self.nonfinite)
+                with region(PAUSED):
+                    eval_record = self._evaluate(step, epoch_float) if evaluate else None
+                    if save:
+                        if self.best is not None and eval_record is not None:
+                            self.best.offer(step, eval_record)
+                        self._save(step, next_position, self.nonfinite)
+                self.profiler.step()  # writing a finished profile is not training time either
                 window.paused += time.perf_counter() - paused
                 if signum := self.stop.requested():  # SIGTERM/SIGINT on any rank
                     if pending is not None:
@@ -778,9 +802,10 @@ class Trainer:
         # loss's plan of each, made on the host: no micro-batch waits for the device before its
         # forward is queued.
         vocab = self.llama.config.vocab_size
-        on_device = [b.to(env.device, non_blocking=True) for b in opt_step.micro_batches]
-        plans = [loss_plan_for(b, vocab).to(env.device, non_blocking=True)
-                 for b in opt_step.micro_batches]
+        with region("data"):
+            on_device = [b.to(env.device, non_blocking=True) for b in opt_step.micro_batches]
+            plans = [loss_plan_for(b, vocab).to(env.device, non_blocking=True)
+                     for b in opt_step.micro_batches]
         last = len(on_device) - 1  # the same on every rank: fillers keep the counts equal
         for index, (host_batch, batch, plan) in enumerate(zip(opt_step.micro_batches, on_device,
                                                                plans)):
@@ -790,8 +815,10 @@ class Trainer:
                 window.computed_tokens += host_batch.computed_tokens
                 window.tokens_x_len += host_batch.attention_work
             try:
-                out = run_batch(self.model, batch, plan)
-                (out["loss"] * (batch.num_groups * scale)).backward()
+                with region("forward"):
+                    out = run_batch(self.model, batch, plan)
+                with region("backward"):
+                    (out["loss"] * (batch.num_groups * scale)).backward()
             except torch.OutOfMemoryError as err:
                 raise FastalignError(
                     f"out of memory on rank {env.rank} in a micro-batch of {batch.num_tokens} tokens: "
@@ -801,16 +828,17 @@ class Trainer:
             if batch.num_groups:  # filler micro-batches (num_groups 0) only keep collectives matched
                 window.device_sums += group_sums(out, batch.num_groups)
                 window.groups += batch.num_groups
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if isinstance(grad_norm, DTensor):
-            grad_norm = grad_norm.full_tensor()
-        if self.args.max_grad_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, self.args.max_grad_norm, grad_norm)
-        window.lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with region("optimizer"):
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            if isinstance(grad_norm, DTensor):
+                grad_norm = grad_norm.full_tensor()
+            if self.args.max_grad_norm > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, self.args.max_grad_norm, grad_norm)
+            window.lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
         return grad_norm.to(env.device, non_blocking=True)  # CPU-offloaded grads: norm on the host
 
     def _start_log(self, step: int, epoch: float, window: Window, grad_norm: torch.Tensor,
@@ -863,6 +891,7 @@ class Trainer:
             "peak_mem_gb": round(max(values[10:]), 3),
         }
         self.metrics.write(record)
+        log.info("%s", format_metrics_line(record, self.total_steps))
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_s:.0f}")
 
     def _check_finite(self, nonfinite: torch.Tensor, step: int) -> None:
@@ -882,40 +911,58 @@ class Trainer:
             + " Try a lower --learning_rate or check the data and model weights.")
 
     @torch.no_grad()
-    def _evaluate(self, step: int, epoch: float) -> None:
+    def _evaluate(self, step: int, epoch: float) -> dict:
+        """eval_loss & co. and the ranking metrics of fastalign.evaluate, from one forward per
+        micro-batch; written to the metrics and returned (the same on every rank)."""
+        from fastalign.evaluate import ranking_record, score_batch
+
         env = self.env
         sums = torch.zeros(4, dtype=torch.float64, device=env.device)
         groups = 0
+        scored = []  # (host batch, device nll [S]): read once, after the last forward is queued
         for opt_step in self.eval_batcher.iter_steps(0):
             for batch in opt_step.micro_batches:
                 out = run_batch(self.model, batch.to(env.device))  # fillers too: collectives match
                 if batch.num_groups:
                     sums += group_sums(out, batch.num_groups)
                     groups += batch.num_groups
+                    scored.append((batch, out["nll"]))
         if isinstance(self.model, FSDPModule):
             self.model.reshard()  # the root stays gathered after a forward without backward
         sums = torch.cat([sums, torch.tensor([float(groups)], dtype=torch.float64, device=env.device)])
         dist.all_reduce(sums)
         loss, nll_best, penalty, active, groups = sums.tolist()
+        results = [r for batch, nll in scored for r in score_batch(batch, nll)]
+        gathered: list = [None] * env.world_size
+        dist.all_gather_object(gathered, results)
+        results = sorted((r for part in gathered for r in part), key=lambda r: r.index)
+        for result in results:  # rank 0 knows the categories (per-category keys: its lines only)
+            result.category = self.eval_categories.get(result.index)
         record = {"step": step, "epoch": round(epoch, 4),
                   "eval_loss": loss / groups, "eval_nll_best": nll_best / groups,
-                  "eval_penalty": penalty / groups, "eval_penalty_active_frac": active / groups}
+                  "eval_penalty": penalty / groups, "eval_penalty_active_frac": active / groups,
+                  **ranking_record(results)}
         self.metrics.write(record)
-        log.info("eval at step %d: loss %.4f", step, record["eval_loss"])
+        log.info("%s", format_metrics_line(record, self.total_steps))
+        return record
 
     def _save(self, step: int, next_position: tuple[int, int], nonfinite: torch.Tensor) -> None:
         self._check_finite(nonfinite, step)  # never checkpoint non-finite weights
         state = {"step": step, "epoch": next_position[0], "step_in_epoch": next_position[1],
                  "total_steps": self.total_steps, "batch_layout": self._batch_layout(),
                  "args": vars(self.args)}
+        best = None
+        if self.best is not None:
+            state[best_model.STATE_KEY] = self.best.state()
+            best = self.best.path(self.output_dir)
         if self.args.save_only_model:
             path = ckpt.save_model_only_checkpoint(
                 self.output_dir, step, self.model, self.llama.config, self.args.model_name_or_path,
-                state, prefix=PREFIX, save_total_limit=self.args.save_total_limit)
+                state, prefix=PREFIX, save_total_limit=self.args.save_total_limit, best=best)
             log.info("saved %s (model only)", path)
             return
         path = ckpt.save_checkpoint(self.output_dir, step, self.model, self.optimizer, self.scheduler,
-                                    state, save_total_limit=self.args.save_total_limit)
+                                    state, save_total_limit=self.args.save_total_limit, best=best)
         log.info("saved %s", path)
 
     def _stop_on_signal(self, signum: int, step: int, next_position: tuple[int, int],

@@ -61,6 +61,42 @@ def run_train(args: list[str], nproc: int = 1, timeout: int = 300,
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
 
 
+def run_train_on_terminal(args: list[str], timeout: int = 300) -> tuple[int, str]:
+    """`python -m fastalign.train` with stderr on a pseudo-terminal, as in an interactive shell
+    (the progress bar is drawn only there): (exit status, everything the terminal received)."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+    import time
+
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # else 0 columns: an empty bar
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    process = subprocess.Popen([sys.executable, "-m", "fastalign.train", *args], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=terminal, cwd=REPO, env=env)
+    os.close(terminal)
+    received, deadline = [], time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if not select.select([controller], [], [], 1.0)[0]:
+                continue
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: the process has ended and closed the terminal
+                break
+            if not chunk:
+                break
+            received.append(chunk)
+        status = process.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(controller)
+    return status, b"".join(received).decode(errors="replace")
+
+
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert result.returncode == 0, result.stderr[-4000:]
     return result

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fastalign.reporting import installed
-from test_train import REPO, common, metrics, ok, run_train, tiny  # noqa: F401  (tiny: fixture)
+from test_train import REPO, common, metrics, ok, run_train, run_train_on_terminal, tiny  # noqa: F401  (tiny: fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -298,17 +298,19 @@ def test_mfu_counts_the_flops_of_computed_tokens_only(probed_run, tiny):
 def test_log_lines_start_their_own_line_beside_the_bar(probed_run):
     _, result, _ = probed_run
     err = result.stderr
-    assert "train:" in err and "saved " in err and "eval at step 3" in err  # bar and log lines both
+    # stderr captured (not a terminal): no bar, the log lines only
+    assert "train:" not in err and "saved " in err and "step=3/5 epoch=" in err
     bar_free(err)
 
 
 def test_an_error_starts_its_own_line_after_the_bar(tiny, tmp_path):
     model, data = tiny
-    result = run_train(common(model, data, tmp_path / "out", max_steps=6, per_device_train_batch_size=4,
-                              max_grad_norm=0, learning_rate=1e30, logging_steps=3))
-    assert result.returncode == 2 and "NaN" in result.stderr
-    assert "train:" in result.stderr
-    bar_free(result.stderr)
+    status, terminal = run_train_on_terminal(common(
+        model, data, tmp_path / "out", max_steps=6, per_device_train_batch_size=4, max_grad_norm=0,
+        learning_rate=1e30, logging_steps=1))
+    assert status == 2 and "NaN" in terminal
+    assert "train:" in terminal and "step=1/6 epoch=" in terminal  # the bar and a log line above it
+    bar_free(terminal)
 
 
 # ------------------------------------------------------------------------------ refusals
