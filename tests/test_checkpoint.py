@@ -32,8 +32,8 @@ def make_checkpoint(root, step: int, complete: bool = True, suffix: str = ""):
     path.mkdir(parents=True)
     (path / ".metadata").write_bytes(b"x")
     if complete:
-        (path / ckpt.STATE_FILE).write_text(json.dumps({"step": step}))
-        (path / ckpt.SCHEDULER_FILE).write_text("{}")
+        (path / ckpt.STATE_FILE).write_text(json.dumps({"step": step, "epoch": 0, "step_in_epoch": step}))
+        (path / ckpt.SCHEDULER_FILE).write_text(json.dumps({"base_lrs": [1e-3], "last_epoch": step}))
         names = [ckpt.STATE_FILE, ckpt.SCHEDULER_FILE, ".metadata"]
         manifest.write_manifest(path, manifest.describe(path, names))
     return path
@@ -125,8 +125,9 @@ def test_save_load_round_trip_with_rotation(tmp_path, process_group):
 
 def test_resaving_a_step_replaces_it(tmp_path, process_group):
     model, optimizer, scheduler = sharded_toy(0)
-    ckpt.save_checkpoint(tmp_path, 1, model, optimizer, scheduler, {"step": 1, "run": "a"})
-    ckpt.save_checkpoint(tmp_path, 1, model, optimizer, scheduler, {"step": 1, "run": "b"})
+    position = {"step": 1, "epoch": 0, "step_in_epoch": 1}
+    ckpt.save_checkpoint(tmp_path, 1, model, optimizer, scheduler, {**position, "run": "a"})
+    ckpt.save_checkpoint(tmp_path, 1, model, optimizer, scheduler, {**position, "run": "b"})
     assert ckpt.read_trainer_state(tmp_path / "checkpoint-1")["run"] == "b"
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-1"]
 
