@@ -104,9 +104,10 @@ def is_model_only(path: Path) -> bool:
     if CHECKPOINT_RE.match(path.name) is None or not (path / STATE_FILE).is_file():
         return False
     try:
-        return json.loads((path / STATE_FILE).read_text()).get(MODEL_ONLY_KEY) is True
+        state = json.loads((path / STATE_FILE).read_text())
     except (OSError, ValueError):
         return False
+    return isinstance(state, dict) and state.get(MODEL_ONLY_KEY) is True  # else checkpoint_state says why
 
 
 def list_model_only_checkpoints(output_dir: str | os.PathLike) -> list[Path]:

@@ -75,12 +75,15 @@ def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path):
     assert ckpt.rotate_checkpoints(tmp_path, None) == []
 
 
-def sharded_toy(seed: int):
+def sharded_toy(seed: int, hidden: int = 8, extra_layer: bool = False):
+    """A two-layer FSDP2 toy with AdamW and a LambdaLR; `hidden` and `extra_layer` make another
+    model's shapes and parameter names."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    model = nn.Sequential(nn.Linear(4, hidden), nn.Tanh(), nn.Linear(hidden, 3),
+                          *([nn.Linear(3, 3)] if extra_layer else []))
     mesh = init_device_mesh("cpu", (1,))
     fully_shard(model[0], mesh=mesh)
     fully_shard(model, mesh=mesh)
