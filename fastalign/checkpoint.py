@@ -3,7 +3,8 @@
 A checkpoint is `output_dir/checkpoint-<step>/`:
 
     .metadata, __<rank>_0.distcp   model and optimizer shards (DCP; loadable at another world size)
-    trainer_state.json             step, data position (epoch, step_in_epoch), batch layout, args
+    trainer_state.json             step, data position (epoch, step_in_epoch), batch layout, the
+                                   run's inputs (data and tokenizer digests: fastalign.resume_inputs), args
     scheduler.json                 LR scheduler state
     rng/rank<r>.json               each rank's torch / CUDA / python / numpy RNG states
     manifest.json                  every other file's size and CRC-32 (fastalign.manifest), last
