@@ -90,7 +90,8 @@ def _file_change(flag: str, saved: Any, now: dict) -> str | None:
     saved = saved if isinstance(saved, dict) else {}
     if saved.get("sha256") == now["sha256"]:
         return None
-    return (f"{flag}: other contents (checkpoint: {saved.get('path')}, sha256 {str(saved.get('sha256'))[:SHOWN_HEX]}...; "
+    old_digest = str(saved.get("sha256"))[:SHOWN_HEX]
+    return (f"{flag}: other contents (checkpoint: {saved.get('path')}, sha256 {old_digest}...; "
             f"now: {now['path']}, sha256 {now['sha256'][:SHOWN_HEX]}...)")
 
 
@@ -98,21 +99,26 @@ def _value_change(name: str, saved: Any, now: Any) -> str | None:
     return None if saved == now else f"{name} (checkpoint {saved!r}, now {now!r})"
 
 
+def _found(changes: list) -> list[str]:
+    return [change for change in changes if change]
+
+
 def data_changes(saved: dict, now: dict) -> list[str]:
     """What differs in the data as the model sees it: files, tokenizer, --model_max_length."""
     both_evaluate = saved.get("eval_data") is not None and now["eval_data"] is not None
-    found = [_file_change("--data_path", saved.get("data"), now["data"]),
-             both_evaluate and _file_change("--eval_data_path", saved["eval_data"], now["eval_data"]),
-             _file_change("the tokenizer files of --model_name_or_path", saved.get("tokenizer"), now["tokenizer"]),
-             _value_change("--model_max_length", saved.get("model_max_length"), now["model_max_length"])]
-    return [change for change in found if change]
+    return _found([
+        _file_change("--data_path", saved.get("data"), now["data"]),
+        both_evaluate and _file_change("--eval_data_path", saved["eval_data"], now["eval_data"]),
+        _file_change("the tokenizer files of --model_name_or_path", saved.get("tokenizer"), now["tokenizer"]),
+        _value_change("--model_max_length", saved.get("model_max_length"), now["model_max_length"])])
 
 
 def packing_changes(saved: dict, now: dict) -> list[str]:
-    found = [_value_change("the step's token budget (--max_tokens_per_batch)", saved.get("step_token_budget"),
-                           now["step_token_budget"]),
-             _value_change("--share_prefix", saved.get("share_prefix"), now["share_prefix"])]
-    return [change for change in found if change]
+    """What differs only in how a step's groups are packed into micro-batches."""
+    return _found([
+        _value_change("the step's token budget (--max_tokens_per_batch)", saved.get("step_token_budget"),
+                      now["step_token_budget"]),
+        _value_change("--share_prefix", saved.get("share_prefix"), now["share_prefix"])])
 
 
 def check(state: dict[str, Any], source: Path, *, layout: dict[str, Any], inputs: dict[str, Any],
@@ -120,10 +126,10 @@ def check(state: dict[str, Any], source: Path, *, layout: dict[str, Any], inputs
     """Compare checkpoint `source`'s trainer state with the resuming run's batch `layout` and
     `inputs`; a ConfigError names every refused change, else the warnings to log are returned."""
     saved_layout = state.get("batch_layout", {})
-    layout_changed = [_value_change(LAYOUT_NAMES.get(name, name), saved_layout.get(name), value)
-                      for name, value in layout.items() if name not in DATA_DERIVED]
-    data_changed = [_value_change(DATA_DERIVED[name], saved_layout.get(name), layout[name])
-                    for name in DATA_DERIVED if name in layout]
+    layout_changed = _found([_value_change(LAYOUT_NAMES.get(name, name), saved_layout.get(name), value)
+                             for name, value in layout.items() if name not in DATA_DERIVED])
+    data_changed = _found([_value_change(DATA_DERIVED[name], saved_layout.get(name), layout[name])
+                           for name in DATA_DERIVED if name in layout])
     warnings = []
     saved_inputs = state.get(INPUTS_KEY)
     if saved_inputs is None:
@@ -135,8 +141,6 @@ def check(state: dict[str, Any], source: Path, *, layout: dict[str, Any], inputs
         if packing:
             warnings.append(f"resuming {source} with other packing: {'; '.join(packing)}; each step holds "
                             "the same groups and loss, packed into other micro-batches")
-    layout_changed = [change for change in layout_changed if change]
-    data_changed = [change for change in data_changed if change]
     position = f"step {state['step']} (epoch {state['epoch']}, step {state['step_in_epoch']} of the epoch)"
     if layout_changed:
         raise ConfigError(

@@ -20,7 +20,7 @@ import torch
 from fastalign import checkpoint as ckpt
 from fastalign import resume_inputs
 from fastalign.errors import ConfigError
-from test_checkpoint import process_group, sharded_toy, train_steps  # noqa: F401  (process_group: a fixture)
+from test_checkpoint import process_group, sharded_toy  # noqa: F401  (process_group: a fixture)
 from test_reliability import reseal, saved_checkpoints
 from test_train import common, metrics, ok, run_train, tiny  # noqa: F401  (tiny: a fixture)
 
@@ -71,8 +71,10 @@ BAD_FIELDS = {
     "layout-not-object": (STATE, setting("batch_layout", [8]), "field 'batch_layout' must be a JSON object"),
     "zero-total": (STATE, setting("total_steps", 0), "field 'total_steps' must be in [1, "),
     "state-not-object": (STATE, lambda state: [state], "the trainer state must be a JSON object"),
-    "scheduler-other-step": (SCHEDULER, setting("last_epoch", 5), "field 'last_epoch' is 5, but the checkpoint is at step 2"),
-    "scheduler-foreign-key": (SCHEDULER, setting("optimizer", "x"), "field 'optimizer' is not a field of the LR scheduler"),
+    "scheduler-other-step": (SCHEDULER, setting("last_epoch", 5),
+                             "field 'last_epoch' is 5, but the checkpoint is at step 2"),
+    "scheduler-foreign-key": (SCHEDULER, setting("optimizer", "x"),
+                              "field 'optimizer' is not a field of the LR scheduler"),
     "scheduler-nan-lr": (SCHEDULER, setting("base_lrs", [math.nan]), "field 'base_lrs[0]' must be a finite number"),
     "scheduler-no-step": (SCHEDULER, without("last_epoch"), "field 'last_epoch' is missing"),
     "rng-short-torch": (RNG, lambda s: {**s, "torch": s["torch"][:-1]}, "field 'torch' must be a list of 5056 items"),
@@ -151,7 +153,7 @@ def test_symlink_in_a_checkpoint_is_refused_naming_it(tmp_path, process_group, l
 
 @pytest.mark.parametrize("other, expected", [
     (lambda: sharded_toy(1, hidden=9), "model.0.weight: checkpoint [8, 4], this model [9, 4]"),
-    (lambda: sharded_toy(1, hidden=8, extra_layer=True), "model.3.weight: not in the checkpoint, this model has [3, 3]"),
+    (lambda: sharded_toy(1, extra_layer=True), "model.3.weight: not in the checkpoint, this model has [3, 3]"),
 ], ids=["hidden-size", "family"])
 def test_checkpoint_of_another_model_names_the_tensor_and_both_shapes(tmp_path, process_group, other, expected):
     (path,) = saved_checkpoints(tmp_path / "out", steps=(1,))
