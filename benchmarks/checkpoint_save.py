@@ -38,14 +38,15 @@ def measure(size_mib: int, trials: int, scratch: Path) -> list[dict]:
     side = int((size_mib * 2**20 / 4) ** 0.5)  # one square fp32 weight of ~size_mib MiB
     model = nn.Linear(side, side, bias=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     model.weight.grad = torch.ones_like(model.weight)
     optimizer.step()  # exp_avg, exp_avg_sq: the checkpoint holds 3x the parameters
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scheduler.step()  # at step 1 like the trainer state below (a resume checks that they agree)
     rows = []
     for trial in range(trials):
         out = scratch / f"trial{trial}"
         started = time.perf_counter()
-        path = ckpt.save_checkpoint(out, 1, model, optimizer, scheduler, {"step": 1})
+        path = ckpt.save_checkpoint(out, 1, model, optimizer, scheduler, {"step": 1, "epoch": 0, "step_in_epoch": 1})
         save_s = time.perf_counter() - started
         names = [p.relative_to(path).as_posix() for p in path.rglob("*")
                  if p.is_file() and p.name != manifest.MANIFEST_FILE]

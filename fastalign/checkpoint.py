@@ -3,7 +3,8 @@
 A checkpoint is `output_dir/checkpoint-<step>/`:
 
     .metadata, __<rank>_0.distcp   model and optimizer shards (DCP; loadable at another world size)
-    trainer_state.json             step, data position (epoch, step_in_epoch), batch layout, args
+    trainer_state.json             step, data position (epoch, step_in_epoch), batch layout, the
+                                   run's inputs (data and tokenizer digests: fastalign.resume_inputs), args
     scheduler.json                 LR scheduler state
     rng/rank<r>.json               each rank's torch / CUDA / python / numpy RNG states
     manifest.json                  every other file's size and CRC-32 (fastalign.manifest), last
@@ -12,8 +13,9 @@ It is written to `checkpoint-<step>.tmp/` and renamed by rank 0 once every rank 
 the manifest is written, so a directory named `checkpoint-<step>` is complete; a crash leaves only
 a `.tmp` directory, which the next start removes. Nothing read on resume can run code: the small
 state is JSON and the DCP files go through `fastalign.safe_dcp`. A resume first verifies the
-manifest: `auto` passes over a checkpoint that does not verify (with a warning) to the newest one
-that does; an explicit path that does not verify is an error.
+checkpoint: every file regular (no symlink) and matching the manifest, the small state files valid
+field by field (`fastalign.checkpoint_state`). `auto` passes over a checkpoint that does not verify
+(with a warning) to the newest one that does; an explicit path that does not verify is an error.
 
 Lineage: resuming from checkpoint-S while checkpoints of later steps exist starts a new branch;
 the later ones (the abandoned branch) are moved into `output_dir/abandoned-<UTC time>/`, so
@@ -51,7 +53,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from fastalign import manifest, safe_dcp
+from fastalign import checkpoint_state, manifest, safe_dcp
 from fastalign.distributed import barrier, broadcast_object
 from fastalign.errors import ConfigError, FastalignError
 
@@ -67,8 +69,8 @@ ABANDONED_PREFIX = "abandoned-"
 EXPORT_TMP_GLOB = ".tmp-save-*"  # Llama.save_pretrained's staging directory inside output_dir
 # ... and beside a --save_only_model checkpoint-N.tmp that does not exist yet: .checkpoint-N.tmp.tmp-<pid>
 MODEL_ONLY_TMP_GLOB = ".checkpoint-*.tmp-*"
-STATE_FILE = "trainer_state.json"
-SCHEDULER_FILE = "scheduler.json"
+STATE_FILE = checkpoint_state.STATE_FILE
+SCHEDULER_FILE = checkpoint_state.SCHEDULER_FILE
 METADATA_FILE = safe_dcp.METADATA_FILE
 TMP_SUFFIX = ".tmp"
 MODEL_ONLY_KEY = "save_only_model"  # trainer_state.json key of a --save_only_model checkpoint
@@ -106,9 +108,10 @@ def is_model_only(path: Path) -> bool:
     if CHECKPOINT_RE.match(path.name) is None or not (path / STATE_FILE).is_file():
         return False
     try:
-        return json.loads((path / STATE_FILE).read_text()).get(MODEL_ONLY_KEY) is True
+        state = json.loads((path / STATE_FILE).read_text())
     except (OSError, ValueError):
         return False
+    return isinstance(state, dict) and state.get(MODEL_ONLY_KEY) is True  # else checkpoint_state says why
 
 
 def list_model_only_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -125,8 +128,12 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 
 
 def verify_checkpoint(path: Path) -> str | None:
-    """Collective: None if `path` is complete and every file matches its manifest, else why not."""
-    return manifest.verify(path, required=(STATE_FILE, METADATA_FILE, SCHEDULER_FILE))
+    """Collective: None if `path` is complete, every file is a regular file matching its manifest
+    and the small state files are valid field by field; else why not."""
+    problem = manifest.verify(path, required=(STATE_FILE, METADATA_FILE, SCHEDULER_FILE))
+    if problem is None:  # the same answer on every rank: all of them are here
+        problem = broadcast_object(checkpoint_state.problem(path) if dist.get_rank() == 0 else None)
+    return problem
 
 
 def resolve_resume(value: str | None, output_dir: str | os.PathLike) -> Path | None:
@@ -340,13 +347,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise ConfigError(f"{path}: not a readable {what} (JSON): {err}") from None
-
-
 def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=1, sort_keys=True))
 
@@ -516,7 +516,8 @@ def save_model_only_checkpoint(output_dir: str | os.PathLike, step: int, model: 
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:
-    return _read_json(path / STATE_FILE, "trainer state")
+    """checkpoint-<N>/trainer_state.json, checked field by field (ConfigError naming the field)."""
+    return checkpoint_state.read_trainer_state(path)
 
 
 def load_checkpoint(
@@ -524,26 +525,31 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore model and optimizer shards, scheduler and this rank's RNG; returns trainer state.
 
-    Nothing read here can run code (safe_dcp for the shards, JSON for the rest); a refused or
-    unreadable file is a ConfigError naming it. Verify the checkpoint first (`resolve_resume`).
+    Nothing read here can run code (safe_dcp for the shards, JSON for the rest); a refused,
+    unreadable or invalid file, or shards of another model (vocabulary, hidden size, family), is a
+    ConfigError naming it, raised before anything is restored. Verify the checkpoint first
+    (`resolve_resume`).
     """
+    trainer_state = read_trainer_state(path)
+    scheduler_state = checkpoint_state.read_scheduler_state(path, trainer_state["step"])
+    rng_file = path / checkpoint_state.RNG_DIR / f"rank{dist.get_rank()}.json"
+    rng_state = checkpoint_state.read_rng_state(rng_file) if rng_file.is_file() else None
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
     try:
         safe_dcp.load(state, path)
-    except (CheckpointException, safe_dcp.UnsafeCheckpointError) as err:
+    except (CheckpointException, safe_dcp.UnsafeCheckpointError, safe_dcp.StateMismatchError) as err:
         cause = _root_cause(err)
-        if isinstance(cause, FastalignError):
-            raise ConfigError(f"--resume_from_checkpoint {path}: {cause}") from None
-        raise
+        if not isinstance(cause, FastalignError):  # a verified file DCP still cannot read
+            cause = f"its shards cannot be read ({type(cause).__name__}: {str(cause).strip()[:300]})"
+        raise ConfigError(f"--resume_from_checkpoint {path}: {cause}") from None
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
     )
-    scheduler.load_state_dict(_read_json(path / SCHEDULER_FILE, "scheduler state"))
-    rng_file = path / "rng" / f"rank{dist.get_rank()}.json"
-    if rng_file.is_file():
-        _set_rng_state(_read_json(rng_file, "RNG state"))
-    return read_trainer_state(path)
+    scheduler.load_state_dict(scheduler_state)
+    if rng_state is not None:
+        _set_rng_state(rng_state)
+    return trainer_state
 
 
 def full_model_state_dict(model: nn.Module, prefix: str = "") -> dict[str, torch.Tensor] | None:

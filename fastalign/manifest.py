@@ -5,7 +5,9 @@
     {"format": 1, "files": {"__0_0.distcp": {"size": 41004, "crc32": 3735928559}, ...}}
 
 A checkpoint is complete only if its manifest parses, lists the files a resume reads, and every
-listed file has its size and checksum. CRC-32 (zlib) catches truncation, overwritten blocks and
+listed file has its size and checksum. Everything below the checkpoint directory must be a plain
+directory or regular file: a symbolic link (to a file or a directory) could make a resume read
+anything outside it, and is refused naming it. CRC-32 (zlib) catches truncation, overwritten blocks and
 flipped bits; it is not a defence against a deliberate forgery (the safe loaders are:
 `fastalign.safe_dcp`, JSON for the small state). It runs at ~1.7 GB/s on one core, so each rank
 checksums the shard it has just written (still in the page cache) in a fraction of the write time.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import zlib
 from pathlib import Path
 
@@ -98,17 +101,41 @@ def _inside(name: str) -> bool:
 _READ_SUFFIXES = (".distcp", ".metadata", ".json")
 
 
+def irregular_entry(root: Path) -> str | None:
+    """The first entry below `root` that is a symbolic link or neither a regular file nor a
+    directory (a FIFO would block the reader), as a sentence; else None. Never follows a link."""
+    try:
+        for directory, dirs, files in os.walk(root, followlinks=False, onerror=_raise):
+            for name in sorted(dirs + files):
+                path = Path(directory) / name
+                mode = path.lstat().st_mode
+                if stat.S_ISLNK(mode):
+                    return (f"{path} is a symbolic link (to {os.readlink(path)}); checkpoint files must be "
+                            f"regular files inside {root}")
+                if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                    return f"{path} is not a regular file"
+    except OSError as err:
+        return f"{err.filename or root} cannot be listed ({err.strerror or err})"
+    return None
+
+
+def _raise(err: OSError) -> None:
+    raise err
+
+
 def verify(root: Path, required: tuple[str, ...] = ()) -> str | None:
     """Collective check of a checkpoint directory; every rank gets the same answer.
 
-    Rank 0 reads the manifest and checks that it lists `required` and every file present; the
-    listed files are split over the ranks (file i on rank i % world size), so a sharded
-    checkpoint is read once in total. Returns None when it verifies, else why not (naming the
+    Rank 0 refuses symbolic links and special files (`irregular_entry`), reads the manifest and
+    checks that it lists `required` and every file present; the listed files are split over the
+    ranks (file i on rank i % world size), so a sharded checkpoint is read once in total. Returns None when it verifies, else why not (naming the
     file).
     """
     problem, files = None, None
     if dist.get_rank() == 0:
-        files, problem = read_manifest(root)
+        problem = irregular_entry(root)
+        if problem is None:
+            files, problem = read_manifest(root)
         outside = [name for name in files or () if not _inside(name)]
         if outside:
             files, problem = None, f"{root / MANIFEST_FILE} names files outside {root}: {', '.join(outside)}"

@@ -7,6 +7,11 @@ Here `.metadata` goes through an unpickler that builds only the DCP metadata cla
 plain values they hold (torch.Size, dtypes, layouts, paths), and non-tensor entries are read with
 `torch.load(weights_only=True)`. Tensor entries are already read with weights_only=True by DCP.
 Anything else is refused with `UnsafeCheckpointError`, naming the file.
+
+Before DCP reads a byte, every tensor of the state to fill is matched with the checkpoint's
+metadata: a checkpoint of another model (vocabulary, hidden size, family) is a
+`StateMismatchError` naming the tensors and both shapes, not DCP's own error from inside its
+collective read.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader, _StorageInfo
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import ReadItem
 
 from fastalign.errors import FastalignError
@@ -35,6 +41,10 @@ METADATA_FILE = ".metadata"
 
 class UnsafeCheckpointError(FastalignError):
     """A checkpoint file holds a pickled object outside the allow-list (it could run code)."""
+
+
+class StateMismatchError(FastalignError):
+    """The checkpoint's tensors are not those of the state to load (another model)."""
 
 
 def _metadata_class(name: str):
@@ -127,8 +137,37 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
+def mismatches(state: dict[str, Any], metadata: Metadata) -> list[str]:
+    """Each tensor of `state` (nested; DTensors by their global shape) that the checkpoint lacks,
+    holds as a non-tensor or holds with another shape, as "name: checkpoint [a, b], this model
+    [c, d]"; then each tensor of the checkpoint that `state` lacks."""
+    flat, _ = flatten_state_dict(state)
+    saved = metadata.state_dict_metadata
+    found = []
+    for name, value in flat.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        entry = saved.get(name)
+        if entry is None:
+            found.append(f"{name}: not in the checkpoint, this model has {list(value.shape)}")
+        elif not isinstance(entry, TensorStorageMetadata):
+            found.append(f"{name}: not a tensor in the checkpoint, this model has {list(value.shape)}")
+        elif tuple(entry.size) != tuple(value.shape):
+            found.append(f"{name}: checkpoint {list(entry.size)}, this model {list(value.shape)}")
+    found += [f"{name}: checkpoint {list(entry.size)}, not in this model" for name, entry in saved.items()
+              if isinstance(entry, TensorStorageMetadata) and name not in flat]
+    return found
+
+
 def load(state: dict[str, Any], path: Path) -> None:
     """dcp.load(state, path) in place, through the safe reader and planner. `.metadata` is read
-    once up front: DCP would log a refusal inside its own reader as a traceback and retry."""
-    read_metadata_file(Path(path) / METADATA_FILE)
+    once up front (DCP would log a refusal inside its own reader as a traceback and retry) and
+    matched with `state` (StateMismatchError naming the first tensors that differ)."""
+    metadata = read_metadata_file(Path(path) / METADATA_FILE)
+    differing = mismatches(state, metadata)
+    if differing:
+        shown = "; ".join(differing[:4]) + (f"; and {len(differing) - 4} more" if len(differing) > 4 else "")
+        raise StateMismatchError(
+            f"{path} holds the tensors of another model (vocabulary, hidden size or family): {shown}. "
+            "Resume with the --model_name_or_path the checkpoint was trained from")
     dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())

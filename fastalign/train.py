@@ -33,6 +33,7 @@ from torch.distributed.tensor import DTensor
 from fastalign import best_model
 from fastalign import checkpoint as ckpt
 from fastalign import distributed as fdist
+from fastalign import resume_inputs
 from fastalign.attention import BACKENDS as ATTN_BACKENDS
 from fastalign.cli import BOOLEAN_FLAG, exit_process, nonneg_float, number, positive_float, positive_int, run_main
 from fastalign.console import format_metrics_line, setup_logging
@@ -138,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     own.add_argument("--stop_response", default=False, help="Cut responses at the first '\\n\\nHuman:' / '\\n\\nAssistant:' marker. Default False.", **BOOLEAN_FLAG)
     own.add_argument("--no_append_eos", default=False, help="Do not append EOS to responses. Default False.", **BOOLEAN_FLAG)
     own.add_argument("--resume_from_checkpoint", default=None, metavar="PATH|auto", help="Resume from a checkpoint-<step> directory, or the latest complete one in --output_dir (auto; a fresh start when there is none).")
+    own.add_argument("--allow_data_change", default=False, help="Resume although the data file, eval data, tokenizer files or --model_max_length differ from the checkpoint's (otherwise refused, naming each change): training continues at the checkpoint's step and data position on the new data. Default False.", **BOOLEAN_FLAG)
     own.add_argument("--max_grad_norm", type=nonneg_float, default=1.0, help="Clip the global gradient norm to this (0: no clipping). Default 1.")
     own.add_argument("--warmup_steps", type=int, default=0, help="Warmup steps; overrides --warmup_ratio when > 0. Default 0.")
     own.add_argument("--eval_data_path", default=None, help="Held-out Sandbox records for --evaluation_strategy steps|epoch.")
@@ -569,8 +571,8 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = args.tf32
             torch.backends.cudnn.allow_tf32 = args.tf32
         check_loss_backend(args.loss_backend, env.device)
-        self.inputs = RunInputs.from_args(args)
-        refuse_destroying_inputs(self.output_dir, self.inputs, overwrite=args.overwrite_output_dir,
+        self.run_inputs = RunInputs.from_args(args)
+        refuse_destroying_inputs(self.output_dir, self.run_inputs, overwrite=args.overwrite_output_dir,
                                  save_total_limit=args.save_total_limit if args.save_strategy != "no" else None,
                                  save_only_model=args.save_only_model, run_files=(METRICS_FILE,))
         ckpt.prepare_output_dir(self.output_dir, fresh_start=args.resume_from_checkpoint is None,
@@ -597,6 +599,8 @@ class Trainer:
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             world_size=env.world_size, rank=env.rank, shuffle=True, share_prefix=args.share_prefix,
             seed_compat=args.margin_mode == "seed")  # the original collator's order and int() scores
+        self.input_digests = resume_inputs.recorded_inputs(args, self.batcher.step_token_budget, rank=env.rank,
+                                                           broadcast=fdist.broadcast_object)
         self.eval_batcher = None
         if args.evaluation_strategy != "no":
             eval_data, summary = load_groups(args.eval_data_path, tokenizer, args, "eval", env)
@@ -655,10 +659,12 @@ class Trainer:
         # Collective: every rank gets rank 0's pick (the newest checkpoint that verifies) or error.
         resume = ckpt.resolve_resume(args.resume_from_checkpoint, self.output_dir)
         if resume is not None:
-            self._check_resumable(ckpt.read_trainer_state(resume))
+            self._check_resumable(resume, ckpt.read_trainer_state(resume))
             state = ckpt.load_checkpoint(resume, self.model, self.optimizer, self.scheduler)
-            ckpt.start_branch(self.output_dir, state["step"], resume, self.inputs)  # later ones: abandoned
+            ckpt.start_branch(self.output_dir, state["step"], resume, self.run_inputs)  # later ones: abandoned
             self.position = (state["step"], state["epoch"], state["step_in_epoch"])
+            if state["step_in_epoch"] > self.batcher.steps_per_epoch(state["epoch"]):
+                self.position = (state["step"], state["epoch"] + 1, 0)  # changed data, shorter epoch
             if self.best is not None:
                 self.best.restore(state.get(best_model.STATE_KEY))
             planned = state.get("total_steps", state.get("batch_layout", {}).get("total_steps"))
@@ -702,13 +708,12 @@ class Trainer:
                 "num_comp": a.num_comp, "seed": a.seed,
                 "steps_in_epoch_0": self.batcher.steps_per_epoch(0)}
 
-    def _check_resumable(self, state: dict) -> None:
-        saved, now = state.get("batch_layout", {}), self._batch_layout()
-        differing = [f"{k} (checkpoint {saved.get(k)!r}, now {v!r})" for k, v in now.items() if saved.get(k) != v]
-        if differing:
-            raise ConfigError("--resume_from_checkpoint: the checkpoint was written with a different "
-                              "batch layout, so the run cannot continue with the same batches: "
-                              + "; ".join(differing))
+    def _check_resumable(self, resume: Path, state: dict) -> None:
+        """Refuse to continue on other batches than the checkpoint's (fastalign.resume_inputs)."""
+        for warning in resume_inputs.check(state, resume, layout=self._batch_layout(), inputs=self.input_digests,
+                                           allow_data_change=self.args.allow_data_change):
+            if self.env.is_main:
+                log.warning("%s", warning)
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -950,7 +955,7 @@ class Trainer:
         self._check_finite(nonfinite, step)  # never checkpoint non-finite weights
         state = {"step": step, "epoch": next_position[0], "step_in_epoch": next_position[1],
                  "total_steps": self.total_steps, "batch_layout": self._batch_layout(),
-                 "args": vars(self.args)}
+                 resume_inputs.INPUTS_KEY: self.input_digests, "args": vars(self.args)}
         best = None
         if self.best is not None:
             state[best_model.STATE_KEY] = self.best.state()

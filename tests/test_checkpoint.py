@@ -32,8 +32,8 @@ def make_checkpoint(root, step: int, complete: bool = True, suffix: str = ""):
     path.mkdir(parents=True)
     (path / ".metadata").write_bytes(b"x")
     if complete:
-        (path / ckpt.STATE_FILE).write_text(json.dumps({"step": step}))
-        (path / ckpt.SCHEDULER_FILE).write_text("{}")
+        (path / ckpt.STATE_FILE).write_text(json.dumps({"step": step, "epoch": 0, "step_in_epoch": step}))
+        (path / ckpt.SCHEDULER_FILE).write_text(json.dumps({"base_lrs": [1e-3], "last_epoch": step}))
         names = [ckpt.STATE_FILE, ckpt.SCHEDULER_FILE, ".metadata"]
         manifest.write_manifest(path, manifest.describe(path, names))
     return path
@@ -75,12 +75,15 @@ def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path):
     assert ckpt.rotate_checkpoints(tmp_path, None) == []
 
 
-def sharded_toy(seed: int):
+def sharded_toy(seed: int, hidden: int = 8, extra_layer: bool = False):
+    """A two-layer FSDP2 toy with AdamW and a LambdaLR; `hidden` and `extra_layer` make another
+    model's shapes and parameter names."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    model = nn.Sequential(nn.Linear(4, hidden), nn.Tanh(), nn.Linear(hidden, 3),
+                          *([nn.Linear(3, 3)] if extra_layer else []))
     mesh = init_device_mesh("cpu", (1,))
     fully_shard(model[0], mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -125,8 +128,9 @@ def test_save_load_round_trip_with_rotation(tmp_path, process_group):
 
 def test_resaving_a_step_replaces_it(tmp_path, process_group):
     model, optimizer, scheduler = sharded_toy(0)
-    ckpt.save_checkpoint(tmp_path, 1, model, optimizer, scheduler, {"step": 1, "run": "a"})
-    ckpt.save_checkpoint(tmp_path, 1, model, optimizer, scheduler, {"step": 1, "run": "b"})
+    position = {"step": 1, "epoch": 0, "step_in_epoch": 1}
+    ckpt.save_checkpoint(tmp_path, 1, model, optimizer, scheduler, {**position, "run": "a"})
+    ckpt.save_checkpoint(tmp_path, 1, model, optimizer, scheduler, {**position, "run": "b"})
     assert ckpt.read_trainer_state(tmp_path / "checkpoint-1")["run"] == "b"
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-1"]
 
