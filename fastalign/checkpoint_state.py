@@ -130,6 +130,16 @@ def check_trainer_state(state: Any, path: Path, expected_step: int) -> dict[str,
     for name in ("inputs", "args"):
         if name in state:
             fields.object(name, state[name])
+    if state.get("best_checkpoint") is not None:  # --load_best_model_at_end's choice (best_model.py)
+        best = state["best_checkpoint"]
+        fields.object("best_checkpoint", best)
+        if not isinstance(best.get("metric"), str):
+            fields.fail("best_checkpoint.metric", f"must be a metric name, got {_short(best.get('metric'))}")
+        fields.boolean("best_checkpoint.greater_is_better", best.get("greater_is_better"))
+        if best.get("step") is not None:
+            fields.integer("best_checkpoint.step", best["step"], 0, step)
+            if type(best.get("value")) not in (int, float) or not math.isfinite(best["value"]):
+                fields.fail("best_checkpoint.value", f"must be a finite number, got {_short(best.get('value'))}")
     return state
 
 
