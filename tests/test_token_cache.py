@@ -1,5 +1,7 @@
 """fastalign.token_cache: entries give back exactly the tokenized groups, keys follow content,
-tokenizer and flags, and a 2-rank run tokenizes once (then not at all on the next run)."""
+tokenizer and flags, a 2-rank run tokenizes once (then not at all on the next run), and an entry
+that is damaged or made by hand (the cache directory may be shared) is a miss, rewritten, never a
+crash nor a memory blow-up, on every rank alike."""
 
 from __future__ import annotations
 
@@ -15,12 +17,11 @@ import numpy as np
 import pytest
 
 from fastalign import token_cache
-
 from fastalign.data import load_records, sample_data_path, tokenize_records
-from fastalign.tokenization import TokenizedData
 from fastalign.errors import DataError
 from fastalign.tiny import build_tokenizer, sandbox_texts
-from fastalign.token_cache import cache_key, cached_groups, entry_digest, read_entry, write_entry
+from fastalign.token_cache import BadEntry, cache_key, cached_groups, entry_digest, read_entry, write_entry
+from fastalign.tokenization import TokenizedData
 from test_train import REPO, assert_same_metrics, common, metrics, ok, run_train, tiny  # noqa: F401  (tiny: fixture)
 
 VOCAB = 300  # the module's tokenizer's
@@ -44,6 +45,35 @@ def tokenized(tokenizer_dir):
     data = tokenize_records(records, AutoTokenizer.from_pretrained(str(tokenizer_dir)),
                             model_max_length=SETTINGS["model_max_length"], append_eos=False, stop_response=True)
     return data, emptied
+
+
+class TwoRanks:
+    """cached_groups as rank 0 and rank 1 of one run call it: rank 1's broadcast returns rank 0's
+    last status, and `calls` counts the tokenizations (`make`) of both."""
+
+    def __init__(self, tokenized, tokenizer_dir, cache_dir: Path) -> None:
+        self.tokenized, self.calls, self.status = tokenized, 0, None
+        self.kwargs = dict(data_path=str(sample_data_path()), tokenizer_dir=str(tokenizer_dir), settings=SETTINGS,
+                           cache_dir=cache_dir, vocab_size=VOCAB)
+
+    def make(self):
+        self.calls += 1
+        return self.tokenized, {"valid_records": 30, "skipped": {}}
+
+    def _publish(self, status):  # what broadcast_object gives every rank: rank 0's value
+        self.status = status
+        return status
+
+    def rank0(self):
+        return cached_groups(self.make, rank=0, broadcast=self._publish, **self.kwargs)
+
+    def rank1(self):
+        return cached_groups(self.make, rank=1, broadcast=lambda _: self.status, **self.kwargs)
+
+
+@pytest.fixture
+def ranks(tokenized, tokenizer_dir, tmp_path):
+    return TwoRanks(tokenized[0], tokenizer_dir, tmp_path / "cache")
 
 
 def test_entry_gives_back_the_same_groups(tokenized, tmp_path):
@@ -82,32 +112,17 @@ def test_key_follows_content_tokenizer_and_settings(tokenizer_dir, tmp_path):
     assert cache_key(data, other_tok, SETTINGS) != key
 
 
-def test_rank_0_tokenizes_once_writes_and_the_rest_read(tokenized, tokenizer_dir, tmp_path):
-    tokenized, _ = tokenized
-    calls = []
-
-    def make():
-        calls.append(1)
-        return tokenized, {"valid_records": 30, "skipped": {}}
-
-    shared = {}
-
-    def rank0_broadcast(obj):  # what broadcast_object gives every rank: rank 0's value
-        shared["status"] = obj
-        return obj
-
-    kwargs = dict(data_path=str(sample_data_path()), tokenizer_dir=str(tokenizer_dir), settings=SETTINGS,
-                  cache_dir=tmp_path / "cache", vocab_size=VOCAB)
-    first = cached_groups(make, rank=0, broadcast=rank0_broadcast, **kwargs)
-    assert first[2] == "tokenized" and len(calls) == 1
-    other = cached_groups(make, rank=1, broadcast=lambda _: shared["status"], **kwargs)
-    assert other[2] == "read from rank 0" and len(calls) == 1 and other[0].groups == tokenized.groups
-    again = cached_groups(make, rank=0, broadcast=rank0_broadcast, **kwargs)
-    assert again[2] == "cache hit" and len(calls) == 1 and again[0].groups == tokenized.groups
+def test_rank_0_tokenizes_once_writes_and_the_rest_read(ranks):
+    first = ranks.rank0()
+    assert first[2] == "tokenized" and ranks.calls == 1
+    other = ranks.rank1()
+    assert other[2] == "read from rank 0" and ranks.calls == 1 and other[0].groups == ranks.tokenized.groups
+    again = ranks.rank0()
+    assert again[2] == "cache hit" and ranks.calls == 1 and again[0].groups == ranks.tokenized.groups
     # a damaged entry is made again
-    (entry,) = (tmp_path / "cache").glob("*.npz")
+    (entry,) = ranks.kwargs["cache_dir"].glob("*.npz")
     entry.write_bytes(b"not a zip")
-    assert cached_groups(make, rank=0, broadcast=rank0_broadcast, **kwargs)[2] == "tokenized" and len(calls) == 2
+    assert ranks.rank0()[2] == "tokenized" and ranks.calls == 2
 
 
 def test_a_data_error_of_rank_0_is_raised_on_every_rank(tokenizer_dir, tmp_path):
@@ -194,96 +209,56 @@ POISONS = {  # name: (how the entry is spoiled, words of the warning's reason)
 
 
 @pytest.mark.parametrize("poison", list(POISONS))
-def test_a_poisoned_entry_is_a_miss_with_one_warning_then_rewritten(poison, tokenized, tokenizer_dir, tmp_path,
-                                                                     caplog):
-    tokenized, _ = tokenized
-    calls = []
-
-    def make():
-        calls.append(1)
-        return tokenized, {"valid_records": 30, "skipped": {}}
-
-    kwargs = dict(data_path=str(sample_data_path()), tokenizer_dir=str(tokenizer_dir), settings=SETTINGS,
-                  cache_dir=tmp_path, rank=0, broadcast=lambda status: status, vocab_size=VOCAB)
-    assert cached_groups(make, **kwargs)[2] == "tokenized"
-    (entry,) = tmp_path.glob("*.npz")
-    write_entry(tmp_path / "other.npz", TokenizedData(tokenized.groups[:3], tokenized.stats), {})
+def test_a_poisoned_entry_is_a_miss_with_one_warning_then_rewritten(poison, ranks, caplog):
+    assert ranks.rank0()[2] == "tokenized"
+    cache = ranks.kwargs["cache_dir"]
+    (entry,) = cache.glob("*.npz")
+    write_entry(cache / "other.npz", TokenizedData(ranks.tokenized.groups[:3], ranks.tokenized.stats), {})
     spoil, reason = POISONS[poison]
     spoil(entry)
     with caplog.at_level("WARNING", logger="fastalign.train"):
-        again = cached_groups(make, **kwargs)
-    assert again[2] == "tokenized" and len(calls) == 2 and again[0].groups == tokenized.groups
+        again = ranks.rank0()
+    assert again[2] == "tokenized" and ranks.calls == 2 and again[0].groups == ranks.tokenized.groups
     (warning,) = [r.getMessage() for r in caplog.records]
     assert f"token cache entry {entry} is not used: " in warning and reason in warning, warning
-    # rewritten in place, it verifies and hits from now on
-    assert cached_groups(make, **kwargs)[2] == "cache hit" and len(calls) == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([entry.name, "other.npz"])  # no temporary left
+    # rewritten in place: rank 1 reads it, and it hits from now on
+    assert ranks.rank1()[2] == "read from rank 0" and ranks.rank0()[2] == "cache hit" and ranks.calls == 2
+    assert sorted(p.name for p in cache.iterdir()) == sorted([entry.name, "other.npz"])  # no temporary left
 
 
-def test_other_ranks_use_only_the_entry_rank_0_verified(tokenized, tokenizer_dir, tmp_path, caplog):
-    tokenized, _ = tokenized
-    calls = []
-
-    def make():
-        calls.append(1)
-        return tokenized, {"valid_records": 30, "skipped": {}}
-
-    shared = {}
-
-    def rank0_broadcast(status):
-        shared["status"] = status
-        return status
-
-    kwargs = dict(data_path=str(sample_data_path()), tokenizer_dir=str(tokenizer_dir), settings=SETTINGS,
-                  cache_dir=tmp_path, vocab_size=VOCAB)
-    cached_groups(make, rank=0, broadcast=rank0_broadcast, **kwargs)
-    (entry,) = tmp_path.glob("*.npz")
+def test_other_ranks_use_only_the_entry_rank_0_verified(ranks, caplog):
+    ranks.rank0()
+    (entry,) = ranks.kwargs["cache_dir"].glob("*.npz")
     # replaced between rank 0's write and rank 1's read by an entry that verifies on its own
     rewrite(entry, response_tokens=setitem(0, 7))
     replaced = entry.read_bytes()
     with caplog.at_level("WARNING", logger="fastalign.train"):
-        other = cached_groups(make, rank=1, broadcast=lambda _: shared["status"], **kwargs)
-    assert other[2] == "tokenized" and len(calls) == 2 and other[0].groups == tokenized.groups
+        other = ranks.rank1()
+    assert other[2] == "tokenized" and ranks.calls == 2 and other[0].groups == ranks.tokenized.groups
     (warning,) = [r.getMessage() for r in caplog.records]
     assert f"{entry} is not used on rank 1: not the entry rank 0 verified" in warning
     assert entry.read_bytes() == replaced  # only rank 0 writes
     # damaged for rank 1 alone: the reason is named and rank 1 tokenizes
     caplog.clear()
     entry.write_bytes(b"not a zip")
-    assert cached_groups(make, rank=1, broadcast=lambda _: shared["status"], **kwargs)[2] == "tokenized"
+    assert ranks.rank1()[2] == "tokenized" and ranks.calls == 3
     assert "is not used on rank 1: unreadable" in caplog.records[0].getMessage()
 
 
-def test_ranks_do_not_read_an_entry_rank_0_could_not_rewrite(tokenized, tokenizer_dir, tmp_path, monkeypatch,
-                                                             caplog):
-    tokenized, _ = tokenized
-    calls = []
-
-    def make():
-        calls.append(1)
-        return tokenized, {"valid_records": 30, "skipped": {}}
-
-    shared = {}
-
-    def rank0_broadcast(status):
-        shared["status"] = status
-        return status
-
-    kwargs = dict(data_path=str(sample_data_path()), tokenizer_dir=str(tokenizer_dir), settings=SETTINGS,
-                  cache_dir=tmp_path, vocab_size=VOCAB)
-    cached_groups(make, rank=0, broadcast=rank0_broadcast, **kwargs)
-    (entry,) = tmp_path.glob("*.npz")
+def test_ranks_do_not_read_an_entry_rank_0_could_not_rewrite(ranks, monkeypatch, caplog):
+    ranks.rank0()
+    (entry,) = ranks.kwargs["cache_dir"].glob("*.npz")
     rewrite(entry, query_tokens=setitem(0, VOCAB))
 
     def read_only(*_args):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(token_cache, "write_entry", read_only)
-    assert cached_groups(make, rank=0, broadcast=rank0_broadcast, **kwargs)[2] == "tokenized"
+    assert ranks.rank0()[2] == "tokenized"
     caplog.clear()
     with caplog.at_level("WARNING", logger="fastalign.train"):
-        other = cached_groups(make, rank=1, broadcast=lambda _: shared["status"], **kwargs)
-    assert other[2] == "tokenized" and other[0].groups == tokenized.groups and not caplog.records
+        other = ranks.rank1()
+    assert other[2] == "tokenized" and other[0].groups == ranks.tokenized.groups and not caplog.records
 
 
 def test_random_edits_of_the_arrays_are_refused_or_give_valid_groups(tokenized, tmp_path):
@@ -304,11 +279,13 @@ def test_random_edits_of_the_arrays_are_refused_or_give_valid_groups(tokenized, 
             name = str(rng.choice([n for n in clean if n not in ("meta", "digest")]))
             array = arrays[name].copy()
             edit = rng.integers(3)
-            if edit == 0:
-                value = extremes[rng.integers(len(extremes))] if rng.random() < 0.5 else rng.integers(-3, 400)
-                info = np.iinfo(array.dtype) if array.dtype.kind == "i" else None
-                array[rng.integers(len(array))] = np.nan if info is None and rng.random() < 0.3 else (
-                    value if info is None else min(max(value, info.min), info.max))
+            if edit == 0 and len(array):
+                value = extremes[rng.integers(len(extremes))] if rng.random() < 0.5 else int(rng.integers(-3, 400))
+                if array.dtype.kind == "f":
+                    value = np.nan if rng.random() < 0.3 else value
+                else:
+                    value = min(max(value, np.iinfo(array.dtype).min), np.iinfo(array.dtype).max)
+                array[rng.integers(len(array))] = value
             elif edit == 1:
                 array = array[:rng.integers(len(array) + 1)]
             else:
@@ -319,7 +296,7 @@ def test_random_edits_of_the_arrays_are_refused_or_give_valid_groups(tokenized, 
             np.savez(f, **arrays)
         try:
             back = read_entry(entry, vocab_size=VOCAB, max_score=7.0)[0]
-        except token_cache.BadEntry:
+        except BadEntry:
             refused += 1
             continue
         for group in back.groups:
