@@ -323,14 +323,19 @@ exit_process(run_main(train.main, sys.argv[1:]))
 
 @pytest.mark.slow
 def test_two_rank_run_tokenizes_once_and_the_next_run_not_at_all(tiny, tmp_path):
+    """... and a 2-rank run on a poisoned entry: rank 0 alone warns and re-tokenizes, rank 1 reads
+    what rank 0 rewrote, and both train on the real tokens."""
     model, data = tiny
     script = tmp_path / "counting_main.py"
     script.write_text(COUNTING_MAIN)
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    two_ranks = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     runs = []
     # the same global batches: 2 ranks x 1 micro-batch, then 1 rank x 2 accumulated micro-batches
-    for name, launch, accumulation in (("two_ranks", ["-m", "torch.distributed.run", "--standalone",
-                                                      "--nproc_per_node=2"], 1), ("one_rank", [], 2)):
+    for name, launch, accumulation in (("two_ranks", two_ranks, 1), ("one_rank", [], 2), ("poisoned", two_ranks, 1)):
+        if name == "poisoned":
+            (entry,) = (tmp_path / "cache").glob("*.npz")
+            rewrite(entry, scores=setitem(0, np.nan))
         out = tmp_path / name
         flags = common(model, data, out, max_steps=2, per_device_train_batch_size=2,
                        gradient_accumulation_steps=accumulation, token_cache_dir=tmp_path / "cache",
@@ -342,6 +347,11 @@ def test_two_rank_run_tokenizes_once_and_the_next_run_not_at_all(tiny, tmp_path)
     assert runs[1][0] == 0 and "(cache hit)" in runs[1][1].stderr
     # the groups read back train exactly as the tokenized ones did
     assert [m["loss"] for m in runs[1][2]] == pytest.approx([m["loss"] for m in runs[0][2]], rel=1e-5)
+    tokenizations, result, poisoned = runs[2]
+    assert tokenizations == 1 and "TOKENIZE rank=0" in result.stdout
+    (warning,) = [line for line in result.stderr.splitlines() if "is not used" in line]  # rank 0's alone
+    assert f"token cache entry {entry} is not used: scores hold a NaN" in warning
+    assert [m["loss"] for m in poisoned] == pytest.approx([m["loss"] for m in runs[0][2]], rel=1e-5)
 
 
 # Address space for the trainer below: a tiny run needs under 2 GiB here; the old reader's list of
