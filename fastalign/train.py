@@ -414,6 +414,7 @@ def load_groups(path: str, tokenizer: Callable[[], object], args, what: str, env
     Tokenized once per run and cached across runs (fastalign.token_cache); `tokenizer()` returns
     the tokenizer, loaded only when something has to be tokenized.
     """
+    from fastalign.model import LlamaConfig
     from fastalign.packing import packed_tokens
     from fastalign.token_cache import cached_groups
 
@@ -427,7 +428,8 @@ def load_groups(path: str, tokenizer: Callable[[], object], args, what: str, env
     cache_dir = Path(args.token_cache_dir) if args.token_cache_dir not in ("", "none") else None
     tokenized, meta, how = cached_groups(tokenize, data_path=path, tokenizer_dir=args.model_name_or_path,
                                          settings=settings, cache_dir=cache_dir, rank=env.rank,
-                                         broadcast=fdist.broadcast_object)
+                                         broadcast=fdist.broadcast_object,
+                                         vocab_size=LlamaConfig.from_pretrained(args.model_name_or_path).vocab_size)
     skipped = meta["skipped"]
     if not tokenized.groups:
         raise DataError(f"{path}: no usable {what} records (skipped: {skipped or 'none'}, "
