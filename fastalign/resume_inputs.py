@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fastalign.errors import ConfigError
-from fastalign.token_cache import TOKENIZER_FILES, _file_digest
+from fastalign.token_cache import TOKENIZER_FILES, file_digest
 
 INPUTS_KEY = "inputs"  # trainer_state.json key
 # The tokenizer's own files: config.json (in the token cache's key too) changes with the model,
@@ -56,12 +56,12 @@ DATA_DERIVED = {"steps_in_epoch_0": "optimizer steps in epoch 0"}  # follows fro
 
 
 def _file_record(path: str) -> dict[str, str]:
-    return {"path": os.path.abspath(path), "sha256": _file_digest(Path(path))}
+    return {"path": os.path.abspath(path), "sha256": file_digest(Path(path))}
 
 
 def tokenizer_digest(model_dir: str | os.PathLike) -> str:
     """SHA-256 over the names and digests of the tokenizer files present in `model_dir`."""
-    files = {name: _file_digest(Path(model_dir) / name) for name in TOKENIZER_ONLY_FILES
+    files = {name: file_digest(Path(model_dir) / name) for name in TOKENIZER_ONLY_FILES
              if (Path(model_dir) / name).is_file()}
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 

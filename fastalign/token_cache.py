@@ -58,7 +58,7 @@ def default_cache_dir() -> Path:
     return Path(base) / "fastalign" / "tokens"
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -69,8 +69,8 @@ def _file_digest(path: Path) -> str:
 def cache_key(data_path: str | os.PathLike, tokenizer_dir: str | os.PathLike, settings: dict) -> str:
     """SHA-256 (hex) of the data file's bytes, the tokenizer files and the settings."""
     tokenizer_dir = Path(tokenizer_dir)
-    parts = {"format": FORMAT, "settings": settings, "data": _file_digest(Path(data_path)),
-             "tokenizer": {name: _file_digest(tokenizer_dir / name)
+    parts = {"format": FORMAT, "settings": settings, "data": file_digest(Path(data_path)),
+             "tokenizer": {name: file_digest(tokenizer_dir / name)
                            for name in TOKENIZER_FILES if (tokenizer_dir / name).is_file()}}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
