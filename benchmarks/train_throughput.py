@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py --preset cpu-tiny [--plot]
     PYTHONPATH=. python benchmarks/train_throughput.py --preset gpu-1b --plot      (CUDA)
+    ... --preset gpu-1b --build_model_dir DIR, then --model_dir DIR: build the checkpoint once, share it
 
 Both sides load the same HF Llama checkpoint (random weights of the preset's shape, tokenizer
 trained on the data; built in a temp dir) and train on the same optimizer steps: the same groups
@@ -379,6 +380,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data_path", type=Path, default=None, help="Sandbox records (default: bundled sample)")
     parser.add_argument("--model_dir", type=Path, default=None, help="HF Llama dir with tokenizer (default: random "
                         "weights of the preset's shape)")
+    parser.add_argument("--build_model_dir", type=Path, default=None,
+                        help="only build the preset's checkpoint (random weights + tokenizer) into this folder "
+                             "and exit: several runs (gpu_check's stages) then share it with --model_dir")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per side (default: the preset's)")
     parser.add_argument("--steps", type=int, default=None, help="measured steps per side (default: the preset's)")
     parser.add_argument("--max_tokens_per_batch", type=int, default=None,
@@ -407,6 +411,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     device = preset.device
     data_path = (args.data_path or default_data_path()).resolve()
+    if args.build_model_dir is not None:
+        from benchmarks.baseline_original import build_benchmark_dir
+
+        started = time.perf_counter()
+        build_benchmark_dir(preset, data_path, args.build_model_dir, seed=args.seed)
+        print(f"built a random {preset.name} checkpoint in {args.build_model_dir} in "
+              f"{time.perf_counter() - started:.0f} s")
+        return 0
     load_at_start = os.getloadavg()[0]  # other work on a shared machine: read the times with it
     with tempfile.TemporaryDirectory(prefix="fa-throughput-") as tmp:
         if preset.min_response_chars:
