@@ -140,34 +140,44 @@ def collect() -> tuple[dict[str, Any], Verdict]:
 
     cuda = torch.cuda.is_available()
     info: dict[str, Any] = {"cuda_available": cuda, **machine_info("cuda" if cuda else "cpu"),
-                            "c_compiler": c_compiler(), "python_headers": python_headers()}
-    verdict = Verdict()
+                            "cuda_build": torch.version.cuda, "c_compiler": c_compiler(),
+                            "python_headers": python_headers()}
     try:
         info.update(fastalign_choices(cuda))
     except Exception as err:  # reported, not raised: the facts above are still worth writing
         info["fastalign_choices_error"] = f"{type(err).__name__}: {_one_line(err)}"
-        verdict.problems.append(f"fastalign's backend choice failed: {info['fastalign_choices_error']}")
     smi = shutil.which("nvidia-smi")
     if smi:
         info["nvidia_smi"] = _first_line([smi, "--query-gpu=name,memory.total,driver_version,clocks.max.sm",
                                           "--format=csv,noheader"])
-    if not cuda:
-        verdict.fatal = (f"no CUDA device visible to torch {torch.__version__} (CUDA build: {torch.version.cuda}); "
-                         "fix: run on a machine with an NVIDIA GPU and a CUDA build of torch, and check "
-                         "nvidia-smi and CUDA_VISIBLE_DEVICES")
-        return info, verdict
-    info["triton_launch"] = triton_launch()
-    if not info["triton_launch"]["ok"]:
+    if cuda:
+        info["triton_launch"] = triton_launch()
+    return info, verdict(info)
+
+
+def verdict(info: dict[str, Any]) -> Verdict:
+    """What the facts mean for the later stages (see the module docstring)."""
+    found = Verdict()
+    if not info["cuda_available"]:
+        found.fatal = (f"no CUDA device visible to torch {info['torch']} (CUDA build: {info.get('cuda_build')}); "
+                       "fix: run on a machine with an NVIDIA GPU and a CUDA build of torch, and check "
+                       "nvidia-smi and CUDA_VISIBLE_DEVICES")
+        return found
+    launch = info.get("triton_launch") or {"ok": False, "error": "not tried"}
+    if not launch["ok"]:
         missing = [what for what, key in (("a C compiler", "c_compiler"), ("Python's headers", "python_headers"))
                    if not info[key]["path"]]
-        fix = (f"install {' and '.join(missing)} (e.g. apt-get install gcc python3-dev), or set CC"
-               if missing else "see triton_launch in environment.json; a C compiler (CC) and Python.h are found")
-        verdict.fatal = f"Triton cannot launch a kernel: {info['triton_launch']['error']}; fix: {fix}"
-        return info, verdict
-    capability = tuple(int(x) for x in info["gpu_capability"].split("."))
+        fix = (f"install {' and '.join(missing)} (e.g. apt-get install gcc python3-dev), or set CC to a compiler"
+               if missing else "a C compiler and Python.h were found: see triton_launch and c_compiler in "
+               "environment.json")
+        found.fatal = f"Triton cannot launch a kernel ({launch['error']}); fix: {fix}"
+        return found
+    if "fastalign_choices_error" in info:
+        found.problems.append(f"fastalign's backend choice failed: {info['fastalign_choices_error']}")
+    capability = tuple(int(x) for x in str(info.get("gpu_capability", "0.0")).split("."))
     if capability >= (8, 0) and info.get("attention_backend") == "sdpa":
-        verdict.problems.append(
+        found.problems.append(
             f"attention falls back to per-sequence SDPA on sm{capability[0]}{capability[1]} (torch {info['torch']}, "
-            f"flash-attn {info['flash_attn'] or 'none'}): {info.get('attention_reason')}; fix: install flash-attn "
-            "built for this torch, or a torch with torch.nn.attention.varlen")
-    return info, verdict
+            f"flash-attn {info.get('flash_attn') or 'none'}): {info.get('attention_reason')}; fix: install "
+            "flash-attn built for this torch, or a torch with torch.nn.attention.varlen (2.9 or newer)")
+    return found
