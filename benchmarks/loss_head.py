@@ -24,9 +24,13 @@ Methods (each where available):
 - liger:       Liger-Kernel's fused linear cross entropy (reduction='none'), + per-response means.
 The group part (best, margins, penalty) of the baselines is fastalign.kernels.group_math under autograd.
 
-Method. Each method runs in its own child process (benchmarks.common.Worker): inputs are built
-there, then one untimed warm-up step, then the peak-memory step, then timed steps interleaved
-across methods (A B C A B C ...) so load changes on a shared machine hit all alike; the median is
+Method. Each method runs in its own child process (benchmarks.common.Worker); all of them start
+together (interpreter, imports and CUDA start-up paid in parallel, once), then each case's workers
+build their inputs and run one untimed warm-up step together; then, one method at a time, the
+peak-memory step, then timed steps interleaved across methods (A B C A B C ...) so load changes
+on a shared machine hit all alike. A method that could run here and fails gets a `failed` row
+(its first error line), the others are still measured and written, and the script ends with an
+`error:` line and exit status 2. The median is
 reported, with the process CPU-time ratio beside it (on a shared CPU machine the wall time also
 measures the neighbours; on CUDA the CPU time only measures launch overhead). Peak memory is the
 loss head's extra memory above its inputs: CUDA max_memory_allocated minus the bytes allocated

@@ -205,6 +205,57 @@ def test_loss_head_runs_tiny_and_every_method_computes_the_same_loss(tmp_path):
         assert "time" in row or row["skipped"]  # a skipped method says why
 
 
+FAILING_WORKER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from benchmarks import loss_head
+from benchmarks.common import serve
+
+
+class OutOfMemoryError(RuntimeError):
+    pass
+
+
+def broken_setup(**kwargs):
+    raise OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+
+sys.exit(serve({"ready": loss_head.handle_ready, "setup": broken_setup}))
+"""
+
+
+def test_loss_head_fails_when_a_method_that_could_run_fails(tmp_path, monkeypatch, capsys):
+    # An available method that breaks is a failed benchmark (an `error:` line, exit status 2),
+    # not a skipped row in a run that exits 0; the others are still measured and written.
+    from benchmarks import loss_head
+    from fastalign.cli import run_main
+
+    script = tmp_path / "failing_worker.py"
+    script.write_text(FAILING_WORKER)
+    real_start = loss_head.start_workers
+
+    def start_workers(plan, device):  # fastalign's worker replaced by one whose setup fails
+        workers = real_start(plan, device)
+        key = next(key for key in workers if key[1] == "fastalign")
+        workers[key].close()
+        workers[key] = common.Worker([str(script), str(ROOT)]).start()
+        workers[key].call("ready", device=device)
+        return workers
+
+    monkeypatch.setattr(loss_head, "start_workers", start_workers)
+    status = run_main(loss_head.main, ["--preset", "cpu-small", "--tokens", "128", "--hidden", "32", "--vocab", "300",
+                                       "--repeats", "1", "--methods", "fastalign,full_logits",
+                                       "--out_dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert err[-1] == ("error: loss_head: 1 method run(s) failed; first: fastalign (T=128 V=300) setup: "
+                       "OutOfMemoryError: CUDA out of memory. Tried to allocate 4.00 GiB")
+    rows = {row["method"]: row for row in only_json(tmp_path, "loss_head")["cases"][0]["results"]}
+    assert rows["fastalign"] == {"method": "fastalign",
+                                 "failed": "setup: OutOfMemoryError: CUDA out of memory. Tried to allocate 4.00 GiB"}
+    assert finite(rows["full_logits"]["time"]["median_s"], positive=True)
+
+
 def test_load_memory_runs_the_smoke_model_for_every_layout_and_loader(tmp_path):
     proc = run_script("benchmarks/load_memory.py", "--preset", "smoke", "--layers", "1", "--out_dir", str(tmp_path),
                       timeout=120)
