@@ -33,7 +33,9 @@ the same for every side: prompt + chosen + prompt + rejected tokens of the step'
 tokenization), so the tokens/s ratio is the inverse ratio of time per pair. Peak memory: CUDA
 max_memory_allocated over the timed steps; CPU the peak RSS over the timed steps above the RSS
 after imports (benchmarks.common.PeakMemory). Reported: per side the median over repeats of
-tokens/s (with min and max), the median step time, peak memory; the ratios fastalign / trl. The
+tokens/s (with min and max) and of tokens per process CPU second (on a shared CPU machine the
+wall time also measures the neighbours), the median step time, peak memory; the ratios
+fastalign / trl. The
 objectives differ (DPO against Stable Alignment's ranking loss), the work per pair is the same
 kind: two sequences' forward and backward through the model and the LM head. JSON:
 benchmarks/results/peer_trl-<date>-<device>-<preset>.json.
@@ -56,8 +58,8 @@ from typing import Any, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
-    REPO_ROOT, TRAIN_PRESETS, PeakMemory, error_line, fmt_bytes, format_table, machine_summary, median,
-    result_header, results_path, summarize_times, synchronize, write_json)
+    CPU_MEMORY_ENV, REPO_ROOT, TRAIN_PRESETS, PeakMemory, error_line, fmt_bytes, format_table, machine_summary,
+    median, result_header, results_path, summarize_times, synchronize, write_json)
 from fastalign.errors import FastalignError  # noqa: E402
 
 LEARNING_RATE = 2e-5
@@ -109,7 +111,7 @@ def tokens_per_step(model_dir: Path, pairs_path: Path, max_length: int, pairs_pe
 # ----------------------------------------------------------------------------- the sides (child processes)
 
 
-def run_trl(spec: dict[str, Any], memory: PeakMemory) -> list[float]:
+def run_trl(spec: dict[str, Any], memory: PeakMemory) -> list[tuple[float, float]]:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -122,16 +124,16 @@ def run_trl(spec: dict[str, Any], memory: PeakMemory) -> list[float]:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     device = spec["device"]
-    times: list[float] = []
+    times: list[tuple[float, float]] = []  # (wall, process CPU) seconds per optimizer step
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             synchronize(device)
-            self.started = time.perf_counter()
+            self.started = (time.perf_counter(), time.process_time())
 
         def on_step_end(self, args, state, control, **kwargs):
             synchronize(device)
-            times.append(time.perf_counter() - self.started)
+            times.append((time.perf_counter() - self.started[0], time.process_time() - self.started[1]))
             if len(times) == spec["warmup"]:
                 memory.reset_peak()
 
@@ -151,12 +153,11 @@ def run_trl(spec: dict[str, Any], memory: PeakMemory) -> list[float]:
     return times
 
 
-def run_fastalign(spec: dict[str, Any], memory: PeakMemory) -> list[float]:
+def run_fastalign(spec: dict[str, Any], memory: PeakMemory) -> list[tuple[float, float]]:
     import itertools
 
     import torch
 
-    from benchmarks.common import timed
     from fastalign import distributed as fdist
     from fastalign import train as ftrain
 
@@ -180,11 +181,15 @@ def run_fastalign(spec: dict[str, Any], memory: PeakMemory) -> list[float]:
     for i, step in enumerate(steps):
         if i == spec["warmup"]:
             memory.reset_peak()
-        times.append(timed(lambda: trainer._train_step(step, window), env.device)[1])
+        synchronize(env.device)
+        started = (time.perf_counter(), time.process_time())
+        trainer._train_step(step, window)
+        synchronize(env.device)
+        times.append((time.perf_counter() - started[0], time.process_time() - started[1]))
     return times
 
 
-def run_liger(spec: dict[str, Any], memory: PeakMemory) -> list[float]:
+def run_liger(spec: dict[str, Any], memory: PeakMemory) -> list[tuple[float, float]]:
     """The HF model's decoder + Liger-Kernel's fused linear DPO loss (CUDA)."""
     from benchmarks.peer_liger import LigerDPO
 
@@ -221,8 +226,6 @@ def run_side(side: str, spec: dict[str, Any]) -> dict[str, Any]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     if spec["device"] == "cpu":
         env["OMP_NUM_THREADS"] = str(spec["threads"])
-    from benchmarks.common import CPU_MEMORY_ENV
-
     env.update(CPU_MEMORY_ENV)
     spec = {**spec, "output_dir": str(Path(spec["work_dir"]) / f"{side}-out")}
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--side", side, "--spec", json.dumps(spec)],
@@ -237,11 +240,14 @@ def run_side(side: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 def summarize(side_runs: list[dict[str, Any]], warmup: int, step_tokens: list[int]) -> dict[str, Any]:
     measured_tokens = sum(step_tokens[warmup:])
-    per_repeat = [measured_tokens / sum(run["times"][warmup:]) for run in side_runs]
-    step_times = [t for run in side_runs for t in run["times"][warmup:]]
+    per_repeat = [measured_tokens / sum(wall for wall, _ in run["times"][warmup:]) for run in side_runs]
+    # Process CPU seconds (one thread): what a step costs whatever else the machine runs.
+    per_repeat_cpu = [measured_tokens / sum(cpu for _, cpu in run["times"][warmup:]) for run in side_runs]
+    step_times = [wall for run in side_runs for wall, _ in run["times"][warmup:]]
     peaks = [run["peak_bytes"] for run in side_runs]
     return {"tokens_per_s": median(per_repeat), "tokens_per_s_range": [min(per_repeat), max(per_repeat)],
-            "tokens_per_s_per_repeat": per_repeat, "step_time": summarize_times(step_times),
+            "tokens_per_s_per_repeat": per_repeat, "tokens_per_cpu_s": median(per_repeat_cpu),
+            "tokens_per_cpu_s_per_repeat": per_repeat_cpu, "step_time": summarize_times(step_times),
             "peak_memory_bytes": median(peaks), "peak_memory_range": [min(peaks), max(peaks)],
             "memory_method": side_runs[0]["memory"], "step_times_s": [run["times"] for run in side_runs]}
 
@@ -308,6 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ratios = {side: {"tokens_per_s": s["tokens_per_s"] / base["tokens_per_s"],
                      "tokens_per_s_per_repeat": [a / b for a, b in zip(s["tokens_per_s_per_repeat"],
                                                                        base["tokens_per_s_per_repeat"])],
+                     "tokens_per_cpu_s": s["tokens_per_cpu_s"] / base["tokens_per_cpu_s"],
                      "peak_memory": s["peak_memory_bytes"] / base["peak_memory_bytes"]}
               for side, s in summary.items() if side != "trl"}
     model_name = f"{args.model_dir.name} (given)" if args.model_dir else f"{preset.name} shape, random weights"
@@ -325,11 +332,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [[side, f"{s['tokens_per_s']:.0f}", f"{s['tokens_per_s_range'][0]:.0f}-{s['tokens_per_s_range'][1]:.0f}",
              f"{s['step_time']['median_s']:.3f} s", fmt_bytes(s["peak_memory_bytes"]),
              f"{ratios[side]['tokens_per_s']:.2f}x" if side in ratios else "1.00x",
+             f"{ratios[side]['tokens_per_cpu_s']:.2f}x" if side in ratios else "1.00x",
              f"{ratios[side]['peak_memory']:.2f}x" if side in ratios else "1.00x"] for side, s in summary.items()]
-    rows += [[side, None, None, None, None, None, why] for side, why in skipped.items()]
+    rows += [[side, None, None, None, None, None, None, why] for side, why in skipped.items()]
     print(f"\n{model_name}, {spec['precision']}, {pairs_per_step} pairs/step, on {machine_summary(result['machine'])}")
     print(format_table(["side", "tokens/s (median)", "range", "step time", "peak memory", "tokens/s vs trl",
-                        "memory vs trl"], rows))
+                        "by CPU time", "memory vs trl"], rows))
     print(f"wrote {path}")
     return 0
 

@@ -256,6 +256,36 @@ def test_loss_head_fails_when_a_method_that_could_run_fails(tmp_path, monkeypatc
     assert finite(rows["full_logits"]["time"]["median_s"], positive=True)
 
 
+def test_train_modes_compares_a_mode_with_the_eager_run_step_by_step(tmp_path):
+    proc = run_script("benchmarks/train_modes.py", "--mode", "checkpointing", "--preset", "cpu-smoke", "--steps", "2",
+                      "--work_dir", str(tmp_path / "work"), "--out_dir", str(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = only_json(tmp_path, "train_modes")
+    assert result["mode"] == "checkpointing" and result["precision"] == "fp32"
+    eager, mode = result["runs"]["eager"], result["runs"]["checkpointing"]
+    assert mode["flags"] == ["--gradient_checkpointing", "True"] and eager["flags"] == []
+    assert [s["step"] for s in eager["steps"]] == [s["step"] for s in mode["steps"]] == [1, 2]
+    assert result["comparison"]["agree"] and result["comparison"]["max_rel_diff"] <= 1e-4
+    assert all(finite(n, positive=True) for n in result["tokens_per_step"])
+    assert (tmp_path / "work" / "eager.json").is_file()  # kept for the next mode's stage
+
+
+def test_train_modes_judges_the_losses_and_refuses_offload_without_cuda(tmp_path):
+    from benchmarks import train_modes
+
+    eager = {"steps": [{"loss": 2.0}, {"loss": 1.9}]}
+    close = {"steps": [{"loss": 2.0}, {"loss": 1.9 + 1e-5}]}
+    far = {"steps": [{"loss": 2.0}, {"loss": 1.95}]}
+    assert train_modes.compare(eager, close, rtol=1e-4)["agree"]
+    verdict = train_modes.compare(eager, far, rtol=2e-2)
+    assert not verdict["agree"] and verdict["worst_step"] == 2 and verdict["why"].startswith("step 2: loss 1.950000")
+    assert not train_modes.compare(eager, {"steps": eager["steps"][:1]}, rtol=1)["agree"]  # a step missing
+    if not torch.cuda.is_available():
+        proc = run_script("benchmarks/train_modes.py", "--mode", "offload", "--work_dir", str(tmp_path), timeout=120)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+            "error: --mode offload: needs CUDA")
+
+
 def test_load_memory_runs_the_smoke_model_for_every_layout_and_loader(tmp_path):
     proc = run_script("benchmarks/load_memory.py", "--preset", "smoke", "--layers", "1", "--out_dir", str(tmp_path),
                       timeout=120)
