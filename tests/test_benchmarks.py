@@ -286,6 +286,79 @@ def test_train_modes_judges_the_losses_and_refuses_offload_without_cuda(tmp_path
             "error: --mode offload: needs CUDA")
 
 
+def test_peer_pairs_are_each_records_best_and_worst_in_file_order(tmp_path):
+    from benchmarks.peer_trl import best_worst_pairs, write_pairs
+
+    src = tmp_path / "records.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in [
+        {"query": "q1", "responses": ["a", "b", "c"], "scores": [3, 7, 1]},
+        {"query": "q2", "responses": ["d", "e"], "scores": [4, 4]},  # no preference: left out
+        {"query": "q3", "responses": ["f", "g"], "scores": [2, 6]}]) + "\n")
+    pairs = best_worst_pairs(src, 3)
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [("q1", "b", "c"), ("q3", "g", "f"),
+                                                                          ("q1", "b", "c")]  # cycled
+    lines = [json.loads(line) for line in write_pairs(pairs, tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert lines[0] == {"query": "q1", "responses": ["b", "c"], "scores": [7, 1]}  # --num_comp 2 takes both
+
+
+def _stand_in_dpo(weight, hidden, target, ref_input, ref_weight, beta=0.1):
+    """Liger's DPO loss in plain torch (summed log-probs of the target tokens), for CPU."""
+    def logps(h, w):
+        token = (h @ w.T).float().log_softmax(-1).gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)
+        return (token * (target != -100)).sum(-1)
+
+    policy, ref = logps(hidden, weight), logps(ref_input, ref_weight)
+    half = policy.shape[0] // 2
+    margin = (policy[:half] - ref[:half]) - (policy[half:] - ref[half:])
+    return torch.nn.functional.logsigmoid(beta * margin).neg().mean(), (policy[:half], policy[half:])
+
+
+def test_liger_side_batches_pairs_and_trains_against_its_initial_reference(tmp_path):
+    from transformers import AutoTokenizer
+
+    from benchmarks.common import TRAIN_PRESETS
+    from benchmarks.baseline_original import build_benchmark_dir, default_data_path
+    from benchmarks.peer_liger import LigerDPO, encode_pairs
+    from benchmarks.peer_trl import best_worst_pairs, write_pairs
+
+    model_dir = build_benchmark_dir(TRAIN_PRESETS["cpu-smoke"], default_data_path(), tmp_path / "model")
+    pairs_path = write_pairs(best_worst_pairs(default_data_path(), 4), tmp_path / "pairs.jsonl")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pairs = [json.loads(line) for line in pairs_path.read_text().splitlines()]
+    batch = encode_pairs(tokenizer, pairs[:2], max_length=64)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert batch["input_ids"].shape[0] == 4  # chosen 1, chosen 2, rejected 1, rejected 2
+    prompt = tokenizer(pairs[0]["query"]).input_ids
+    assert batch["input_ids"][0, :len(prompt)].tolist() == prompt and (batch["labels"][0, :len(prompt)] == -100).all()
+    assert batch["labels"][0, len(prompt)] != -100 and batch["labels"][2, len(prompt)] != -100
+    spec = {"device": "cpu", "model_dir": str(model_dir), "pairs_path": str(pairs_path), "batch_size": 2,
+            "grad_accum": 1, "max_length": 64, "warmup": 1, "steps": 1, "precision": "fp32"}
+    side = LigerDPO(spec, common.PeakMemory("cpu").start(), loss_fn=_stand_in_dpo)
+    assert side._micro_batch(0).item() == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at start
+    times = side.train()
+    assert len(times) == 2 and all(finite(wall, positive=True) for wall, _ in times)
+    assert side._micro_batch(0).item() < math.log(2)  # trained towards the chosen responses
+
+
+def test_peer_trl_measures_both_sides_on_the_same_pairs(tmp_path):
+    pytest.importorskip("trl", reason="TRL is optional: pip install -e '.[peers]'")
+    proc = run_script("benchmarks/peer_trl.py", "--preset", "cpu-smoke", "--gradient_accumulation_steps", "2",
+                      "--warmup", "1", "--steps", "1", "--repeats", "1", "--max_length", "128",
+                      "--out_dir", str(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = only_json(tmp_path, "peer_trl")
+    assert result["precision"] == "fp32" and result["batch"]["pairs_per_step"] == 2
+    assert set(result["sides"]) == {"trl", "fastalign"} and result["skipped"] == {"liger": "needs CUDA"}
+    assert len(result["tokens_per_step"]) >= 2 and all(n > 0 for n in result["tokens_per_step"])
+    for side in result["sides"].values():
+        assert finite(side["tokens_per_s"], positive=True) and finite(side["peak_memory_bytes"], positive=True)
+        assert [len(times) for times in side["step_times_s"]] == [2]  # warm-up + timed
+    ratio = result["ratios_vs_trl"]["fastalign"]
+    assert ratio["tokens_per_s"] == pytest.approx(result["sides"]["fastalign"]["tokens_per_s"]
+                                                  / result["sides"]["trl"]["tokens_per_s"])
+    assert result["versions"]["trl"] and result["schedule"]["order"] == ["trl", "fastalign"]
+
+
 def test_load_memory_runs_the_smoke_model_for_every_layout_and_loader(tmp_path):
     proc = run_script("benchmarks/load_memory.py", "--preset", "smoke", "--layers", "1", "--out_dir", str(tmp_path),
                       timeout=120)
