@@ -350,7 +350,9 @@ def check(out_dir: Path, budget_s: float, only: list[str] | None, *,
     results = [env_result]
     scratch = Path(tempfile.mkdtemp(prefix="gpu-check-"))  # the shared checkpoints: never in out_dir
     try:
-        planned = [s for s in stage_list(sys.executable, out_dir, scratch) if only is None or s.name in only]
+        every = stage_list(sys.executable, out_dir, scratch)
+        wanted = set(only) | {s.needs for s in every if s.name in only and s.needs} if only is not None else None
+        planned = [s for s in every if wanted is None or s.name in wanted]  # --only: with what they need
         if fatal:
             results += [StageResult(s.name, "skipped", 0.0, note=f"environment: {fatal}") for s in planned]
         else:

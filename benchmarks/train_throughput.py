@@ -57,8 +57,9 @@ from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fastalign.errors import FastalignError  # noqa: E402
 from benchmarks.common import (  # noqa: E402
-    TRAIN_PRESETS, PeakMemory, TrainPreset, Worker, fmt_bytes, format_table, lengthened_records, machine_summary, median,
+    TRAIN_PRESETS, PeakMemory, TrainPreset, Worker, error_line, fmt_bytes, format_table, lengthened_records, machine_summary, median,
     mfu, realignment_records, result_header,
     results_path, serve, summarize_times, timed, write_json)
 
@@ -425,10 +426,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             data_path = lengthened_records(data_path, Path(tmp) / "lengthened.jsonl", preset.min_response_chars)
         if preset.realignment_queries:
             data_path = realignment_records(data_path, Path(tmp) / "realignment.jsonl")
-        result = run(preset, data_path=data_path, model_dir=args.model_dir, device=device,
-                     warmup=preset.warmup_steps if args.warmup is None else args.warmup,
-                     measure=preset.measure_steps if args.steps is None else args.steps, seed=args.seed,
-                     threads=args.threads, work_dir=Path(tmp))
+        try:
+            result = run(preset, data_path=data_path, model_dir=args.model_dir, device=device,
+                         warmup=preset.warmup_steps if args.warmup is None else args.warmup,
+                         measure=preset.measure_steps if args.steps is None else args.steps, seed=args.seed,
+                         threads=args.threads, work_dir=Path(tmp))
+        except RuntimeError as err:  # a side's worker failed: its traceback, then one line that names it
+            print(err, file=sys.stderr)
+            raise FastalignError(f"train_throughput --preset {preset.name}: a side failed: "
+                                 f"{error_line(str(err))}") from None
     result = {**result_header("train_throughput", preset.name, device), "load_avg_1m_at_start": load_at_start,
               "note": preset.note, **result}
     # A non-default token budget gets its own file, so it never overwrites the preset's figures.
