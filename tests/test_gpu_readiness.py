@@ -378,6 +378,34 @@ def test_environment_verdicts_name_the_cause_and_the_fix():
     assert verdict({**base, "attention_backend": "sdpa", "gpu_capability": "7.5"}).problems == []  # no faster one
 
 
+def test_gpu_check_only_brings_the_stages_a_chosen_one_needs(tmp_path):
+    from benchmarks import gpu_check
+
+    status = gpu_check.check(tmp_path, budget_s=60.0, only=["after_broken"], environment_stage=_fake_environment(),
+                             stage_list=_stand_in_stages)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [(s["name"], s["status"]) for s in summary["stages"]] == [
+        ("environment", "ok"), ("broken", "failed"), ("after_broken", "skipped")]
+    assert status == 1
+
+
+def test_the_triton_probe_kernel_adds_one_and_its_launch_failure_is_one_line():
+    pytest.importorskip("triton")
+    import torch
+
+    from benchmarks.gpu_environment import triton_launch
+    from devices import TRITON_DEVICE
+
+    if TRITON_DEVICE is None:
+        pytest.skip("Triton needs CUDA, or TRITON_INTERPRET=1")
+    from benchmarks.triton_probe import add_one
+
+    assert add_one(torch.zeros(5, device=TRITON_DEVICE)).tolist() == [1.0] * 5  # what the GPU check launches
+    if not torch.cuda.is_available():  # the launch itself needs CUDA: a failure it reports, never raises
+        launch = triton_launch()
+        assert launch["ok"] is False and "\n" not in launch["error"] and launch["error"]
+
+
 def test_environment_finds_the_compiler_and_headers_triton_builds_with(monkeypatch, tmp_path):
     from benchmarks.gpu_environment import c_compiler, python_headers
 
