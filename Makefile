@@ -27,7 +27,9 @@ demo: $(STAMP)
 	$(PY) -m fastalign.demo
 
 # For a lent GPU machine (no network, no venv): uses the image's python and the source tree.
-# GPU_CHECK_ARGS: e.g. --out_dir DIR (default benchmarks/results/tmp/gpu-check-<date>-<gpu>/).
+# Without make: PYTHONPATH=. python3 benchmarks/gpu_check.py --out_dir DIR
+# GPU_CHECK_ARGS: --out_dir DIR, a folder that comes back from the machine (the default,
+# benchmarks/results/tmp/gpu-check-<date>-<gpu>/, stays on it); --budget_s (default 420).
 gpu-check:
 	PYTHONPATH=. $(PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 

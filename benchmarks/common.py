@@ -420,9 +420,19 @@ class Worker:
         return self
 
     def call(self, cmd: str, **args: Any) -> dict[str, Any]:
-        assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
+        self.send(cmd, **args)
+        return self.receive(cmd)
+
+    def send(self, cmd: str, **args: Any) -> None:
+        """Ask without waiting: send to several workers, then `receive` from each, and they work
+        at the same time (start-up, imports, CUDA initialisation)."""
+        assert self.proc is not None and self.proc.stdin is not None
         self.proc.stdin.write(json.dumps({"cmd": cmd, "args": args}) + "\n")
         self.proc.stdin.flush()
+
+    def receive(self, cmd: str) -> dict[str, Any]:
+        """The reply to the last `send`; RuntimeError with the child's traceback if it failed."""
+        assert self.proc is not None and self.proc.stdout is not None
         for line in self.proc.stdout:
             if line.startswith(_REPLY):
                 reply = json.loads(line[len(_REPLY):])
@@ -446,6 +456,16 @@ class Worker:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
+
+
+def error_line(text: str) -> str:
+    """The line that names an exception in a traceback or log (its last `XError: ...` /
+    `error: ...` line), else the last line: one line for a table or a verdict."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        if re.match(r"^(error: |[\w.]*(Error|Exception|Interrupt)\b)", line):
+            return line[:300]
+    return lines[-1][:300] if lines else "no output"
 
 
 def serve(handlers: dict[str, Callable[..., dict[str, Any]]]) -> int:

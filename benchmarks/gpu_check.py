@@ -1,72 +1,88 @@
 """`make gpu-check`: everything that needs CUDA, in one command, for a lent GPU machine.
 
-    PYTHONPATH=. python benchmarks/gpu_check.py [--budget_s 530] [--out_dir DIR] [--only STAGE ...]
+    PYTHONPATH=. python3 benchmarks/gpu_check.py --out_dir DIR [--budget_s 420] [--only STAGE ...]
 
-No network and no install: it runs from the source tree with the machine's python (which must
-have torch, triton, transformers, safetensors, numpy and pytest; hypothesis, matplotlib and
-flash-attn are optional). Stages, each with its own timeout inside an overall budget (default
-530 s, under 9 minutes); a stage that fails or times out is recorded and the next one still runs:
+Name a DIR that comes back from the machine (on a lent one, only the folder you name does); it is
+printed first and last. No network and no install: it runs from the source tree with the
+machine's python (torch, triton, transformers, safetensors, numpy and pytest; hypothesis,
+matplotlib, flash-attn, trl and liger-kernel are optional).
 
-  1. environment   GPU name, memory, capability, driver (nvidia-smi); torch / CUDA / triton /
-                   transformers / flash-attn versions; the attention and loss backends that
-                   fastalign picks on this GPU (and why flash-attn is not used, when it is not)
-  2. pytest        `pytest -m gpu` (the CUDA tests: Triton kernels, model, trainer on GPU), after
-                   collecting them: fewer tests run than collected, a collection error or a test
-                   skipped for want of CUDA fails the stage
-  3. loss_head     `benchmarks/loss_head.py --preset gpu` (fused loss head vs full logits)
-  4. train_gpu-1b  `benchmarks/train_throughput.py --preset gpu-1b --plot` (fastalign vs baseline)
-  5. train_gpu-1b-realign  the same on long-query, realignment-like records with k <= 5 (the CPU
-                   preset cpu-tiny-realign's data at gpu-1b's size), when time is left
-  6. train_gpu-7b-layers   the same for 4 layers of Llama-7B's shape, when time and GPU memory
-                   (64 GiB) are left
+Stages, in order, each with its own timeout inside an overall budget (default 420 s, so that a
+second run fits a 15-minute loan with the machine's start-up):
 
-The console gets one line per stage (status, seconds, a one-line reason when it did not pass);
-each stage's full output goes to its log. Everything lands in one folder, by default
-benchmarks/results/tmp/gpu-check-<date>-<gpu>/ (git-ignored: move it to benchmarks/results/ to
-commit it): `<stage>.log`, the JSON (and PNG) each benchmark wrote, `pytest.xml` (JUnit),
-`environment.json`, `summary.json`, and `results-row.md`, the row to paste into
-benchmarks/RESULTS.md. The exit status is 0 when no stage failed or timed out (a stage skipped for
-lack of time or GPU memory is listed as skipped, with the reason).
+  environment   (in-process, seconds) versions, GPU, the C compiler and Python headers Triton
+                needs, one tiny Triton kernel launched, the attention and loss backends fastalign
+                picks and why (benchmarks/gpu_environment.py). No CUDA, or a Triton that cannot
+                build its launcher: the check stops here with one `error:` line naming the cause
+                and the fix, every later stage listed as skipped with that reason, exit status 2.
+                On sm80 or newer, attention falling back to per-sequence SDPA fails this stage
+                (the others still run).
+  pytest        `pytest -m gpu` after collecting the GPU tests (fewer run than collected, a
+                collection error or a test skipped for want of CUDA fails it)
+  loss_head     benchmarks/loss_head.py --preset gpu (fused loss head vs full logits, ...)
+  checkpoint_1b the random 1.1B checkpoint, built once into a scratch folder (not --out_dir) and
+                shared by the 1B stages below
+  train_gpu-1b  benchmarks/train_throughput.py --preset gpu-1b (fastalign vs the original step)
+  train_compile / train_offload / train_checkpointing
+                benchmarks/train_modes.py: `--compile` (recompiles counted), `--fsdp "full_shard
+                offload"` (one rank) and `--gradient_checkpointing`, each a few steps whose losses
+                are compared with the eager run's (run once, shared)
+  peer_trl      benchmarks/peer_trl.py: TRL's DPOTrainer vs fastalign --num_comp 2 on the 1B
+                checkpoint (skipped, with the reason, when trl does not import)
+  train_gpu-1b-realign, train_gpu-7b-layers   when time and GPU memory are left
+
+Statuses: ok; failed (non-zero exit: the note is the first error line of its log); timeout (ran
+past its own limit: a failure); cut (stopped by the overall budget before its own limit: not a
+failure, the budget was too small); skipped (with the reason: not enough budget or GPU memory, a
+stage it needs failed, an optional package missing, or the environment stage stopped the check).
+The console gets one line per stage; each stage's output goes to its log. In DIR: `<stage>.log`,
+each benchmark's JSON (and PNG), `pytest.xml`, `environment.json`, `summary.json`, and
+`results-row.md`, the row for benchmarks/RESULTS.md. Exit status: 0 when nothing failed or
+timed out, 1 when something did, 2 when the environment stage stopped the check.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib.util
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (  # noqa: E402
-    REPO_ROOT, RESULTS_DIR, format_table, machine_info, slug, utc_date, write_json)
+from benchmarks.common import REPO_ROOT, RESULTS_DIR, format_table, slug, utc_date, write_json  # noqa: E402
+from fastalign.errors import FastalignError  # noqa: E402
 
 STAGING_DIR = RESULTS_DIR / "tmp"  # git-ignored
+DEFAULT_BUDGET_S = 420.0
 
 
 @dataclass
 class Stage:
     name: str
     argv: list[str]
-    max_s: float  # this stage's own timeout (cut further by what is left of the budget)
-    min_s: float = 0.0  # skip the stage when less than this is left
+    max_s: float  # this stage's own timeout: about twice its estimate (see stages())
+    min_s: float = 0.0  # skip the stage when less than this is left (about its estimate)
     writes_results: bool = False  # a benchmark: gets --out_dir, and the files it writes there are listed
     min_gpu_gib: float = 0.0  # skip the stage on a GPU with less memory
+    needs: str = ""  # a stage that must have passed first (its product is this one's input)
+    skip_reason: str = ""  # known before the run: why it cannot run here
 
 
 @dataclass
 class StageResult:
     name: str
-    status: str  # ok | failed | timeout | skipped
+    status: str  # ok | failed | timeout | cut | skipped
     seconds: float
     returncode: int | None = None
     log: str | None = None
@@ -74,19 +90,48 @@ class StageResult:
     note: str = ""  # one line: why it did not pass, or what it counted
 
 
-def stages(python: str, out_dir: Path) -> list[Stage]:
+FAILING = ("failed", "timeout")
+
+
+def stages(python: str, out_dir: Path, scratch: Path) -> list[Stage]:
+    """The GPU check's stages. Estimates on an H100 (none measured yet: computed from the work):
+    pytest ~90 s (two collections ~10 s each, Triton compiles of each kernel variant, a bf16
+    FSDP2 training run); loss_head ~45 s (11 workers started together, 3 cases, 20 timed steps);
+    train modes on a tiny model: checkpointing ~25 s (with the eager run), offload ~20 s, compile
+    ~60 s (inductor on one decoder layer, forward and backward); checkpoint_1b ~20 s (1.1B
+    parameters initialised on the GPU, 2.2 GB written); train_gpu-1b ~100 s (three processes load
+    2.2 GB each, 10 steps of 8 groups per side); peer_trl ~60 s (two processes, 5 steps each).
+    In 420 s the stages up to train_gpu-1b fit; the later ones run when the earlier finish early
+    (or in a second run: --only checkpoint_1b peer_trl ...)."""
     bench = REPO_ROOT / "benchmarks"
+    model_1b = scratch / "model-gpu-1b"
+    modes_dir = scratch / "train-modes"
+    trl_missing = "" if importlib.util.find_spec("trl") else "trl is not importable here (pip install trl)"
+
+    def train(preset: str, *extra: str) -> list[str]:
+        return [python, str(bench / "train_throughput.py"), "--preset", preset, "--plot", *extra]
+
+    def mode(name: str) -> list[str]:
+        return [python, str(bench / "train_modes.py"), "--mode", name, "--work_dir", str(modes_dir)]
+
     return [
         Stage("pytest", [python, "-m", "pytest", "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider",
-                         f"--junitxml={out_dir / 'pytest.xml'}", "tests"], max_s=200),
-        Stage("loss_head", [python, str(bench / "loss_head.py"), "--preset", "gpu"], max_s=120, min_s=30,
+                         f"--junitxml={out_dir / 'pytest.xml'}", "tests"], max_s=180, min_s=60),
+        Stage("loss_head", [python, str(bench / "loss_head.py"), "--preset", "gpu"], max_s=90, min_s=30,
               writes_results=True),
-        Stage("train_gpu-1b", [python, str(bench / "train_throughput.py"), "--preset", "gpu-1b", "--plot"],
-              max_s=200, min_s=90, writes_results=True, min_gpu_gib=64),  # 3 processes x ~20 GiB (below)
-        Stage("train_gpu-1b-realign", [python, str(bench / "train_throughput.py"), "--preset", "gpu-1b-realign",
-                                       "--plot"], max_s=170, min_s=90, writes_results=True, min_gpu_gib=64),
-        Stage("train_gpu-7b-layers", [python, str(bench / "train_throughput.py"), "--preset", "gpu-7b-layers",
-                                      "--plot"], max_s=180, min_s=100, writes_results=True,
+        # The modes are cheap on a tiny model; the eager run they compare with is made by the first.
+        Stage("train_checkpointing", mode("checkpointing"), max_s=60, min_s=25, writes_results=True),
+        Stage("train_offload", mode("offload"), max_s=60, min_s=20, writes_results=True),
+        Stage("train_compile", mode("compile"), max_s=150, min_s=60, writes_results=True),
+        Stage("checkpoint_1b", train("gpu-1b", "--build_model_dir", str(model_1b)), max_s=60, min_s=20,
+              min_gpu_gib=64),
+        Stage("train_gpu-1b", train("gpu-1b", "--model_dir", str(model_1b)), max_s=180, min_s=90,
+              writes_results=True, min_gpu_gib=64, needs="checkpoint_1b"),  # 3 processes x ~20 GiB
+        Stage("peer_trl", [python, str(bench / "peer_trl.py"), "--model_dir", str(model_1b), "--repeats", "1"],
+              max_s=120, min_s=60, writes_results=True, min_gpu_gib=64, needs="checkpoint_1b", skip_reason=trl_missing),
+        Stage("train_gpu-1b-realign", train("gpu-1b-realign", "--model_dir", str(model_1b)), max_s=150, min_s=80,
+              writes_results=True, min_gpu_gib=64, needs="checkpoint_1b"),
+        Stage("train_gpu-7b-layers", train("gpu-7b-layers"), max_s=180, min_s=100, writes_results=True,
               min_gpu_gib=64),  # three sides' processes, each ~17 GiB of fp32 weights, grads and AdamW + activations
     ]
 
@@ -94,53 +139,22 @@ def stages(python: str, out_dir: Path) -> list[Stage]:
 # ----------------------------------------------------------------------------- environment
 
 
-def fastalign_choices(cuda: bool) -> dict:
-    """The backends fastalign runs with here (bf16, head_dim 128 as in Llama-7B), and why not
-    flash-attn when it is not the attention backend."""
-    import torch
+def environment(out_dir: Path) -> tuple[StageResult, dict, str]:
+    """The environment stage: (its result, the facts, why the check must stop or "")."""
+    from benchmarks import gpu_environment
 
-    from fastalign import attention
-    from fastalign.train import loss_backend_name
-
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    choices = {"attention_backend": attention.resolve_backend("auto", device, dtype, head_dim=128),
-               "loss_backend": loss_backend_name("auto", device)}
-    flash_fn, flash_reason = attention.flash_attn_status()
-    choices["flash_attn_usable"] = flash_fn is not None
-    if flash_reason:
-        choices["flash_attn_reason"] = flash_reason
-    return choices
-
-
-def environment(out_dir: Path) -> StageResult:
     start = time.perf_counter()
-    import torch
-
-    cuda = torch.cuda.is_available()
-    info: dict = {"cuda_available": cuda, **machine_info("cuda" if cuda else "cpu")}
-    try:
-        info.update(fastalign_choices(cuda))
-    except Exception as err:  # reported, not raised: the other stages still run
-        info["fastalign_choices_error"] = f"{type(err).__name__}: {err}"
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        try:
-            info["nvidia_smi"] = subprocess.run([smi, "--query-gpu=name,memory.total,driver_version,clocks.max.sm",
-                                                 "--format=csv,noheader"], capture_output=True, text=True,
-                                                timeout=20).stdout.strip()
-        except (OSError, subprocess.SubprocessError) as err:
-            info["nvidia_smi"] = f"failed: {err}"
-    write_json(out_dir / "environment.json", info)
+    info, verdict = gpu_environment.collect()
+    write_json(out_dir / "environment.json", {**info, "fatal": verdict.fatal, "problems": verdict.problems})
     keys = ("gpu_name", "gpu_mem_bytes", "gpu_capability", "nvidia_smi", "torch", "cuda", "triton",
-            "transformers", "flash_attn", "attention_backend", "loss_backend", "flash_attn_reason",
-            "fastalign_choices_error", "git_commit")
+            "transformers", "flash_attn", "c_compiler", "python_headers", "triton_launch", "attention_backend",
+            "attention_reason", "loss_backend", "loss_reason", "flash_attn_reason", "fastalign_choices_error",
+            "git_commit")
     print("\n".join(f"  {k}: {info[k]}" for k in keys if k in info), flush=True)
-    note = "" if cuda else "no CUDA device visible to torch"
-    if "fastalign_choices_error" in info:
-        note = info["fastalign_choices_error"]
-    return StageResult("environment", "ok" if cuda and not note else "failed",
-                       time.perf_counter() - start, outputs=["environment.json"], note=note)
+    note = verdict.fatal or "; ".join(verdict.problems)
+    status = "failed" if note else "ok"
+    return StageResult("environment", status, time.perf_counter() - start, outputs=["environment.json"],
+                       note=note), info, verdict.fatal
 
 
 # ----------------------------------------------------------------------------- running stages
@@ -160,15 +174,15 @@ def run_logged(argv: list[str], log_path: Path, timeout_s: float, env: dict[str,
             return None
 
 
-_ERROR_LINE = re.compile(r"^(error: |E\s+|\w*(Error|Exception)\b|Traceback|FAILED )")
+_ERROR_LINE = re.compile(r"^(error: |E\s+|[\w.]*(Error|Exception)\b|FAILED )")
 
 
 def failure_reason(log_text: str) -> str:
-    """One line for the console from a failed stage's log: the last error-looking line, else the
-    last line."""
+    """One line for the console from a failed stage's log: the first error line (the cause; what
+    follows it is usually its consequences), else the last line."""
     lines = [line.strip() for line in log_text.splitlines() if line.strip()]
-    for line in reversed(lines):
-        if _ERROR_LINE.match(line) and not line.startswith("Traceback"):
+    for line in lines:
+        if _ERROR_LINE.match(line):
             return line[:300]
     return lines[-1][:300] if lines else "no output"
 
@@ -247,7 +261,10 @@ def collect_gpu_tests(python: str, out_dir: Path, timeout_s: float, env: dict[st
     return len(ids), ""
 
 
-def run_stage(stage: Stage, out_dir: Path, timeout_s: float, env: dict[str, str]) -> StageResult:
+def run_stage(stage: Stage, out_dir: Path, timeout_s: float, env: dict[str, str], *, cut_by_budget: bool
+              ) -> StageResult:
+    """Run one stage with `timeout_s`; running out of it is `cut` when the overall budget set that
+    limit (cut_by_budget), else `timeout`."""
     start_wall = time.time()
     start = time.perf_counter()
     argv = list(stage.argv)
@@ -265,20 +282,48 @@ def run_stage(stage: Stage, out_dir: Path, timeout_s: float, env: dict[str, str]
     if stage.writes_results:
         outputs += sorted(p.name for p in out_dir.iterdir() if p.is_file() and p.stat().st_mtime >= start_wall
                           and p.name != log_path.name)
-    log_text = log_path.read_text() if log_path.exists() else ""
+    log_text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    out_of_time = "cut" if cut_by_budget else "timeout"
+    limit = f"{'the budget' if cut_by_budget else 'its own limit'} stopped it after {timeout_s:.0f} s"
     if stage.name == "pytest":
         junit = out_dir / "pytest.xml"
         counts = read_junit(junit, collected) if junit.exists() and junit.stat().st_mtime >= start_wall else None
         status, note = pytest_verdict(counts, rc, collect_note)
         if rc is None:
-            status, note = "timeout", f"killed after {timeout_s:.0f} s; {note}"
+            status, note = out_of_time, f"{limit}; {note}"
         return StageResult(stage.name, status, seconds, rc, log_path.name, outputs + ["pytest.xml"], note)
     if rc is None:
-        return StageResult(stage.name, "timeout", seconds, None, log_path.name, outputs,
-                           f"killed after {timeout_s:.0f} s; last output: {failure_reason(log_text)}")
+        return StageResult(stage.name, out_of_time, seconds, None, log_path.name, outputs,
+                           f"{limit}; last output: {log_text.strip().splitlines()[-1][:200] if log_text.strip() else 'none'}")
     if rc != 0:
         return StageResult(stage.name, "failed", seconds, rc, log_path.name, outputs, failure_reason(log_text))
     return StageResult(stage.name, "ok", seconds, rc, log_path.name, outputs)
+
+
+def run_stages(stage_list: list[Stage], out_dir: Path, budget_s: float, env: dict[str, str], *, gpu_gib: float,
+               started: float, clock: Callable[[], float] = time.perf_counter) -> list[StageResult]:
+    """Run the stages in order within what is left of the budget (counted from `started`)."""
+    results: list[StageResult] = []
+    status_of: dict[str, str] = {}
+    for stage in stage_list:
+        left = budget_s - (clock() - started)
+        skip = stage.skip_reason
+        if not skip and stage.needs and status_of.get(stage.needs) != "ok":
+            skip = f"needs {stage.needs}, which {'did not run' if stage.needs not in status_of else 'did not pass'}"
+        if not skip and stage.min_gpu_gib and gpu_gib < stage.min_gpu_gib:
+            skip = f"needs {stage.min_gpu_gib:.0f} GiB of GPU memory, has {gpu_gib:.0f}"
+        if not skip and left < max(stage.min_s, 5.0):
+            skip = f"{left:.0f} s of the {budget_s:.0f} s budget left, it needs about {max(stage.min_s, 5.0):.0f} s"
+        if skip:
+            result = StageResult(stage.name, "skipped", 0.0, note=skip)
+            print(f"=== {stage.name}: skipped ({skip})", flush=True)
+        else:
+            result = run_stage(stage, out_dir, min(stage.max_s, left), env, cut_by_budget=left < stage.max_s)
+            print(f"    -> {result.status} in {result.seconds:.0f} s" + (f": {result.note}" if result.note else ""),
+                  flush=True)
+        status_of[stage.name] = result.status
+        results.append(result)
+    return results
 
 
 def results_row(info: dict, results: list[StageResult]) -> str:
@@ -292,54 +337,65 @@ def results_row(info: dict, results: list[StageResult]) -> str:
             f"{stage_cells}{'; pytest: ' + pytest_note if pytest_note else ''} |\n")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget_s", type=float, default=530.0, help="overall time budget in seconds")
-    parser.add_argument("--out_dir", type=Path, default=None,
-                        help="default: benchmarks/results/tmp/gpu-check-<date>-<gpu>/ (git-ignored)")
-    parser.add_argument("--only", nargs="*", default=None, help="run only these stages (names as in the summary)")
-    args = parser.parse_args(argv)
+def check(out_dir: Path, budget_s: float, only: list[str] | None, *,
+          environment_stage: Callable[[Path], tuple[StageResult, dict, str]] = environment,
+          stage_list: Callable[[str, Path, Path], list[Stage]] = stages) -> int:
+    """The whole check into out_dir; the exit status (see the module docstring)."""
     t0 = time.perf_counter()
-
-    import torch
-
-    gpu = slug(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else "no-gpu"
-    out_dir = args.out_dir or STAGING_DIR / f"gpu-check-{utc_date()}-{gpu}"
     out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"gpu-check: results in {out_dir}", flush=True)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HF_HUB_OFFLINE", "1")  # no network on the lent machine: never try the hub
 
-    print(f"gpu-check: results in {out_dir}", flush=True)
-    results = [environment(out_dir)]
-    gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0.0
-    for stage in stages(sys.executable, out_dir):
-        if args.only is not None and stage.name not in args.only:
-            continue
-        if stage.min_gpu_gib and gpu_gib < stage.min_gpu_gib:
-            results.append(StageResult(stage.name, "skipped", 0.0,
-                                       note=f"needs {stage.min_gpu_gib:.0f} GiB of GPU memory, has {gpu_gib:.0f}"))
-            continue
-        left = args.budget_s - (time.perf_counter() - t0)
-        if left < max(stage.min_s, 5.0):
-            results.append(StageResult(stage.name, "skipped", 0.0, note=f"{left:.0f} s of the budget left"))
-            continue
-        result = run_stage(stage, out_dir, min(stage.max_s, left), env)
-        print(f"    -> {result.status} in {result.seconds:.0f} s" + (f": {result.note}" if result.note else ""),
-              flush=True)
-        results.append(result)
+    env_result, info, fatal = environment_stage(out_dir)
+    results = [env_result]
+    scratch = Path(tempfile.mkdtemp(prefix="gpu-check-"))  # the shared checkpoints: never in out_dir
+    try:
+        every = stage_list(sys.executable, out_dir, scratch)
+        wanted = set(only) | {s.needs for s in every if s.name in only and s.needs} if only is not None else None
+        planned = [s for s in every if wanted is None or s.name in wanted]  # --only: with what they need
+        if fatal:
+            results += [StageResult(s.name, "skipped", 0.0, note=f"environment: {fatal}") for s in planned]
+        else:
+            results += run_stages(planned, out_dir, budget_s, env, started=t0,
+                                  gpu_gib=(info.get("gpu_mem_bytes") or 0) / 2**30)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
     total = time.perf_counter() - t0
-    info = json.loads((out_dir / "environment.json").read_text())
     (out_dir / "results-row.md").write_text(results_row(info, results))
-    write_json(out_dir / "summary.json", {"out_dir": str(out_dir), "total_s": total, "budget_s": args.budget_s,
-                                          "stages": [asdict(r) for r in results]})
+    write_json(out_dir / "summary.json", {"out_dir": str(out_dir), "total_s": total, "budget_s": budget_s,
+                                          "fatal": fatal, "stages": [asdict(r) for r in results]})
     print("\n" + format_table(["stage", "status", "seconds", "note"],
                               [[r.name, r.status, f"{r.seconds:.1f}", r.note[:160]] for r in results]))
-    print(f"\ntotal {total:.0f} s; everything is in {out_dir} (RESULTS.md row: results-row.md)")
-    return 0 if all(r.status in ("ok", "skipped") for r in results) else 1
+    print(f"\ntotal {total:.0f} s of the {budget_s:.0f} s budget; RESULTS.md row: results-row.md")
+    print(f"gpu-check: results in {out_dir}", flush=True)
+    if fatal:
+        raise FastalignError(f"gpu-check stopped at the environment stage: {fatal}")
+    return 1 if any(r.status in FAILING for r in results) else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budget_s", type=float, default=DEFAULT_BUDGET_S,
+                        help=f"overall time budget in seconds (default {DEFAULT_BUDGET_S:.0f})")
+    parser.add_argument("--out_dir", type=Path, default=None,
+                        help="name a folder that comes back from the machine (default: "
+                             "benchmarks/results/tmp/gpu-check-<date>-<gpu>/, git-ignored)")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these stages (names as in the summary)")
+    args = parser.parse_args(argv)
+    out_dir = args.out_dir
+    if out_dir is None:
+        import torch
+
+        gpu = slug(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else "no-gpu"
+        out_dir = STAGING_DIR / f"gpu-check-{utc_date()}-{gpu}"
+    return check(out_dir.resolve(), args.budget_s, args.only)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fastalign.cli import run_main
+
+    sys.exit(run_main(main))

@@ -24,9 +24,13 @@ Methods (each where available):
 - liger:       Liger-Kernel's fused linear cross entropy (reduction='none'), + per-response means.
 The group part (best, margins, penalty) of the baselines is fastalign.kernels.group_math under autograd.
 
-Method. Each method runs in its own child process (benchmarks.common.Worker): inputs are built
-there, then one untimed warm-up step, then the peak-memory step, then timed steps interleaved
-across methods (A B C A B C ...) so load changes on a shared machine hit all alike; the median is
+Method. Each method runs in its own child process (benchmarks.common.Worker); all of them start
+together (interpreter, imports and CUDA start-up paid in parallel, once), then each case's workers
+build their inputs and run one untimed warm-up step together; then, one method at a time, the
+peak-memory step, then timed steps interleaved across methods (A B C A B C ...) so load changes
+on a shared machine hit all alike. A method that could run here and fails gets a `failed` row
+(its first error line), the others are still measured and written, and the script ends with an
+`error:` line and exit status 2. The median is
 reported, with the process CPU-time ratio beside it (on a shared CPU machine the wall time also
 measures the neighbours; on CUDA the CPU time only measures launch overhead). Peak memory is the
 loss head's extra memory above its inputs: CUDA max_memory_allocated minus the bytes allocated
@@ -48,8 +52,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fastalign.errors import FastalignError  # noqa: E402
 from benchmarks.common import (  # noqa: E402
-    PeakMemory, Worker, fmt_bytes, format_table, machine_summary, result_header, results_path,
+    PeakMemory, Worker, error_line, fmt_bytes, format_table, machine_summary, result_header, results_path,
     serve, summarize_times, timed, write_json)
 
 METHODS = ("fastalign", "full_logits", "chunked_torch", "torch_linear_ce", "liger")
@@ -236,42 +241,71 @@ def handle_time() -> dict[str, Any]:
 # ----------------------------------------------------------------------------- parent side
 
 
-def run_case(case: Case, device: str, methods: tuple[str, ...]) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    workers: dict[str, Worker] = {}
-    try:
-        for method in methods:
-            why_not = available(method, device)
-            if why_not:
-                rows.append({"method": method, "skipped": why_not})
-                continue
-            worker = Worker([str(Path(__file__).resolve()), "--worker"]).start()
-            workers[method] = worker
+def handle_ready(device: str) -> dict[str, Any]:
+    """Imports and the device's start-up (CUDA context), paid by every worker at the same time."""
+    import torch
+
+    torch.zeros(1, device=device)
+    return {"ok": True}
+
+
+def start_workers(plan: list[tuple[Case, str]], device: str) -> dict[tuple[int, str], Worker]:
+    """One worker per (case index, method), all started and made ready together: each pays the
+    interpreter's and CUDA's start-up, and in parallel that is paid once, not once per method."""
+    workers = {(index, method): Worker([str(Path(__file__).resolve()), "--worker"]).start()
+               for index, (_, method) in enumerate(plan)}
+    for worker in workers.values():
+        worker.send("ready", device=device)
+    for worker in workers.values():
+        worker.receive("ready")
+    return workers
+
+
+def run_case(case: Case, device: str, workers: dict[str, Worker], skipped: dict[str, str]) -> list[dict[str, Any]]:
+    """Set up every method's worker together, then the memory step, then timed steps interleaved
+    across methods. A method that fails gets a `failed` row (its first error line) and is dropped."""
+    rows: dict[str, dict[str, Any]] = {method: {"method": method, "skipped": why} for method, why in skipped.items()}
+    live = dict(workers)
+
+    for method, worker in live.items():  # inputs and the warm-up step, all methods at once
+        worker.send("setup", case=asdict(case), device=device, method=method)
+    setups = {}
+    for method in list(live):
+        try:
+            setups[method] = live[method].receive("setup")
+        except RuntimeError as err:
+            rows[method] = {"method": method, "failed": f"setup: {error_line(str(err))}"}
+            print(f"{method} failed in setup:\n{err}", file=sys.stderr)
+            live.pop(method).close()
+    for method, setup in setups.items():
+        rows[method] = {"method": method, "loss": setup["loss"], "num_target_tokens": setup["num_target_tokens"],
+                        "times": [], "cpu_times": []}
+    def one_at_a_time(cmd: str) -> dict[str, dict[str, Any]]:
+        # Measuring: one method computes at a time, so none is timed or metered beside another.
+        replies = {}
+        for method in list(live):
             try:
-                setup = worker.call("setup", case=asdict(case), device=device, method=method)
-                memory = worker.call("memory")
+                replies[method] = live[method].call(cmd)
             except RuntimeError as err:
-                rows.append({"method": method, "skipped": f"failed: {str(err).strip()[-400:]}"})
-                worker.close()
-                del workers[method]
-                continue
-            rows.append({"method": method, "loss": setup["loss"],
-                         "num_target_tokens": setup["num_target_tokens"], **memory, "times": [],
-                         "cpu_times": []})
-        by_method = {row["method"]: row for row in rows}
-        for _ in range(case.repeats):
-            for method, worker in workers.items():
-                reply = worker.call("time")
-                by_method[method]["times"].append(reply["seconds"])
-                by_method[method]["cpu_times"].append(reply["cpu_seconds"])
-    finally:
-        for worker in workers.values():
-            worker.close()
-    for row in rows:
+                rows[method] = {"method": method, "failed": f"{cmd}: {error_line(str(err))}"}
+                print(f"{method} failed in {cmd}:\n{err}", file=sys.stderr)
+                live.pop(method).close()
+        return replies
+
+    for method, memory in one_at_a_time("memory").items():
+        rows[method].update(memory)
+    for _ in range(case.repeats):  # A B C A B C ...
+        for method, reply in one_at_a_time("time").items():
+            rows[method]["times"].append(reply["seconds"])
+            rows[method]["cpu_times"].append(reply["cpu_seconds"])
+    for worker in live.values():
+        worker.close()
+    ordered = sorted(rows.values(), key=lambda row: METHODS.index(row["method"]))
+    for row in ordered:
         if "times" in row:
             row["time"] = summarize_times(row.pop("times"))
             row["process_cpu_time"] = summarize_times(row.pop("cpu_times"))
-    return rows
+    return ordered
 
 
 def print_table(case: Case, rows: list[dict[str, Any]]) -> None:
@@ -280,7 +314,8 @@ def print_table(case: Case, rows: list[dict[str, Any]]) -> None:
     table = []
     for row in rows:
         if "time" not in row:
-            table.append([row["method"], None, None, None, None, None, None, row["skipped"]])
+            table.append([row["method"], None, None, None, None, None, None,
+                          row.get("skipped") or f"FAILED: {row['failed']}"])
             continue
         t, mem = row["time"]["median_s"], row["peak_extra_bytes"]
         cpu_t = row["process_cpu_time"]["median_s"]
@@ -313,7 +348,7 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        return serve({"setup": handle_setup, "memory": handle_memory, "time": handle_time})
+        return serve({"ready": handle_ready, "setup": handle_setup, "memory": handle_memory, "time": handle_time})
 
     import torch
 
@@ -335,14 +370,32 @@ def main(argv=None) -> int:
     payload = result_header("loss_head", preset_name, device)
     payload["cases"] = []
     print(f"machine: {machine_summary(payload['machine'])}")
+    plan, skipped = [], []
     for case in cases:
-        rows = run_case(case, device, case.methods or methods)
-        print_table(case, rows)
-        payload["cases"].append({"case": asdict(case), "results": rows})
-        path = write_json(results_path("loss_head", preset_name, device, args.out_dir), payload)
+        why_not = {m: available(m, device) for m in case.methods or methods}
+        skipped.append({m: why for m, why in why_not.items() if why})
+        plan += [(case, m) for m, why in why_not.items() if not why]
+    workers = start_workers(plan, device)
+    failed = []
+    try:
+        for index, case in enumerate(cases):
+            mine = {m: w for (i, m), w in workers.items() if plan[i][0] is case}
+            rows = run_case(case, device, mine, skipped[index])
+            print_table(case, rows)
+            payload["cases"].append({"case": asdict(case), "results": rows})
+            path = write_json(results_path("loss_head", preset_name, device, args.out_dir), payload)
+            failed += [f"{row['method']} (T={case.tokens} V={case.vocab}) {row['failed']}" for row in rows
+                       if "failed" in row]
+    finally:
+        for worker in workers.values():
+            worker.close()
     print(f"\nwrote {path}")
+    if failed:  # a method that could run here and did not: the benchmark failed, whatever the others did
+        raise FastalignError(f"loss_head: {len(failed)} method run(s) failed; first: {failed[0]}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fastalign.cli import run_main
+
+    sys.exit(run_main(main))

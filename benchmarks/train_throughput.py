@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py --preset cpu-tiny [--plot]
     PYTHONPATH=. python benchmarks/train_throughput.py --preset gpu-1b --plot      (CUDA)
+    ... --preset gpu-1b --build_model_dir DIR, then --model_dir DIR: build the checkpoint once, share it
 
 Both sides load the same HF Llama checkpoint (random weights of the preset's shape, tokenizer
 trained on the data; built in a temp dir) and train on the same optimizer steps: the same groups
@@ -56,8 +57,9 @@ from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fastalign.errors import FastalignError  # noqa: E402
 from benchmarks.common import (  # noqa: E402
-    TRAIN_PRESETS, PeakMemory, TrainPreset, Worker, fmt_bytes, format_table, lengthened_records, machine_summary, median,
+    TRAIN_PRESETS, PeakMemory, TrainPreset, Worker, error_line, fmt_bytes, format_table, lengthened_records, machine_summary, median,
     mfu, realignment_records, result_header,
     results_path, serve, summarize_times, timed, write_json)
 
@@ -379,6 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data_path", type=Path, default=None, help="Sandbox records (default: bundled sample)")
     parser.add_argument("--model_dir", type=Path, default=None, help="HF Llama dir with tokenizer (default: random "
                         "weights of the preset's shape)")
+    parser.add_argument("--build_model_dir", type=Path, default=None,
+                        help="only build the preset's checkpoint (random weights + tokenizer) into this folder "
+                             "and exit: several runs (gpu_check's stages) then share it with --model_dir")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per side (default: the preset's)")
     parser.add_argument("--steps", type=int, default=None, help="measured steps per side (default: the preset's)")
     parser.add_argument("--max_tokens_per_batch", type=int, default=None,
@@ -407,16 +412,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     device = preset.device
     data_path = (args.data_path or default_data_path()).resolve()
+    if args.build_model_dir is not None:
+        from benchmarks.baseline_original import build_benchmark_dir
+
+        started = time.perf_counter()
+        build_benchmark_dir(preset, data_path, args.build_model_dir, seed=args.seed)
+        print(f"built a random {preset.name} checkpoint in {args.build_model_dir} in "
+              f"{time.perf_counter() - started:.0f} s")
+        return 0
     load_at_start = os.getloadavg()[0]  # other work on a shared machine: read the times with it
     with tempfile.TemporaryDirectory(prefix="fa-throughput-") as tmp:
         if preset.min_response_chars:
             data_path = lengthened_records(data_path, Path(tmp) / "lengthened.jsonl", preset.min_response_chars)
         if preset.realignment_queries:
             data_path = realignment_records(data_path, Path(tmp) / "realignment.jsonl")
-        result = run(preset, data_path=data_path, model_dir=args.model_dir, device=device,
-                     warmup=preset.warmup_steps if args.warmup is None else args.warmup,
-                     measure=preset.measure_steps if args.steps is None else args.steps, seed=args.seed,
-                     threads=args.threads, work_dir=Path(tmp))
+        try:
+            result = run(preset, data_path=data_path, model_dir=args.model_dir, device=device,
+                         warmup=preset.warmup_steps if args.warmup is None else args.warmup,
+                         measure=preset.measure_steps if args.steps is None else args.steps, seed=args.seed,
+                         threads=args.threads, work_dir=Path(tmp))
+        except RuntimeError as err:  # a side's worker failed: its traceback, then one line that names it
+            print(err, file=sys.stderr)
+            raise FastalignError(f"train_throughput --preset {preset.name}: a side failed: "
+                                 f"{error_line(str(err))}") from None
     result = {**result_header("train_throughput", preset.name, device), "load_avg_1m_at_start": load_at_start,
               "note": preset.note, **result}
     # A non-default token budget gets its own file, so it never overwrites the preset's figures.

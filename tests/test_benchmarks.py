@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -204,6 +205,160 @@ def test_loss_head_runs_tiny_and_every_method_computes_the_same_loss(tmp_path):
         assert "time" in row or row["skipped"]  # a skipped method says why
 
 
+FAILING_WORKER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from benchmarks import loss_head
+from benchmarks.common import serve
+
+
+class OutOfMemoryError(RuntimeError):
+    pass
+
+
+def broken_setup(**kwargs):
+    raise OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+
+sys.exit(serve({"ready": loss_head.handle_ready, "setup": broken_setup}))
+"""
+
+
+def test_loss_head_fails_when_a_method_that_could_run_fails(tmp_path, monkeypatch, capsys):
+    # An available method that breaks is a failed benchmark (an `error:` line, exit status 2),
+    # not a skipped row in a run that exits 0; the others are still measured and written.
+    from benchmarks import loss_head
+    from fastalign.cli import run_main
+
+    script = tmp_path / "failing_worker.py"
+    script.write_text(FAILING_WORKER)
+    real_start = loss_head.start_workers
+
+    def start_workers(plan, device):  # fastalign's worker replaced by one whose setup fails
+        workers = real_start(plan, device)
+        key = next(key for key in workers if key[1] == "fastalign")
+        workers[key].close()
+        workers[key] = common.Worker([str(script), str(ROOT)]).start()
+        workers[key].call("ready", device=device)
+        return workers
+
+    monkeypatch.setattr(loss_head, "start_workers", start_workers)
+    status = run_main(loss_head.main, ["--preset", "cpu-small", "--tokens", "128", "--hidden", "32", "--vocab", "300",
+                                       "--repeats", "1", "--methods", "fastalign,full_logits",
+                                       "--out_dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert err[-1] == ("error: loss_head: 1 method run(s) failed; first: fastalign (T=128 V=300) setup: "
+                       "OutOfMemoryError: CUDA out of memory. Tried to allocate 4.00 GiB")
+    rows = {row["method"]: row for row in only_json(tmp_path, "loss_head")["cases"][0]["results"]}
+    assert rows["fastalign"] == {"method": "fastalign",
+                                 "failed": "setup: OutOfMemoryError: CUDA out of memory. Tried to allocate 4.00 GiB"}
+    assert finite(rows["full_logits"]["time"]["median_s"], positive=True)
+
+
+def test_train_modes_compares_a_mode_with_the_eager_run_step_by_step(tmp_path):
+    proc = run_script("benchmarks/train_modes.py", "--mode", "checkpointing", "--preset", "cpu-smoke", "--steps", "2",
+                      "--work_dir", str(tmp_path / "work"), "--out_dir", str(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = only_json(tmp_path, "train_modes")
+    assert result["mode"] == "checkpointing" and result["precision"] == "fp32"
+    eager, mode = result["runs"]["eager"], result["runs"]["checkpointing"]
+    assert mode["flags"] == ["--gradient_checkpointing", "True"] and eager["flags"] == []
+    assert [s["step"] for s in eager["steps"]] == [s["step"] for s in mode["steps"]] == [1, 2]
+    assert result["comparison"]["agree"] and result["comparison"]["max_rel_diff"] <= 1e-4
+    assert all(finite(n, positive=True) for n in result["tokens_per_step"])
+    assert (tmp_path / "work" / "eager.json").is_file()  # kept for the next mode's stage
+
+
+def test_train_modes_judges_the_losses_and_refuses_offload_without_cuda(tmp_path):
+    from benchmarks import train_modes
+
+    eager = {"steps": [{"loss": 2.0}, {"loss": 1.9}]}
+    close = {"steps": [{"loss": 2.0}, {"loss": 1.9 + 1e-5}]}
+    far = {"steps": [{"loss": 2.0}, {"loss": 1.95}]}
+    assert train_modes.compare(eager, close, rtol=1e-4)["agree"]
+    verdict = train_modes.compare(eager, far, rtol=2e-2)
+    assert not verdict["agree"] and verdict["worst_step"] == 2 and verdict["why"].startswith("step 2: loss 1.950000")
+    assert not train_modes.compare(eager, {"steps": eager["steps"][:1]}, rtol=1)["agree"]  # a step missing
+    if not torch.cuda.is_available():
+        proc = run_script("benchmarks/train_modes.py", "--mode", "offload", "--work_dir", str(tmp_path), timeout=120)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+            "error: --mode offload: needs CUDA")
+
+
+def test_peer_pairs_are_each_records_best_and_worst_in_file_order(tmp_path):
+    from benchmarks.peer_trl import best_worst_pairs, write_pairs
+
+    src = tmp_path / "records.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in [
+        {"query": "q1", "responses": ["a", "b", "c"], "scores": [3, 7, 1]},
+        {"query": "q2", "responses": ["d", "e"], "scores": [4, 4]},  # no preference: left out
+        {"query": "q3", "responses": ["f", "g"], "scores": [2, 6]}]) + "\n")
+    pairs = best_worst_pairs(src, 3)
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [("q1", "b", "c"), ("q3", "g", "f"),
+                                                                          ("q1", "b", "c")]  # cycled
+    lines = [json.loads(line) for line in write_pairs(pairs, tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert lines[0] == {"query": "q1", "responses": ["b", "c"], "scores": [7, 1]}  # --num_comp 2 takes both
+
+
+def _stand_in_dpo(weight, hidden, target, ref_input, ref_weight, beta=0.1):
+    """Liger's DPO loss in plain torch (summed log-probs of the target tokens), for CPU."""
+    def logps(h, w):
+        token = (h @ w.T).float().log_softmax(-1).gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)
+        return (token * (target != -100)).sum(-1)
+
+    policy, ref = logps(hidden, weight), logps(ref_input, ref_weight)
+    half = policy.shape[0] // 2
+    margin = (policy[:half] - ref[:half]) - (policy[half:] - ref[half:])
+    return torch.nn.functional.logsigmoid(beta * margin).neg().mean(), (policy[:half], policy[half:])
+
+
+def test_liger_side_batches_pairs_and_trains_against_its_initial_reference(tmp_path):
+    from transformers import AutoTokenizer
+
+    from benchmarks.common import TRAIN_PRESETS
+    from benchmarks.baseline_original import build_benchmark_dir, default_data_path
+    from benchmarks.peer_liger import LigerDPO, encode_pairs
+    from benchmarks.peer_trl import best_worst_pairs, write_pairs
+
+    model_dir = build_benchmark_dir(TRAIN_PRESETS["cpu-smoke"], default_data_path(), tmp_path / "model")
+    pairs_path = write_pairs(best_worst_pairs(default_data_path(), 4), tmp_path / "pairs.jsonl")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pairs = [json.loads(line) for line in pairs_path.read_text().splitlines()]
+    batch = encode_pairs(tokenizer, pairs[:2], max_length=64)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert batch["input_ids"].shape[0] == 4  # chosen 1, chosen 2, rejected 1, rejected 2
+    prompt = tokenizer(pairs[0]["query"]).input_ids
+    assert batch["input_ids"][0, :len(prompt)].tolist() == prompt and (batch["labels"][0, :len(prompt)] == -100).all()
+    assert batch["labels"][0, len(prompt)] != -100 and batch["labels"][2, len(prompt)] != -100
+    spec = {"device": "cpu", "model_dir": str(model_dir), "pairs_path": str(pairs_path), "batch_size": 2,
+            "grad_accum": 1, "max_length": 64, "warmup": 1, "steps": 1, "precision": "fp32"}
+    side = LigerDPO(spec, common.PeakMemory("cpu").start(), loss_fn=_stand_in_dpo)
+    assert side._micro_batch(0).item() == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at start
+    times = side.train()
+    assert len(times) == 2 and all(finite(wall, positive=True) for wall, _ in times)
+    assert side._micro_batch(0).item() < math.log(2)  # trained towards the chosen responses
+
+
+def test_peer_trl_measures_both_sides_on_the_same_pairs(tmp_path):
+    pytest.importorskip("trl", reason="TRL is optional: pip install -e '.[peers]'")
+    proc = run_script("benchmarks/peer_trl.py", "--preset", "cpu-smoke", "--gradient_accumulation_steps", "2",
+                      "--warmup", "1", "--steps", "1", "--repeats", "1", "--max_length", "128",
+                      "--out_dir", str(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = only_json(tmp_path, "peer_trl")
+    assert result["precision"] == "fp32" and result["batch"]["pairs_per_step"] == 2
+    assert set(result["sides"]) == {"trl", "fastalign"} and result["skipped"] == {"liger": "needs CUDA"}
+    assert len(result["tokens_per_step"]) >= 2 and all(n > 0 for n in result["tokens_per_step"])
+    for side in result["sides"].values():
+        assert finite(side["tokens_per_s"], positive=True) and finite(side["peak_memory_bytes"], positive=True)
+        assert [len(times) for times in side["step_times_s"]] == [2]  # warm-up + timed
+    ratio = result["ratios_vs_trl"]["fastalign"]
+    assert ratio["tokens_per_s"] == pytest.approx(result["sides"]["fastalign"]["tokens_per_s"]
+                                                  / result["sides"]["trl"]["tokens_per_s"])
+    assert result["versions"]["trl"] and result["schedule"]["order"] == ["trl", "fastalign"]
+
+
 def test_load_memory_runs_the_smoke_model_for_every_layout_and_loader(tmp_path):
     proc = run_script("benchmarks/load_memory.py", "--preset", "smoke", "--layers", "1", "--out_dir", str(tmp_path),
                       timeout=120)
@@ -244,14 +399,29 @@ def test_data_pipeline_runs_on_a_few_records(tmp_path):
     assert 0 < budget["micro_batches"] < one_group["micro_batches"] and budget["tokens"] > 0
 
 
-def test_gpu_check_without_a_gpu_reports_and_writes_a_summary(tmp_path):
-    proc = run_script("benchmarks/gpu_check.py", "--only", "--out_dir", str(tmp_path), timeout=120)
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert [s["name"] for s in summary["stages"]] == ["environment"]
-    env = json.loads((tmp_path / "environment.json").read_text())
-    assert env["torch"] == torch.__version__
-    if not torch.cuda.is_available():
-        assert proc.returncode == 1 and summary["stages"][0]["status"] == "failed"
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-CUDA verdict")
+def test_gpu_check_without_cuda_stops_in_seconds_with_every_stage_listed(tmp_path):
+    from benchmarks.gpu_check import stages
+
+    started = time.perf_counter()
+    proc = run_script("benchmarks/gpu_check.py", "--out_dir", str(tmp_path / "out"), timeout=120)
+    elapsed = time.perf_counter() - started
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert elapsed < 60  # imports and the facts only (7-9 s on a loaded 2-core box); no stage ran
+    (verdict,) = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert "no CUDA device visible to torch" in verdict and "fix:" in verdict
+    out = proc.stdout.strip().splitlines()
+    assert out[0] == out[-1] == f"gpu-check: results in {tmp_path / 'out'}"  # the folder to bring back, first and last
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    listed = [(s["name"], s["status"]) for s in summary["stages"]]
+    assert listed == [("environment", "failed")] + [(s.name, "skipped") for s in stages("python", tmp_path, tmp_path)]
+    assert all(s["note"].startswith("environment: no CUDA device") for s in summary["stages"][1:])
+    env = json.loads((tmp_path / "out" / "environment.json").read_text())
+    assert env["torch"] == torch.__version__ and env["fatal"] == summary["fatal"]
+    assert {"path", "version"} <= set(env["c_compiler"]) and {"path", "version"} <= set(env["python_headers"])
+    assert env["attention_backend"] == "sdpa" and env["attention_reason"] and env["loss_reason"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["environment.json", "results-row.md",
+                                                                   "summary.json"]
 
 
 @pytest.mark.slow

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -211,8 +213,8 @@ def test_gpu_check_trains_the_bundled_and_the_long_query_data_at_gpu_size():
     from benchmarks.common import TRAIN_PRESETS
     from benchmarks.gpu_check import stages
 
-    presets = [stage.argv[stage.argv.index("--preset") + 1] for stage in stages("python", REPO)
-               if stage.argv[1].endswith("train_throughput.py")]
+    presets = [stage.argv[stage.argv.index("--preset") + 1] for stage in stages("python", REPO, REPO)
+               if stage.argv[1].endswith("train_throughput.py") and "--build_model_dir" not in stage.argv]
     gpu = [TRAIN_PRESETS[name] for name in presets]
     assert gpu and all(p.device == "cuda" for p in gpu)
     import torch
@@ -229,15 +231,192 @@ def test_gpu_check_trains_the_bundled_and_the_long_query_data_at_gpu_size():
                            for p in realign)
 
 
-def test_gpu_check_reason_is_one_line_not_a_traceback():
+def test_gpu_check_reason_is_the_first_error_line_not_a_traceback():
     from benchmarks.gpu_check import failure_reason
 
     wall = "\n".join(["step 1", "Traceback (most recent call last):",
                       *[f'  File "x.py", line {i}, in f' for i in range(40)],
-                      "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", ""])
+                      "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", "",
+                      "error: loss_head: 1 method run(s) failed; first: fastalign ..."])
     assert failure_reason(wall) == "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
     assert failure_reason("error: --preset gpu-9b: unknown preset\n") == "error: --preset gpu-9b: unknown preset"
     assert failure_reason("") == "no output"
+
+
+def test_the_1b_stages_share_one_checkpoint_built_outside_the_results_folder(tmp_path):
+    from benchmarks.gpu_check import stages
+
+    out_dir, scratch = tmp_path / "out", tmp_path / "scratch"
+    planned = {stage.name: stage for stage in stages("python", out_dir, scratch)}
+    build = planned["checkpoint_1b"].argv
+    shared = Path(build[build.index("--build_model_dir") + 1])
+    assert shared.parent == scratch  # 2.2 GB: never in the folder that comes back
+    users = [s for s in planned.values() if "--model_dir" in s.argv]
+    assert {s.name for s in users} >= {"train_gpu-1b", "train_gpu-1b-realign", "peer_trl"}
+    for stage in users:
+        assert Path(stage.argv[stage.argv.index("--model_dir") + 1]) == shared and stage.needs == "checkpoint_1b"
+    names = list(planned)
+    assert names.index("checkpoint_1b") < min(names.index(s.name) for s in users)
+    assert {"train_compile", "train_offload", "train_checkpointing"} <= set(planned)
+
+
+# ----------------------------------------------------------------------------- gpu-check orchestration
+
+
+def _script(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def _stand_in_stages(python, out_dir, scratch):
+    from benchmarks.gpu_check import Stage
+
+    noisy_failure = ("import sys; print('loading'); print('RuntimeError: the first cause'); "
+                     "print('error: a consequence', file=sys.stderr); sys.exit(3)")
+    return [
+        Stage("fine", _script("print('ok')"), max_s=30),
+        Stage("broken", _script(noisy_failure), max_s=30),
+        Stage("after_broken", _script("print('never')"), max_s=30, needs="broken"),
+        Stage("hangs", _script("import time; print('started', flush=True); time.sleep(60)"), max_s=1.5),
+        Stage("optional", _script("print('never')"), max_s=30, skip_reason="trl is not importable here"),
+        Stage("big_gpu", _script("print('never')"), max_s=30, min_gpu_gib=64),
+        Stage("long", _script("import time; print('working', flush=True); time.sleep(60)"), max_s=120),
+        Stage("late", _script("print('never')"), max_s=30, min_s=20),
+    ]
+
+
+def _fake_environment(fatal: str = ""):
+    from benchmarks.gpu_check import StageResult
+
+    def environment_stage(out_dir):
+        info = {"torch": "2.x", "gpu_name": "Stand-in GPU", "gpu_mem_bytes": 40 * 2**30}
+        (out_dir / "environment.json").write_text(json.dumps(info))
+        return StageResult("environment", "failed" if fatal else "ok", 0.1, note=fatal), info, fatal
+
+    return environment_stage
+
+
+def test_gpu_check_runs_stages_in_the_budget_and_reports_each_status(tmp_path):
+    """ok, failed (first error line), skipped (needs a failed stage / optional package / GPU memory
+    / budget), timeout (its own limit) and cut (the budget's limit), in summary.json and exit 1."""
+    from benchmarks import gpu_check
+
+    started = time.perf_counter()
+    status = gpu_check.check(tmp_path, budget_s=9.0, only=None, environment_stage=_fake_environment(),
+                             stage_list=_stand_in_stages)
+    elapsed = time.perf_counter() - started
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    got = {s["name"]: s for s in summary["stages"]}
+    assert list(got) == ["environment", "fine", "broken", "after_broken", "hangs", "optional", "big_gpu", "long",
+                         "late"]
+    assert {name: s["status"] for name, s in got.items()} == {
+        "environment": "ok", "fine": "ok", "broken": "failed", "after_broken": "skipped", "hangs": "timeout",
+        "optional": "skipped", "big_gpu": "skipped", "long": "cut", "late": "skipped"}
+    assert got["broken"]["note"] == "RuntimeError: the first cause" and got["broken"]["returncode"] == 3
+    assert got["after_broken"]["note"] == "needs broken, which did not pass"
+    assert "its own limit" in got["hangs"]["note"] and "started" in got["hangs"]["note"]
+    assert got["optional"]["note"] == "trl is not importable here"
+    assert got["big_gpu"]["note"] == "needs 64 GiB of GPU memory, has 40"
+    assert "the budget stopped it" in got["long"]["note"] and "working" in got["long"]["note"]
+    assert "of the 9 s budget left, it needs about 20 s" in got["late"]["note"]
+    assert (tmp_path / "broken.log").read_text().startswith("loading")
+    assert status == 1 and elapsed < 30
+    row = (tmp_path / "results-row.md").read_text()
+    assert "broken failed (RuntimeError: the first cause)" in row and "long cut" in row
+
+
+def test_gpu_check_passes_when_nothing_failed_even_if_the_budget_cut_a_stage(tmp_path):
+    from benchmarks import gpu_check
+
+    def stand_ins(python, out_dir, scratch):
+        return [s for s in _stand_in_stages(python, out_dir, scratch) if s.name in ("fine", "optional", "long")]
+
+    status = gpu_check.check(tmp_path, budget_s=7.0, only=None, environment_stage=_fake_environment(),
+                             stage_list=stand_ins)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [s["status"] for s in summary["stages"]] == ["ok", "ok", "skipped", "cut"]
+    assert status == 0
+
+
+def test_gpu_check_stops_at_a_fatal_environment_with_every_stage_listed(tmp_path, capsys):
+    from benchmarks import gpu_check
+    from fastalign.cli import run_main
+
+    cause = "Triton cannot launch a kernel (RuntimeError: Failed to find C compiler); fix: install a C compiler"
+
+    def main(argv):
+        return gpu_check.check(tmp_path, budget_s=100.0, only=None, environment_stage=_fake_environment(cause),
+                               stage_list=_stand_in_stages)
+
+    assert run_main(main) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: gpu-check stopped at the environment stage: {cause}"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["fatal"] == cause
+    stages = summary["stages"][1:]
+    assert [s["name"] for s in stages] == [s.name for s in _stand_in_stages("python", tmp_path, tmp_path)]
+    assert all(s["status"] == "skipped" and s["note"] == f"environment: {cause}" for s in stages)
+    assert not (tmp_path / "fine.log").exists()  # nothing ran
+
+
+def test_environment_verdicts_name_the_cause_and_the_fix():
+    from benchmarks.gpu_environment import verdict
+
+    base = {"cuda_available": True, "torch": "2.5.1+cu124", "cuda_build": "12.4", "flash_attn": None,
+            "gpu_capability": "9.0", "attention_backend": "torch_varlen", "triton_launch": {"ok": True},
+            "c_compiler": {"path": "/usr/bin/cc"}, "python_headers": {"path": "/usr/include/python3.11/Python.h"}}
+    assert verdict(base).fatal == "" and verdict(base).problems == []
+    no_cuda = verdict({**base, "cuda_available": False, "cuda_build": None})
+    assert no_cuda.fatal.startswith("no CUDA device visible to torch 2.5.1+cu124") and "fix:" in no_cuda.fatal
+    launcher = verdict({**base, "triton_launch": {"ok": False, "error": "CalledProcessError: gcc exited 1"},
+                        "python_headers": {"path": None}})
+    assert launcher.fatal.startswith("Triton cannot launch a kernel (CalledProcessError: gcc exited 1)")
+    assert "install Python's headers" in launcher.fatal and "python3-dev" in launcher.fatal
+    assert "a C compiler" not in launcher.fatal.split("fix:")[1]  # the compiler was found
+    slow = verdict({**base, "attention_backend": "sdpa", "attention_reason": "not torch_varlen: no varlen_attn"})
+    assert slow.fatal == "" and len(slow.problems) == 1
+    assert "per-sequence SDPA on sm90 (torch 2.5.1+cu124, flash-attn none)" in slow.problems[0]
+    assert verdict({**base, "attention_backend": "sdpa", "gpu_capability": "7.5"}).problems == []  # no faster one
+
+
+def test_gpu_check_only_brings_the_stages_a_chosen_one_needs(tmp_path):
+    from benchmarks import gpu_check
+
+    status = gpu_check.check(tmp_path, budget_s=60.0, only=["after_broken"], environment_stage=_fake_environment(),
+                             stage_list=_stand_in_stages)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [(s["name"], s["status"]) for s in summary["stages"]] == [
+        ("environment", "ok"), ("broken", "failed"), ("after_broken", "skipped")]
+    assert status == 1
+
+
+def test_the_triton_probe_kernel_adds_one_and_its_launch_failure_is_one_line():
+    pytest.importorskip("triton")
+    import torch
+
+    from benchmarks.gpu_environment import triton_launch
+    from devices import TRITON_DEVICE
+
+    if TRITON_DEVICE is None:
+        pytest.skip("Triton needs CUDA, or TRITON_INTERPRET=1")
+    from benchmarks.triton_probe import add_one
+
+    assert add_one(torch.zeros(5, device=TRITON_DEVICE)).tolist() == [1.0] * 5  # what the GPU check launches
+    if not torch.cuda.is_available():  # the launch itself needs CUDA: a failure it reports, never raises
+        launch = triton_launch()
+        assert launch["ok"] is False and "\n" not in launch["error"] and launch["error"]
+
+
+def test_environment_finds_the_compiler_and_headers_triton_builds_with(monkeypatch, tmp_path):
+    from benchmarks.gpu_environment import c_compiler, python_headers
+
+    headers = python_headers()
+    if headers["path"]:  # this machine builds Triton launchers: the version is Python's own
+        assert Path(headers["path"]).name == "Python.h" and headers["version"] == platform.python_version()
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    assert c_compiler() == {"path": None, "version": None, "looked_for": [str(tmp_path / "no-such-cc")]}
+    monkeypatch.delenv("CC")
+    found = c_compiler()
+    assert found["path"] is None or (Path(found["path"]).is_file() and found["version"])
 
 
 def test_gpu_check_reports_backends_and_versions_and_a_results_row(tmp_path):

@@ -60,10 +60,12 @@ def make_batch(group_sizes, hidden_size, vocab, *, num_tokens=None, seed=0, dtyp
     assert int(lengths.min()) >= 3, "each sequence needs a query token and a response token"
     response_index = torch.repeat_interleave(torch.arange(num_responses), lengths)
     total = int(lengths.sum())
-    hidden = torch.randn(total, hidden_size, generator=gen) * scale
-    weight = torch.randn(vocab, hidden_size, generator=gen) * (2.0 / math.sqrt(hidden_size))
+    # On a GPU the big tensors are drawn there (a [128256, 4096] weight is 2 GiB of fp32 draws).
+    big_gen = gen if torch.device(device).type == "cpu" else torch.Generator(device).manual_seed(seed)
+    hidden = torch.randn(total, hidden_size, generator=big_gen, device=device) * scale
+    weight = torch.randn(vocab, hidden_size, generator=big_gen, device=device) * (2.0 / math.sqrt(hidden_size))
     targets = torch.randint(0, vocab, (total,), generator=gen)
-    argmax_tokens = (hidden @ weight.T).argmax(1) if (easy_best or hard_best) else None
+    argmax_tokens = (hidden @ weight.T).argmax(1).cpu() if (easy_best or hard_best) else None
     starts = torch.cumsum(lengths, 0) - lengths
     for r in range(num_responses):
         s, n = int(starts[r]), int(lengths[r])
@@ -82,14 +84,14 @@ def make_batch(group_sizes, hidden_size, vocab, *, num_tokens=None, seed=0, dtyp
 
 
 def run_fused(batch, backend, grad_mix=None, **opts):
-    """Loss, nll, penalty, best and grads of (loss + mix . nll + mix' . penalty), on CPU.
+    """Loss, nll, penalty, best and grads of (loss + mix . nll + mix' . penalty), on the batch's device.
 
     The triton backend runs where tests/devices.py says (CPU under the interpreter, else CUDA).
     """
     if backend == "triton":
         device = triton_device()
         return to_device(_run_fused(to_device(batch, device), backend, to_device(grad_mix, device),
-                                    **opts), "cpu")
+                                    **opts), batch["hidden"].device)
     return _run_fused(batch, backend, grad_mix, **opts)
 
 
@@ -135,8 +137,8 @@ def assert_matches(got, want, rtol=2e-5, atol=2e-6):
 
 
 def errors_vs(reference, got):
-    """Max abs error of each output against the fp32 reference."""
-    return {k: (got[k].float().cpu() - reference[k].float().cpu()).abs().max().item()
+    """Max abs error of each output against the fp32 reference, computed where `got` lives."""
+    return {k: (got[k].float() - reference[k].float().to(got[k].device)).abs().max().item()
             for k in ("loss", "nll", "penalty", "grad_hidden", "grad_weight")}
 
 
