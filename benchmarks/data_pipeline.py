@@ -103,8 +103,8 @@ def main(argv=None) -> int:
         gz = tmp / "sandbox.jsonl.gz"
         gz.write_bytes(gzip.compress(jsonl.read_bytes(), compresslevel=6))
         if args.tokenizer:
-            from transformers import AutoTokenizer
-            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+            from fastalign.model_dir import load_tokenizer
+            tokenizer = load_tokenizer(args.tokenizer)
             tokenizer_name = args.tokenizer
         else:
             tokenizer = build_tokenizer(tmp / "tokenizer", records)

@@ -115,7 +115,7 @@ t = time.time()
 dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 phases["process group"] = time.time() - t
 t = time.time()
-tokenizer = AutoTokenizer.from_pretrained(model_dir)
+tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
 phases["tokenizer"] = time.time() - t
 t = time.time()
 with open(data_path) as f:
