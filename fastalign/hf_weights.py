@@ -54,8 +54,9 @@ _SAFETENSORS_DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 _SAFETENSORS_CODES = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
-# Rows copied (and their mapped pages dropped) at a time.
-_CHUNK_BYTES = 16 << 20
+# Rows copied (and their mapped pages then dropped) at a time: the most host memory a load holds
+# above the model itself.
+_CHUNK_BYTES = 4 << 20
 _MADV_PAGEOUT = 21  # Linux >= 5.4; older kernels refuse it (EINVAL), harmlessly
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
