@@ -57,7 +57,6 @@ _SAFETENSORS_CODES = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()
 # Rows copied (and their mapped pages then dropped) at a time: the most host memory a load holds
 # above the model itself.
 _CHUNK_BYTES = 4 << 20
-_MADV_PAGEOUT = 21  # Linux >= 5.4; older kernels refuse it (EINVAL), harmlessly
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
@@ -270,17 +269,19 @@ def _refusing_damage(file: Path):
 
 
 def _release_mapped_pages(t: torch.Tensor) -> None:
-    """Drop the resident pages of a tensor that lives in a read-only file mapping (safetensors'
-    safe_open and torch.load mmap=True map MAP_PRIVATE, never written): once copied into the model
-    they only inflate RSS, and an access after this re-reads them from the file. Only pages wholly
-    inside the tensor."""
+    """Drop the resident pages of a tensor that lives in a file mapping that is never written
+    (safetensors' safe_open and torch.load mmap=True map the file MAP_PRIVATE): once copied into
+    the model they only inflate RSS, and an access after this re-reads them from the file.
+    MADV_DONTNEED unmaps them from this process at once and leaves the page cache alone (unlike
+    MADV_PAGEOUT, which skips pages still dirty from a recent write of the file, so loading a file
+    just written kept them). Only pages wholly inside the tensor."""
     if _libc is None:
         return
     begin = t.data_ptr()
     end = begin + t.numel() * t.element_size()
     first, last = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
     if last > first:
-        _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT)
+        _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
 
 
 def plan_shards(sizes: Iterable[tuple[str, int]], max_shard_size: int) -> list[list[str]]:
