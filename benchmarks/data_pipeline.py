@@ -37,6 +37,7 @@ from benchmarks.common import (  # noqa: E402
     rss_bytes,
     write_json,
 )
+from fastalign.cli import run_main  # noqa: E402
 from fastalign.data import GroupBatcher, load_records, tokenize_records  # noqa: E402
 
 WORDS = ("the a to of and in is it you that for be on with as are this not can but your if or they we "
@@ -169,4 +170,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))  # a refused --tokenizer directory: one error: line, exit 2

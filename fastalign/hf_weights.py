@@ -151,7 +151,7 @@ class CheckpointReader:
         rows_view = out if out.dim() else out.unsqueeze(0)  # dim 0 = rows, also for a scalar
         row_bytes = math.prod(rows_view.shape[1:]) * self.dtype(name).itemsize
         # Chunks of rows: host memory holds one mapped chunk more than the model, never a whole
-        # weight's or file's pages (the embedding of a 7B model alone is 0.5 GB in bf16).
+        # weight's or file's pages (a Llama-3 8B embedding alone is 1 GB in bf16).
         step, n_rows = max(1, _CHUNK_BYTES // max(1, row_bytes)), rows_view.shape[0]
         with torch.no_grad():
             for a in range(0, n_rows, step):
@@ -272,9 +272,9 @@ def _release_mapped_pages(t: torch.Tensor) -> None:
     """Drop the resident pages of a tensor that lives in a file mapping that is never written
     (safetensors' safe_open and torch.load mmap=True map the file MAP_PRIVATE): once copied into
     the model they only inflate RSS, and an access after this re-reads them from the file.
-    MADV_DONTNEED unmaps them from this process at once and leaves the page cache alone (unlike
-    MADV_PAGEOUT, which skips pages still dirty from a recent write of the file, so loading a file
-    just written kept them). Only pages wholly inside the tensor."""
+    MADV_DONTNEED unmaps them from this process at once and leaves the page cache alone
+    (MADV_PAGEOUT would skip pages still dirty from a recent write of the file and leave them
+    resident). Only pages wholly inside the tensor."""
     if _libc is None:
         return
     begin = t.data_ptr()
