@@ -184,7 +184,7 @@ class BaselineTrainer:
             torch.backends.cudnn.allow_tf32 = True
         torch.autograd.set_detect_anomaly(detect_anomaly)
         self.model = LlamaForCausalLM.from_pretrained(str(model_dir), attn_implementation="sdpa",
-                                                      **fp32_load_kwargs()).to(self.device)
+                                                      trust_remote_code=False, **fp32_load_kwargs()).to(self.device)
         self.model.train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=learning_rate, weight_decay=weight_decay)
 

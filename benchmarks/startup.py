@@ -122,7 +122,8 @@ with open(data_path) as f:
     records = [json.loads(line) for line in f if line.strip()]
 phases["data"] = time.time() - t
 t = time.time()
-model = LlamaForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", **fp32_load_kwargs())
+model = LlamaForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", trust_remote_code=False,
+                                         **fp32_load_kwargs())
 model.train()
 phases["model build"] = time.time() - t
 t = time.time()
