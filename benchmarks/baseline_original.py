@@ -184,7 +184,7 @@ class BaselineTrainer:
             torch.backends.cudnn.allow_tf32 = True
         torch.autograd.set_detect_anomaly(detect_anomaly)
         self.model = LlamaForCausalLM.from_pretrained(str(model_dir), attn_implementation="sdpa",
-                                                      **fp32_load_kwargs()).to(self.device)
+                                                      trust_remote_code=False, **fp32_load_kwargs()).to(self.device)
         self.model.train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=learning_rate, weight_decay=weight_decay)
 
@@ -230,11 +230,10 @@ def original_steps(model_dir: Path, data_path: Path, preset: TrainPreset, num_st
     """The optimizer steps the original would run: lists of one-group `PackedBatch`es (the groups,
     their sampled candidates and token ids from fastalign.data, so both sides see the same tokens).
     Cycles over the data when it has fewer groups than asked for."""
-    from transformers import AutoTokenizer
-
     from fastalign.data import GroupBatcher, load_records, tokenize_records
+    from fastalign.model_dir import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = load_tokenizer(model_dir)
     records = load_records(str(data_path), skip_invalid=True).records
     data = tokenize_records(records, tokenizer, model_max_length=preset.model_max_length)
     batcher = GroupBatcher(data, num_comp=preset.num_comp, seed=seed, batch_size=1,

@@ -37,6 +37,7 @@ from benchmarks.common import (  # noqa: E402
     rss_bytes,
     write_json,
 )
+from fastalign.cli import run_main  # noqa: E402
 from fastalign.data import GroupBatcher, load_records, tokenize_records  # noqa: E402
 
 WORDS = ("the a to of and in is it you that for be on with as are this not can but your if or they we "
@@ -103,8 +104,8 @@ def main(argv=None) -> int:
         gz = tmp / "sandbox.jsonl.gz"
         gz.write_bytes(gzip.compress(jsonl.read_bytes(), compresslevel=6))
         if args.tokenizer:
-            from transformers import AutoTokenizer
-            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+            from fastalign.model_dir import load_tokenizer
+            tokenizer = load_tokenizer(args.tokenizer)
             tokenizer_name = args.tokenizer
         else:
             tokenizer = build_tokenizer(tmp / "tokenizer", records)
@@ -169,4 +170,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))  # a refused --tokenizer directory: one error: line, exit 2

@@ -115,14 +115,15 @@ t = time.time()
 dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 phases["process group"] = time.time() - t
 t = time.time()
-tokenizer = AutoTokenizer.from_pretrained(model_dir)
+tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
 phases["tokenizer"] = time.time() - t
 t = time.time()
 with open(data_path) as f:
     records = [json.loads(line) for line in f if line.strip()]
 phases["data"] = time.time() - t
 t = time.time()
-model = LlamaForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", **fp32_load_kwargs())
+model = LlamaForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", trust_remote_code=False,
+                                         **fp32_load_kwargs())
 model.train()
 phases["model build"] = time.time() - t
 t = time.time()

@@ -256,7 +256,7 @@ def local_rows(param: torch.Tensor) -> tuple[torch.Tensor, slice | None]:
 def load_sharded_weights(model: nn.Module, reader, *, prefix: str = "") -> None:
     """Fill each rank's rows of every parameter from `reader` (a model.CheckpointReader).
 
-    Only the local rows are read from disk (positioned reads of the safetensors slice), so no
+    Only the local rows are read from disk (the safetensors library's `get_slice` rows), so no
     rank materialises a full copy of the model. `model` must already be sharded and materialised
     (`to_empty`); shapes and names are checked beforehand by `Llama.check_checkpoint`.
     """

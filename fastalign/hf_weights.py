@@ -7,11 +7,15 @@ Reading (`CheckpointReader`) understands the four layouts transformers writes or
     pytorch_model.bin                                  legacy pickle (torch.save)
     pytorch_model.bin.index.json + pytorch_model-...   legacy, sharded
 
-Safetensors files are read with plain positioned reads straight into the destination tensor: no
-mmap (whose resident file pages would count as process memory), no whole-file buffer, each byte
-read once, and only the asked rows when a caller wants a slice (an FSDP rank reading its shard).
-Legacy .bin files are opened with `torch.load(mmap=True, weights_only=True)`, one file at a time,
-so at most one file's pages are mapped while its weights are copied out.
+Safetensors files are opened with the safetensors library (`safe_open`), which checks the header
+before anything is read: a header length past the file or above its 100 MB limit, offsets that
+overlap, leave gaps, run past the end or are not integers >= 0, and shapes that disagree with a
+tensor's bytes are all refused (a ModelError naming the file). A weight's rows then come from
+`get_slice(name)[a:b]`, a view of the library's read-only file mapping: only the asked rows are
+touched (an FSDP rank reading its shard), each byte is read once, and no whole-file buffer exists.
+Legacy .bin files are opened with `torch.load(mmap=True, weights_only=True)`, one file at a time.
+Both are copied into the destination in chunks of rows, and each chunk's pages are dropped from
+the mapping once copied, so host memory holds the model plus one chunk, not the model plus the file.
 
 Names: a reader speaks fastalign's parameter names, which are the HF names without the leading
 "model." ("model.layers.0.mlp.up_proj.weight" -> "layers.0.mlp.up_proj.weight"; "lm_head.weight"
@@ -21,11 +25,11 @@ stays), for every family alike (Qwen2's "...self_attn.q_proj.bias", Qwen3's "...
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import math
 import mmap
-import os
 import struct
 import sys
 from dataclasses import dataclass
@@ -33,6 +37,7 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from fastalign.errors import ModelError
 
@@ -49,11 +54,9 @@ _SAFETENSORS_DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 _SAFETENSORS_CODES = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
-# Linux returns at most this many bytes from one read(); larger tensors take several.
-_MAX_READ = 1 << 30
-# Rows staged at a time when a weight changes dtype or device, or comes from a mapped .bin.
-_CHUNK_BYTES = 16 << 20
-_MADV_PAGEOUT = 21  # Linux >= 5.4; older kernels refuse it (EINVAL), harmlessly
+# Rows copied (and their mapped pages then dropped) at a time: the most host memory a load holds
+# above the model itself.
+_CHUNK_BYTES = 4 << 20
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
@@ -73,9 +76,9 @@ def _is_skipped(name: str) -> bool:
 @dataclass(frozen=True)
 class _SafetensorsEntry:
     file: Path
+    hf_name: str  # the name in the file
     dtype: torch.dtype
     shape: torch.Size
-    offset: int  # absolute byte offset of the tensor's data in `file`
 
 
 class CheckpointReader:
@@ -83,7 +86,7 @@ class CheckpointReader:
 
     names() -> our parameter names in file order; shape(name); dtype(name) (as stored);
     read(name, dtype=None, rows=None) -> a new CPU tensor; read_into(name, out, rows=None) fills
-    `out` (any device/dtype) with at most one temporary CPU tensor in the stored dtype.
+    `out` (any device/dtype) chunk by chunk from the file's mapping, with no temporary tensor.
     """
 
     def __init__(self, path):
@@ -91,6 +94,7 @@ class CheckpointReader:
         self._safetensors: dict[str, _SafetensorsEntry] = {}
         self._bin_files: dict[str, Path] = {}  # our name -> .bin file holding it
         self._bin_cache: tuple[Path, dict[str, torch.Tensor]] | None = None  # the one open .bin
+        self._open_safetensors: tuple[Path, safe_open] | None = None  # the one open safetensors file
         if (self.path / SAFETENSORS_INDEX).is_file():
             files = self._index_files(self.path / SAFETENSORS_INDEX)
             for file in dict.fromkeys(files.values()):
@@ -146,27 +150,28 @@ class CheckpointReader:
                              f"(rows {start}:{stop}) but the model expects {list(out.shape)}")
         rows_view = out if out.dim() else out.unsqueeze(0)  # dim 0 = rows, also for a scalar
         row_bytes = math.prod(rows_view.shape[1:]) * self.dtype(name).itemsize
-        # Weights that change dtype or device, and .bin weights, go through in chunks of rows, so
-        # host memory holds one chunk more than the model rather than one more copy of a weight.
+        # Chunks of rows: host memory holds one mapped chunk more than the model, never a whole
+        # weight's or file's pages (a Llama-3 8B embedding alone is 1 GB in bf16).
         step, n_rows = max(1, _CHUNK_BYTES // max(1, row_bytes)), rows_view.shape[0]
-        chunks = [(a, min(a + step, n_rows)) for a in range(0, n_rows, step)]
         with torch.no_grad():
-            if not self._safetensors:
-                source = self._bin_tensor(name)
-                source = source if source.dim() else source.unsqueeze(0)
-                for a, b in chunks:
-                    rows_view[a:b].copy_(source[start + a:start + b])
-                    _release_mapped_pages(source[start + a:start + b])
-                return
-            entry = self._entry(name)
-            first_byte = entry.offset + start * row_bytes
-            if out.device.type == "cpu" and out.dtype == entry.dtype and out.is_contiguous():
-                _pread_into(entry.file, first_byte, out)  # straight into the parameter
-                return
-            for a, b in chunks:
-                block = torch.empty((b - a, *rows_view.shape[1:]), dtype=entry.dtype)
-                _pread_into(entry.file, first_byte + a * row_bytes, block)
-                rows_view[a:b].copy_(block)
+            for a in range(0, n_rows, step):
+                b = min(a + step, n_rows)
+                source = self._mapped_rows(name, start + a, start + b)
+                rows_view[a:b].copy_(source)  # converts dtype and device as needed
+                _release_mapped_pages(source)
+
+    def _mapped_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of a weight (a scalar as one row) in its stored dtype: a view of a
+        read-only file mapping, whose pages are read when touched."""
+        if not self._safetensors:
+            source = self._bin_tensor(name)
+            return (source if source.dim() else source.unsqueeze(0))[start:stop]
+        entry = self._entry(name)
+        handle = self._safetensors_handle(entry.file)
+        with _refusing_damage(entry.file):
+            if not entry.shape:
+                return handle.get_tensor(entry.hf_name).unsqueeze(0)
+            return handle.get_slice(entry.hf_name)[start:stop]
 
     # -- safetensors -------------------------------------------------------------------------
 
@@ -176,23 +181,27 @@ class CheckpointReader:
         except KeyError:
             raise ModelError(f"{self.path}: no weight named {hf_name(name)}") from None
 
+    def _safetensors_handle(self, file: Path):
+        """The library's handle of `file` (one file open at a time: sharded weights are read file by file)."""
+        if self._open_safetensors is None or self._open_safetensors[0] != file:
+            self._open_safetensors = None  # let the previous file's mapping go first
+            with _refusing_damage(file):
+                self._open_safetensors = (file, safe_open(file, framework="pt", device="cpu"))
+        return self._open_safetensors[1]
+
     def _scan_safetensors(self, file: Path) -> None:
-        """Record dtype, shape and data offset of every tensor from the file's JSON header."""
-        try:
-            with open(file, "rb") as f:
-                (header_len,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(header_len))
-        except (OSError, struct.error, ValueError) as err:
-            raise ModelError(f"{file}: not a readable safetensors file ({err})") from None
-        data_start = 8 + header_len
-        for hf, info in header.items():
-            if hf == "__metadata__" or _is_skipped(hf):
-                continue
-            if info["dtype"] not in _SAFETENSORS_DTYPES:
-                raise ModelError(f"{file}: weight {hf} has dtype {info['dtype']}, which fastalign cannot load")
+        """Record dtype and shape of every tensor, in the order of their data in the file."""
+        handle = self._safetensors_handle(file)
+        with _refusing_damage(file):
+            # offset_keys: file order, so a full load reads the file front to back (older
+            # safetensors releases lack it; their keys() are sorted by name)
+            names = getattr(handle, "offset_keys", handle.keys)()
+            slices = {hf: handle.get_slice(hf) for hf in names if not _is_skipped(hf)}
+        for hf, info in slices.items():
+            if info.get_dtype() not in _SAFETENSORS_DTYPES:
+                raise ModelError(f"{file}: weight {hf} has dtype {info.get_dtype()}, which fastalign cannot load")
             self._safetensors[our_name(hf)] = _SafetensorsEntry(
-                file, _SAFETENSORS_DTYPES[info["dtype"]], torch.Size(info["shape"]),
-                data_start + info["data_offsets"][0])
+                file, hf, _SAFETENSORS_DTYPES[info.get_dtype()], torch.Size(info.get_shape()))
 
     # -- legacy .bin -------------------------------------------------------------------------
 
@@ -247,32 +256,32 @@ def _row_range(rows: slice, length: int, name: str) -> tuple[int, int]:
     return start, max(start, stop)
 
 
-def _pread_into(file: Path, offset: int, out: torch.Tensor) -> None:
-    """Fill contiguous CPU `out` with bytes of `file` from `offset`, without intermediate buffers."""
-    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-    fd = os.open(file, os.O_RDONLY)
+@contextlib.contextmanager
+def _refusing_damage(file: Path):
+    """Turn the safetensors library's refusal of a damaged or hostile file into a ModelError naming it."""
     try:
-        done = 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:done + _MAX_READ]], offset + done)
-            if n == 0:
-                raise ModelError(f"{file}: ends before the data of a weight (truncated download?)")
-            done += n
-    finally:
-        os.close(fd)
+        yield
+    except SafetensorError as err:
+        raise ModelError(f"{file}: not a valid safetensors file ({err}); "
+                         f"the file is damaged or was not written by safetensors (re-download it)") from None
+    except OSError as err:
+        raise ModelError(f"{file}: cannot read this safetensors file ({err})") from None
 
 
 def _release_mapped_pages(t: torch.Tensor) -> None:
-    """Drop the resident pages of a tensor that lives in a read-only file mapping (torch.load
-    mmap=True, MAP_PRIVATE, never written): once copied into the model they only inflate RSS, and
-    an access after this re-reads them from the file. Only pages wholly inside the tensor."""
+    """Drop the resident pages of a tensor that lives in a file mapping that is never written
+    (safetensors' safe_open and torch.load mmap=True map the file MAP_PRIVATE): once copied into
+    the model they only inflate RSS, and an access after this re-reads them from the file.
+    MADV_DONTNEED unmaps them from this process at once and leaves the page cache alone
+    (MADV_PAGEOUT would skip pages still dirty from a recent write of the file and leave them
+    resident). Only pages wholly inside the tensor."""
     if _libc is None:
         return
     begin = t.data_ptr()
     end = begin + t.numel() * t.element_size()
     first, last = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
     if last > first:
-        _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT)
+        _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
 
 
 def plan_shards(sizes: Iterable[tuple[str, int]], max_shard_size: int) -> list[list[str]]:

@@ -59,6 +59,7 @@ from fastalign.hf_weights import (
     plan_shards,
     write_safetensors,
 )
+from fastalign.model_dir import load_tokenizer, refuse_custom_code
 
 __all__ = ["LlamaConfig", "Llama", "DecoderLayer", "CheckpointReader", "load_tokenizer"]
 
@@ -203,6 +204,7 @@ class LlamaConfig:
     @classmethod
     def from_pretrained(cls, path) -> "LlamaConfig":
         file = Path(path) / "config.json"
+        refuse_custom_code(path)  # before anything reads the directory: its auto_map would name code
         try:
             hf = json.loads(file.read_text())
         except FileNotFoundError:
@@ -640,12 +642,3 @@ def _commit_dir(tmp: Path, path: Path) -> None:
         os.replace(f, path / f.name)
     tmp.rmdir()
 
-
-def load_tokenizer(path):
-    """The tokenizer saved with a model (transformers AutoTokenizer), or a ModelError saying why not."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError, TypeError) as err:
-        raise ModelError(f"{path}: cannot load a tokenizer from this directory ({err})") from None

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from fastalign.cli import run_main
+from fastalign.model_dir import load_tokenizer
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # transformers model_type values
@@ -43,7 +44,7 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.Pat
     `bos` / `eos`: whether the tokenizer has <s> (then prepended like Llama's tokenizer does) and
     </s>; tests turn them off to cover tokenizers without them. The vocabulary may come out smaller
     than `vocab_size` when the texts have fewer merges to offer; read the real size with
-    len(AutoTokenizer.from_pretrained(out_dir)).
+    len(load_tokenizer(out_dir)) (fastalign.model_dir).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -107,7 +108,7 @@ def build_tiny_llama(
     `out_dir` are replaced; the global torch RNG is left as it was.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     if family not in FAMILIES:
@@ -121,7 +122,7 @@ def build_tiny_llama(
     try:
         build_tokenizer(texts, vocab_size, staging, model_max_length=max_position_embeddings, bos=not qwen,
                         chat_template=CHATML_TEMPLATE if qwen else None)
-        tokenizer = AutoTokenizer.from_pretrained(staging)
+        tokenizer = load_tokenizer(staging)
         family_keys = {"mistral": dict(sliding_window=max_position_embeddings),
                        "qwen3": dict(head_dim=hidden_size // num_heads)}.get(family, {})
         config = AutoConfig.for_model(

@@ -372,10 +372,10 @@ def test_load_memory_runs_the_smoke_model_for_every_layout_and_loader(tmp_path):
     assert finite(result["checkpoint_bytes"], positive=True)
     for r in result["results"]:
         assert r["model_bytes"] == result["checkpoint_bytes"]  # bf16 checkpoint loaded as bf16, every loader
-        assert finite(r["seconds"], positive=True) and finite(r["rchar_bytes"])
+        assert finite(r["seconds"], positive=True)
         assert finite(r["peak_bytes"], positive=True) and r["peak_after_use_bytes"] >= r["peak_bytes"]
         assert r["ratio"] == pytest.approx(r["peak_bytes"] / r["model_bytes"])
-        assert finite(r["ratio_after_use"], positive=True) and finite(r["read_ratio"])
+        assert finite(r["ratio_after_use"], positive=True)
 
 
 def test_data_pipeline_runs_on_a_few_records(tmp_path):
