@@ -62,13 +62,14 @@ class LigerDPO:
 
         self.spec, self.memory = spec, memory
         self.device = torch.device(spec["device"])
-        tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+        tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"], trust_remote_code=False)
         pairs = [json.loads(line) for line in Path(spec["pairs_path"]).read_text().splitlines() if line.strip()]
         size = spec["batch_size"]
         self.batches = [{k: v.to(self.device) for k, v in encode_pairs(tokenizer, pairs[i:i + size],
                                                                         spec["max_length"]).items()}
                         for i in range(0, len(pairs) - size + 1, size)]
-        self.model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32).to(self.device)
+        self.model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32,
+                                                          trust_remote_code=False).to(self.device)
         self.loss_fn = loss_fn or liger_dpo_loss()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LEARNING_RATE, weight_decay=0.0,
                                            fused=self.device.type == "cuda")

@@ -102,7 +102,8 @@ def tokens_per_step(model_dir: Path, pairs_path: Path, max_length: int, pairs_pe
 
     from fastalign.data import load_records, tokenize_records
 
-    groups = tokenize_records(load_records(str(pairs_path)), AutoTokenizer.from_pretrained(str(model_dir)),
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    groups = tokenize_records(load_records(str(pairs_path)), tokenizer,
                               model_max_length=max_length).groups
     per_pair = [2 * len(g.query_ids) + sum(len(r) for r in g.response_ids) for g in groups]
     return [sum(per_pair[i:i + pairs_per_step]) for i in range(0, len(per_pair) - pairs_per_step + 1, pairs_per_step)]
@@ -120,7 +121,7 @@ def run_trl(spec: dict[str, Any], memory: PeakMemory) -> list[tuple[float, float
     pairs = [json.loads(line) for line in Path(spec["pairs_path"]).read_text().splitlines()]
     dataset = Dataset.from_list([{"prompt": p["query"], "chosen": p["responses"][0], "rejected": p["responses"][1]}
                                  for p in pairs])
-    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"], trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     device = spec["device"]
@@ -144,7 +145,7 @@ def run_trl(spec: dict[str, Any], memory: PeakMemory) -> list[tuple[float, float
         bf16=spec["precision"] == "bf16", use_cpu=device == "cpu", precompute_ref_log_probs=True,
         max_length=spec["max_length"], train_sampling_strategy="sequential", logging_steps=10**6,
         save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0, seed=spec["seed"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32, trust_remote_code=False)
     trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[StepTimer()])
     if spec["warmup"] == 0:
