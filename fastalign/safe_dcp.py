@@ -140,8 +140,10 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 def mismatches(state: dict[str, Any], metadata: Metadata) -> list[str]:
     """Each tensor of `state` (nested; DTensors by their global shape) that the checkpoint lacks,
     holds as a non-tensor or holds with another shape, as "name: checkpoint [a, b], this model
-    [c, d]"; then each tensor of the checkpoint that `state` lacks."""
+    [c, d]"; then each tensor of the checkpoint that `state` lacks, among the top-level parts that
+    `state` asks for (a load of {"model": ...} alone does not miss the optimizer's tensors)."""
     flat, _ = flatten_state_dict(state)
+    parts = tuple(f"{key}." for key in state)
     saved = metadata.state_dict_metadata
     found = []
     for name, value in flat.items():
@@ -155,7 +157,7 @@ def mismatches(state: dict[str, Any], metadata: Metadata) -> list[str]:
         elif tuple(entry.size) != tuple(value.shape):
             found.append(f"{name}: checkpoint {list(entry.size)}, this model {list(value.shape)}")
     found += [f"{name}: checkpoint {list(entry.size)}, not in this model" for name, entry in saved.items()
-              if isinstance(entry, TensorStorageMetadata) and name not in flat]
+              if isinstance(entry, TensorStorageMetadata) and name.startswith(parts) and name not in flat]
     return found
 
 

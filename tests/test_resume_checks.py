@@ -174,6 +174,21 @@ def test_checkpoint_of_another_model_names_the_tensor_and_both_shapes(tmp_path, 
         assert torch.equal(value.full_tensor(), before[key]), key
 
 
+def test_loading_only_the_model_part_of_a_checkpoint_is_not_a_mismatch(tmp_path, process_group):
+    """--load_best_model_at_end reads a checkpoint's {"model": ...} alone: its optimizer tensors
+    are not 'tensors of another model'; a model of another shape still is."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from fastalign import safe_dcp
+
+    (path,) = saved_checkpoints(tmp_path / "out", steps=(1,))
+    model, _, _ = sharded_toy(1)
+    safe_dcp.load({"model": get_model_state_dict(model)}, path)
+    other, _, _ = sharded_toy(1, hidden=9)
+    with pytest.raises(safe_dcp.StateMismatchError, match=r"model.0.weight: checkpoint \[8, 4\], this model \[9, 4\]"):
+        safe_dcp.load({"model": get_model_state_dict(other)}, path)
+
+
 # ---------------------------------------------------------------------------- inputs of the run
 
 
