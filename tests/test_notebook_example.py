@@ -1,4 +1,4 @@
-"""The README's notebook example runs as printed, and evaluate_model takes plain dicts."""
+"""The evaluation guide's notebook example runs as printed, and evaluate_model takes plain dicts."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ SHAPE = dict(vocab_size=384, hidden_size=32, num_layers=1, num_heads=2, num_kv_h
 
 
 def notebook_example() -> str:
-    """The python block of the README's 'In a notebook' section."""
-    section = REPO.joinpath("README.md").read_text().split("### In a notebook", 1)[1]
+    """The python block of docs/evaluation.md's 'In a notebook' section."""
+    section = REPO.joinpath("docs", "evaluation.md").read_text().split("\n## In a notebook\n", 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
@@ -38,11 +38,11 @@ def demo_dir(tmp_path_factory):
     return root
 
 
-def test_readme_notebook_example_prints_each_checkpoints_metrics(demo_dir, monkeypatch, capsys):
+def test_notebook_example_prints_each_checkpoints_metrics(demo_dir, monkeypatch, capsys):
     code = notebook_example()
     assert len(code.strip().splitlines()) <= 10
     monkeypatch.chdir(demo_dir)
-    exec(compile(code, "README.md", "exec"), {})
+    exec(compile(code, "docs/evaluation.md", "exec"), {})
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 2
     # oracle: the same evaluation over Record objects loaded from the file (+ the appended record)

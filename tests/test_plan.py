@@ -328,7 +328,7 @@ def test_published_7b_run_agrees_with_hand_arithmetic(llama7b, tmp_path, capsys)
     # all-gather twice (forward, backward) and an fp32 reduce-scatter, 7/8 of it per rank
     assert plan["time"]["communication_bytes_per_step_per_rank"] == pytest.approx(8 * (2 * 2 + 4) * PARAMS * 7 / 8)
     assert "time (estimates)" in text
-    # with the README's assumed mean groups (a 125-token query, 3 x 125-token responses) a group
+    # with docs/planning.md's assumed mean groups (a 125-token query, 3 x 125-token responses) a group
     # packs to 124 + 3 x (1 + 125) = 502 tokens: 1440 // 502 = 2 per micro-batch, 8 / 2 = 4 per step
     status, plan, _ = run_plan(["--config", str(llama7b), *PUBLISHED, "--num_records", "93800",
                                 "--mean_sequence_tokens", "250"], tmp_path, capsys)

@@ -185,7 +185,7 @@ def test_eval_data_inside_a_later_checkpoint_stops_the_lineage_move(tmp_path, pr
 
 @pytest.mark.slow
 def test_overwrite_output_dir_keeps_the_model_it_starts_from(tiny, tmp_path):
-    """The README's "start a new run from a --save_only_model checkpoint", into the same dir."""
+    """docs/reliability.md's "start a new run from a --save_only_model checkpoint", into the same dir."""
     model, data = tiny
     out = tmp_path / "out"
     flags = dict(max_steps=2, per_device_train_batch_size=2, save_strategy="steps", save_steps=1)

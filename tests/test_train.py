@@ -47,7 +47,7 @@ def free_port() -> int:
 def run_train(args: list[str], nproc: int = 1, timeout: int = 300,
               rendezvous: bool = False, extra_env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m fastalign.train`, or torchrun with `nproc` processes: `--standalone`, or with
-    `rendezvous` the multi-node flags of the README (c10d rendezvous, one node here); `extra_env`
+    `rendezvous` the multi-node flags of docs/training.md (c10d rendezvous, one node here); `extra_env`
     adds environment variables."""
     if nproc == 1:
         cmd = [sys.executable, "-m", "fastalign.train", *args]
@@ -221,7 +221,7 @@ def test_resume_after_step_3_equals_uninterrupted_run(tiny, tmp_path, share_pref
 
 
 def test_original_command_line_under_torchrun_loads_in_transformers(tiny, tmp_path):
-    """The README's train_alignment.py flags, tiny sizes, 2 processes launched with the
+    """docs/training.md's train_alignment.py flags, tiny sizes, 2 processes launched with the
     multi-node rendezvous flags (c10d, one node); output is an HF model."""
     model, data = tiny
     out = tmp_path / "out"

@@ -149,12 +149,12 @@ def test_overwrite_and_resume_together_are_refused(capsys):
     assert "--overwrite_output_dir" in err and "--resume_from_checkpoint" in err
 
 
-def test_readme_flag_tables_list_every_accepted_flag():
+def test_training_guide_flag_tables_list_every_accepted_flag():
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    training = readme.split("\n## Training\n", 1)[1].split("**Checkpoints.**", 1)[0]
-    rows = [line for line in training.splitlines() if line.startswith("| `--")]
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    flags = guide.split("\n## Flags\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in flags.splitlines() if line.startswith("| `--")]
     listed = set(re.findall(r"`(--[a-z0-9_-]+)", "\n".join(rows)))
     accepted = {option for action in build_parser()._actions for option in action.option_strings
                 if option.startswith("--") and option != "--help"}
