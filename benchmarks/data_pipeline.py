@@ -28,15 +28,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import (  # noqa: E402
-    format_table,
-    machine_info,
-    machine_summary,
-    result_header,
-    results_path,
-    rss_bytes,
-    write_json,
-)
+from benchmarks.lib.machine import machine_info, machine_summary  # noqa: E402
+from benchmarks.lib.memory import rss_bytes  # noqa: E402
+from benchmarks.lib.results import result_header, results_path, write_json  # noqa: E402
+from benchmarks.lib.tables import format_table  # noqa: E402
 from fastalign.cli import run_main  # noqa: E402
 from fastalign.data import GroupBatcher, load_records, tokenize_records  # noqa: E402
 

@@ -60,7 +60,10 @@ from typing import Callable, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import REPO_ROOT, RESULTS_DIR, format_table, slug, utc_date, write_json  # noqa: E402
+from benchmarks.lib.machine import slug  # noqa: E402
+from benchmarks.lib.paths import REPO_ROOT, RESULTS_DIR  # noqa: E402
+from benchmarks.lib.results import utc_date, write_json  # noqa: E402
+from benchmarks.lib.tables import format_table  # noqa: E402
 from fastalign.errors import FastalignError  # noqa: E402
 
 STAGING_DIR = RESULTS_DIR / "tmp"  # git-ignored
