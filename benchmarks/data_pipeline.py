@@ -32,8 +32,10 @@ from benchmarks.lib.machine import machine_info, machine_summary  # noqa: E402
 from benchmarks.lib.memory import rss_bytes  # noqa: E402
 from benchmarks.lib.results import result_header, results_path, write_json  # noqa: E402
 from benchmarks.lib.tables import format_table  # noqa: E402
+from fastalign import tiny  # noqa: E402
 from fastalign.cli import run_main  # noqa: E402
 from fastalign.data import GroupBatcher, load_records, tokenize_records  # noqa: E402
+from fastalign.model_dir import load_tokenizer  # noqa: E402
 
 WORDS = ("the a to of and in is it you that for be on with as are this not can but your if or they we "
          "would should people help feel safe honest kind harm legal friend money lost wallet return police "
@@ -64,11 +66,8 @@ def synthetic_records(count: int, seed: int) -> list[dict]:
 
 def build_tokenizer(directory: pathlib.Path, records: list[dict]):
     """A byte-level BPE (vocab 8k) trained on part of the synthetic text, saved and reloaded."""
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
-    from tokenizer_fixture import build_tokenizer as build
-
     texts = [t for r in records[:2000] for t in [r["query"], *r["responses"]]]
-    return build(directory, vocab_size=8000, texts=texts)
+    return load_tokenizer(tiny.build_tokenizer(texts, 8000, directory))
 
 
 def timed(fn):
@@ -99,7 +98,6 @@ def main(argv=None) -> int:
         gz = tmp / "sandbox.jsonl.gz"
         gz.write_bytes(gzip.compress(jsonl.read_bytes(), compresslevel=6))
         if args.tokenizer:
-            from fastalign.model_dir import load_tokenizer
             tokenizer = load_tokenizer(args.tokenizer)
             tokenizer_name = args.tokenizer
         else:
