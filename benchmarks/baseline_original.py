@@ -283,7 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="fa-baseline-") as tmp:
         model_dir = args.model_dir or build_benchmark_dir(preset, data_path, Path(tmp))
-        steps = [[pad_group(mb) for mb in step] for step in original_steps(model_dir, data_path, preset, warmup + steps_n)]
+        steps = [[pad_group(mb) for mb in step]
+                 for step in original_steps(model_dir, data_path, preset, warmup + steps_n)]
         memory = PeakMemory(device).start()
         trainer = BaselineTrainer(model_dir, device, precision=precision, detect_anomaly=args.detect_anomaly)
         times = []

@@ -134,13 +134,15 @@ def main(argv=None) -> int:
             results[name] = {"micro_batches": micro, "tokens": tokens}
 
     load_after = os.getloadavg()[0]
-    table_rows = [(stage, f"{wall:.2f} s", f"{cpu:.2f} s", count, unit, f"{count / wall:,.0f}/s", f"{rss / 2**20:,.0f} MiB")
+    table_rows = [(stage, f"{wall:.2f} s", f"{cpu:.2f} s", count, unit, f"{count / wall:,.0f}/s",
+                   f"{rss / 2**20:,.0f} MiB")
                   for stage, wall, cpu, count, unit, rss in rows]
     seed_path = [r for r in rows if r[0] in ("load .jsonl", "tokenize") or "1 group/micro" in r[0]]
     total_wall, total_cpu = sum(r[1] for r in seed_path), sum(r[2] for r in seed_path)
     info = machine_info("cpu")
     print(f"data pipeline, {args.records} records, {machine_summary(info)}; tokenizer: {tokenizer_name}")
-    print(f"1-minute load average {load_before:.1f} before, {load_after:.1f} after (shared machine: wall > CPU when busy)")
+    print(f"1-minute load average {load_before:.1f} before, {load_after:.1f} after "
+          "(shared machine: wall > CPU when busy)")
     print(format_table(("stage", "wall", "CPU", "count", "unit", "rate (wall)", "RSS after"), table_rows))
     print(f"load .jsonl + tokenize + pack one epoch (seed layout): {total_wall:.2f} s wall, {total_cpu:.2f} s CPU")
 

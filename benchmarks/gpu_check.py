@@ -296,8 +296,9 @@ def run_stage(stage: Stage, out_dir: Path, timeout_s: float, env: dict[str, str]
             status, note = out_of_time, f"{limit}; {note}"
         return StageResult(stage.name, status, seconds, rc, log_path.name, outputs + ["pytest.xml"], note)
     if rc is None:
+        last_line = log_text.strip().splitlines()[-1][:200] if log_text.strip() else "none"
         return StageResult(stage.name, out_of_time, seconds, None, log_path.name, outputs,
-                           f"{limit}; last output: {log_text.strip().splitlines()[-1][:200] if log_text.strip() else 'none'}")
+                           f"{limit}; last output: {last_line}")
     if rc != 0:
         return StageResult(stage.name, "failed", seconds, rc, log_path.name, outputs, failure_reason(log_text))
     return StageResult(stage.name, "ok", seconds, rc, log_path.name, outputs)

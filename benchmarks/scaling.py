@@ -81,7 +81,8 @@ def rank_main(spec: dict[str, Any]) -> int:
     memory = PeakMemory("cpu").start()
     args = ftrain.parse_args([
         "--model_name_or_path", spec["model_dir"], "--data_path", spec["data_path"],
-        "--output_dir", spec["output_dir"], "--bf16", "False", "--tf32", "True", "--learning_rate", "2e-5", "--weight_decay", "0",
+        "--output_dir", spec["output_dir"], "--bf16", "False", "--tf32", "True", "--learning_rate", "2e-5",
+        "--weight_decay", "0",
         "--model_max_length", str(spec["model_max_length"]), "--num_comp", str(spec["num_comp"]),
         "--per_device_train_batch_size", str(spec["groups_per_step"] // world), "--gradient_accumulation_steps", "1",
         "--fsdp", "full_shard auto_wrap", "--save_strategy", "no", "--logging_steps", "1000000",

@@ -85,7 +85,8 @@ tokenizer = spent.get("tokenizer", 0.0)
 phases = {"imports": imported - launched, "process group": spent["process group"], "tokenizer": tokenizer,
           "data": spent["data+tokenizer"] - tokenizer, "model build": spent["model build"],
           "first step": first["end"] - first["start"]}
-phases["other setup"] = first["start"] - imported - sum(v for k, v in phases.items() if k not in ("imports", "first step"))
+phases["other setup"] = (first["start"] - imported
+                         - sum(v for k, v in phases.items() if k not in ("imports", "first step")))
 print("STARTUP " + json.dumps({"phases": phases, "to_first_step": first["end"] - launched, "status": status,
                                "source": train.__file__}))
 exit_process(0)
@@ -133,7 +134,8 @@ def collate(record):
     query_len = len(tokenizer(record["query"])["input_ids"])
     ids, labels = [], []
     for response, _ in chosen:
-        full = tokenizer(record["query"] + response + tokenizer.eos_token, truncation=True, max_length=max_length)["input_ids"]
+        full = tokenizer(record["query"] + response + tokenizer.eos_token, truncation=True,
+                         max_length=max_length)["input_ids"]
         ids.append(torch.tensor(full))
         labels.append(torch.tensor([-100] * min(query_len, len(full)) + full[query_len:]))
     mask = [torch.ones(len(x), dtype=torch.bool) for x in ids]
@@ -196,7 +198,8 @@ def summarize(runs: list[dict]) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--records", type=int, default=None, help="A synthetic file of this many records instead of the demo's split.")
+    parser.add_argument("--records", type=int, default=None,
+                        help="A synthetic file of this many records instead of the demo's split.")
     parser.add_argument("--label", default=None, help="Suffix of the result file's name (e.g. before).")
     parser.add_argument("--out_dir", type=Path, default=None)
     parser.add_argument("--fastalign_tree", type=Path, default=None,

@@ -20,10 +20,10 @@ batch_size 1 and gradient_accumulation_steps = the preset's groups per step, as 
 - fastalign_unshared: the same with `--share_prefix False` (query + response per response), so
   the two levers' shares of the speed-up can be told apart.
 Both use the published command's objective flags (rating_scale 7, margin 1, max_flow False,
-ratio 0.2, passed explicitly to both), lr 2e-5, weight decay 0, gradient clipping at 1.0, on CPU `--threads` threads per side
-(default 1: only one side computes at a time, and on a shared machine multi-threaded timings
-suffer most from other users' load), `margin_mode=seed` (the original's
-margin indexing; speed is the same in either mode), fp32 on CPU, bf16 autocast/mixed precision
+ratio 0.2, passed explicitly to both), lr 2e-5, weight decay 0, gradient clipping at 1.0, on CPU
+`--threads` threads per side (default 1: only one side computes at a time, and on a shared
+machine multi-threaded timings suffer most from other users' load), `margin_mode=seed` (the
+original's margin indexing; speed is the same in either mode), fp32 on CPU, bf16 autocast/mixed precision
 with fp32 master weights on CUDA.
 
 Method. Each side runs in its own child process (benchmarks.lib.workers.Worker), so its peak memory is
@@ -191,7 +191,8 @@ class FastalignSide:
 
     def layout(self, i: int) -> dict[str, Any]:
         step = self.steps[i]
-        return {"micro_batches": len(step.micro_batches), "padded_tokens": sum(b.num_tokens for b in step.micro_batches),
+        return {"micro_batches": len(step.micro_batches),
+                "padded_tokens": sum(b.num_tokens for b in step.micro_batches),
                 "computed_tokens": sum(b.computed_tokens for b in step.micro_batches if b.num_groups)}
 
 
@@ -344,7 +345,8 @@ def print_report(result: dict[str, Any]) -> None:
         rows.append([side, f"{s['tokens_per_s']:.0f}", f"{s['step_time']['median_s']:.3f} s",
                      fmt_bytes(s["peak_memory_bytes"]), "-" if s["mfu"] is None else f"{100 * s['mfu']:.1f}%",
                      s["layout_first_measured_step"]["micro_batches"], f"{s['first_step_loss']:.5f}"])
-    for label, r in (("fastalign/baseline", result["ratios"]), ("fastalign_unshared/baseline", result["ratios_unshared"])):
+    for label, r in (("fastalign/baseline", result["ratios"]),
+                     ("fastalign_unshared/baseline", result["ratios_unshared"])):
         rows.append([label, f"{r['tokens_per_s']:.2f}x", f"{r['step_time']:.2f}x", f"{r['peak_memory']:.2f}x",
                      "", "", ""])
         rows.append(["  per-round median", f"{r['tokens_per_s_paired_median']:.2f}x", "", "", "", "", ""])
