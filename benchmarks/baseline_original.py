@@ -51,9 +51,12 @@ import torch  # noqa: E402
 from torch.nn import CrossEntropyLoss  # noqa: E402
 from torch.nn.utils.rnn import pad_sequence  # noqa: E402
 
-from benchmarks.common import (  # noqa: E402
-    TRAIN_PRESETS, PeakMemory, TrainPreset, build_llama_checkpoint, fmt_bytes, format_table, result_header,
-    results_path, summarize_times, timed, write_json)
+from benchmarks.lib.inputs import build_llama_checkpoint  # noqa: E402
+from benchmarks.lib.memory import PeakMemory  # noqa: E402
+from benchmarks.lib.presets import TRAIN_PRESETS, TrainPreset  # noqa: E402
+from benchmarks.lib.results import result_header, results_path, write_json  # noqa: E402
+from benchmarks.lib.tables import fmt_bytes, format_table  # noqa: E402
+from benchmarks.lib.timing import summarize_times, timed  # noqa: E402
 
 IGNORE_INDEX = -100
 PAD_TOKEN_ID = 0  # any id works: padded positions are masked out of attention and labelled -100
@@ -280,7 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="fa-baseline-") as tmp:
         model_dir = args.model_dir or build_benchmark_dir(preset, data_path, Path(tmp))
-        steps = [[pad_group(mb) for mb in step] for step in original_steps(model_dir, data_path, preset, warmup + steps_n)]
+        steps = [[pad_group(mb) for mb in step]
+                 for step in original_steps(model_dir, data_path, preset, warmup + steps_n)]
         memory = PeakMemory(device).start()
         trainer = BaselineTrainer(model_dir, device, precision=precision, detect_anomaly=args.detect_anomaly)
         times = []

@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import format_table, machine_summary, result_header, results_path, write_json  # noqa: E402
+from benchmarks.lib.machine import machine_summary  # noqa: E402
+from benchmarks.lib.results import result_header, results_path, write_json  # noqa: E402
+from benchmarks.lib.tables import format_table  # noqa: E402
 
 PRESETS = {"default": 1024, "smoke": 4}  # MiB of fp32 parameters
 
@@ -71,7 +73,8 @@ def main() -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
     parser.add_argument("--size_mib", type=int, default=None, help="MiB of fp32 parameters (default: the preset's)")
     parser.add_argument("--trials", type=int, default=2)
-    parser.add_argument("--scratch", type=Path, default=None, help="where checkpoints are written (default: a temp dir)")
+    parser.add_argument("--scratch", type=Path, default=None,
+                        help="where checkpoints are written (default: a temp dir)")
     parser.add_argument("--out_dir", type=Path, default=None, help="JSON result directory (default benchmarks/results)")
     args = parser.parse_args()
     size = args.size_mib or PRESETS[args.preset]
@@ -82,8 +85,8 @@ def main() -> int:
     payload["results"] = rows
     print(machine_summary(payload["machine"]))
     print(format_table(["trial", "checkpoint MiB", "save s", "of which checksum s", "share", "CRC MiB/s", "verify s"],
-                       [[r["trial"], r["bytes"] / 2**20, r["save_s"], r["checksum_s"], f"{100 * r['checksum_share']:.0f}%",
-                         r["checksum_mib_s"], r["verify_s"]] for r in rows]))
+                       [[r["trial"], r["bytes"] / 2**20, r["save_s"], r["checksum_s"],
+                         f"{100 * r['checksum_share']:.0f}%", r["checksum_mib_s"], r["verify_s"]] for r in rows]))
     print("wrote", write_json(results_path("checkpoint_save", preset, "cpu", args.out_dir), payload))
     return 0
 

@@ -28,17 +28,14 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import (  # noqa: E402
-    format_table,
-    machine_info,
-    machine_summary,
-    result_header,
-    results_path,
-    rss_bytes,
-    write_json,
-)
+from benchmarks.lib.machine import machine_info, machine_summary  # noqa: E402
+from benchmarks.lib.memory import rss_bytes  # noqa: E402
+from benchmarks.lib.results import result_header, results_path, write_json  # noqa: E402
+from benchmarks.lib.tables import format_table  # noqa: E402
+from fastalign import tiny  # noqa: E402
 from fastalign.cli import run_main  # noqa: E402
 from fastalign.data import GroupBatcher, load_records, tokenize_records  # noqa: E402
+from fastalign.model_dir import load_tokenizer  # noqa: E402
 
 WORDS = ("the a to of and in is it you that for be on with as are this not can but your if or they we "
          "would should people help feel safe honest kind harm legal friend money lost wallet return police "
@@ -69,11 +66,8 @@ def synthetic_records(count: int, seed: int) -> list[dict]:
 
 def build_tokenizer(directory: pathlib.Path, records: list[dict]):
     """A byte-level BPE (vocab 8k) trained on part of the synthetic text, saved and reloaded."""
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
-    from tokenizer_fixture import build_tokenizer as build
-
     texts = [t for r in records[:2000] for t in [r["query"], *r["responses"]]]
-    return build(directory, vocab_size=8000, texts=texts)
+    return load_tokenizer(tiny.build_tokenizer(texts, 8000, directory))
 
 
 def timed(fn):
@@ -104,7 +98,6 @@ def main(argv=None) -> int:
         gz = tmp / "sandbox.jsonl.gz"
         gz.write_bytes(gzip.compress(jsonl.read_bytes(), compresslevel=6))
         if args.tokenizer:
-            from fastalign.model_dir import load_tokenizer
             tokenizer = load_tokenizer(args.tokenizer)
             tokenizer_name = args.tokenizer
         else:
@@ -141,13 +134,15 @@ def main(argv=None) -> int:
             results[name] = {"micro_batches": micro, "tokens": tokens}
 
     load_after = os.getloadavg()[0]
-    table_rows = [(stage, f"{wall:.2f} s", f"{cpu:.2f} s", count, unit, f"{count / wall:,.0f}/s", f"{rss / 2**20:,.0f} MiB")
+    table_rows = [(stage, f"{wall:.2f} s", f"{cpu:.2f} s", count, unit, f"{count / wall:,.0f}/s",
+                   f"{rss / 2**20:,.0f} MiB")
                   for stage, wall, cpu, count, unit, rss in rows]
     seed_path = [r for r in rows if r[0] in ("load .jsonl", "tokenize") or "1 group/micro" in r[0]]
     total_wall, total_cpu = sum(r[1] for r in seed_path), sum(r[2] for r in seed_path)
     info = machine_info("cpu")
     print(f"data pipeline, {args.records} records, {machine_summary(info)}; tokenizer: {tokenizer_name}")
-    print(f"1-minute load average {load_before:.1f} before, {load_after:.1f} after (shared machine: wall > CPU when busy)")
+    print(f"1-minute load average {load_before:.1f} before, {load_after:.1f} after "
+          "(shared machine: wall > CPU when busy)")
     print(format_table(("stage", "wall", "CPU", "count", "unit", "rate (wall)", "RSS after"), table_rows))
     print(f"load .jsonl + tokenize + pack one epoch (seed layout): {total_wall:.2f} s wall, {total_cpu:.2f} s CPU")
 

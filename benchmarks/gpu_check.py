@@ -60,7 +60,10 @@ from typing import Callable, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import REPO_ROOT, RESULTS_DIR, format_table, slug, utc_date, write_json  # noqa: E402
+from benchmarks.lib.machine import slug  # noqa: E402
+from benchmarks.lib.paths import REPO_ROOT, RESULTS_DIR  # noqa: E402
+from benchmarks.lib.results import utc_date, write_json  # noqa: E402
+from benchmarks.lib.tables import format_table  # noqa: E402
 from fastalign.errors import FastalignError  # noqa: E402
 
 STAGING_DIR = RESULTS_DIR / "tmp"  # git-ignored
@@ -293,8 +296,9 @@ def run_stage(stage: Stage, out_dir: Path, timeout_s: float, env: dict[str, str]
             status, note = out_of_time, f"{limit}; {note}"
         return StageResult(stage.name, status, seconds, rc, log_path.name, outputs + ["pytest.xml"], note)
     if rc is None:
+        last_line = log_text.strip().splitlines()[-1][:200] if log_text.strip() else "none"
         return StageResult(stage.name, out_of_time, seconds, None, log_path.name, outputs,
-                           f"{limit}; last output: {log_text.strip().splitlines()[-1][:200] if log_text.strip() else 'none'}")
+                           f"{limit}; last output: {last_line}")
     if rc != 0:
         return StageResult(stage.name, "failed", seconds, rc, log_path.name, outputs, failure_reason(log_text))
     return StageResult(stage.name, "ok", seconds, rc, log_path.name, outputs)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import machine_info
+from benchmarks.lib.machine import machine_info
 
 # The head_dim of Llama-7B and of the 1B preset's GQA layout: what the attention must serve.
 PROBE_HEAD_DIM = 128

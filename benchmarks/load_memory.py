@@ -25,10 +25,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import (  # noqa: E402
-    PeakMemory, Worker, fmt_bytes, format_table, machine_summary, result_header, results_path, serve,
-    write_json,
-)
+from benchmarks.lib.machine import machine_summary  # noqa: E402
+from benchmarks.lib.memory import PeakMemory  # noqa: E402
+from benchmarks.lib.results import result_header, results_path, write_json  # noqa: E402
+from benchmarks.lib.tables import fmt_bytes, format_table  # noqa: E402
+from benchmarks.lib.workers import Worker, serve  # noqa: E402
 
 TARGET_RATIO = 1.2
 

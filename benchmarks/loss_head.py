@@ -24,7 +24,7 @@ Methods (each where available):
 - liger:       Liger-Kernel's fused linear cross entropy (reduction='none'), + per-response means.
 The group part (best, margins, penalty) of the baselines is fastalign.kernels.group_math under autograd.
 
-Method. Each method runs in its own child process (benchmarks.common.Worker); all of them start
+Method. Each method runs in its own child process (benchmarks.lib.workers.Worker); all of them start
 together (interpreter, imports and CUDA start-up paid in parallel, once), then each case's workers
 build their inputs and run one untimed warm-up step together; then, one method at a time, the
 peak-memory step, then timed steps interleaved across methods (A B C A B C ...) so load changes
@@ -35,7 +35,7 @@ reported, with the process CPU-time ratio beside it (on a shared CPU machine the
 measures the neighbours; on CUDA the CPU time only measures launch overhead). Peak memory is the
 loss head's extra memory above its inputs: CUDA max_memory_allocated minus the bytes allocated
 before the step; on CPU the peak RSS (VmHWM) minus the RSS before the step, in a process of its
-own (benchmarks.common.PeakMemory). Gradients are freed before each step, so grad_hidden and
+own (benchmarks.lib.memory.PeakMemory). Gradients are freed before each step, so grad_hidden and
 grad_weight (the same for every method) count.
 Results: a table on stdout and JSON in benchmarks/results/loss_head-<date>-<device>-<preset>.json.
 """
@@ -53,9 +53,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastalign.errors import FastalignError  # noqa: E402
-from benchmarks.common import (  # noqa: E402
-    PeakMemory, Worker, error_line, fmt_bytes, format_table, machine_summary, result_header, results_path,
-    serve, summarize_times, timed, write_json)
+from benchmarks.lib.machine import machine_summary  # noqa: E402
+from benchmarks.lib.memory import PeakMemory  # noqa: E402
+from benchmarks.lib.results import result_header, results_path, write_json  # noqa: E402
+from benchmarks.lib.tables import fmt_bytes, format_table  # noqa: E402
+from benchmarks.lib.timing import summarize_times, timed  # noqa: E402
+from benchmarks.lib.workers import Worker, error_line, serve  # noqa: E402
 
 METHODS = ("fastalign", "full_logits", "chunked_torch", "torch_linear_ce", "liger")
 CHUNKED_TOKENS = 512

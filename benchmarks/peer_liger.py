@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.common import PeakMemory, synchronize
+from benchmarks.lib.memory import PeakMemory
+from benchmarks.lib.timing import synchronize
 
 LEARNING_RATE = 2e-5
 BETA = 0.1  # TRL's DPOConfig default, the same on both DPO sides

@@ -32,7 +32,7 @@ on_step_begin to on_step_end callbacks, after its batch is fetched). Tokens per 
 the same for every side: prompt + chosen + prompt + rejected tokens of the step's pairs (fastalign's
 tokenization), so the tokens/s ratio is the inverse ratio of time per pair. Peak memory: CUDA
 max_memory_allocated over the timed steps; CPU the peak RSS over the timed steps above the RSS
-after imports (benchmarks.common.PeakMemory). Reported: per side the median over repeats of
+after imports (benchmarks.lib.memory.PeakMemory). Reported: per side the median over repeats of
 tokens/s (with min and max) and of tokens per process CPU second (on a shared CPU machine the
 wall time also measures the neighbours), the median step time, peak memory; the ratios
 fastalign / trl. The
@@ -57,9 +57,14 @@ from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (  # noqa: E402
-    CPU_MEMORY_ENV, REPO_ROOT, TRAIN_PRESETS, PeakMemory, error_line, fmt_bytes, format_table, machine_summary,
-    median, result_header, results_path, summarize_times, synchronize, write_json)
+from benchmarks.lib.machine import machine_summary  # noqa: E402
+from benchmarks.lib.memory import CPU_MEMORY_ENV, PeakMemory  # noqa: E402
+from benchmarks.lib.paths import REPO_ROOT  # noqa: E402
+from benchmarks.lib.presets import TRAIN_PRESETS  # noqa: E402
+from benchmarks.lib.results import result_header, results_path, write_json  # noqa: E402
+from benchmarks.lib.tables import fmt_bytes, format_table  # noqa: E402
+from benchmarks.lib.timing import median, summarize_times, synchronize  # noqa: E402
+from benchmarks.lib.workers import error_line  # noqa: E402
 from fastalign.errors import FastalignError  # noqa: E402
 
 LEARNING_RATE = 2e-5

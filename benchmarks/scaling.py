@@ -35,10 +35,13 @@ from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (  # noqa: E402
-    CPU_MEMORY_ENV, RESULTS_DIR, TRAIN_PRESETS, PeakMemory, fmt_bytes, format_table, machine_summary, peak_bf16_tflops,
-    result_header, results_path,
-    summarize_times, write_json)
+from benchmarks.lib.machine import machine_summary, peak_bf16_tflops  # noqa: E402
+from benchmarks.lib.memory import CPU_MEMORY_ENV, PeakMemory  # noqa: E402
+from benchmarks.lib.paths import RESULTS_DIR  # noqa: E402
+from benchmarks.lib.presets import TRAIN_PRESETS  # noqa: E402
+from benchmarks.lib.results import result_header, results_path, write_json  # noqa: E402
+from benchmarks.lib.tables import fmt_bytes, format_table  # noqa: E402
+from benchmarks.lib.timing import summarize_times  # noqa: E402
 
 WORLD_SIZES = (1, 2)
 
@@ -78,7 +81,8 @@ def rank_main(spec: dict[str, Any]) -> int:
     memory = PeakMemory("cpu").start()
     args = ftrain.parse_args([
         "--model_name_or_path", spec["model_dir"], "--data_path", spec["data_path"],
-        "--output_dir", spec["output_dir"], "--bf16", "False", "--tf32", "True", "--learning_rate", "2e-5", "--weight_decay", "0",
+        "--output_dir", spec["output_dir"], "--bf16", "False", "--tf32", "True", "--learning_rate", "2e-5",
+        "--weight_decay", "0",
         "--model_max_length", str(spec["model_max_length"]), "--num_comp", str(spec["num_comp"]),
         "--per_device_train_batch_size", str(spec["groups_per_step"] // world), "--gradient_accumulation_steps", "1",
         "--fsdp", "full_shard auto_wrap", "--save_strategy", "no", "--logging_steps", "1000000",

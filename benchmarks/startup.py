@@ -38,14 +38,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (  # noqa: E402
-    format_table,
-    machine_info,
-    machine_summary,
-    result_header,
-    results_path,
-    write_json,
-)
+from benchmarks.lib.machine import machine_info, machine_summary  # noqa: E402
+from benchmarks.lib.results import result_header, results_path, write_json  # noqa: E402
+from benchmarks.lib.tables import format_table  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("imports", "process group", "tokenizer", "data", "model build", "other setup", "first step")
@@ -90,7 +85,8 @@ tokenizer = spent.get("tokenizer", 0.0)
 phases = {"imports": imported - launched, "process group": spent["process group"], "tokenizer": tokenizer,
           "data": spent["data+tokenizer"] - tokenizer, "model build": spent["model build"],
           "first step": first["end"] - first["start"]}
-phases["other setup"] = first["start"] - imported - sum(v for k, v in phases.items() if k not in ("imports", "first step"))
+phases["other setup"] = (first["start"] - imported
+                         - sum(v for k, v in phases.items() if k not in ("imports", "first step")))
 print("STARTUP " + json.dumps({"phases": phases, "to_first_step": first["end"] - launched, "status": status,
                                "source": train.__file__}))
 exit_process(0)
@@ -138,7 +134,8 @@ def collate(record):
     query_len = len(tokenizer(record["query"])["input_ids"])
     ids, labels = [], []
     for response, _ in chosen:
-        full = tokenizer(record["query"] + response + tokenizer.eos_token, truncation=True, max_length=max_length)["input_ids"]
+        full = tokenizer(record["query"] + response + tokenizer.eos_token, truncation=True,
+                         max_length=max_length)["input_ids"]
         ids.append(torch.tensor(full))
         labels.append(torch.tensor([-100] * min(query_len, len(full)) + full[query_len:]))
     mask = [torch.ones(len(x), dtype=torch.bool) for x in ids]
@@ -201,7 +198,8 @@ def summarize(runs: list[dict]) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--records", type=int, default=None, help="A synthetic file of this many records instead of the demo's split.")
+    parser.add_argument("--records", type=int, default=None,
+                        help="A synthetic file of this many records instead of the demo's split.")
     parser.add_argument("--label", default=None, help="Suffix of the result file's name (e.g. before).")
     parser.add_argument("--out_dir", type=Path, default=None)
     parser.add_argument("--fastalign_tree", type=Path, default=None,

@@ -31,8 +31,11 @@ from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (  # noqa: E402
-    REPO_ROOT, TRAIN_PRESETS, error_line, format_table, result_header, results_path, write_json)
+from benchmarks.lib.paths import REPO_ROOT  # noqa: E402
+from benchmarks.lib.presets import TRAIN_PRESETS  # noqa: E402
+from benchmarks.lib.results import result_header, results_path, write_json  # noqa: E402
+from benchmarks.lib.tables import format_table  # noqa: E402
+from benchmarks.lib.workers import error_line  # noqa: E402
 from fastalign.errors import FastalignError  # noqa: E402
 
 MODE_FLAGS = {

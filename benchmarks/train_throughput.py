@@ -20,16 +20,16 @@ batch_size 1 and gradient_accumulation_steps = the preset's groups per step, as 
 - fastalign_unshared: the same with `--share_prefix False` (query + response per response), so
   the two levers' shares of the speed-up can be told apart.
 Both use the published command's objective flags (rating_scale 7, margin 1, max_flow False,
-ratio 0.2, passed explicitly to both), lr 2e-5, weight decay 0, gradient clipping at 1.0, on CPU `--threads` threads per side
-(default 1: only one side computes at a time, and on a shared machine multi-threaded timings
-suffer most from other users' load), `margin_mode=seed` (the original's
-margin indexing; speed is the same in either mode), fp32 on CPU, bf16 autocast/mixed precision
+ratio 0.2, passed explicitly to both), lr 2e-5, weight decay 0, gradient clipping at 1.0, on CPU
+`--threads` threads per side (default 1: only one side computes at a time, and on a shared
+machine multi-threaded timings suffer most from other users' load), `margin_mode=seed` (the
+original's margin indexing; speed is the same in either mode), fp32 on CPU, bf16 autocast/mixed precision
 with fp32 master weights on CUDA.
 
-Method. Each side runs in its own child process (benchmarks.common.Worker), so its peak memory is
+Method. Each side runs in its own child process (benchmarks.lib.workers.Worker), so its peak memory is
 its own, over the measured steps: CUDA max_memory_allocated, or on CPU the peak RSS above the RSS
 after imports and data preparation (weights, gradients, optimizer state and activations count;
-load-time transients do not; see benchmarks/common.py). The parent first
+load-time transients do not; see benchmarks/lib/memory.py). The parent first
 checks that both sides compute the same loss on the first step's groups, then runs warm-up steps,
 then alternates one optimizer step of A and one of B (A B A B ...); each child times its own step
 (device synchronised) and the parent collects the times, so load changes on a shared machine hit
@@ -58,10 +58,14 @@ from typing import Any, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastalign.errors import FastalignError  # noqa: E402
-from benchmarks.common import (  # noqa: E402
-    TRAIN_PRESETS, PeakMemory, TrainPreset, Worker, error_line, fmt_bytes, format_table, lengthened_records, machine_summary, median,
-    mfu, realignment_records, result_header,
-    results_path, serve, summarize_times, timed, write_json)
+from benchmarks.lib.inputs import lengthened_records, realignment_records  # noqa: E402
+from benchmarks.lib.machine import machine_summary, mfu  # noqa: E402
+from benchmarks.lib.memory import PeakMemory  # noqa: E402
+from benchmarks.lib.presets import TRAIN_PRESETS, TrainPreset  # noqa: E402
+from benchmarks.lib.results import result_header, results_path, write_json  # noqa: E402
+from benchmarks.lib.tables import fmt_bytes, format_table  # noqa: E402
+from benchmarks.lib.timing import median, summarize_times, timed  # noqa: E402
+from benchmarks.lib.workers import Worker, error_line, serve  # noqa: E402
 
 SIDES = ("baseline", "fastalign", "fastalign_unshared")
 SHARE_PREFIX = {"fastalign": True, "fastalign_unshared": False}
@@ -187,7 +191,8 @@ class FastalignSide:
 
     def layout(self, i: int) -> dict[str, Any]:
         step = self.steps[i]
-        return {"micro_batches": len(step.micro_batches), "padded_tokens": sum(b.num_tokens for b in step.micro_batches),
+        return {"micro_batches": len(step.micro_batches),
+                "padded_tokens": sum(b.num_tokens for b in step.micro_batches),
                 "computed_tokens": sum(b.computed_tokens for b in step.micro_batches if b.num_groups)}
 
 
@@ -312,7 +317,8 @@ def run(preset: TrainPreset, *, data_path: Path, model_dir: Path | None, device:
                      "cpu_threads_per_side": threads if device == "cpu" else None},
         "data_path": str(data_path),
         "method": {
-            "processes": "each side in its own child process (benchmarks.common.Worker); both alive, one computes at a time",
+            "processes": "each side in its own child process (benchmarks.lib.workers.Worker); both alive, "
+                         "one computes at a time",
             "timing": "after warm-up, one optimizer step of each side in turn (A B A B ...); each child times its "
                       "own step with the device synchronised and reports it to the parent",
             "tokens": "real tokens: query+response tokens of the step's sequences, padding not counted; "
@@ -339,7 +345,8 @@ def print_report(result: dict[str, Any]) -> None:
         rows.append([side, f"{s['tokens_per_s']:.0f}", f"{s['step_time']['median_s']:.3f} s",
                      fmt_bytes(s["peak_memory_bytes"]), "-" if s["mfu"] is None else f"{100 * s['mfu']:.1f}%",
                      s["layout_first_measured_step"]["micro_batches"], f"{s['first_step_loss']:.5f}"])
-    for label, r in (("fastalign/baseline", result["ratios"]), ("fastalign_unshared/baseline", result["ratios_unshared"])):
+    for label, r in (("fastalign/baseline", result["ratios"]),
+                     ("fastalign_unshared/baseline", result["ratios_unshared"])):
         rows.append([label, f"{r['tokens_per_s']:.2f}x", f"{r['step_time']:.2f}x", f"{r['peak_memory']:.2f}x",
                      "", "", ""])
         rows.append(["  per-round median", f"{r['tokens_per_s_paired_median']:.2f}x", "", "", "", "", ""])

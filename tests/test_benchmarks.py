@@ -20,7 +20,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import common  # noqa: E402
+from benchmarks.lib import machine  # noqa: E402
+from benchmarks.lib.memory import PeakMemory  # noqa: E402
+from benchmarks.lib.results import results_path, utc_date  # noqa: E402
+from benchmarks.lib.workers import Worker  # noqa: E402
 
 
 def run_script(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -46,23 +49,23 @@ def finite(value, *, positive: bool = False) -> bool:
 
 
 def test_peak_flops_table_picks_the_specific_name_first():
-    assert common.peak_bf16_tflops("NVIDIA H100 PCIe") == 756.0
-    assert common.peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.0
-    assert common.peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == 312.0
-    assert common.peak_bf16_tflops("Some Future GPU") is None
+    assert machine.peak_bf16_tflops("NVIDIA H100 PCIe") == 756.0
+    assert machine.peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert machine.peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert machine.peak_bf16_tflops("Some Future GPU") is None
 
 
 def test_peak_memory_sees_an_allocation_made_after_reset():
-    memory = common.PeakMemory("cpu").reset()
+    memory = PeakMemory("cpu").reset()
     block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
     block += 1
     assert memory.peak_bytes() >= 48 * 2**20
 
 
 def test_results_path_names_benchmark_date_device_preset(tmp_path):
-    path = common.results_path("train_throughput", "cpu-tiny", "cpu", tmp_path)
+    path = results_path("train_throughput", "cpu-tiny", "cpu", tmp_path)
     assert path.parent == tmp_path
-    assert path.name == f"train_throughput-{common.utc_date()}-cpu-{common._cpu_count()}c-cpu-tiny.json"
+    assert path.name == f"train_throughput-{utc_date()}-cpu-{machine._cpu_count()}c-cpu-tiny.json"
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +212,7 @@ FAILING_WORKER = """
 import sys
 sys.path.insert(0, sys.argv[1])
 from benchmarks import loss_head
-from benchmarks.common import serve
+from benchmarks.lib.workers import serve
 
 
 class OutOfMemoryError(RuntimeError):
@@ -238,7 +241,7 @@ def test_loss_head_fails_when_a_method_that_could_run_fails(tmp_path, monkeypatc
         workers = real_start(plan, device)
         key = next(key for key in workers if key[1] == "fastalign")
         workers[key].close()
-        workers[key] = common.Worker([str(script), str(ROOT)]).start()
+        workers[key] = Worker([str(script), str(ROOT)]).start()
         workers[key].call("ready", device=device)
         return workers
 
@@ -316,7 +319,7 @@ def _stand_in_dpo(weight, hidden, target, ref_input, ref_weight, beta=0.1):
 def test_liger_side_batches_pairs_and_trains_against_its_initial_reference(tmp_path):
     from transformers import AutoTokenizer
 
-    from benchmarks.common import TRAIN_PRESETS
+    from benchmarks.lib.presets import TRAIN_PRESETS
     from benchmarks.baseline_original import build_benchmark_dir, default_data_path
     from benchmarks.peer_liger import LigerDPO, encode_pairs
     from benchmarks.peer_trl import best_worst_pairs, write_pairs
@@ -333,7 +336,7 @@ def test_liger_side_batches_pairs_and_trains_against_its_initial_reference(tmp_p
     assert batch["labels"][0, len(prompt)] != -100 and batch["labels"][2, len(prompt)] != -100
     spec = {"device": "cpu", "model_dir": str(model_dir), "pairs_path": str(pairs_path), "batch_size": 2,
             "grad_accum": 1, "max_length": 64, "warmup": 1, "steps": 1, "precision": "fp32"}
-    side = LigerDPO(spec, common.PeakMemory("cpu").start(), loss_fn=_stand_in_dpo)
+    side = LigerDPO(spec, PeakMemory("cpu").start(), loss_fn=_stand_in_dpo)
     assert side._micro_batch(0).item() == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at start
     times = side.train()
     assert len(times) == 2 and all(finite(wall, positive=True) for wall, _ in times)

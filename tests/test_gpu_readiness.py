@@ -210,7 +210,7 @@ def test_gpu_check_fails_when_fewer_gpu_tests_ran_than_were_collected(tmp_path):
 def test_gpu_check_trains_the_bundled_and_the_long_query_data_at_gpu_size():
     # The CPU targets are judged on the bundled records and on long-query realignment-like ones;
     # the GPU run must measure both, with the same data settings, not only the bundled one.
-    from benchmarks.common import TRAIN_PRESETS
+    from benchmarks.lib.presets import TRAIN_PRESETS
     from benchmarks.gpu_check import stages
 
     presets = [stage.argv[stage.argv.index("--preset") + 1] for stage in stages("python", REPO, REPO)
