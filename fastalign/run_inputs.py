@@ -2,8 +2,8 @@
 export in --output_dir may remove or move the model (and its tokenizer) or a data file.
 
 Why: a model directory may well lie inside the output directory (a --save_only_model checkpoint
-of the same run, which the README suggests starting from); `--overwrite_output_dir True` used to
-delete it and then fail with an unrelated tokenizer message. Every destructive step is checked
+of the same run, which docs/training.md suggests starting from), and `--overwrite_output_dir True`
+would delete it, then fail with an unrelated tokenizer message. Every destructive step is checked
 before it starts: anything it would delete or move that holds (or is) an input is refused with a
 ConfigError naming both paths, and nothing is deleted. Paths are compared resolved (symlinks,
 `..`, relative to the working directory).

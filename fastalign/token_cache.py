@@ -22,8 +22,8 @@ edited, damaged or renamed entry fails), and that the contents are what tokeniza
 offsets increasing and spanning the tokens, token ids inside the model's vocabulary, scores finite
 and on the rating scale, counts that add up. An entry that fails is a miss (a warning naming the
 file and the reason), re-made and rewritten. The digest is not a signature: whoever can write the
-directory can write an entry that verifies, with other tokens; see README, "Start-up and the
-token cache".
+directory can write an entry that verifies, with other tokens; see docs/data.md, "Start-up and
+the token cache".
 """
 
 from __future__ import annotations
