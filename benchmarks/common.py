@@ -315,13 +315,11 @@ def fmt_bytes(n: float | None) -> str:
 def peak_bf16_tflops(device_name: str) -> float | None:
     """Peak dense bf16 tensor-core TFLOP/s of a GPU (without sparsity; vendor data sheets: H100 SXM
     989, H100 PCIe 756, H200 989, A100 312, ...), matched by name; None when unknown. The table is
-    the trainer's (`fastalign.train.PEAK_BF16_TFLOPS`), so its logged MFU and the benchmarks' agree."""
-    from fastalign.train import PEAK_BF16_TFLOPS
+    the trainer's (`fastalign.hardware.GPUS`), so its logged MFU and the benchmarks' agree."""
+    from fastalign.hardware import gpu_for_device_name
 
-    for key, tflops in PEAK_BF16_TFLOPS:
-        if key.lower() in device_name.lower():
-            return tflops
-    return None
+    gpu = gpu_for_device_name(device_name)
+    return gpu.tflops if gpu is not None else None
 
 
 def mfu(flops_per_second: float, device: "str | Any") -> float | None:
@@ -546,7 +544,7 @@ TRAIN_PRESETS: dict[str, TrainPreset] = {p.name: p for p in (
                 realignment_queries=True,
                 note="cpu-tiny on realignment-like records (realignment_records: each query quotes an earlier "
                      "answer and a reviewer's feedback, so it is most of each sequence), k <= 5"),
-    # GPU presets: the trainer's CUDA default budget (train.step_token_budget: the original's
+    # GPU presets: the trainer's CUDA default budget (config.step_token_budget: the original's
     # padded micro-batch, per_device_train_batch_size 1 x num_comp x model_max_length).
     TrainPreset("gpu-1b", "cuda", _llama(2048, 5632, 22, 32, 4, 32000), tokenizer_vocab=8000, model_max_length=480,
                 max_tokens_per_batch=1 * 3 * 480, precision="bf16", warmup_steps=2, measure_steps=8,

@@ -7,7 +7,7 @@ tokenizer or a flag that shapes the batches differs, that position names other b
 run would go on, silently, on data it was never on. So each checkpoint's trainer_state.json holds
 
     "batch_layout": {"world_size", "per_device_train_batch_size", "gradient_accumulation_steps",
-                     "num_comp", "seed", "steps_in_epoch_0"}       (fastalign.train writes it)
+                     "num_comp", "seed", "steps_in_epoch_0"}       (fastalign.trainer writes it)
     "inputs": {"data": {"path", "sha256"}, "eval_data": {"path", "sha256"} | null,
                "tokenizer": {"path", "sha256"}, "model_max_length": int,
                "step_token_budget": int | null, "share_prefix": bool}

@@ -2,10 +2,12 @@
 
 import re
 import shlex
+from dataclasses import fields
 
 import pytest
 
-from fastalign.train import build_parser, interval, lr_lambda_for, parse_args, warmup_steps_for
+from fastalign.config import TrainConfig, build_parser, interval, parse_args
+from fastalign.optim import lr_lambda_for, warmup_steps_for
 
 # The README's command line of the released model, minus `torchrun ... train_alignment.py`.
 ORIGINAL = """
@@ -20,6 +22,13 @@ ORIGINAL = """
 """
 REQUIRED = ["--model_name_or_path", "m", "--data_path", "d", "--output_dir", "o"]
 
+
+
+def test_every_flag_is_a_typed_field_of_the_config():
+    dests = [a.dest for a in build_parser()._actions if a.dest != "help"]
+    assert [f.name for f in fields(TrainConfig)] == dests
+    config = parse_args(REQUIRED)
+    assert isinstance(config, TrainConfig) and list(vars(config)) == dests  # trainer_state's "args"
 
 def test_original_command_line_parses_with_its_meaning():
     args = parse_args(shlex.split(ORIGINAL))
