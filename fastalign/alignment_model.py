@@ -13,6 +13,9 @@ from fastalign.config import TrainConfig
 from fastalign.errors import ConfigError
 from fastalign.profiling import region
 
+# fastalign.loss and fastalign.model are imported where used: `python -m fastalign.train --help` and a
+# refused flag do not pay for them.
+
 log = logging.getLogger("fastalign.train")
 
 

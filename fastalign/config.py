@@ -20,6 +20,8 @@ from fastalign.reporting import parse_report_to
 if TYPE_CHECKING:
     import torch
 
+# fastalign.token_cache is imported where used: a refused flag does not pay for it.
+
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 STRATEGIES = ("no", "steps", "epoch")
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")  # --optim values that mean AdamW (all fastalign runs)

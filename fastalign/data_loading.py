@@ -10,6 +10,9 @@ from fastalign import distributed as fdist
 from fastalign.config import TrainConfig
 from fastalign.errors import DataError
 
+# fastalign.data, .model, .packing and .token_cache are imported where used: `python -m fastalign.train
+# --help` and a refused flag do not pay for them.
+
 
 def tokenize_file(path: str, tokenizer, config: TrainConfig):
     """Read, validate and tokenize a data file as the trainer's flags say -> (TokenizedData,

@@ -95,7 +95,7 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = config.tf32
             torch.backends.cudnn.allow_tf32 = config.tf32
         check_loss_backend(config.loss_backend, env.device)
-        self.run_inputs = RunInputs.from_args(config)
+        self.run_inputs = RunInputs.from_config(config)
         refuse_destroying_inputs(self.output_dir, self.run_inputs, overwrite=config.overwrite_output_dir,
                                  save_total_limit=config.save_total_limit if config.save_strategy != "no" else None,
                                  save_only_model=config.save_only_model, run_files=(METRICS_FILE,))

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from fastalign import distributed as fdist
+from fastalign.alignment_model import AlignmentModel, uses_fsdp
 from fastalign.model import Llama, LlamaConfig
 
 
@@ -81,8 +82,6 @@ def _local_numel(tensor: torch.Tensor) -> int:
 def measure_state(config: LlamaConfig, *, world_size: int, procs_per_node: int, strategy: str,
                   bf16: bool, gradient_checkpointing: bool, offload: bool) -> StateBytes:
     """Shard the trainer's model as `fastalign.alignment_model.build_model` does and read rank 0's shards."""
-    from fastalign.alignment_model import AlignmentModel, uses_fsdp
-
     plan = fdist.FsdpPlan(strategy=strategy, offload=offload)
     env = fdist.DistEnv(rank=0, world_size=world_size, local_rank=0, local_world_size=procs_per_node,
                         device=torch.device("cpu"), backend="fake")

@@ -9,6 +9,9 @@ from typing import Sequence
 
 from fastalign.plan import memory as pm
 
+# torch, numpy and the trainer's modules are imported where used: the planner's --help and a usage
+# error do not pay for them.
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -115,8 +118,8 @@ def workload_from_data(args, tokenizer_dir: str) -> Workload:
     import numpy as np
 
     from fastalign.data import GroupBatcher, candidate_mask
-    from fastalign.model import load_tokenizer
     from fastalign.data_loading import tokenize_file
+    from fastalign.model import load_tokenizer
 
     tokenized, _ = tokenize_file(args.data_path, load_tokenizer(tokenizer_dir), args)
     groups = tokenized.groups
