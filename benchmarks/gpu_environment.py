@@ -111,7 +111,7 @@ def fastalign_choices(cuda: bool) -> dict[str, Any]:
     import torch
 
     from fastalign import attention
-    from fastalign.train import loss_backend_name
+    from fastalign.alignment_model import loss_backend_name
 
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32

@@ -18,7 +18,7 @@ sides (fastalign --bf16 True; TRL bf16=True with the model loaded in fp32).
   training (precompute_ref_log_probs=True, outside the timed steps), so each step is the policy's
   forward and backward over chosen and rejected (prompt + completion each, padded per batch) and
   the optimizer step; TRL's own chunked LM head.
-- fastalign: `fastalign.train.Trainer`'s own optimizer step with `--num_comp 2` on records holding
+- fastalign: `fastalign.trainer.Trainer`'s own optimizer step with `--num_comp 2` on records holding
   exactly those two responses (so each group is the pair), its defaults otherwise (shared prefix:
   the prompt runs once per pair; step-level packing by the token budget).
 - liger (CUDA only, when liger-kernel imports): the HF model's decoder and Liger-Kernel's fused
@@ -165,9 +165,11 @@ def run_fastalign(spec: dict[str, Any], memory: PeakMemory) -> list[tuple[float,
     import torch
 
     from fastalign import distributed as fdist
-    from fastalign import train as ftrain
+    from fastalign.config import parse_args
+    from fastalign.metrics import Window
+    from fastalign.trainer import Trainer
 
-    args = ftrain.parse_args([
+    args = parse_args([
         "--model_name_or_path", spec["model_dir"], "--data_path", spec["pairs_path"],
         "--output_dir", spec["output_dir"], "--num_comp", "2", "--bf16", str(spec["precision"] == "bf16"),
         "--per_device_train_batch_size", str(spec["batch_size"]),
@@ -178,11 +180,11 @@ def run_fastalign(spec: dict[str, Any], memory: PeakMemory) -> list[tuple[float,
     env = fdist.init_distributed()
     if env.device.type != torch.device(spec["device"]).type:
         raise RuntimeError(f"fastalign picked {env.device}, the benchmark runs on {spec['device']}")
-    trainer = ftrain.Trainer(args, env)
+    trainer = Trainer(args, env)
     trainer.setup()
     trainer.batcher.shuffle = False  # file order, as TRL's sequential sampler
     steps = list(itertools.islice(trainer.batcher.iter_steps(0), spec["warmup"] + spec["steps"]))
-    window = ftrain.Window.new(env.device)
+    window = Window.new(env.device)
     times = []
     for i, step in enumerate(steps):
         if i == spec["warmup"]:

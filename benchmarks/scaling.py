@@ -4,7 +4,7 @@ estimate of the original's published 8xA100 run under fastalign.
     python benchmarks/scaling.py --preset cpu-tiny            (about 3 minutes on 2 cores)
 
 Part 1, measured. `torchrun --standalone --nproc_per_node=N` runs fastalign's own trainer
-(`fastalign.train.Trainer`: FSDP2 `full_shard`, one unit per decoder layer) for N = 1 and 2 on the
+(`fastalign.trainer.Trainer`: FSDP2 `full_shard`, one unit per decoder layer) for N = 1 and 2 on the
 same checkpoint and data, with the same global batch: `groups_per_step` groups per optimizer step
 (N=1: one micro-batch of 8 groups; N=2: 4 groups per rank). Each rank runs one thread
 (`--threads_per_rank`), so N processes use N cores: tokens/s shows the data-parallel speed-up net
@@ -74,12 +74,14 @@ def rank_main(spec: dict[str, Any]) -> int:
     import torch.distributed as dist
 
     from fastalign import distributed as fdist
-    from fastalign import train as ftrain
+    from fastalign.config import parse_args
+    from fastalign.metrics import Window
+    from fastalign.trainer import Trainer
 
     world = int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(spec["threads_per_rank"])
     memory = PeakMemory("cpu").start()
-    args = ftrain.parse_args([
+    args = parse_args([
         "--model_name_or_path", spec["model_dir"], "--data_path", spec["data_path"],
         "--output_dir", spec["output_dir"], "--bf16", "False", "--tf32", "True", "--learning_rate", "2e-5",
         "--weight_decay", "0",
@@ -89,7 +91,7 @@ def rank_main(spec: dict[str, Any]) -> int:
         "--rating_scale", "7", "--margin", "1", "--ratio", "0.2", "--max_flow", "False",  # the published command
         "--max_steps", "1000000", "--seed", str(spec["seed"])])
     env = fdist.init_distributed()
-    trainer = ftrain.Trainer(args, env)
+    trainer = Trainer(args, env)
     trainer.setup()
 
     times, tokens = [], []
@@ -101,7 +103,7 @@ def rank_main(spec: dict[str, Any]) -> int:
         local_tokens = sum(b.num_tokens for b in step.micro_batches if b.num_groups)
         dist.barrier()
         start = time.perf_counter()
-        trainer._train_step(step, ftrain.Window.new(env.device))  # the trainer's own step
+        trainer._train_step(step, Window.new(env.device))  # the trainer's own step
         dist.barrier()
         seconds = time.perf_counter() - start
         total = torch.tensor([local_tokens], dtype=torch.float64)

@@ -13,9 +13,9 @@ phase is the wall time of the trainer's own function for it, stamped in that pro
     process group  fastalign.distributed.init_distributed (the original: init_process_group, as
                    HF's TrainingArguments does under torchrun)
     tokenizer      load_tokenizer (AutoTokenizer.from_pretrained); 0 when the token cache hits
-    data           load + validate + tokenize (fastalign.train.load_groups, tokenizer excluded);
+    data           load + validate + tokenize (fastalign.data_loading.load_groups, tokenizer excluded);
                    the original only parses the JSON here: its collator tokenizes during the steps
-    model build    fastalign.train.build_model (meta build + weight load) / from_pretrained
+    model build    fastalign.alignment_model.build_model (meta build + weight load) / from_pretrained
     other setup    the rest of Trainer.setup (batch plan, optimizer, output dir, ...)
     first step     the first optimizer step (the original's includes its collator's tokenization)
 
@@ -50,6 +50,10 @@ FASTALIGN_PROBE = r"""
 import json, sys, time
 launched = float(sys.argv[1])
 import fastalign.train as train
+try:
+    import fastalign.trainer as trainer  # the Trainer and the names it calls
+except ImportError:  # a tree from before train.py was split: all of them in train.py
+    trainer = train
 imported = time.time()
 from fastalign import distributed as fdist, model as fmodel
 from fastalign.cli import run_main
@@ -69,17 +73,17 @@ def timed(owner, name, label):
     setattr(owner, name, wrapper)
 timed(fdist, "init_distributed", "process group")
 timed(fmodel, "load_tokenizer", "tokenizer")
-timed(train, "load_groups", "data+tokenizer")
-timed(train, "build_model", "model build")
+timed(trainer, "load_groups", "data+tokenizer")
+timed(trainer, "build_model", "model build")
 first = {}
-step = train.Trainer._train_step
+step = trainer.Trainer._train_step
 def first_step(self, *args, **kwargs):
     start = time.time()
     out = step(self, *args, **kwargs)
     if not first:
         first.update(start=start, end=time.time())
     return out
-train.Trainer._train_step = first_step
+trainer.Trainer._train_step = first_step
 status = run_main(train.main, sys.argv[2:])
 tokenizer = spent.get("tokenizer", 0.0)
 phases = {"imports": imported - launched, "process group": spent["process group"], "tokenizer": tokenizer,
@@ -207,7 +211,10 @@ def main(argv=None) -> int:
                         "instead of this one's; one fastalign side, without the flags it lacks.")
     args = parser.parse_args(argv)
     tree = (args.fastalign_tree or REPO).resolve()
-    has_cache = "--token_cache_dir" in (tree / "fastalign" / "train.py").read_text()
+    flags_file = tree / "fastalign" / "config.py"
+    if not flags_file.exists():  # a tree from before the split: the flags are in train.py
+        flags_file = tree / "fastalign" / "train.py"
+    has_cache = "--token_cache_dir" in flags_file.read_text()
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

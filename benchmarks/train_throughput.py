@@ -11,7 +11,7 @@ batch_size 1 and gradient_accumulation_steps = the preset's groups per step, as 
 
 - baseline: benchmarks/baseline_original.py, one group per padded micro-batch, full logits + HF's
   own loss, per-response cross-entropy loop (the original `train_alignment.py` step);
-- fastalign: the trainer's own step (`fastalign.train.Trainer`, set up as `python -m fastalign.train`
+- fastalign: the trainer's own step (`fastalign.trainer.Trainer`, set up as `python -m fastalign.train`
   would: the plain module in one fp32 process, FSDP2 under bf16 on CUDA; packed varlen
   Llama, streaming loss head, fused AdamW) on the same flags (per_device_train_batch_size 1,
   gradient_accumulation_steps 8), so its step-level packing cuts the step's groups into
@@ -38,7 +38,7 @@ counted, divided by the step's time; total over measured steps; also the median 
 ratios and, on CPU, the ratio of process CPU seconds, both robust to other load on a shared
 machine), median step time, peak memory,
 MFU on CUDA (fastalign.model.LlamaConfig.flops_per_token on real tokens over the peak dense bf16
-FLOP/s in fastalign.train.PEAK_BF16_TFLOPS), and the ratios fastalign / baseline.
+FLOP/s in fastalign.hardware.GPUS), and the ratios fastalign / baseline.
 A benchmark never asserts a time. JSON goes to benchmarks/results/train_throughput-<date>-<device>-
 <preset>.json (and a PNG with --plot).
 """
@@ -149,16 +149,19 @@ class FastalignSide:
         import torch
 
         from fastalign import distributed as fdist
-        from fastalign import train as ftrain
+        from fastalign.alignment_model import run_batch
+        from fastalign.config import parse_args
+        from fastalign.metrics import Window
+        from fastalign.trainer import Trainer
 
         preset = TRAIN_PRESETS[spec["preset"]]
         goal = objective()
         self.steps = [fastalign_step(step, spec["max_tokens_per_batch"], share_prefix) for step in steps]
         self.memory = PeakMemory(device).start()
-        self.ftrain = ftrain
+        self.run_batch, self.Window = run_batch, Window
         # The published command's `--fsdp full_shard auto_wrap`; the trainer applies FSDP2 only where
         # it has something to do (several processes, bf16, offload), as it does for a user.
-        args = ftrain.parse_args([
+        args = parse_args([
             "--model_name_or_path", spec["model_dir"], "--data_path", spec["data_path"],
             "--output_dir", spec["output_dir"], "--bf16", str(spec["precision"] == "bf16"), "--tf32", "True",
             "--learning_rate", str(LEARNING_RATE), "--weight_decay", "0", "--max_grad_norm", "1.0",
@@ -173,7 +176,7 @@ class FastalignSide:
         self.env = fdist.init_distributed()
         if self.env.device.type != torch.device(device).type:
             raise RuntimeError(f"fastalign picked {self.env.device}, the benchmark runs on {device}")
-        self.trainer = ftrain.Trainer(args, self.env)
+        self.trainer = Trainer(args, self.env)
         self.trainer.setup()
 
     def first_step_loss(self) -> float:
@@ -181,13 +184,13 @@ class FastalignSide:
 
         step = self.steps[0]
         with torch.no_grad():
-            total = sum(float(self.ftrain.run_batch(self.trainer.model, b.to(self.env.device))["loss"]) * b.num_groups
+            total = sum(float(self.run_batch(self.trainer.model, b.to(self.env.device))["loss"]) * b.num_groups
                         for b in step.micro_batches)
         return total / step.global_groups
 
     def step(self, i: int) -> None:
         # The trainer's own optimizer step (forward/backward per micro-batch, clip, AdamW).
-        self.trainer._train_step(self.steps[i], self.ftrain.Window.new(self.env.device))
+        self.trainer._train_step(self.steps[i], self.Window.new(self.env.device))
 
     def layout(self, i: int) -> dict[str, Any]:
         step = self.steps[i]
@@ -326,7 +329,7 @@ def run(preset: TrainPreset, *, data_path: Path, model_dir: Path | None, device:
             "memory": "peak over the measured steps: CUDA max_memory_allocated; CPU VmHWM minus the RSS after "
                       "imports and data preparation (see memory_method per side)",
             "mfu": "fastalign.model.LlamaConfig.flops_per_token on real tokens / step time / peak bf16 FLOP/s "
-                   "(fastalign.train.PEAK_BF16_TFLOPS); CPU: none",
+                   "(fastalign.hardware.GPUS); CPU: none",
         },
         "real_tokens_per_step": real_tokens[warmup:],
         "model_flops_measured": flops,

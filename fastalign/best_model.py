@@ -28,7 +28,7 @@ from fastalign.errors import ConfigError, FastalignError
 
 log = logging.getLogger("fastalign.train")
 
-# What the trainer's evaluation reports (fastalign.train.Trainer._evaluate); the ranking metrics
+# What the trainer's evaluation reports (fastalign.trainer.Trainer._evaluate); the ranking metrics
 # are fastalign.evaluate.RANKING_METRICS with the eval_ prefix.
 EVAL_METRICS = ("eval_loss", "eval_nll_best", "eval_penalty", "eval_penalty_active_frac",
                 "eval_pairwise_accuracy", "eval_kendall_tau", "eval_top1_accuracy")

@@ -34,7 +34,7 @@ read in one go with the sizes the plan needs (N = target tokens, K = the largest
 when num_groups is not given); only when a flag is set are the detailed messages worked out
 (extra reads are fine on the way to an error). The [G, K] group table is built from those sizes
 (no bincount, no second read).
-  - The trainer makes the plan on the host copy of each micro-batch (`fastalign.train.
+  - The trainer makes the plan on the host copy of each micro-batch (`fastalign.alignment_model.
     loss_plan_for`) and passes it as `plan=`: the loss's forward then reads nothing from the
     device at all, and no micro-batch waits for the device before its forward is queued.
   - Without `plan=`, `plan_loss` runs inside the call, on hidden's device: that one read.

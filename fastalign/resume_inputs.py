@@ -7,7 +7,7 @@ tokenizer or a flag that shapes the batches differs, that position names other b
 run would go on, silently, on data it was never on. So each checkpoint's trainer_state.json holds
 
     "batch_layout": {"world_size", "per_device_train_batch_size", "gradient_accumulation_steps",
-                     "num_comp", "seed", "steps_in_epoch_0"}       (fastalign.train writes it)
+                     "num_comp", "seed", "steps_in_epoch_0"}       (fastalign.trainer writes it)
     "inputs": {"data": {"path", "sha256"}, "eval_data": {"path", "sha256"} | null,
                "tokenizer": {"path", "sha256"}, "model_max_length": int,
                "step_token_budget": int | null, "share_prefix": bool}
@@ -32,15 +32,17 @@ edited file differs, a copied or moved one does not.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from fastalign.errors import ConfigError
 from fastalign.token_cache import TOKENIZER_FILES, file_digest
+
+if TYPE_CHECKING:
+    from fastalign.config import TrainConfig
 
 INPUTS_KEY = "inputs"  # trainer_state.json key
 # The tokenizer's own files: config.json (in the token cache's key too) changes with the model,
@@ -66,24 +68,24 @@ def tokenizer_digest(model_dir: str | os.PathLike) -> str:
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
-def describe(args: argparse.Namespace, step_token_budget: int | None) -> dict[str, Any]:
+def describe(config: TrainConfig, step_token_budget: int | None) -> dict[str, Any]:
     """This run's "inputs" record (reads the data and tokenizer files once)."""
-    evaluates = args.evaluation_strategy != "no"
-    return {"data": _file_record(args.data_path),
-            "eval_data": _file_record(args.eval_data_path) if evaluates else None,
-            "tokenizer": {"path": os.path.abspath(args.model_name_or_path),
-                          "sha256": tokenizer_digest(args.model_name_or_path)},
-            "model_max_length": args.model_max_length,
-            "step_token_budget": step_token_budget, "share_prefix": args.share_prefix}
+    evaluates = config.evaluation_strategy != "no"
+    return {"data": _file_record(config.data_path),
+            "eval_data": _file_record(config.eval_data_path) if evaluates else None,
+            "tokenizer": {"path": os.path.abspath(config.model_name_or_path),
+                          "sha256": tokenizer_digest(config.model_name_or_path)},
+            "model_max_length": config.model_max_length,
+            "step_token_budget": step_token_budget, "share_prefix": config.share_prefix}
 
 
-def recorded_inputs(args: argparse.Namespace, step_token_budget: int | None, *, rank: int,
+def recorded_inputs(config: TrainConfig, step_token_budget: int | None, *, rank: int,
                     broadcast: Callable) -> dict[str, Any] | None:
     """Collective: rank 0's `describe` on every rank, or None when neither a checkpoint will be
     written nor one resumed (the files are then not read again)."""
-    if args.save_strategy == "no" and args.resume_from_checkpoint is None:
+    if config.save_strategy == "no" and config.resume_from_checkpoint is None:
         return None
-    return broadcast(describe(args, step_token_budget) if rank == 0 else None)
+    return broadcast(describe(config, step_token_budget) if rank == 0 else None)
 
 
 def _file_change(flag: str, saved: Any, now: dict) -> str | None:

@@ -14,17 +14,19 @@ so protecting the model directory protects the tokenizer.
 
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch.distributed as dist
 
 from fastalign import checkpoint as ckpt
 from fastalign.distributed import broadcast_object
 from fastalign.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fastalign.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -48,9 +50,9 @@ class RunInputs:
         self.inputs = tuple(inputs)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "RunInputs":
-        named = [("--model_name_or_path", args.model_name_or_path), ("--data_path", args.data_path),
-                 ("--eval_data_path", args.eval_data_path)]
+    def from_config(cls, config: TrainConfig) -> "RunInputs":
+        named = [("--model_name_or_path", config.model_name_or_path), ("--data_path", config.data_path),
+                 ("--eval_data_path", config.eval_data_path)]
         return cls(RunInput(flag, str(given), Path(given).resolve()) for flag, given in named if given)
 
     def refusal(self, targets: Iterable[Path], action: str) -> str | None:

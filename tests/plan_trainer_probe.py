@@ -24,7 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from live_memory import LiveTensorMemory  # noqa: E402
 
 from fastalign import distributed as fdist  # noqa: E402
-from fastalign import train as ftrain  # noqa: E402
+from fastalign.alignment_model import run_batch  # noqa: E402
+from fastalign.config import parse_args  # noqa: E402
+from fastalign.metrics import Window  # noqa: E402
+from fastalign.trainer import Trainer  # noqa: E402
 
 
 def storage_bytes(tensors) -> int:
@@ -47,20 +50,20 @@ def mask_elements(batch) -> int:
 def main() -> int:
     out_path, flags = sys.argv[1], sys.argv[2:]
     torch.set_num_threads(1)
-    args = ftrain.parse_args(flags)
+    args = parse_args(flags)
     env = fdist.init_distributed()
-    trainer = ftrain.Trainer(args, env)
+    trainer = Trainer(args, env)
     trainer.setup()
     steps = trainer.batcher.iter_steps(0)
-    trainer._train_step(next(steps), ftrain.Window.new(env.device))  # creates the AdamW state
+    trainer._train_step(next(steps), Window.new(env.device))  # creates the AdamW state
     params = list(trainer.model.parameters())
     states = [v for s in trainer.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
     step = next(steps)
     with LiveTensorMemory(params + states) as memory:
-        trainer._train_step(step, ftrain.Window.new(env.device))
+        trainer._train_step(step, Window.new(env.device))
     largest = max(step.micro_batches, key=lambda b: b.num_tokens)
     batch = step.micro_batches[0]
-    ftrain.run_batch(trainer.model, batch)["loss"].backward()
+    run_batch(trainer.model, batch)["loss"].backward()
     result = {"rank": env.rank, "param_bytes": storage_bytes(params),
               "grad_bytes": storage_bytes(p.grad for p in params if p.grad is not None),
               "optimizer_bytes": storage_bytes(states), "peak_bytes": memory.peak,

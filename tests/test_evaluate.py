@@ -309,7 +309,7 @@ def test_torchrun_two_ranks_give_the_single_process_result(tiny_dir, tmp_path):
 
 def test_wrapped_model_scores_through_a_forward_hook(tiny_dir, sample_records):
     """The trainer's route: its Llama + loss module, called through `forward`, gives the same report."""
-    from fastalign.train import AlignmentModel, run_batch
+    from fastalign.alignment_model import AlignmentModel, run_batch
 
     llama, tok = Llama.from_pretrained(tiny_dir), load_tokenizer(tiny_dir)
     plain = evaluate_model(llama, tok, sample_records[:5])

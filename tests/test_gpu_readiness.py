@@ -219,7 +219,7 @@ def test_gpu_check_trains_the_bundled_and_the_long_query_data_at_gpu_size():
     assert gpu and all(p.device == "cuda" for p in gpu)
     import torch
 
-    from fastalign.train import step_token_budget
+    from fastalign.config import step_token_budget
 
     for p in gpu:  # what a user gets: the trainer's CUDA default budget for the published bs 1
         assert p.max_tokens_per_batch == step_token_budget(None, torch.device("cuda"), batch_size=1,

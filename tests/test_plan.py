@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from fastalign import plan as fplan
-from fastalign import plan_memory as pm
 from fastalign.cli import run_main
 from fastalign.model import LlamaConfig
+from fastalign.plan import memory as pm
+from fastalign.plan import planner as fplan
+from fastalign.plan import workload
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +56,7 @@ def test_group_counts_are_the_packed_batchs(share_prefix):
                              scores=[7.0, 3.0]),
               TokenizedGroup(record_index=1, query_ids=[4], response_ids=[[8, 9, 3]], scores=[1.0])]
     batch = pack_groups(groups, share_prefix=share_prefix)
-    counts = [fplan.group_counts(len(g.query_ids), [len(r) for r in g.response_ids], share_prefix) for g in groups]
+    counts = [workload.group_counts(len(g.query_ids), [len(r) for r in g.response_ids], share_prefix) for g in groups]
     tokens, targets, keys, mask, work = (sum(column) for column in zip(*counts))
     assert (tokens, targets, work) == (batch.num_tokens, batch.num_target_tokens, batch.attention_work)
     sys.path.insert(0, str(REPO / "tests"))
@@ -71,15 +72,20 @@ def test_group_counts_are_the_packed_batchs(share_prefix):
 # the names CUDA reports for each card of the table (torch.cuda.get_device_name)
 CUDA_NAMES = {"A100-40GB": "NVIDIA A100-SXM4-40GB", "A100-80GB": "NVIDIA A100-SXM4-80GB",
               "H100": "NVIDIA H100 80GB HBM3", "H100-PCIe": "NVIDIA H100 PCIe", "H100-NVL": "NVIDIA H100 NVL",
-              "H200": "NVIDIA H200", "L40S": "NVIDIA L40S", "L4": "NVIDIA L4", "A10G": "NVIDIA A10G"}
+              "H200": "NVIDIA H200", "L40S": "NVIDIA L40S", "L4": "NVIDIA L4", "A10G": "NVIDIA A10G",
+              "RTX4090": "NVIDIA GeForce RTX 4090"}
 
 
-def test_gpu_peaks_agree_with_the_trainers_mfu_table():
-    from fastalign.train import PEAK_BF16_TFLOPS
+def test_each_gpu_is_found_by_the_name_cuda_reports():
+    """The trainer's MFU looks a card up by its CUDA name; the planner by the table's key: both must
+    land on the same entry (a reported name containing another card's, e.g. H100 PCIe, comes first)."""
+    from fastalign.hardware import GPUS, gpu_for_device_name
 
     for name, cuda_name in CUDA_NAMES.items():
-        trainer = next(tflops for key, tflops in PEAK_BF16_TFLOPS if key.lower() in cuda_name.lower())
-        assert fplan.GPUS[name].tflops == trainer, name
+        assert gpu_for_device_name(cuda_name).tflops == GPUS[name].tflops, name
+    assert gpu_for_device_name("NVIDIA H100 PCIe") is GPUS["H100-PCIe"]
+    assert gpu_for_device_name("NVIDIA L4") is GPUS["L4"] and gpu_for_device_name("NVIDIA L40S") is GPUS["L40S"]
+    assert gpu_for_device_name("NVIDIA GeForce GTX 1080") is None
 
 
 def test_utilisation_comes_from_a_gpu_benchmark_once_one_is_on_file(tmp_path):
@@ -209,7 +215,8 @@ def test_data_workload_is_the_trainers_micro_batches(tiny, share_prefix):
     batch size, accumulation) on both ranks, every micro-batch packed by fastalign.packing."""
     from fastalign.data import GroupBatcher
     from fastalign.model import load_tokenizer
-    from fastalign.train import DEFAULT_CPU_STEP_TOKENS, tokenize_file
+    from fastalign.config import DEFAULT_CPU_STEP_TOKENS
+    from fastalign.data_loading import tokenize_file
 
     sys.path.insert(0, str(REPO / "tests"))
     from plan_trainer_probe import mask_elements
@@ -219,7 +226,7 @@ def test_data_workload_is_the_trainers_micro_batches(tiny, share_prefix):
             "--nproc_per_node", "2", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "3",
             "--model_max_length", "256", "--share_prefix", str(share_prefix)]
     args = fplan.parse_args(argv)
-    work = fplan.workload_from_data(args, str(model))
+    work = workload.workload_from_data(args, str(model))
     tokenized, _ = tokenize_file(str(data), load_tokenizer(model), args)
     largest, tokens, work_sum, micro_batches, step_tokens = None, 0, 0, 0, 0
     for rank in (0, 1):

@@ -244,7 +244,7 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tiny, tmp_path
     ("{model}/run", "is inside --model_name_or_path"),
 ])
 def test_output_dir_that_would_overwrite_inputs_is_refused(tiny, output, needle, capsys):
-    from fastalign.train import parse_args
+    from fastalign.config import parse_args
 
     model, data = tiny
     argv = ["--model_name_or_path", str(model), "--data_path", str(data), "--output_dir", output.format(model=model)]

@@ -114,7 +114,7 @@ def run_args(model: Path, data: Path, eval_data: Path | None = None) -> Namespac
 
 
 def guard(out: Path, args: Namespace, *, overwrite=False, save_total_limit=None, save_only_model=False):
-    refuse_destroying_inputs(out, RunInputs.from_args(args), overwrite=overwrite, save_total_limit=save_total_limit,
+    refuse_destroying_inputs(out, RunInputs.from_config(args), overwrite=overwrite, save_total_limit=save_total_limit,
                              save_only_model=save_only_model, run_files=("metrics.jsonl",))
 
 
@@ -173,7 +173,7 @@ def test_eval_data_inside_a_later_checkpoint_stops_the_lineage_move(tmp_path, pr
         make_checkpoint(out, step)
     eval_data = out / "checkpoint-4" / "eval.jsonl"
     eval_data.write_text("{}\n")
-    inputs = RunInputs.from_args(run_args(tmp_path / "model", tmp_path / "data.jsonl", eval_data))
+    inputs = RunInputs.from_config(run_args(tmp_path / "model", tmp_path / "data.jsonl", eval_data))
     with pytest.raises(ConfigError, match="resuming at step 2 would move into abandoned-<UTC time>/ the later "
                                           f"checkpoint {out / 'checkpoint-4'}, which holds --eval_data_path"):
         ckpt.start_branch(out, 2, out / "checkpoint-2", inputs)

@@ -387,7 +387,7 @@ def test_output_dir_that_is_a_file_is_a_clean_error(tiny, tmp_path):
 def test_default_step_token_budget_is_the_originals_padded_micro_batch():
     """Not given on CUDA: bs x num_comp x model_max_length (one padded pass of the original command,
     read from the trainer's own parsed flags); on CPU 4096; a given budget and 0 (off) whatever the device."""
-    from fastalign.train import parse_args, step_token_budget
+    from fastalign.config import parse_args, step_token_budget
 
     def budget(device: str, *flags: str) -> int | None:
         args = parse_args(["--model_name_or_path", "m", "--data_path", "d.jsonl", "--output_dir", "o", *flags])
@@ -472,9 +472,11 @@ def test_margin_mode_seed_packs_candidates_as_the_original_collator(tiny, tmp_pa
     model, data = tiny
     script = (
         "import sys\n"
-        "from fastalign import distributed as fdist, train as ftrain\n"
-        "args = ftrain.parse_args(sys.argv[1:])\n"
-        "trainer = ftrain.Trainer(args, fdist.init_distributed())\n"
+        "from fastalign import distributed as fdist\n"
+        "from fastalign.config import parse_args\n"
+        "from fastalign.trainer import Trainer\n"
+        "args = parse_args(sys.argv[1:])\n"
+        "trainer = Trainer(args, fdist.init_distributed())\n"
         "trainer.setup()\n"
         "print('seed_compat', trainer.batcher.seed_compat)\n"
     )

@@ -2,10 +2,12 @@
 
 import re
 import shlex
+from dataclasses import fields
 
 import pytest
 
-from fastalign.train import build_parser, interval, lr_lambda_for, parse_args, warmup_steps_for
+from fastalign.config import TrainConfig, build_parser, interval, parse_args
+from fastalign.optim import lr_lambda_for, warmup_steps_for
 
 # The README's command line of the released model, minus `torchrun ... train_alignment.py`.
 ORIGINAL = """
@@ -20,6 +22,13 @@ ORIGINAL = """
 """
 REQUIRED = ["--model_name_or_path", "m", "--data_path", "d", "--output_dir", "o"]
 
+
+
+def test_every_flag_is_a_typed_field_of_the_config():
+    dests = [a.dest for a in build_parser()._actions if a.dest != "help"]
+    assert [f.name for f in fields(TrainConfig)] == dests
+    config = parse_args(REQUIRED)
+    assert isinstance(config, TrainConfig) and list(vars(config)) == dests  # trainer_state's "args"
 
 def test_original_command_line_parses_with_its_meaning():
     args = parse_args(shlex.split(ORIGINAL))
@@ -160,3 +169,18 @@ def test_training_guide_flag_tables_list_every_accepted_flag():
                 if option.startswith("--") and option != "--help"}
     assert accepted - listed == set()
     assert listed - accepted == set()  # no row for a flag that does not exist
+
+
+def test_the_trainer_logs_evaluates_and_saves_at_the_steps_the_flags_name():
+    from fastalign.trainer import Trainer
+
+    config = parse_args([*REQUIRED, "--logging_steps", "3", "--logging_first_step", "True", "--eval_steps", "2",
+                         "--evaluation_strategy", "steps", "--eval_data_path", "e", "--save_strategy", "epoch"])
+    trainer = Trainer(config, env=None)  # the decisions read the intervals setup() computes, not the process group
+    trainer.total_steps, trainer.logging_steps, trainer.eval_steps, trainer.save_steps = 10, 3, 2, 500
+    trainer.eval_batcher = object()
+    assert [s for s in range(1, 11) if trainer.should_log(s)] == [1, 3, 6, 9, 10]
+    assert [s for s in range(1, 11) if trainer.should_evaluate(s, epoch_done=False)] == [2, 4, 6, 8, 10]
+    assert not trainer.should_save(500, epoch_done=False) and trainer.should_save(7, epoch_done=True)
+    trainer.eval_batcher = None  # no eval data: never
+    assert not any(trainer.should_evaluate(s, epoch_done=True) for s in range(1, 11))

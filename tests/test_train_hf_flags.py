@@ -206,11 +206,11 @@ FAKE_PEAK_FLOPS = 1e9
 PROBED_MAIN = """
 import json, os, sys, time
 import torch.distributed as dist
-from fastalign import train
+from fastalign import train, trainer
 from fastalign.cli import exit_process, run_main
 
 SLOW = 1.5
-train.peak_flops = lambda device: FAKE_PEAK_FLOPS  # an MFU on CPU, to check what it counts
+trainer.peak_flops = lambda device: FAKE_PEAK_FLOPS  # an MFU on CPU, to check what it counts
 seen = {}
 init = dist.init_process_group
 def recording_init(*args, **kwargs):
@@ -218,11 +218,11 @@ def recording_init(*args, **kwargs):
     return init(*args, **kwargs)
 dist.init_process_group = recording_init
 for name in ("_save", "_evaluate"):
-    original = getattr(train.Trainer, name)
+    original = getattr(trainer.Trainer, name)
     def slow(self, *args, _original=original, **kwargs):
         time.sleep(SLOW)
         return _original(self, *args, **kwargs)
-    setattr(train.Trainer, name, slow)
+    setattr(trainer.Trainer, name, slow)
 status = run_main(train.main, sys.argv[1:])
 seen["LOCAL_RANK"] = os.environ.get("LOCAL_RANK")
 print("PROBES " + json.dumps(seen))

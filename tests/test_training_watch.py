@@ -20,7 +20,7 @@ from fastalign.console import format_metrics_line
 from fastalign.evaluate import ranking_record, score_record
 from fastalign.errors import FastalignError
 from fastalign.profiling import CATEGORIES, StepProfiler, breakdown, region
-from fastalign.train import parse_args
+from fastalign.config import parse_args
 from test_checkpoint import make_checkpoint, process_group  # noqa: F401  (process_group: fixture)
 from test_train import REPO, common, metrics, ok, run_train, tiny  # noqa: F401  (tiny: fixture)
 

@@ -120,13 +120,11 @@ def machine_summary(info: dict[str, Any]) -> str:
 def peak_bf16_tflops(device_name: str) -> float | None:
     """Peak dense bf16 tensor-core TFLOP/s of a GPU (without sparsity; vendor data sheets: H100 SXM
     989, H100 PCIe 756, H200 989, A100 312, ...), matched by name; None when unknown. The table is
-    the trainer's (`fastalign.train.PEAK_BF16_TFLOPS`), so its logged MFU and the benchmarks' agree."""
-    from fastalign.train import PEAK_BF16_TFLOPS
+    the trainer's (`fastalign.hardware.GPUS`), so its logged MFU and the benchmarks' agree."""
+    from fastalign.hardware import gpu_for_device_name
 
-    for key, tflops in PEAK_BF16_TFLOPS:
-        if key.lower() in device_name.lower():
-            return tflops
-    return None
+    gpu = gpu_for_device_name(device_name)
+    return gpu.tflops if gpu is not None else None
 
 
 def mfu(flops_per_second: float, device: "str | Any") -> float | None:

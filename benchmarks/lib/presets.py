@@ -63,7 +63,7 @@ TRAIN_PRESETS: dict[str, TrainPreset] = {p.name: p for p in (
                 realignment_queries=True,
                 note="cpu-tiny on realignment-like records (realignment_records: each query quotes an earlier "
                      "answer and a reviewer's feedback, so it is most of each sequence), k <= 5"),
-    # GPU presets: the trainer's CUDA default budget (train.step_token_budget: the original's
+    # GPU presets: the trainer's CUDA default budget (config.step_token_budget: the original's
     # padded micro-batch, per_device_train_batch_size 1 x num_comp x model_max_length).
     TrainPreset("gpu-1b", "cuda", _llama(2048, 5632, 22, 32, 4, 32000), tokenizer_vocab=8000, model_max_length=480,
                 max_tokens_per_batch=1 * 3 * 480, precision="bf16", warmup_steps=2, measure_steps=8,

@@ -3,7 +3,7 @@
 Two halves:
 
 - Sharded state, exact: `measure_state` builds the trainer's own model on the meta device
-  (`train.AlignmentModel` over `model.Llama`), applies the trainer's `apply_ac` and `apply_fsdp`
+  (`alignment_model.AlignmentModel` over `model.Llama`), applies the trainer's `apply_ac` and `apply_fsdp`
   on a DeviceMesh of the requested world size made by torch.distributed's *fake* backend (one
   process, no GPU, no weights read, no communication), and reads rank 0's DTensor shards: their
   storage sizes are what FSDP2 allocates (rank 0 holds the largest shard of every parameter;
@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from fastalign import distributed as fdist
+from fastalign.alignment_model import AlignmentModel, uses_fsdp
 from fastalign.model import Llama, LlamaConfig
 
 
@@ -80,11 +81,7 @@ def _local_numel(tensor: torch.Tensor) -> int:
 
 def measure_state(config: LlamaConfig, *, world_size: int, procs_per_node: int, strategy: str,
                   bf16: bool, gradient_checkpointing: bool, offload: bool) -> StateBytes:
-    """Shard the trainer's model as `fastalign.train.build_model` does and read rank 0's shards."""
-    from types import SimpleNamespace
-
-    from fastalign.train import AlignmentModel, uses_fsdp
-
+    """Shard the trainer's model as `fastalign.alignment_model.build_model` does and read rank 0's shards."""
     plan = fdist.FsdpPlan(strategy=strategy, offload=offload)
     env = fdist.DistEnv(rank=0, world_size=world_size, local_rank=0, local_world_size=procs_per_node,
                         device=torch.device("cpu"), backend="fake")
@@ -95,7 +92,7 @@ def measure_state(config: LlamaConfig, *, world_size: int, procs_per_node: int, 
                            margin_mode="paper", loss_backend="auto")
     layer_numel = sum(p.numel() for p in llama.layers[0].parameters()) if len(llama.layers) else 0
     root_numel = config.num_parameters() - config.num_hidden_layers * layer_numel
-    fsdp = uses_fsdp(SimpleNamespace(bf16=bf16), env, plan)
+    fsdp = uses_fsdp(bf16, env, plan)
     if gradient_checkpointing:
         fdist.apply_ac(llama.layers)
     if fsdp:
