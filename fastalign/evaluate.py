@@ -250,7 +250,7 @@ def evaluate_model(
 ) -> dict:
     """Score every response of `records` (fastalign.data.Record, or dicts in the file format,
     validated alike) with `model` and compute metrics. `share_prefix`: each query runs once per
-    record (fastalign.packing; the same nll as one query + response sequence per response).
+    record (fastalign.data.packing; the same nll as one query + response sequence per response).
 
     `model` is a fastalign Llama, scored by `llama_nll`. A caller whose Llama is wrapped (the
     trainer's FSDP-sharded Llama + loss module) passes that module as `model` and

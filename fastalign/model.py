@@ -436,7 +436,7 @@ class Llama(nn.Module):
         """input_ids, position_ids int64 [T]; cu_seqlens int32 [N+1] -> hidden [T, H] after the final norm.
 
         kv_index int64 [Tk], cu_seqlens_k int32 [N+1], max_seqlen_k: a shared-prefix batch's key
-        segments (fastalign.packing; None: each segment attends to itself).
+        segments (fastalign.data.packing; None: each segment attends to itself).
         """
         if kv_index is None:
             max_seqlen_k = max_seqlen

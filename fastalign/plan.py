@@ -157,7 +157,7 @@ def group_counts(query: int, responses: Sequence[int], share_prefix: bool) -> tu
     gather (q - 1) + sum (q + r) key rows, and with q > 1 each response segment's keys include the
     query segment, which the sdpa fallback masks with a [1 + r, q + r] tensor.
     """
-    from fastalign.packing import packed_tokens
+    from fastalign.data.packing import packed_tokens
 
     tokens, targets = packed_tokens(query, responses, share_prefix), sum(responses)
     if not share_prefix:

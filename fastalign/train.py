@@ -215,7 +215,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                      "set by the launcher")
     args.run_name = args.run_name or args.output_dir
     if args.token_cache_dir is None:
-        from fastalign.token_cache import default_cache_dir
+        from fastalign.data.token_cache import default_cache_dir
 
         args.token_cache_dir = str(default_cache_dir())
     args.logging_dir = args.logging_dir or str(Path(args.output_dir) / "runs")
@@ -415,8 +415,8 @@ def load_groups(path: str, tokenizer: Callable[[], object], args, what: str, env
     the tokenizer, loaded only when something has to be tokenized.
     """
     from fastalign.model import LlamaConfig
-    from fastalign.packing import packed_tokens
-    from fastalign.token_cache import cached_groups
+    from fastalign.data.packing import packed_tokens
+    from fastalign.data.token_cache import cached_groups
 
     def tokenize():
         tokenized, loaded = tokenize_file(path, tokenizer(), args)

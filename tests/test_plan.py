@@ -48,7 +48,7 @@ def run_plan(argv: list[str], tmp_path: Path, capsys) -> tuple[int, dict, str]:
 
 @pytest.mark.parametrize("share_prefix", [False, True], ids=["unshared", "shared-prefix"])
 def test_group_counts_are_the_packed_batchs(share_prefix):
-    """Oracle: fastalign.packing's own batch of the same groups (a one-token query included)."""
+    """Oracle: fastalign.data.packing's own batch of the same groups (a one-token query included)."""
     from fastalign.data import TokenizedGroup, pack_groups
 
     groups = [TokenizedGroup(record_index=0, query_ids=[1, 5, 6, 7], response_ids=[[8, 9], [10, 11, 12, 2]],
@@ -206,7 +206,7 @@ def test_layer_saved_bytes_are_what_autograd_saves(family, kv_heads, dtype, shar
 @pytest.mark.parametrize("share_prefix", [True, False], ids=["shared-prefix", "unshared"])
 def test_data_workload_is_the_trainers_micro_batches(tiny, share_prefix):
     """Oracle: the trainer's own batcher (fastalign.train's settings: step budget of the device,
-    batch size, accumulation) on both ranks, every micro-batch packed by fastalign.packing."""
+    batch size, accumulation) on both ranks, every micro-batch packed by fastalign.data.packing."""
     from fastalign.data import GroupBatcher
     from fastalign.model import load_tokenizer
     from fastalign.train import DEFAULT_CPU_STEP_TOKENS, tokenize_file

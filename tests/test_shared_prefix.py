@@ -25,7 +25,7 @@ from fastalign.data import (
 from fastalign.errors import DataError
 from fastalign.loss import stable_alignment_loss
 from fastalign.model import Llama, LlamaConfig
-from fastalign.records import load_records
+from fastalign.data.records import load_records
 
 VOCAB = 97
 
