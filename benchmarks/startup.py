@@ -52,11 +52,11 @@ PHASES = ("imports", "process group", "tokenizer", "data", "model build", "other
 
 # Runs the trainer's own main() with timers around its phase functions; prints one JSON line.
 FASTALIGN_PROBE = r"""
-import json, sys, time
+import importlib, json, sys, time
 launched = float(sys.argv[1])
 import fastalign.train as train
 imported = time.time()
-from fastalign import distributed as fdist, model as fmodel
+from fastalign import distributed as fdist
 from fastalign.cli import run_main
 try:
     from fastalign.cli import exit_process
@@ -73,7 +73,14 @@ def timed(owner, name, label):
             spent[label] = spent.get(label, 0.0) + time.time() - start
     setattr(owner, name, wrapper)
 timed(fdist, "init_distributed", "process group")
-timed(fmodel, "load_tokenizer", "tokenizer")
+# The trainer's load_tokenizer: fastalign.model_dir's; trees before it existed had it in fastalign.model.
+for module in ("fastalign.model_dir", "fastalign.model"):
+    try:
+        owner = importlib.import_module(module)
+    except ImportError:
+        continue
+    if hasattr(owner, "load_tokenizer"):
+        timed(owner, "load_tokenizer", "tokenizer")
 timed(train, "load_groups", "data+tokenizer")
 timed(train, "build_model", "model build")
 first = {}
@@ -99,7 +106,7 @@ exit_process(0)
 # The original approach's start-up: HF Trainer-style imports, tokenizer, raw JSON data, model,
 # process group, then one optimizer step of groups tokenized by its collator.
 ORIGINAL_PROBE = r"""
-import json, sys, time
+import importlib, json, sys, time
 launched = float(sys.argv[1])
 model_dir, data_path = sys.argv[2], sys.argv[3]
 groups, num_comp, max_length = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])

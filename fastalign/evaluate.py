@@ -54,7 +54,8 @@ from fastalign.data import (
 from fastalign.distributed import init_distributed
 from fastalign.errors import DataError
 from fastalign.loss import stable_alignment_loss
-from fastalign.model import Llama, load_tokenizer
+from fastalign.model import Llama
+from fastalign.model_dir import load_tokenizer
 
 
 # ---------------------------------------------------------------------------------------------

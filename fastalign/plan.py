@@ -234,7 +234,7 @@ def workload_from_data(args, tokenizer_dir: str) -> Workload:
     import numpy as np
 
     from fastalign.data import GroupBatcher, candidate_mask
-    from fastalign.model import load_tokenizer
+    from fastalign.model_dir import load_tokenizer
     from fastalign.train import tokenize_file
 
     tokenized, _ = tokenize_file(args.data_path, load_tokenizer(tokenizer_dir), args)
@@ -373,7 +373,7 @@ def largest_budget_that_fits(config, state: pm.StateBytes, opts: pm.Options, usa
 
 def make_plan(args) -> dict:
     """Everything the report prints, as plain numbers (also written by --json)."""
-    from fastalign.model import LlamaConfig
+    from fastalign.hf_config import LlamaConfig
 
     config = (LlamaConfig.from_pretrained(args.model_name_or_path) if args.model_name_or_path
               else LlamaConfig.from_hf_dict(_read_json(args.config), source=args.config))

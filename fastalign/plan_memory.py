@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from fastalign import distributed as fdist
-from fastalign.model import Llama, LlamaConfig
+from fastalign.hf_config import LlamaConfig
+from fastalign.model import Llama
 
 
 @dataclass(frozen=True)

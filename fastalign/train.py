@@ -324,7 +324,9 @@ def build_model(args, env: fdist.DistEnv, plan: fdist.FsdpPlan):
 
     Returns (model, llama, attention backend).
     """
-    from fastalign.model import CheckpointReader, Llama, LlamaConfig
+    from fastalign.hf_config import LlamaConfig
+    from fastalign.hf_weights import CheckpointReader
+    from fastalign.model import Llama
 
     if plan.offload and env.device.type != "cuda":
         raise ConfigError("--fsdp offload: needs CUDA (it keeps parameter shards in host memory "
@@ -414,9 +416,9 @@ def load_groups(path: str, tokenizer: Callable[[], object], args, what: str, env
     Tokenized once per run and cached across runs (fastalign.token_cache); `tokenizer()` returns
     the tokenizer, loaded only when something has to be tokenized.
     """
-    from fastalign.model import LlamaConfig
     from fastalign.data.packing import packed_tokens
     from fastalign.data.token_cache import cached_groups
+    from fastalign.hf_config import LlamaConfig
 
     def tokenize():
         tokenized, loaded = tokenize_file(path, tokenizer(), args)
@@ -566,7 +568,7 @@ class Trainer:
         args, env = self.args, self.env
         from fastalign.data import GroupBatcher
         from fastalign.evaluate import record_categories
-        from fastalign.model import load_tokenizer
+        from fastalign.model_dir import load_tokenizer
 
         torch.manual_seed(args.seed)
         if env.device.type == "cuda":

@@ -15,7 +15,7 @@ import pytest
 from fastalign import plan as fplan
 from fastalign import plan_memory as pm
 from fastalign.cli import run_main
-from fastalign.model import LlamaConfig
+from fastalign.hf_config import LlamaConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -208,7 +208,7 @@ def test_data_workload_is_the_trainers_micro_batches(tiny, share_prefix):
     """Oracle: the trainer's own batcher (fastalign.train's settings: step budget of the device,
     batch size, accumulation) on both ranks, every micro-batch packed by fastalign.data.packing."""
     from fastalign.data import GroupBatcher
-    from fastalign.model import load_tokenizer
+    from fastalign.model_dir import load_tokenizer
     from fastalign.train import DEFAULT_CPU_STEP_TOKENS, tokenize_file
 
     sys.path.insert(0, str(REPO / "tests"))

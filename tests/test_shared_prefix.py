@@ -24,7 +24,8 @@ from fastalign.data import (
 )
 from fastalign.errors import DataError
 from fastalign.loss import stable_alignment_loss
-from fastalign.model import Llama, LlamaConfig
+from fastalign.hf_config import LlamaConfig
+from fastalign.model import Llama
 from fastalign.data.records import load_records
 
 VOCAB = 97
