@@ -94,7 +94,8 @@ def build_checkpoints(root: Path, layers: int, preset: dict) -> tuple[dict[str, 
     import torch
 
     from fastalign.hf_weights import hf_name
-    from fastalign.model import Llama, LlamaConfig
+    from fastalign.hf_config import LlamaConfig
+    from fastalign.model import Llama
 
     config = LlamaConfig(**preset["model"], num_hidden_layers=layers, max_position_embeddings=4096)
     model = Llama(config)

@@ -13,7 +13,7 @@ phase is the wall time of the trainer's own function for it, stamped in that pro
     process group  fastalign.distributed.init_distributed (the original: init_process_group, as
                    HF's TrainingArguments does under torchrun)
     tokenizer      load_tokenizer (AutoTokenizer.from_pretrained); 0 when the token cache hits
-    data           load + validate + tokenize (fastalign.data_loading.load_groups, tokenizer excluded);
+    data           load + validate + tokenize (fastalign.data.loading.load_groups, tokenizer excluded);
                    the original only parses the JSON here: its collator tokenizes during the steps
     model build    fastalign.alignment_model.build_model (meta build + weight load) / from_pretrained
     other setup    the rest of Trainer.setup (batch plan, optimizer, output dir, ...)
@@ -47,7 +47,7 @@ PHASES = ("imports", "process group", "tokenizer", "data", "model build", "other
 
 # Runs the trainer's own main() with timers around its phase functions; prints one JSON line.
 FASTALIGN_PROBE = r"""
-import json, sys, time
+import importlib, json, sys, time
 launched = float(sys.argv[1])
 import fastalign.train as train
 try:
@@ -55,7 +55,7 @@ try:
 except ImportError:  # a tree from before train.py was split: all of them in train.py
     trainer = train
 imported = time.time()
-from fastalign import distributed as fdist, model as fmodel
+from fastalign import distributed as fdist
 from fastalign.cli import run_main
 try:
     from fastalign.cli import exit_process
@@ -72,7 +72,14 @@ def timed(owner, name, label):
             spent[label] = spent.get(label, 0.0) + time.time() - start
     setattr(owner, name, wrapper)
 timed(fdist, "init_distributed", "process group")
-timed(fmodel, "load_tokenizer", "tokenizer")
+# The trainer's load_tokenizer: fastalign.model_dir's; trees before it existed had it in fastalign.model.
+for module in ("fastalign.model_dir", "fastalign.model"):
+    try:
+        owner = importlib.import_module(module)
+    except ImportError:
+        continue
+    if hasattr(owner, "load_tokenizer"):
+        timed(owner, "load_tokenizer", "tokenizer")
 timed(trainer, "load_groups", "data+tokenizer")
 timed(trainer, "build_model", "model build")
 first = {}
@@ -99,7 +106,7 @@ exit_process(0)
 # The original approach's start-up: HF Trainer-style imports, tokenizer, raw JSON data, model,
 # process group, then one optimizer step of groups tokenized by its collator.
 ORIGINAL_PROBE = r"""
-import json, sys, time
+import importlib, json, sys, time
 launched = float(sys.argv[1])
 model_dir, data_path = sys.argv[2], sys.argv[3]
 groups, num_comp, max_length = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])

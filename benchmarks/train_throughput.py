@@ -37,7 +37,7 @@ both sides alike. Reported per side: real tokens/s (query+response tokens of the
 counted, divided by the step's time; total over measured steps; also the median of the per-round
 ratios and, on CPU, the ratio of process CPU seconds, both robust to other load on a shared
 machine), median step time, peak memory,
-MFU on CUDA (fastalign.model.LlamaConfig.flops_per_token on real tokens over the peak dense bf16
+MFU on CUDA (fastalign.hf_config.LlamaConfig.flops_per_token on real tokens over the peak dense bf16
 FLOP/s in fastalign.hardware.GPUS), and the ratios fastalign / baseline.
 A benchmark never asserts a time. JSON goes to benchmarks/results/train_throughput-<date>-<device>-
 <preset>.json (and a PNG with --plot).
@@ -234,7 +234,7 @@ def worker_main(side: str, spec: dict[str, Any]) -> int:
 def run(preset: TrainPreset, *, data_path: Path, model_dir: Path | None, device: str, warmup: int, measure: int,
         seed: int, threads: int, work_dir: Path) -> dict[str, Any]:
     from benchmarks.baseline_original import build_benchmark_dir
-    from fastalign.model import LlamaConfig
+    from fastalign.hf_config import LlamaConfig
 
     precision = preset.precision if device == "cuda" else "fp32"
     built = model_dir is None
@@ -328,7 +328,7 @@ def run(preset: TrainPreset, *, data_path: Path, model_dir: Path | None, device:
                       "tokens/s = measured tokens / summed step times",
             "memory": "peak over the measured steps: CUDA max_memory_allocated; CPU VmHWM minus the RSS after "
                       "imports and data preparation (see memory_method per side)",
-            "mfu": "fastalign.model.LlamaConfig.flops_per_token on real tokens / step time / peak bf16 FLOP/s "
+            "mfu": "fastalign.hf_config.LlamaConfig.flops_per_token on real tokens / step time / peak bf16 FLOP/s "
                    "(fastalign.hardware.GPUS); CPU: none",
         },
         "real_tokens_per_step": real_tokens[warmup:],

@@ -82,7 +82,9 @@ def build_model(config: TrainConfig, env: fdist.DistEnv, plan: fdist.FsdpPlan):
 
     Returns (model, llama, attention backend).
     """
-    from fastalign.model import CheckpointReader, Llama, LlamaConfig
+    from fastalign.hf_config import LlamaConfig
+    from fastalign.hf_weights import CheckpointReader
+    from fastalign.model import Llama
 
     if plan.offload and env.device.type != "cuda":
         raise ConfigError("--fsdp offload: needs CUDA (it keeps parameter shards in host memory "

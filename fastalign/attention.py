@@ -15,7 +15,7 @@ Backends, chosen once at start (`resolve_backend`, flag `--attn_implementation`)
 
 "auto" picks the first available in that order.
 
-Shared-prefix batches (fastalign.packing, docs/packed_batch.md): a segment's keys and values need
+Shared-prefix batches (fastalign.data.packing, docs/packed_batch.md): a segment's keys and values need
 not be its own. `kv_index` (int64 [Tk]) lists, segment by segment, the stream positions whose K/V
 the segment attends to (a response segment: its group's query segment, then itself), with
 `cu_seqlens_k` their boundaries. K/V are gathered into that second packed stream (`index_select`:

@@ -139,7 +139,7 @@ def load_for_export(best: BestCheckpoint, output_dir: Path, model: nn.Module, pr
                              f"{best.value:.4g}) cannot be loaded: {problem}. Nothing was exported; "
                              f"the checkpoints in {output_dir} are untouched")
     if model_only:  # an HF model directory (--save_only_model): read each rank's rows
-        from fastalign.model import CheckpointReader
+        from fastalign.hf_weights import CheckpointReader
 
         load_sharded_weights(model, CheckpointReader(path), prefix=prefix)
         return

@@ -20,7 +20,7 @@ from fastalign.reporting import parse_report_to
 if TYPE_CHECKING:
     import torch
 
-# fastalign.token_cache is imported where used: a refused flag does not pay for it.
+# fastalign.data.token_cache is imported where used: a refused flag does not pay for it.
 
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 STRATEGIES = ("no", "steps", "epoch")
@@ -260,7 +260,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
                      "set by the launcher")
     args.run_name = args.run_name or args.output_dir
     if args.token_cache_dir is None:
-        from fastalign.token_cache import default_cache_dir
+        from fastalign.data.token_cache import default_cache_dir
 
         args.token_cache_dir = str(default_cache_dir())
     args.logging_dir = args.logging_dir or str(Path(args.output_dir) / "runs")

@@ -22,7 +22,7 @@ A record whose chosen and rejected texts are identical is invalid: it carries no
 the objective would push the same text up and down at once.
 
 Files: `.json` (one array), `.jsonl` (one record per line), and `.json.gz` / `.jsonl.gz`, chosen by
-the extension, for input and output alike; the input is read by `fastalign.jsonio`, the reader
+the extension, for input and output alike; the input is read by `fastalign.data.jsonio`, the reader
 the trainer's `load_records` uses, so both name a file's problems alike. The output is written to a
 temporary file and renamed, so a failed run never leaves a half-written file behind. An invalid
 record (or a JSONL line that is not valid JSON) stops the conversion with a message naming the
@@ -52,7 +52,7 @@ from typing import Callable, Iterator, Sequence
 
 from fastalign.cli import BOOLEAN_FLAG, run_main
 from fastalign.errors import ConfigError, DataError
-from fastalign.jsonio import (
+from fastalign.data.jsonio import (
     FILE_SUFFIXES,
     SKIP_INVALID_HINT,
     ParseFailure,

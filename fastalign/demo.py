@@ -94,7 +94,8 @@ def split_sample(sample: Path, out_dir: Path, heldout: int, seed: int) -> tuple[
 
 def evaluate_dir(model_dir: Path, records, settings: DemoSettings) -> dict:
     from fastalign.evaluate import evaluate_model
-    from fastalign.model import Llama, load_tokenizer
+    from fastalign.model import Llama
+    from fastalign.model_dir import load_tokenizer
 
     model = Llama.from_pretrained(model_dir)
     return evaluate_model(model, load_tokenizer(model_dir), records, model_max_length=settings.model_max_length)
@@ -102,7 +103,8 @@ def evaluate_dir(model_dir: Path, records, settings: DemoSettings) -> dict:
 
 def sample_generations(model_dir: Path, records, settings: DemoSettings) -> list[str]:
     from fastalign.generate import generate
-    from fastalign.model import Llama, load_tokenizer
+    from fastalign.model import Llama
+    from fastalign.model_dir import load_tokenizer
 
     model, tokenizer = Llama.from_pretrained(model_dir), load_tokenizer(model_dir)
     return [generate(model, tokenizer, r.query, template=False, max_new_tokens=settings.max_new_tokens)
@@ -161,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stage(1, f"building a tiny random {args.family} model + byte-level BPE tokenizer (trained on {sample.name}) "
              f"in {tiny_dir}")
     build_tiny_llama(tiny_dir, sandbox_texts(sample), seed=args.seed, family=args.family, **settings.model)
-    from fastalign.model import LlamaConfig
+    from fastalign.hf_config import LlamaConfig
 
     print(f"    {LlamaConfig.from_pretrained(tiny_dir).num_parameters():,} parameters: {settings.model}")
 

@@ -22,3 +22,11 @@ class ModelError(FastalignError):
 
 class ConfigError(FastalignError):
     """A command-line flag or option value that is invalid (names the flag)."""
+
+
+def brief_list(items: list[str], limit: int = 8) -> str:
+    """A readable list for a message: the first `limit` items and how many more ("none" if empty)."""
+    if not items:
+        return "none"
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more

@@ -54,7 +54,8 @@ from fastalign.data import (
 from fastalign.distributed import init_distributed
 from fastalign.errors import DataError
 from fastalign.loss import stable_alignment_loss
-from fastalign.model import Llama, load_tokenizer
+from fastalign.model import Llama
+from fastalign.model_dir import load_tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,7 +251,7 @@ def evaluate_model(
 ) -> dict:
     """Score every response of `records` (fastalign.data.Record, or dicts in the file format,
     validated alike) with `model` and compute metrics. `share_prefix`: each query runs once per
-    record (fastalign.packing; the same nll as one query + response sequence per response).
+    record (fastalign.data.packing; the same nll as one query + response sequence per response).
 
     `model` is a fastalign Llama, scored by `llama_nll`. A caller whose Llama is wrapped (the
     trainer's FSDP-sharded Llama + loss module) passes that module as `model` and

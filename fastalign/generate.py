@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from fastalign.cli import BOOLEAN_FLAG, run_main
 from fastalign.errors import ConfigError
-from fastalign.model import Llama, load_tokenizer
+from fastalign.model import Llama
+from fastalign.model_dir import load_tokenizer
 
 ALPACA_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:"
 

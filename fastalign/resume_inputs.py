@@ -26,7 +26,7 @@ and `check` compares them with the resuming run's:
 - a checkpoint without "inputs" (written before fastalign recorded them): a warning that the data
   cannot be checked; its batch layout is still compared.
 
-Digests are SHA-256 over the bytes, the ones the token cache keys on (fastalign.token_cache): an
+Digests are SHA-256 over the bytes, the ones the token cache keys on (fastalign.data.token_cache): an
 edited file differs, a copied or moved one does not.
 """
 
@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from fastalign.errors import ConfigError
-from fastalign.token_cache import TOKENIZER_FILES, file_digest
+from fastalign.data.token_cache import TOKENIZER_FILES, file_digest
 
 if TYPE_CHECKING:
     from fastalign.config import TrainConfig

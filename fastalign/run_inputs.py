@@ -101,7 +101,7 @@ def export_targets(root: Path) -> list[Path]:
     """Files of `root` that the final export (Llama.save_pretrained into a non-empty directory)
     replaces or deletes: config, tokenizer and generation config, and every weight file."""
     from fastalign.hf_weights import WEIGHT_FILE_GLOBS
-    from fastalign.model import TOKENIZER_FILES
+    from fastalign.hf_io import TOKENIZER_FILES
 
     names = ("config.json", "generation_config.json") + TOKENIZER_FILES
     return [root / name for name in names] + sorted(p for g in WEIGHT_FILE_GLOBS for p in root.glob(g))

@@ -25,7 +25,7 @@ from fastalign.alignment_model import (PREFIX, build_model, check_loss_backend, 
                                        loss_plan_for, run_batch, uses_fsdp)
 from fastalign.config import TrainConfig, interval, step_token_budget
 from fastalign.console import format_metrics_line
-from fastalign.data_loading import load_groups
+from fastalign.data.loading import load_groups
 from fastalign.errors import FastalignError
 from fastalign.metrics import METRICS_FILE, MetricsLog, PendingLog, Window, peak_flops, peak_memory_gb
 from fastalign.optim import build_optimizer, lr_lambda_for, warmup_steps_for
@@ -122,7 +122,7 @@ class Trainer:
         """Tokenized train (and eval) groups, their batchers, the step counts and intervals."""
         from fastalign.data import GroupBatcher
         from fastalign.evaluate import record_categories
-        from fastalign.model import load_tokenizer
+        from fastalign.model_dir import load_tokenizer
 
         config, env = self.config, self.env
         tokenizer = functools.cache(lambda: load_tokenizer(config.model_name_or_path))  # not needed on a cache hit

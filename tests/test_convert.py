@@ -166,7 +166,7 @@ def test_score_flags_are_refused_for_ratings(tmp_path, capsys):
     assert code == 2 and "--chosen_score applies to --format hh-rlhf and pairs only" in err
 
 
-# The input is read by fastalign.jsonio, so these messages are the ones load_records gives.
+# The input is read by fastalign.data.jsonio, so these messages are the ones load_records gives.
 @pytest.mark.parametrize("name, content, message", [
     ("bad.jsonl", '{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": \n',
      "record 1 (line 2): malformed JSON at column 12: Expecting value"),

@@ -138,7 +138,8 @@ import torch
 from fastalign.cli import run_main
 from fastalign.data import Record, load_records, sample_data_path
 from fastalign.evaluate import evaluate_model, main
-from fastalign.model import Llama, load_tokenizer
+from fastalign.model import Llama
+from fastalign.model_dir import load_tokenizer
 from fastalign.tiny import build_tiny_llama, sandbox_texts
 
 SHAPE = dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=96,

@@ -17,7 +17,8 @@ from test_train import common, metrics, ok, run_train
 from fastalign.data import Record, sample_data_path, tokenize_records
 from fastalign.errors import ModelError
 from fastalign.generate import generate_ids, prompt_ids
-from fastalign.model import Llama, load_tokenizer
+from fastalign.model import Llama
+from fastalign.model_dir import load_tokenizer
 from fastalign.tiny import build_tiny_llama, sandbox_texts
 
 FAMILY_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",

@@ -21,7 +21,8 @@ from fastalign.generate import (
     next_token,
     prompt_ids,
 )
-from fastalign.model import Llama, load_tokenizer
+from fastalign.model import Llama
+from fastalign.model_dir import load_tokenizer
 from fastalign.tiny import build_tiny_llama, sandbox_texts
 
 # max_position_embeddings small enough to matter, GQA (4 query heads over 2 key/value heads)

@@ -27,7 +27,9 @@ import torch
 from fastalign import model_dir
 from fastalign.errors import ModelError
 from fastalign.hf_weights import SAFETENSORS_SINGLE, CheckpointReader
-from fastalign.model import Llama, LlamaConfig, load_tokenizer
+from fastalign.hf_config import LlamaConfig
+from fastalign.model import Llama
+from fastalign.model_dir import load_tokenizer
 from test_train import REPO, common, tiny  # noqa: F401  (tiny is a fixture)
 
 # -- custom code -------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from transformers import LlamaForCausalLM
 from fastalign.attention import resolve_backend, varlen_attention
 from fastalign.errors import ConfigError, ModelError
 from fastalign.hf_weights import CheckpointReader
-from fastalign.model import Llama, LlamaConfig
+from fastalign.hf_config import LlamaConfig
+from fastalign.model import Llama
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

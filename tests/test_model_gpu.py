@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fastalign.attention import available_backends, varlen_attention
-from fastalign.model import Llama, LlamaConfig
+from fastalign.hf_config import LlamaConfig
+from fastalign.model import Llama
 
 pytestmark = pytest.mark.gpu
 FAST_BACKENDS = ["flash_attn", "torch_varlen"]

@@ -11,7 +11,8 @@ import pytest
 from fastalign.data import load_records, sample_data_path
 from fastalign.errors import DataError
 from fastalign.evaluate import evaluate_model
-from fastalign.model import Llama, load_tokenizer
+from fastalign.model import Llama
+from fastalign.model_dir import load_tokenizer
 from fastalign.tiny import build_tiny_llama, sandbox_texts
 
 REPO = Path(__file__).resolve().parents[1]

@@ -28,7 +28,7 @@ def test_transformers_models_import_from_the_repository_root():
 def test_package_data_ships_sample():
     from importlib.resources import files
 
-    sample = files("fastalign") / "data" / "sample_sandbox.jsonl"
+    sample = files("fastalign.data") / "sample_sandbox.jsonl"
     assert sample.is_file()
     assert fastalign.__version__
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fastalign.cli import run_main
-from fastalign.model import LlamaConfig
+from fastalign.hf_config import LlamaConfig
 from fastalign.plan import memory as pm
 from fastalign.plan import planner as fplan
 from fastalign.plan import workload
@@ -49,7 +49,7 @@ def run_plan(argv: list[str], tmp_path: Path, capsys) -> tuple[int, dict, str]:
 
 @pytest.mark.parametrize("share_prefix", [False, True], ids=["unshared", "shared-prefix"])
 def test_group_counts_are_the_packed_batchs(share_prefix):
-    """Oracle: fastalign.packing's own batch of the same groups (a one-token query included)."""
+    """Oracle: fastalign.data.packing's own batch of the same groups (a one-token query included)."""
     from fastalign.data import TokenizedGroup, pack_groups
 
     groups = [TokenizedGroup(record_index=0, query_ids=[1, 5, 6, 7], response_ids=[[8, 9], [10, 11, 12, 2]],
@@ -212,11 +212,11 @@ def test_layer_saved_bytes_are_what_autograd_saves(family, kv_heads, dtype, shar
 @pytest.mark.parametrize("share_prefix", [True, False], ids=["shared-prefix", "unshared"])
 def test_data_workload_is_the_trainers_micro_batches(tiny, share_prefix):
     """Oracle: the trainer's own batcher (fastalign.train's settings: step budget of the device,
-    batch size, accumulation) on both ranks, every micro-batch packed by fastalign.packing."""
+    batch size, accumulation) on both ranks, every micro-batch packed by fastalign.data.packing."""
     from fastalign.data import GroupBatcher
-    from fastalign.model import load_tokenizer
+    from fastalign.model_dir import load_tokenizer
     from fastalign.config import DEFAULT_CPU_STEP_TOKENS
-    from fastalign.data_loading import tokenize_file
+    from fastalign.data.loading import tokenize_file
 
     sys.path.insert(0, str(REPO / "tests"))
     from plan_trainer_probe import mask_elements

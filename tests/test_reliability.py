@@ -13,7 +13,6 @@ import pickle
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -242,13 +241,14 @@ def test_full_disk_during_a_checkpoint_is_a_clean_error_and_leaves_no_tmp(tmp_pa
 
 
 def test_full_disk_during_the_export_is_a_clean_error(tmp_path, process_group, monkeypatch):
-    from fastalign import model as fmodel
+    from fastalign import hf_io
+    from fastalign.model import Llama
     from fastalign.tiny import build_tiny_llama
 
     source = build_tiny_llama(tmp_path / "base", ["hello world"] * 4, vocab_size=300, hidden_size=16,
                               num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=32,
                               max_position_embeddings=32)
-    llama = fmodel.Llama.from_pretrained(source)
+    llama = Llama.from_pretrained(source)
     out = tmp_path / "out"
     out.mkdir()
 
@@ -256,7 +256,7 @@ def test_full_disk_during_the_export_is_a_clean_error(tmp_path, process_group, m
         Path(path).write_bytes(b"\0" * 100)  # part of the file made it
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(fmodel, "write_safetensors", full_disk)
+    monkeypatch.setattr(hf_io, "write_safetensors", full_disk)
     with pytest.raises(FastalignError) as err:
         ckpt.export_hf(llama, llama.config, out, str(source))
     message = str(err.value)

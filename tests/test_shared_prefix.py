@@ -24,8 +24,9 @@ from fastalign.data import (
 )
 from fastalign.errors import DataError
 from fastalign.loss import stable_alignment_loss
-from fastalign.model import Llama, LlamaConfig
-from fastalign.records import load_records
+from fastalign.hf_config import LlamaConfig
+from fastalign.model import Llama
+from fastalign.data.records import load_records
 
 VOCAB = 97
 

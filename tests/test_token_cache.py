@@ -1,4 +1,4 @@
-"""fastalign.token_cache: entries give back exactly the tokenized groups, keys follow content,
+"""fastalign.data.token_cache: entries give back exactly the tokenized groups, keys follow content,
 tokenizer and flags, a 2-rank run tokenizes once (then not at all on the next run), and an entry
 that is damaged or made by hand (the cache directory may be shared) is a miss, rewritten, never a
 crash nor a memory blow-up, on every rank alike."""
@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastalign import token_cache
+from fastalign.data import token_cache
 from fastalign.data import load_records, sample_data_path, tokenize_records
 from fastalign.errors import DataError
 from fastalign.tiny import build_tokenizer, sandbox_texts
-from fastalign.token_cache import BadEntry, cache_key, cached_groups, entry_digest, read_entry, write_entry
-from fastalign.tokenization import TokenizedData
+from fastalign.data.token_cache import BadEntry, cache_key, cached_groups, entry_digest, read_entry, write_entry
+from fastalign.data.tokenization import TokenizedData
 from test_train import REPO, assert_same_metrics, common, metrics, ok, run_train, tiny  # noqa: F401  (tiny: fixture)
 
 VOCAB = 300  # the module's tokenizer's

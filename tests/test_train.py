@@ -410,7 +410,7 @@ def test_accumulation_over_unequal_micro_batches_equals_one_micro_batch(tiny, tm
     """Micro-batches of 1, 1 and 2 groups accumulated == the same 4 groups in one micro-batch.
     The mean over the step's groups tells these apart from HF's mean of micro-batch means."""
     from fastalign.data import GroupBatcher, load_records, tokenize_records
-    from fastalign.model import load_tokenizer
+    from fastalign.model_dir import load_tokenizer
 
     model, data = tiny
     budget = 450  # the epoch-0 order starts with groups of 200, 323, 203 + 233, 270 tokens
@@ -441,7 +441,7 @@ def test_data_flags_take_effect_through_the_command(tiny, tmp_path):
     --no_append_eos leaves EOS off: the logged data statistics are those of the data layer with
     these options (and differ from the defaults')."""
     from fastalign.data import load_records, tokenize_records
-    from fastalign.model import load_tokenizer
+    from fastalign.model_dir import load_tokenizer
 
     model, data = tiny
     records = [json.loads(line) for line in data.read_text().splitlines()[:8]]

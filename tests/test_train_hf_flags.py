@@ -280,7 +280,7 @@ def test_tokens_per_s_leaves_out_evaluation_and_checkpoint_time(probed_run):
 def test_mfu_counts_the_flops_of_computed_tokens_only(probed_run, tiny):
     # With the shared prefix the layers run fewer positions (computed_tokens) than the unshared
     # layout counts (sequence_tokens, what tokens_per_s reports); MFU must count the former.
-    from fastalign.model import LlamaConfig
+    from fastalign.hf_config import LlamaConfig
 
     out, _, _ = probed_run
     config = LlamaConfig.from_pretrained(tiny[0])

@@ -130,7 +130,7 @@ def peak_bf16_tflops(device_name: str) -> float | None:
 def mfu(flops_per_second: float, device: "str | Any") -> float | None:
     """Model FLOPs utilisation against the device's peak dense bf16 throughput (None on CPU).
 
-    Count model FLOPs of real tokens only (fastalign.model.LlamaConfig.flops_per_token: 6 x the
+    Count model FLOPs of real tokens only (fastalign.hf_config.LlamaConfig.flops_per_token: 6 x the
     matmul parameters before sharding, embeddings excluded, plus causal attention), so padding
     earns no credit and two implementations of the same step get the same FLOPs."""
     import torch

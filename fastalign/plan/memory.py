@@ -31,7 +31,8 @@ import torch
 
 from fastalign import distributed as fdist
 from fastalign.alignment_model import AlignmentModel, uses_fsdp
-from fastalign.model import Llama, LlamaConfig
+from fastalign.hf_config import LlamaConfig
+from fastalign.model import Llama
 
 
 @dataclass(frozen=True)

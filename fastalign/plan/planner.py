@@ -16,7 +16,7 @@ Time: the FLOPs the trainer's MFU counts (`LlamaConfig.flops_per_token`) over th
 bf16 peak at an assumed utilisation, and the FSDP traffic per step over an assumed link
 bandwidth. Every time is an estimate and printed as one.
 
-Token counts follow the trainer's packed layout (fastalign.packing): without a shared prefix every
+Token counts follow the trainer's packed layout (fastalign.data.packing): without a shared prefix every
 response is packed with its own copy of the query; with `--share_prefix True` (the default) a
 group is a query segment of its first Lq - 1 tokens, then per response the last query token and
 the response, attending to the query segment's keys and values gathered next to its own. Micro-
@@ -214,7 +214,7 @@ def largest_budget_that_fits(config, state: pm.StateBytes, opts: pm.Options, usa
 
 def make_plan(args) -> dict:
     """Everything the report prints, as plain numbers (also written by --json)."""
-    from fastalign.model import LlamaConfig
+    from fastalign.hf_config import LlamaConfig
 
     config = (LlamaConfig.from_pretrained(args.model_name_or_path) if args.model_name_or_path
               else LlamaConfig.from_hf_dict(_read_json(args.config), source=args.config))

@@ -1,5 +1,5 @@
 """Token counts of a planned run: the micro-batches the trainer would cut from the data, or from the
-flags' worst case, as fastalign.packing packs them (docs/design.md, fastalign/plan/__init__.py)."""
+flags' worst case, as fastalign.data.packing packs them (docs/design.md, fastalign/plan/__init__.py)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ COUNT_FIELDS = ("tokens", "target_tokens", "key_tokens", "mask_elements", "atten
 
 
 def group_counts(query: int, responses: Sequence[int], share_prefix: bool) -> tuple[int, int, int, int, int]:
-    """One group as fastalign.packing packs it: (computed tokens, target tokens, gathered key/value
+    """One group as fastalign.data.packing packs it: (computed tokens, target tokens, gathered key/value
     rows, sdpa mask elements, attention work), the fields of `pm.MicroBatch` plus the attention
     FLOP term (PackedBatch.attention_work: sum over segments of Lq (2 Lk - Lq)).
 
@@ -41,7 +41,7 @@ def group_counts(query: int, responses: Sequence[int], share_prefix: bool) -> tu
     gather (q - 1) + sum (q + r) key rows, and with q > 1 each response segment's keys include the
     query segment, which the sdpa fallback masks with a [1 + r, q + r] tensor.
     """
-    from fastalign.packing import packed_tokens
+    from fastalign.data.packing import packed_tokens
 
     tokens, targets = packed_tokens(query, responses, share_prefix), sum(responses)
     if not share_prefix:
@@ -118,8 +118,8 @@ def workload_from_data(args, tokenizer_dir: str) -> Workload:
     import numpy as np
 
     from fastalign.data import GroupBatcher, candidate_mask
-    from fastalign.data_loading import tokenize_file
-    from fastalign.model import load_tokenizer
+    from fastalign.data.loading import tokenize_file
+    from fastalign.model_dir import load_tokenizer
 
     tokenized, _ = tokenize_file(args.data_path, load_tokenizer(tokenizer_dir), args)
     groups = tokenized.groups

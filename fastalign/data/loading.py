@@ -29,12 +29,12 @@ def tokenize_file(path: str, tokenizer, config: TrainConfig):
 def load_groups(path: str, tokenizer: Callable[[], object], config: TrainConfig, what: str, env: fdist.DistEnv):
     """Records -> tokenized groups, with the statistics that go into the log.
 
-    Tokenized once per run and cached across runs (fastalign.token_cache); `tokenizer()` returns
+    Tokenized once per run and cached across runs (fastalign.data.token_cache); `tokenizer()` returns
     the tokenizer, loaded only when something has to be tokenized.
     """
-    from fastalign.model import LlamaConfig
-    from fastalign.packing import packed_tokens
-    from fastalign.token_cache import cached_groups
+    from fastalign.hf_config import LlamaConfig
+    from fastalign.data.packing import packed_tokens
+    from fastalign.data.token_cache import cached_groups
 
     def tokenize():
         tokenized, loaded = tokenize_file(path, tokenizer(), config)

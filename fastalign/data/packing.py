@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from fastalign.tokenization import TokenizedGroup
+from fastalign.data.tokenization import TokenizedGroup
 
 IGNORE_INDEX = -100
 

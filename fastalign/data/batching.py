@@ -25,7 +25,7 @@
   filled greedily (a larger group goes alone). The step's groups, the loss (normalised over the
   step's groups) and the plan's resumability do not change, only how many forward/backward passes
   the step takes. Ranks that need fewer micro-batches than the busiest one get fillers.
-- `share_prefix` picks the packed layout (fastalign.packing); token budgets count its tokens.
+- `share_prefix` picks the packed layout (fastalign.data.packing); token budgets count its tokens.
 - Per epoch the groups are shuffled by (seed, epoch) (`shuffle=False` keeps file order), cut into
   micro-batches, and the micro-batches dealt to optimizer steps of `world_size *
   gradient_accumulation_steps` slots: step s takes the next W*A micro-batches and rank r gets those
@@ -46,8 +46,8 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from fastalign.errors import ConfigError, DataError
-from fastalign.packing import PackedBatch, pack_groups
-from fastalign.tokenization import TokenizedData, TokenizedGroup
+from fastalign.data.packing import PackedBatch, pack_groups
+from fastalign.data.tokenization import TokenizedData, TokenizedGroup
 
 # ---------------------------------------------------------------------------------------------
 # Candidate sampling
@@ -200,7 +200,7 @@ class GroupBatcher:
         self._group_of_response = np.repeat(np.arange(len(groups)), self._num_responses)          # [R]
         query_lengths = np.array([len(g.query_ids) for g in groups], dtype=np.int64)
         response_lengths = np.array([len(r) for g in groups for r in g.response_ids], dtype=np.int64)
-        # Packed tokens of each response, and of each group besides its responses (fastalign.packing):
+        # Packed tokens of each response, and of each group besides its responses (fastalign.data.packing):
         # unshared, every response carries the whole query; shared, one token of it (its copy of the
         # last query token) and the group's query segment holds the other Lq - 1 once.
         if share_prefix:

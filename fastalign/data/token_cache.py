@@ -156,7 +156,7 @@ def read_entry(path: Path, *, vocab_size: int, max_score: float | None = None):
     nothing is expanded into Python lists before all of them pass, and no array is allocated
     larger than the file that declares it.
     """
-    from fastalign.tokenization import TokenizedData, TokenizedGroup, _SharedInts
+    from fastalign.data.tokenization import TokenizedData, TokenizedGroup, _SharedInts
 
     try:
         arrays = _read_arrays(path)
@@ -232,7 +232,7 @@ def _read_npy(member, name: str, member_size: int) -> np.ndarray:
 def _verify(key: str, arrays: dict[str, np.ndarray], vocab_size: int, max_score: float | None) -> dict:
     """Check the arrays against the digest and what tokenize_records produces; returns the meta
     dict. Vectorised: a pass or two of numpy over each array."""
-    from fastalign.tokenization import STAT_KEYS
+    from fastalign.data.tokenization import STAT_KEYS
 
     def require(condition, reason: str) -> None:
         if not condition:
@@ -290,7 +290,7 @@ def _increasing(values: np.ndarray) -> bool:
 
 def layout_matches() -> bool:
     """The entry stores exactly TokenizedGroup's fields (a new field would be lost otherwise)."""
-    from fastalign.tokenization import TokenizedGroup
+    from fastalign.data.tokenization import TokenizedGroup
 
     return tuple(f.name for f in dataclasses.fields(TokenizedGroup)) == _GROUP_FIELDS
 
@@ -316,7 +316,7 @@ def cached_groups(make: Callable[[], tuple], *, data_path: str, tokenizer_dir: s
     """
     if cache_dir is None or not layout_matches():
         if cache_dir is not None:
-            log.warning("token cache off: TokenizedGroup's fields changed; update fastalign.token_cache")
+            log.warning("token cache off: TokenizedGroup's fields changed; update fastalign.data.token_cache")
         tokenized, meta = make()
         return tokenized, meta, "uncached"
     limits = {"vocab_size": vocab_size, "max_score": settings.get("rating_scale")}

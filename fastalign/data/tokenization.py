@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 from tqdm.auto import tqdm
 
 from fastalign.errors import ConfigError
-from fastalign.records import LoadedRecords, Record, records_from_dicts
+from fastalign.data.records import LoadedRecords, Record, records_from_dicts
 
 TURN_MARKERS = ("\n\nHuman:", "\n\nAssistant:")
 

@@ -1,20 +1,21 @@
 """Records -> validated groups -> tokens -> packed, rank-sharded micro-batches: the data stages.
 
-Each stage lives in its own module; this one re-exports their public names (the import path the
-trainer, evaluation, benchmarks and tests use):
+Each stage is a module of this package; the package re-exports their public names (the import
+path the trainer, evaluation, benchmarks and tests use). See docs/design.md section 2.
 
-    fastalign.records       data files and in-memory dicts -> validated `Record`s
-    fastalign.tokenization  records -> `TokenizedGroup`s (query once, each response on its own)
-    fastalign.packing       groups -> one `PackedBatch` (unshared or shared-prefix layout)
-    fastalign.batching      candidate sampling, micro-batches, optimizer steps and ranks
+    records       data files and in-memory dicts -> validated `Record`s (read by `jsonio`)
+    tokenization  records -> `TokenizedGroup`s (query once, each response on its own)
+    token_cache   tokenized groups cached on disk across runs and ranks
+    packing       groups -> one `PackedBatch` (unshared or shared-prefix layout)
+    batching      candidate sampling, micro-batches, optimizer steps and ranks
 
-The bundled sample file lives in the package directory `fastalign/data/` (`sample_data_path`).
+The bundled sample, `sample_sandbox.jsonl`, is package data of this package (`sample_data_path`).
 """
 
-from fastalign.batching import GroupBatcher, OptimizerStep, candidate_mask, draw_ranks, select_candidates
+from fastalign.data.batching import GroupBatcher, OptimizerStep, candidate_mask, draw_ranks, select_candidates
 from fastalign.errors import DataError
-from fastalign.packing import IGNORE_INDEX, PackedBatch, pack_groups, packed_tokens
-from fastalign.records import (
+from fastalign.data.packing import IGNORE_INDEX, PackedBatch, pack_groups, packed_tokens
+from fastalign.data.records import (
     REASON_CATEGORY_TYPE,
     REASON_EMPTY_RESPONSES,
     REASON_LENGTH_MISMATCH,
@@ -35,7 +36,7 @@ from fastalign.records import (
     records_from_dicts,
     sample_data_path,
 )
-from fastalign.tokenization import (
+from fastalign.data.tokenization import (
     STAT_KEYS,
     TURN_MARKERS,
     TokenizedData,

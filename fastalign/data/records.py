@@ -5,7 +5,7 @@ Data format
 A data file holds sandbox records, as a JSON array (`.json`) or one JSON object per line
 (`.jsonl`); either may be gzip-compressed (`.json.gz`, `.jsonl.gz`; gzip is also recognised by its
 magic bytes). Another suffix is read as an array when its first character is `[`, else as JSONL.
-Text is UTF-8 (a leading byte-order mark is ignored). The files are read by `fastalign.jsonio`, the
+Text is UTF-8 (a leading byte-order mark is ignored). The files are read by `fastalign.data.jsonio`, the
 reader `fastalign.convert` uses too. Each record is
 
     {"query": str, "responses": [str, ...], "scores": [number, ...],
@@ -35,12 +35,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
+from fastalign.data.jsonio import REASON_MALFORMED_JSON, REASON_NOT_UTF8  # noqa: F401  (skip reasons, re-exported)
+from fastalign.data.jsonio import SKIP_INVALID_HINT, ParseFailure, iter_json_values, json_type_name
 from fastalign.errors import ConfigError, DataError
-from fastalign.jsonio import REASON_MALFORMED_JSON, REASON_NOT_UTF8  # noqa: F401  (skip reasons, re-exported)
-from fastalign.jsonio import SKIP_INVALID_HINT, ParseFailure, iter_json_values, json_type_name
 
 # Reasons a record is skipped (keys of LoadedRecords.skipped): short and stable, users grep them.
 REASON_NOT_OBJECT = "not an object"
@@ -55,7 +56,7 @@ REASON_LENGTH_MISMATCH = "responses/scores length mismatch"
 REASON_SCORE_NOT_FINITE = "score not finite"
 REASON_SCORE_RANGE = "score out of range"
 REASON_CATEGORY_TYPE = "category not a string"
-# REASON_MALFORMED_JSON and REASON_NOT_UTF8 (a JSONL line that does not parse) come from fastalign.jsonio.
+# REASON_MALFORMED_JSON and REASON_NOT_UTF8 (a JSONL line that does not parse) come from fastalign.data.jsonio.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,8 +202,9 @@ def load_records(path: str | Path, *, rating_scale: float = 7.0, skip_invalid: b
 
 
 def sample_data_path() -> Path:
-    """The small sandbox file bundled with fastalign (for demos and smoke tests)."""
-    return Path(__file__).resolve().parent / "data" / "sample_sandbox.jsonl"
+    """The small sandbox file bundled with fastalign (for demos and smoke tests), package data of
+    `fastalign.data` found through importlib.resources (the package is installed unzipped: a real file)."""
+    return Path(str(resources.files("fastalign.data").joinpath("sample_sandbox.jsonl")))
 
 
 def records_from_dicts(items: Sequence[Any], *, rating_scale: float = 7.0) -> list[Record]:
