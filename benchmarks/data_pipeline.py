@@ -69,11 +69,12 @@ def synthetic_records(count: int, seed: int) -> list[dict]:
 
 def build_tokenizer(directory: pathlib.Path, records: list[dict]):
     """A byte-level BPE (vocab 8k) trained on part of the synthetic text, saved and reloaded."""
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
-    from tokenizer_fixture import build_tokenizer as build
+    from transformers import AutoTokenizer
+
+    from fastalign import tiny
 
     texts = [t for r in records[:2000] for t in [r["query"], *r["responses"]]]
-    return build(directory, vocab_size=8000, texts=texts)
+    return AutoTokenizer.from_pretrained(tiny.build_tokenizer(texts, 8000, directory))
 
 
 def timed(fn):
