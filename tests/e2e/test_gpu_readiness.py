@@ -17,7 +17,7 @@ import pytest
 
 from fastalign.distributed import process_group_backend
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------------------- process group
@@ -79,7 +79,7 @@ def test_accumulation_all_reduces_replicated_gradients_once_per_step(tmp_path):
     """--fsdp no_shard (replicas), 2 ranks, 2 steps of 4 micro-batches: one gradient all-reduce
     per FSDP unit (2 layers + root) per step, not per micro-batch, and the same weights as
     full_shard (which reduce-scatters every micro-batch)."""
-    from test_train import assert_same_weights, common
+    from helpers.training import assert_same_weights, common
     from fastalign.data import sample_data_path
     from fastalign.tiny import build_tiny_llama, sandbox_texts
 
@@ -143,7 +143,7 @@ def test_every_gpu_test_is_collected_without_the_optional_test_packages(tmp_path
     assert bare.returncode == 0, bare.stdout[-3000:]  # no collection error anywhere
     assert _collected(normal.stdout) and _collected(bare.stdout) == _collected(normal.stdout)
     # the property tests themselves skip, one by one, instead of breaking their module
-    run = _pytest(["-q", "-rs", "tests/test_evaluate.py", "-k", "metrics_match or summary"], {}, tmp_path)
+    run = _pytest(["-q", "-rs", "tests/unit/test_evaluate.py", "-k", "metrics_match or summary"], {}, tmp_path)
     assert run.returncode == 0, run.stdout[-3000:]
     assert "needs hypothesis" in run.stdout and " passed" in run.stdout
 
@@ -152,7 +152,7 @@ def test_triton_cases_never_use_cpu_tensors_without_the_interpreter(tmp_path):
     # On a CUDA machine conftest leaves TRITON_INTERPRET unset, so a Triton case on CPU tensors
     # fails there ("needs CUDA tensors"). Simulated here: interpreter off, no CUDA -> every
     # Triton case must skip (on CUDA they run compiled on CUDA tensors), none may fail.
-    result = _pytest(["-q", "-rs", "tests/test_loss.py", "-k", "triton and not compile"],
+    result = _pytest(["-q", "-rs", "tests/unit/test_loss.py", "-k", "triton and not compile"],
                      {"TRITON_INTERPRET": "0"}, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:]
     assert "Triton needs CUDA, or TRITON_INTERPRET=1" in result.stdout
@@ -394,7 +394,7 @@ def test_the_triton_probe_kernel_adds_one_and_its_launch_failure_is_one_line():
     import torch
 
     from benchmarks.gpu_environment import triton_launch
-    from devices import TRITON_DEVICE
+    from helpers.devices import TRITON_DEVICE
 
     if TRITON_DEVICE is None:
         pytest.skip("Triton needs CUDA, or TRITON_INTERPRET=1")

@@ -28,7 +28,7 @@ from fastalign import model_dir
 from fastalign.errors import ModelError
 from fastalign.hf_weights import SAFETENSORS_SINGLE, CheckpointReader
 from fastalign.model import Llama, LlamaConfig, load_tokenizer
-from test_train import REPO, common, tiny  # noqa: F401  (tiny is a fixture)
+from helpers.training import REPO, common
 
 # -- custom code -------------------------------------------------------------------------------
 

@@ -18,19 +18,14 @@ from pathlib import Path
 import pytest
 
 from fastalign.reporting import installed
-from test_train import (  # noqa: F401  (tiny is a fixture)
-    REPO, assert_same_metrics, assert_same_weights, common, metrics, ok, run_train, tiny,
+from helpers.training import (
+    REPO, assert_same_metrics, assert_same_weights, common, metrics, no_traceback, ok, run_train, start_train,
+    wait_for_steps,
 )
 
 pytestmark = pytest.mark.slow
 
 FLAGS = dict(per_device_train_batch_size=2, save_strategy="steps", save_steps=1)
-
-
-def no_traceback(result: subprocess.CompletedProcess, code: int = 2) -> str:
-    assert result.returncode == code, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    return result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -121,25 +116,6 @@ def test_write_failure_in_a_checkpoint_and_in_the_export_is_a_clean_error(tiny, 
     assert not list(out.glob(".tmp-save-*")) and not (out / "model.safetensors").exists()
 
 
-def wait_for_steps(out: Path, proc: subprocess.Popen, steps: int) -> None:
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        path = out / "metrics.jsonl"
-        if path.exists() and len(path.read_text().splitlines()) >= steps:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"no {steps} logged steps: {proc.communicate()[1][-3000:]}")
-
-
-def start_train(args: list[str], nproc: int = 1, extra_env: dict | None = None) -> subprocess.Popen:
-    launch = ([sys.executable, "-m", "fastalign.train"] if nproc == 1 else
-              [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "fastalign.train"])
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **(extra_env or {}))
-    return subprocess.Popen(launch + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=REPO, env=env)
-
-
 @pytest.mark.parametrize("sig, save", [(signal.SIGINT, "steps"), (signal.SIGTERM, "no"), (signal.SIGTERM, "model")],
                          ids=["SIGINT-saves", "SIGTERM-save_strategy-no", "SIGTERM-save_only_model"])
 def test_signal_finishes_the_step_saves_and_names_the_resume_point(tiny, tmp_path, sig, save):
@@ -159,7 +135,7 @@ def test_signal_finishes_the_step_saves_and_names_the_resume_point(tiny, tmp_pat
     step = int(stderr.split("stopped after step ")[1].split()[0])
     assert [m["step"] for m in metrics(out)] == list(range(1, step + 1))  # every finished step logged
     if report:  # the run was finished on the way out (exit record, every step's history)
-        from test_train_hf_flags import wandb_records
+        from helpers.wandb_offline import wandb_records
 
         records = list(wandb_records(Path(glob.glob(str(out / "wandb" / "offline-run-*" / "*.wandb"))[0])))
         assert [r.history.step.num for r in records if r.WhichOneof("record_type") == "history"] == \

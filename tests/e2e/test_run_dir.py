@@ -24,9 +24,8 @@ from fastalign import checkpoint as ckpt
 from fastalign.errors import ConfigError
 from fastalign.run_inputs import RunInputs, refuse_destroying_inputs
 from fastalign.run_lock import LOCK_FILE, hold_output_dir, take_lock
-from test_checkpoint import make_checkpoint, process_group  # noqa: F401  (a fixture)
-from test_reliability_cli import no_traceback, start_train, wait_for_steps
-from test_train import common, metrics, ok, run_train, tiny  # noqa: F401  (tiny is a fixture)
+from helpers.checkpoints import make_checkpoint
+from helpers.training import common, metrics, no_traceback, ok, run_train, start_train, wait_for_steps
 
 
 def dead_pid() -> int:

@@ -8,7 +8,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,118 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers.training import REPO, assert_same_metrics, assert_same_weights, common, metrics, ok, run_train
+
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(tiny HF Llama dir, 40-record Sandbox file) shared by the module's runs."""
-    from fastalign.data import sample_data_path
-    from fastalign.tiny import build_tiny_llama, sandbox_texts
-
-    root = tmp_path_factory.mktemp("tiny")
-    texts = sandbox_texts(sample_data_path())
-    model = build_tiny_llama(root / "model", texts, vocab_size=512, hidden_size=64, num_layers=2,
-                             num_heads=4, num_kv_heads=2, intermediate_size=128,
-                             max_position_embeddings=256)
-    data = root / "data.jsonl"
-    lines = sample_data_path().read_text().splitlines()[:40]
-    data.write_text("\n".join(lines) + "\n")
-    return model, data
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_train(args: list[str], nproc: int = 1, timeout: int = 300,
-              rendezvous: bool = False, extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python -m fastalign.train`, or torchrun with `nproc` processes: `--standalone`, or with
-    `rendezvous` the multi-node flags of the README (c10d rendezvous, one node here); `extra_env`
-    adds environment variables."""
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "fastalign.train", *args]
-    else:
-        launch = (["--nnodes=1", "--node_rank=0", "--rdzv_backend=c10d",
-                   f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--rdzv_id=fastalign-test"]
-                  if rendezvous else ["--standalone"])
-        cmd = [sys.executable, "-m", "torch.distributed.run", *launch,
-               f"--nproc_per_node={nproc}", "-m", "fastalign.train", *args]
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **(extra_env or {}))
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
-
-
-def run_train_on_terminal(args: list[str], timeout: int = 300) -> tuple[int, str]:
-    """`python -m fastalign.train` with stderr on a pseudo-terminal, as in an interactive shell
-    (the progress bar is drawn only there): (exit status, everything the terminal received)."""
-    import fcntl
-    import pty
-    import select
-    import struct
-    import termios
-    import time
-
-    controller, terminal = pty.openpty()
-    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # else 0 columns: an empty bar
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    process = subprocess.Popen([sys.executable, "-m", "fastalign.train", *args], stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=terminal, cwd=REPO, env=env)
-    os.close(terminal)
-    received, deadline = [], time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            if not select.select([controller], [], [], 1.0)[0]:
-                continue
-            try:
-                chunk = os.read(controller, 65536)
-            except OSError:  # EIO: the process has ended and closed the terminal
-                break
-            if not chunk:
-                break
-            received.append(chunk)
-        status = process.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        if process.poll() is None:
-            process.kill()
-        os.close(controller)
-    return status, b"".join(received).decode(errors="replace")
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
-
-
-def common(model: Path, data: Path, out: Path, **flags) -> list[str]:
-    args = {"model_name_or_path": model, "data_path": data, "output_dir": out,
-            "model_max_length": 128, "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "no",
-            "lr_scheduler_type": "constant"}
-    args.update(flags)
-    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_same_weights(a: Path, b: Path, atol: float = 1e-6) -> None:
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=atol, msg=name)
-
-
-LOGGED = ("loss", "nll_best", "penalty", "penalty_active_frac", "lr", "grad_norm")
-
-
-def assert_same_metrics(ma: list[dict], mb: list[dict]) -> None:
-    assert [m["step"] for m in ma] == [m["step"] for m in mb]
-    for a, b in zip(ma, mb):
-        for key in LOGGED:
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
 
 
 def test_tiny_model_learns(tiny, tmp_path):

@@ -8,7 +8,6 @@ import glob
 import json
 import os
 import re
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,8 @@ import pytest
 import torch
 
 from fastalign.reporting import installed
-from test_train import REPO, common, metrics, ok, run_train, run_train_on_terminal, tiny  # noqa: F401  (tiny: fixture)
+from helpers.training import REPO, common, metrics, ok, run_train, run_train_on_terminal
+from helpers.wandb_offline import wandb_records
 
 pytestmark = pytest.mark.slow
 
@@ -33,30 +33,6 @@ def bar_free(stderr: str) -> None:
 
 
 # ------------------------------------------------------------------------------ logger, checkpoint
-
-
-def wandb_records(run_file: Path):
-    """The protobuf records of a wandb offline run file (LevelDB log format: 7-byte file header,
-    32 KiB blocks of records with a crc32/length/type header; type 1 whole, 2-4 first/middle/last)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    raw, pos, block, part = run_file.read_bytes(), 7, 32768, b""
-    while pos + 7 <= len(raw):
-        if block - pos % block < 7:  # a block's tail too short for a header is padding
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
-        pos += 7
-        if kind == 0 and length == 0:
-            pos += (block - pos % block) % block
-            continue
-        part += raw[pos:pos + length]
-        pos += length
-        if kind in (1, 4):
-            record = pb.Record()
-            record.ParseFromString(part)
-            yield record
-            part = b""
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +215,7 @@ def probed_run(tiny, tmp_path_factory):
                    per_device_train_batch_size=4, per_device_eval_batch_size=8,
                    adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6, ddp_timeout=77)
     flags += ["--local-rank=0"]  # torch.distributed.launch's spelling
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     env.pop("LOCAL_RANK", None)
     result = subprocess.run([sys.executable, "-c", PROBED_MAIN, *flags], capture_output=True, text=True,
                             timeout=300, cwd=REPO, env=env)

@@ -7,7 +7,7 @@ for sm_90 (H100) and sm_80 (A100), with the constexprs and num_warps the launche
 (fastalign.kernels.alignment_head.*_config) and each logits dtype. No CUDA driver is needed.
 
 conftest.py sets TRITON_INTERPRET for the whole pytest process, so the compiling happens in a
-subprocess without it: this file run as a script (`python tests/test_kernels_compile.py`) compiles
+subprocess without it: this file run as a script (`python tests/gpu/test_kernels_compile.py`) compiles
 all cases and prints one JSON line per case (registers, stack bytes, shared memory, or the error).
 """
 
@@ -161,7 +161,7 @@ def compiled_cases(tmp_path_factory) -> dict[str, dict]:
     _skip_unless_ptxas_runs()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))  # compile, not a hit
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join([repo, env.get("PYTHONPATH", "")])
     # One compiling process per core (each case is compiled alone, so splitting changes nothing
     # but the wall time).

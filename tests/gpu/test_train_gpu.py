@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from test_train import common, metrics, ok, run_train, tiny  # noqa: F401  (tiny: fixture)
+from helpers.training import common, metrics, ok, run_train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 

@@ -1,11 +1,11 @@
-"""One rank of the real trainer, measured for tests/test_plan.py (run under torchrun, gloo).
+"""One rank of the real trainer, measured for tests/unit/test_plan.py (run under torchrun, gloo).
 
-    torchrun --nproc_per_node=N tests/plan_trainer_probe.py OUT_JSON <fastalign.train flags>
+    torchrun --nproc_per_node=N tests/helpers/plan_trainer_probe.py OUT_JSON <fastalign.train flags>
 
 Sets the trainer up from the flags, runs one optimizer step (which creates the AdamW state), then
 reports rank by rank: the bytes of its parameter shards, its gradient shards (after one more
 micro-batch's backward) and its optimizer state, each summed over distinct storages; and the
-peak of live tensor memory (tests/live_memory.py) during the second optimizer step, with the
+peak of live tensor memory (tests/helpers/live_memory.py) during the second optimizer step, with the
 tokens, target tokens and gathered key/value rows (shared prefix: kv_index) of that step's
 largest micro-batch and the step's micro-batch count.
 """

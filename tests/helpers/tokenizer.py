@@ -5,17 +5,13 @@
 saves it to `directory` and reloads it with `AutoTokenizer.from_pretrained`, so tests exercise the
 same path as a user's model directory. No network, no pad token (fastalign never pads).
 
-pytest puts tests/ on sys.path (it has no __init__.py), so a test module uses it with
-`from tokenizer_fixture import build_tokenizer, hf_tokenizer` (importing the `hf_tokenizer`
-fixture into the module makes it available there).
+The session-wide `hf_tokenizer` fixture (tests/conftest.py) is one of these.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Iterable
-
-import pytest
 
 from fastalign import tiny
 
@@ -36,9 +32,3 @@ def build_tokenizer(directory: str | Path, *, bos: bool = True, eos: bool = True
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny.build_tokenizer(texts, vocab_size, directory, bos=bos, eos=eos))
-
-
-@pytest.fixture(scope="session")
-def hf_tokenizer(tmp_path_factory):
-    """A reloaded byte-level BPE tokenizer with BOS `<s>` and EOS `</s>`, no pad token."""
-    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))

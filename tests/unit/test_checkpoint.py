@@ -2,41 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
 import torch
-import torch.distributed as dist
-from torch import nn
 
 from fastalign import checkpoint as ckpt
-from fastalign import manifest
 from fastalign.errors import ConfigError
-
-
-@pytest.fixture
-def process_group():
-    """A one-rank gloo group in this process (what `python -m fastalign.train` runs in)."""
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    if created:
-        dist.destroy_process_group()
-
-
-def make_checkpoint(root, step: int, complete: bool = True, suffix: str = ""):
-    """A stand-in checkpoint directory (its files are placeholders; their manifest is real)."""
-    path = root / f"checkpoint-{step}{suffix}"
-    path.mkdir(parents=True)
-    (path / ".metadata").write_bytes(b"x")
-    if complete:
-        (path / ckpt.STATE_FILE).write_text(json.dumps({"step": step, "epoch": 0, "step_in_epoch": step}))
-        (path / ckpt.SCHEDULER_FILE).write_text(json.dumps({"base_lrs": [1e-3], "last_epoch": step}))
-        names = [ckpt.STATE_FILE, ckpt.SCHEDULER_FILE, ".metadata"]
-        manifest.write_manifest(path, manifest.describe(path, names))
-    return path
+from helpers.checkpoints import make_checkpoint, sharded_toy, train_steps
 
 
 def test_latest_checkpoint_skips_partial_and_orders_numerically(tmp_path, process_group):
@@ -73,31 +46,6 @@ def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path):
     assert [p.name for p in deleted] == ["checkpoint-2", "checkpoint-4"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10.tmp", "checkpoint-6", "checkpoint-8"]
     assert ckpt.rotate_checkpoints(tmp_path, None) == []
-
-
-def sharded_toy(seed: int, hidden: int = 8, extra_layer: bool = False):
-    """A two-layer FSDP2 toy with AdamW and a LambdaLR; `hidden` and `extra_layer` make another
-    model's shapes and parameter names."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, hidden), nn.Tanh(), nn.Linear(hidden, 3),
-                          *([nn.Linear(3, 3)] if extra_layer else []))
-    mesh = init_device_mesh("cpu", (1,))
-    fully_shard(model[0], mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
-    return model, optimizer, scheduler
-
-
-def train_steps(model, optimizer, scheduler, steps: int) -> None:
-    for _ in range(steps):
-        model(torch.randn(5, 4)).square().mean().backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
 
 
 def test_save_load_round_trip_with_rotation(tmp_path, process_group):

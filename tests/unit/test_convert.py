@@ -2,19 +2,14 @@
 
 import gzip
 import json
-import subprocess
-import sys
 
 import pytest
 
 from fastalign.cli import run_main
 from fastalign.convert import main
 from fastalign.data import load_records
+from helpers.records import MULTI_TURN_CHOSEN, MULTI_TURN_REJECTED
 
-MULTI_TURN_CHOSEN = ("\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nHuman: And times 3?"
-                     "\n\nAssistant: 12, since 4 x 3 = 12.")
-MULTI_TURN_REJECTED = ("\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nHuman: And times 3?"
-                       "\n\nAssistant: I won't do math.")
 DIALOGUE = "Human: What is 2+2?\n\nAssistant: 4.\n\nHuman: And times 3?"
 
 
@@ -198,21 +193,6 @@ def test_missing_input_and_bad_output_extension(tmp_path, capsys):
     source = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}])
     code, _, err = convert(capsys, "--format", "pairs", "--input", source, "--output", tmp_path / "o.txt")
     assert code == 2 and "--output" in err and "unknown file type" in err
-
-
-def test_cli_subprocess_reports_malformed_line_without_traceback(tmp_path):
-    source = tmp_path / "hh.jsonl"
-    source.write_text(json.dumps({"chosen": MULTI_TURN_CHOSEN, "rejected": MULTI_TURN_REJECTED}) + "\n{broken\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "fastalign.convert", "--format", "hh-rlhf", "--input", str(source),
-         "--output", str(tmp_path / "out.jsonl")],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert result.stderr.startswith(f"error: {source}: record 1 (line 2): malformed JSON at column 2: ")
-    assert "(pass --skip_invalid to drop invalid records and go on)" in result.stderr
-    assert not (tmp_path / "out.jsonl").exists()
 
 
 def test_skip_invalid_drops_malformed_lines_like_invalid_records(tmp_path, capsys):

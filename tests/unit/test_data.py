@@ -31,7 +31,7 @@ from fastalign.data import (
     tokenize_records,
 )
 from fastalign.errors import DataError as ErrorsDataError
-from tokenizer_fixture import build_tokenizer, hf_tokenizer  # noqa: F401  (hf_tokenizer is a fixture)
+from helpers.tokenizer import build_tokenizer
 
 GOOD = [
     {"query": "### Instruction:\nq0\n\n### Response:", "responses": ["a", "b"], "scores": [7, 3],

@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from optional_deps import HealthCheck, given, settings, st
+from helpers.optional_deps import HealthCheck, given, settings, st
 
 from fastalign.data import (
     DataError,

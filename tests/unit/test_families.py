@@ -5,23 +5,17 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from test_model import TOL, hf_logits_per_sequence, our_logits, packed_batch
-from test_shared_prefix import assert_layouts_equal, synthetic_groups
-from test_train import common, metrics, ok, run_train
+from helpers.models import TOL, assert_layouts_equal, hf_logits_per_sequence, our_logits, packed_batch, synthetic_groups
 
-from fastalign.data import Record, sample_data_path, tokenize_records
+from fastalign.data import Record, tokenize_records
 from fastalign.errors import ModelError
 from fastalign.generate import generate_ids, prompt_ids
 from fastalign.model import Llama, load_tokenizer
-from fastalign.tiny import build_tiny_llama, sandbox_texts
+from helpers.models import FAMILY_CLASSES
 
-FAMILY_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                  "qwen3": "Qwen3ForCausalLM"}
 # (model_type, config keys): GQA everywhere (4 query heads over 2 key/value heads), tied and untied.
 VARIANTS = {
     "llama": ("llama", {}),
@@ -154,20 +148,9 @@ def test_greedy_generation_equals_transformers(variant, tmp_path):
 # -- tiny checkpoints with tokenizers (fastalign.tiny --family), through the command lines --------
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """family -> tiny model dir built by `fastalign.tiny` with that family's tokenizer style."""
-    root = tmp_path_factory.mktemp("families")
-    texts = sandbox_texts(sample_data_path())
-    return {family: build_tiny_llama(root / family, texts, vocab_size=400, hidden_size=32, num_layers=2,
-                                     num_heads=4, num_kv_heads=2, intermediate_size=64, max_position_embeddings=128,
-                                     family=family, tie_word_embeddings=family in ("mistral", "qwen3"))
-            for family in FAMILY_CLASSES}
-
-
 @pytest.mark.parametrize("family, has_bos", [("llama", True), ("mistral", True), ("qwen2", False), ("qwen3", False)])
-def test_alpaca_query_gets_bos_only_from_tokenizers_that_have_one(tiny, family, has_bos):
-    tokenizer = load_tokenizer(tiny[family])
+def test_alpaca_query_gets_bos_only_from_tokenizers_that_have_one(family_tiny, family, has_bos):
+    tokenizer = load_tokenizer(family_tiny[family])
     assert (tokenizer.chat_template is not None) == family.startswith("qwen")  # Qwen: chat-template-only style
     query = "### Instruction:\nHow do I say sorry?\n\n### Response:"
     plain = tokenizer(query, add_special_tokens=False)["input_ids"]
@@ -178,72 +161,3 @@ def test_alpaca_query_gets_bos_only_from_tokenizers_that_have_one(tiny, family, 
     assert group.query_ids == tokenizer(query)["input_ids"]
     assert group.response_ids[0][-1] == tokenizer.eos_token_id
     assert prompt_ids(tokenizer, "How do I say sorry?") == group.query_ids
-
-
-def assert_trained_as_family(start_dir, out, family: str, steps: int) -> None:
-    """`out` logged `steps` finite losses and holds a model transformers loads as the family's
-    class, with its attention weights (q/k norms, biases where the family has them) moved."""
-    from transformers import AutoModelForCausalLM
-
-    losses = [m["loss"] for m in metrics(out)]
-    assert len(losses) == steps and all(torch.isfinite(torch.tensor(losses)))
-    trained = AutoModelForCausalLM.from_pretrained(out)
-    assert type(trained).__name__ == FAMILY_CLASSES[family]
-    start = load_file(start_dir / "model.safetensors")
-    moved = [name for name in start if name.endswith(("q_proj.weight", "k_norm.weight", "v_proj.bias"))]
-    assert moved and all(not torch.equal(trained.state_dict()[name], start[name]) for name in moved)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("family", ["mistral", "qwen3"])  # llama: tests/test_train.py; qwen2: under FSDP below
-def test_training_steps_through_the_command_line(tiny, family, tmp_path):
-    data = tmp_path / "data.jsonl"
-    data.write_text("\n".join(sample_data_path().read_text().splitlines()[:16]) + "\n")
-    out = tmp_path / "out"
-    ok(run_train(common(tiny[family], data, out, max_steps=3, per_device_train_batch_size=2, learning_rate=3e-3,
-                        fsdp_transformer_layer_cls_to_wrap=FAMILY_CLASSES[family].replace("ForCausalLM", "DecoderLayer"))))
-    assert_trained_as_family(tiny[family], out, family, steps=3)
-
-
-@pytest.mark.slow
-def test_qwen2_trains_with_biases_read_row_sliced_under_fsdp_as_on_one_rank(tiny, tmp_path):
-    """2 FSDP ranks each read their rows of every weight, biases included: same run as 1 rank."""
-    model = tmp_path / "model"
-    model.mkdir()
-    for f in tiny["qwen2"].iterdir():
-        (model / f.name).write_bytes(f.read_bytes())
-    weights = load_file(model / "model.safetensors")
-    generator = torch.Generator().manual_seed(0)
-    for name in weights:
-        if name.endswith(".bias"):  # distinct rows, so a rank reading the wrong rows would show
-            weights[name] = torch.randn(weights[name].shape, generator=generator)
-    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
-    data = tmp_path / "data.jsonl"
-    data.write_text("\n".join(sample_data_path().read_text().splitlines()[:8]) + "\n")
-    # max_tokens_per_batch 0: the same 2-group micro-batches on both sides, so the weights agree to
-    # 1e-6 (step-level packing regroups them: summation order, checked in test_train)
-    flags = dict(max_steps=2, per_device_train_batch_size=2, fsdp="full_shard auto_wrap", max_tokens_per_batch=0)
-    ok(run_train(common(model, data, tmp_path / "one", gradient_accumulation_steps=2, **flags)))
-    ok(run_train(common(model, data, tmp_path / "two", gradient_accumulation_steps=1, **flags), nproc=2))
-    assert_trained_as_family(model, tmp_path / "two", "qwen2", steps=2)
-    for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
-    for name in one:
-        torch.testing.assert_close(one[name], two[name], rtol=0, atol=1e-6, msg=name)
-
-
-@pytest.mark.slow
-def test_trainer_refuses_sequences_longer_than_the_sliding_window(tiny, tmp_path):
-    config_file = tiny["mistral"] / "config.json"
-    model = tmp_path / "model"
-    model.mkdir()
-    for f in tiny["mistral"].iterdir():
-        (model / f.name).write_bytes(f.read_bytes())
-    (model / "config.json").write_text(json.dumps({**json.loads(config_file.read_text()), "sliding_window": 64}))
-    data = tmp_path / "data.jsonl"
-    data.write_text(sample_data_path().read_text().splitlines()[0] + "\n")
-    result: subprocess.CompletedProcess = run_train(common(model, data, tmp_path / "out", max_steps=1,
-                                                           model_max_length=96))
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "error: " in result.stderr and "sliding_window of 64" in result.stderr

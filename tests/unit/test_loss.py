@@ -1,8 +1,8 @@
-"""fastalign.loss.stable_alignment_loss against the full-logits oracle (tests/loss_oracle.py).
+"""fastalign.loss.stable_alignment_loss against the full-logits oracle (tests/helpers/loss_oracle.py).
 
 Both backends run here: "torch" (the twin) and "triton" (on CPU under TRITON_INTERPRET=1, set by
 conftest.py; shapes stay small because the interpreter is slow; on a CUDA machine the same cases
-run compiled on CUDA tensors, see tests/devices.py). TestGPU repeats the checks compiled for real
+run compiled on CUDA tensors, see tests/helpers/devices.py). TestGPU repeats the checks compiled for real
 on CUDA, plus production-size shapes.
 """
 
@@ -22,8 +22,8 @@ from fastalign.loss import LossInputError, stable_alignment_loss
 from fastalign.kernels import alignment_head_torch
 from fastalign.kernels.alignment_head_torch import vocab_chunk_size
 from fastalign.kernels.group_math import GroupOptions, GroupResult, build_group_layout, group_math
-from devices import to_device, triton_device
-from loss_oracle import oracle_alignment_loss, oracle_group_loss
+from helpers.devices import to_device, triton_device
+from helpers.loss_oracle import oracle_alignment_loss, oracle_group_loss
 
 try:
     from fastalign.kernels import alignment_head as triton_head
@@ -86,7 +86,7 @@ def make_batch(group_sizes, hidden_size, vocab, *, num_tokens=None, seed=0, dtyp
 def run_fused(batch, backend, grad_mix=None, **opts):
     """Loss, nll, penalty, best and grads of (loss + mix . nll + mix' . penalty), on the batch's device.
 
-    The triton backend runs where tests/devices.py says (CPU under the interpreter, else CUDA).
+    The triton backend runs where tests/helpers/devices.py says (CPU under the interpreter, else CUDA).
     """
     if backend == "triton":
         device = triton_device()
@@ -391,7 +391,7 @@ def test_hidden_in_another_dtype_is_cast_to_the_lm_head_dtype(backend):
 
 
 def triton_group_stats(nll, scores, layout, opts):
-    """The Triton group kernel on the device tests/devices.py picks; results back on CPU."""
+    """The Triton group kernel on the device tests/helpers/devices.py picks; results back on CPU."""
     device = triton_device()
     layout = type(layout)(**{k: v.to(device) for k, v in vars(layout).items()})
     out = triton_head.group_stats(nll.to(device), scores.to(device), layout, opts)

@@ -14,8 +14,8 @@ from fastalign.attention import resolve_backend, varlen_attention
 from fastalign.errors import ConfigError, ModelError
 from fastalign.hf_weights import CheckpointReader
 from fastalign.model import Llama, LlamaConfig
+from helpers.models import TOL, hf_logits_per_sequence, our_logits, packed_batch
 
-TOL = dict(atol=1e-4, rtol=1e-4)
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}
 CONFIGS = {
@@ -44,25 +44,6 @@ def hf_model(name: str, seed: int = 0) -> LlamaForCausalLM:
             else:
                 p.normal_(0.0, 0.3)
     return model
-
-
-def packed_batch(lengths, vocab_size, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, vocab_size, (sum(lengths),), generator=g)
-    position_ids = torch.cat([torch.arange(n) for n in lengths])
-    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    return input_ids, position_ids, cu_seqlens, max(lengths)
-
-
-def our_logits(model: Llama, batch) -> torch.Tensor:
-    return model(*batch) @ model.lm_head.weight.T
-
-
-def hf_logits_per_sequence(model: LlamaForCausalLM, batch) -> torch.Tensor:
-    input_ids, _, cu_seqlens, _ = batch
-    bounds = cu_seqlens.tolist()
-    with torch.no_grad():
-        return torch.cat([model(input_ids[a:b][None]).logits[0] for a, b in zip(bounds[:-1], bounds[1:])])
 
 
 def from_hf(hf: LlamaForCausalLM, tmp_path) -> Llama:

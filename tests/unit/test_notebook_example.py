@@ -14,7 +14,7 @@ from fastalign.evaluate import evaluate_model
 from fastalign.model import Llama, load_tokenizer
 from fastalign.tiny import build_tiny_llama, sandbox_texts
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHAPE = dict(vocab_size=384, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
              max_position_embeddings=256)
 

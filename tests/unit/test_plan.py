@@ -4,9 +4,6 @@ the published 7B run against hand arithmetic, 1 / 8 / 64 ranks, and an impossibl
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,8 +13,7 @@ from fastalign import plan as fplan
 from fastalign import plan_memory as pm
 from fastalign.cli import run_main
 from fastalign.model import LlamaConfig
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers.planning import run_plan
 
 # Llama-2-7B (meta-llama/Llama-2-7b-hf config.json, the numbers that size the model)
 LLAMA2_7B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
@@ -36,13 +32,6 @@ def llama7b(tmp_path_factory) -> Path:
     return path
 
 
-def run_plan(argv: list[str], tmp_path: Path, capsys) -> tuple[int, dict, str]:
-    out = tmp_path / "plan.json"
-    status = run_main(fplan.main, [*argv, "--json", str(out)])
-    text = capsys.readouterr()
-    return status, json.loads(out.read_text()) if out.exists() else {}, text.out + text.err
-
-
 # ----------------------------------------------------------------------------- token counts
 
 
@@ -58,8 +47,7 @@ def test_group_counts_are_the_packed_batchs(share_prefix):
     counts = [fplan.group_counts(len(g.query_ids), [len(r) for r in g.response_ids], share_prefix) for g in groups]
     tokens, targets, keys, mask, work = (sum(column) for column in zip(*counts))
     assert (tokens, targets, work) == (batch.num_tokens, batch.num_target_tokens, batch.attention_work)
-    sys.path.insert(0, str(REPO / "tests"))
-    from plan_trainer_probe import mask_elements
+    from helpers.plan_trainer_probe import mask_elements
 
     assert keys == (0 if batch.kv_index is None else batch.kv_index.numel())
     assert mask == mask_elements(batch)
@@ -101,66 +89,6 @@ def test_utilisation_comes_from_a_gpu_benchmark_once_one_is_on_file(tmp_path):
 # ----------------------------------------------------------------------------- the real trainer
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from fastalign.data import sample_data_path
-    from fastalign.tiny import build_tiny_llama, sandbox_texts
-
-    root = tmp_path_factory.mktemp("plan-tiny")
-    model = build_tiny_llama(root / "model", sandbox_texts(sample_data_path()), vocab_size=1024, hidden_size=128,
-                             num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=344,
-                             max_position_embeddings=512)
-    return model, sample_data_path()
-
-
-def probe_trainer(model: Path, data: Path, out: Path, nproc: int, flags: list[str]) -> list[dict]:
-    """tests/plan_trainer_probe.py under torchrun: per rank, the trainer's shard bytes and peak."""
-    result_file = out / f"probe{nproc}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(REPO / "tests" / "plan_trainer_probe.py"), str(result_file),
-           "--model_name_or_path", str(model), "--data_path", str(data), "--output_dir", str(out / f"run{nproc}"),
-           "--save_strategy", "no", "--logging_steps", "1000", "--model_max_length", "256", "--num_comp", "3",
-           *flags]
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(result_file.read_text())
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("nproc,strategy,flags", [
-    (1, "full_shard", ["--bf16", "True"]),
-    (2, "hybrid_shard", ["--gradient_accumulation_steps", "4", "--gradient_checkpointing", "True"]),
-], ids=["1-rank-bf16", "2-ranks-hybrid-fp32-ga4-checkpointing"])
-def test_shards_equal_the_trainers_and_peak_is_within_25_percent(tiny, tmp_path, nproc, strategy, flags):
-    """The trainer's defaults otherwise: shared prefix, step-level packing at the CPU budget (4096
-    tokens), 8 groups per micro-batch slot. The 2-rank run accumulates over several micro-batches
-    on a replicated mesh (hybrid: shard over the node's 2 ranks, replicate over its 1 node), the
-    partial-gradient path of `set_gradient_all_reduce`. Measured on this machine (2026-12-03):
-    peaks predicted at 1.07x (1 rank bf16) and 1.07x / 1.07x (2 ranks) of the live tensor memory
-    the trainer allocated."""
-    model, data = tiny
-    ranks = probe_trainer(model, data, tmp_path, nproc, ["--fsdp", strategy, *flags])
-    bf16, checkpointing = "--bf16" in flags, "--gradient_checkpointing" in flags
-    config = LlamaConfig.from_pretrained(model)
-    state = pm.measure_state(config, world_size=nproc, procs_per_node=nproc, strategy=strategy, bf16=bf16,
-                             gradient_checkpointing=checkpointing, offload=False)
-    assert all(r["fsdp"] for r in ranks)  # the trainer sharded (bf16 on 1 rank, or 2 ranks)
-    if nproc > 1:
-        assert all(r["micro_batches"] > 1 for r in ranks)  # gradients accumulate: the partial buffers
-    for r in ranks:
-        assert r["key_tokens"] > r["tokens"]  # the shared layout: queries' keys gathered per response
-        assert (r["param_bytes"], r["grad_bytes"], r["optimizer_bytes"]) == (state.params, state.grads,
-                                                                             state.optimizer)
-        opts = pm.Options(bf16=bf16, strategy=strategy, offload=False, gradient_checkpointing=checkpointing,
-                          device_type="cpu", micro_batches_per_step=r["micro_batches"])
-        batch = pm.MicroBatch(r["tokens"], r["target_tokens"], r["key_tokens"], r["mask_elements"])
-        predicted = pm.peak_phase(config, state, batch, opts).total
-        assert abs(predicted / r["peak_bytes"] - 1) < 0.25, (predicted, r)
-        # activations dominate here, so the check is not carried by the exact persistent state
-        assert state.params + state.grads + state.optimizer < 0.3 * r["peak_bytes"]
-
-
 @pytest.mark.parametrize("family,kv_heads,dtype,share_prefix", [
     ("llama", 2, "float32", False), ("llama", 4, "bfloat16", False), ("qwen3", 2, "bfloat16", False),
     ("llama", 2, "float32", True), ("qwen3", 2, "bfloat16", True)])
@@ -174,8 +102,7 @@ def test_layer_saved_bytes_are_what_autograd_saves(family, kv_heads, dtype, shar
     from fastalign.data import TokenizedGroup, pack_groups
     from fastalign.model import Llama
 
-    sys.path.insert(0, str(REPO / "tests"))
-    from plan_trainer_probe import mask_elements
+    from helpers.plan_trainer_probe import mask_elements
 
     dtype = getattr(torch, dtype)
     config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
@@ -204,17 +131,16 @@ def test_layer_saved_bytes_are_what_autograd_saves(family, kv_heads, dtype, shar
 
 
 @pytest.mark.parametrize("share_prefix", [True, False], ids=["shared-prefix", "unshared"])
-def test_data_workload_is_the_trainers_micro_batches(tiny, share_prefix):
+def test_data_workload_is_the_trainers_micro_batches(plan_tiny, share_prefix):
     """Oracle: the trainer's own batcher (fastalign.train's settings: step budget of the device,
     batch size, accumulation) on both ranks, every micro-batch packed by fastalign.packing."""
     from fastalign.data import GroupBatcher
     from fastalign.model import load_tokenizer
     from fastalign.train import DEFAULT_CPU_STEP_TOKENS, tokenize_file
 
-    sys.path.insert(0, str(REPO / "tests"))
-    from plan_trainer_probe import mask_elements
+    from helpers.plan_trainer_probe import mask_elements
 
-    model, data = tiny
+    model, data = plan_tiny
     argv = ["--model_name_or_path", str(model), "--data_path", str(data), "--gpu", "L4", "--device", "cpu",
             "--nproc_per_node", "2", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "3",
             "--model_max_length", "256", "--share_prefix", str(share_prefix)]
@@ -244,8 +170,8 @@ def test_data_workload_is_the_trainers_micro_batches(tiny, share_prefix):
     assert work.attention_work_per_step == pytest.approx(work_sum / work.steps_per_epoch)
 
 
-def test_plan_with_data_prints_epoch_times(tiny, tmp_path, capsys):
-    model, data = tiny
+def test_plan_with_data_prints_epoch_times(plan_tiny, tmp_path, capsys):
+    model, data = plan_tiny
     status, plan, text = run_plan(["--model_name_or_path", str(model), "--data_path", str(data), "--gpu", "L4",
                                    "--nproc_per_node", "2", "--bf16", "True", "--fsdp", "full_shard",
                                    "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
@@ -443,19 +369,6 @@ def test_whole_step_in_one_micro_batch_fits_any_budget(llama7b, tmp_path, capsys
     assert status == 0 and plan["memory"]["any_max_tokens_per_batch_fits"]
     assert plan["memory"]["largest_max_tokens_per_batch_that_fits"] == 2 * 1440 == plan["workload"]["largest_micro_batch_tokens"]
     assert "largest --max_tokens_per_batch that fits: any (a rank's whole step, 2880 tokens" in text
-
-
-def test_command_line_exits_3_when_the_plan_does_not_fit(tiny, tmp_path, capsys):
-    """What a script sees from `python -m fastalign.plan`: 3 and the verdict (0 when it fits)."""
-    model, _ = tiny
-    argv = ["--model_name_or_path", str(model), "--model_max_length", "256"]
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "fastalign.plan", *argv, "--gpu_memory_gb", "0.05"],
-                          capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
-    assert proc.returncode == 3, proc.stdout + proc.stderr
-    assert "verdict: DOES NOT FIT on 0.05 GiB" in proc.stdout and "what would make it fit:" in proc.stdout
-    status, plan, text = run_plan([*argv, "--gpu_memory_gb", "8"], tmp_path, capsys)
-    assert status == 0 and plan["memory"]["fits"] and "verdict: FITS" in text
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -2,30 +2,14 @@
 
 import json
 import struct
-import subprocess
-import sys
 
 import pytest
 
 from fastalign.cli import run_main
 from fastalign.plot import epoch_boundaries, main, read_metrics, series
+from helpers.records import metrics_line, write_metrics
 
 pytest.importorskip("matplotlib")
-
-
-def metrics_line(step, **overrides):
-    record = {"step": step, "epoch": round(step / 4, 4), "loss": 2.0 / step, "nll_best": 1.8 / step,
-              "penalty": 0.5 / step, "penalty_active_frac": 0.5, "lr": 1e-4, "grad_norm": 1.0,
-              "tokens_per_s": 1000.0 + step, "mfu": None, "peak_mem_gb": 0.5}
-    record.update(overrides)
-    return json.dumps(record)
-
-
-def write_metrics(run_dir, lines, *, final_newline=True):
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "metrics.jsonl"
-    path.write_text("\n".join(lines) + ("\n" if final_newline else ""))
-    return path
 
 
 def png_size(path):
@@ -90,12 +74,3 @@ def test_missing_directory_and_file(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nope'}: no such directory"
     assert run_main(main, [str(tmp_path)]) == 2
     assert f"error: {tmp_path / 'metrics.jsonl'}: no such file" in capsys.readouterr().err
-
-
-def test_cli_subprocess_has_no_traceback(tmp_path):
-    write_metrics(tmp_path, ["not json", metrics_line(2)])
-    result = subprocess.run([sys.executable, "-m", "fastalign.plot", str(tmp_path)],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert result.stderr.startswith(f"error: {tmp_path / 'metrics.jsonl'}: line 1: invalid JSON")

@@ -10,10 +10,6 @@ import io
 import logging
 import os
 import pickle
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,9 +19,7 @@ from torch.distributed.checkpoint import filesystem as dcp_filesystem
 from fastalign import checkpoint as ckpt
 from fastalign import manifest, safe_dcp
 from fastalign.errors import ConfigError, FastalignError
-from test_checkpoint import make_checkpoint, process_group, sharded_toy, train_steps  # noqa: F401
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers.checkpoints import make_checkpoint, reseal, saved_checkpoints, sharded_toy
 
 
 class Payload:
@@ -36,22 +30,6 @@ class Payload:
 
     def __reduce__(self):
         return (os.mkdir, (self.marker,))
-
-
-def saved_checkpoints(root: Path, steps=(1, 2)):
-    model, optimizer, scheduler = sharded_toy(0)
-    for step in steps:
-        train_steps(model, optimizer, scheduler, 1)
-        ckpt.save_checkpoint(root, step, model, optimizer, scheduler,
-                             {"step": step, "epoch": 0, "step_in_epoch": step})
-    return [ckpt.checkpoint_dir(root, step) for step in steps]
-
-
-def reseal(path: Path) -> None:
-    """Rewrite the manifest for the files as they are now: an attacker ships a consistent one."""
-    files = [p.relative_to(path).as_posix() for p in path.rglob("*")
-             if p.is_file() and p.name != manifest.MANIFEST_FILE]
-    manifest.write_manifest(path, manifest.describe(path, files))
 
 
 def plant_in_shard_entry(path: Path, payload: bytes) -> str:
@@ -291,39 +269,3 @@ def test_convert_refuses_to_overwrite_its_input(tmp_path, capsys):
         with pytest.raises(ConfigError, match="is the --input file"):
             convert.main(["--format", "pairs", "--input", str(source), "--output", str(output)])
     assert source.read_text() == text
-
-
-def test_second_signal_exits_at_once(tmp_path):
-    """First SIGTERM: a flag (the step goes on); second: the default action, at once, even while
-    the process is inside a long C++ call (a collective waiting on a dead peer, a device sync),
-    where a Python-level handler would only run once the call returned."""
-    script = (
-        "import os, signal, threading, time, torch\n"
-        "from fastalign.preemption import StopOnSignal\n"
-        "with StopOnSignal() as stop:\n"
-        "    os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    time.sleep(0.2)\n"
-        "    print('flag', stop.requested(), flush=True)\n"
-        "    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()\n"
-        "    a = torch.randn(1200, 1200, dtype=torch.float64)\n"
-        "    torch.linalg.matrix_power(a, 2**30)  # one op, seconds of C++ without bytecode\n"
-        "    print('still running', flush=True)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                            cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
-    assert result.returncode == -signal.SIGTERM, (result.returncode, result.stderr[-2000:])  # 143 in a shell
-    assert result.stdout.splitlines() == [f"flag {int(signal.SIGTERM)}"]
-    assert "send it again to exit at once" in result.stderr
-
-
-def test_checkpoint_save_benchmark_runs_its_smoke_preset(tmp_path):
-    import json
-
-    result = subprocess.run([sys.executable, "benchmarks/checkpoint_save.py", "--preset", "smoke", "--trials", "1",
-                             "--out_dir", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=REPO,
-                            env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    (written,) = tmp_path.glob("checkpoint_save-*-smoke-4mib.json")
-    (row,) = json.loads(written.read_text())["results"]
-    assert row["bytes"] > 3 * 4 * 2**20  # parameters + two AdamW moments
-    assert 0 < row["checksum_s"] < row["save_s"] and row["verify_s"] > 0

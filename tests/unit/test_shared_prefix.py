@@ -10,42 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenizer_fixture import hf_tokenizer  # noqa: F401  (fixture)
 
 from fastalign.attention import varlen_attention
-from fastalign.data import (
-    GroupBatcher,
-    TokenizedData,
-    TokenizedGroup,
-    pack_groups,
-    packed_tokens,
-    sample_data_path,
-    tokenize_records,
-)
+from fastalign.data import GroupBatcher, TokenizedData, pack_groups, packed_tokens, sample_data_path, tokenize_records
 from fastalign.errors import DataError
-from fastalign.loss import stable_alignment_loss
 from fastalign.model import Llama, LlamaConfig
 from fastalign.records import load_records
-
-VOCAB = 97
-
-
-def synthetic_groups(seed: int = 0, vocab: int = VOCAB) -> list[TokenizedGroup]:
-    """k = 1..5, odd lengths, ties, a one-token query, a two-token query, one-token responses."""
-    g = torch.Generator().manual_seed(seed)
-
-    def ids(n: int) -> list[int]:
-        return torch.randint(3, vocab, (n,), generator=g).tolist()
-
-    shapes = [  # (query length, response lengths, scores)
-        (7, [5], [4.0]),
-        (1, [3, 6], [2.0, 6.0]),                       # one-token query: no query segment
-        (13, [1, 9, 4], [5.0, 5.0, 1.0]),              # a tie for best, a one-token response
-        (2, [11, 2, 7, 3], [3.0, 7.0, 7.0, 7.0]),
-        (9, [6, 1, 13, 5, 8], [1.0, 2.0, 3.0, 4.0, 4.0]),
-    ]
-    return [TokenizedGroup(record_index=i, query_ids=ids(q), response_ids=[ids(n) for n in lengths], scores=scores)
-            for i, (q, lengths, scores) in enumerate(shapes)]
+from helpers.models import VOCAB, assert_layouts_equal, loss_nll_grads, synthetic_groups
 
 
 def random_llama(vocab: int = VOCAB, dtype: torch.dtype = torch.float32, **keys) -> Llama:
@@ -55,32 +26,6 @@ def random_llama(vocab: int = VOCAB, dtype: torch.dtype = torch.float32, **keys)
     model = Llama(config)
     model.init_weights(torch.Generator().manual_seed(0))
     return model.to(dtype)
-
-
-def loss_nll_grads(model: Llama, batch, **loss_flags):
-    """(loss, nll [S], {parameter name: gradient}) of one packed batch, fp32 loss head (torch twin)."""
-    model.zero_grad(set_to_none=True)
-    hidden = model(batch.input_ids, batch.position_ids, **batch.attention_inputs())
-    out = stable_alignment_loss(hidden, model.lm_head.weight, batch.targets, batch.response_index, batch.scores,
-                                batch.group_index, ratio=0.5, backend="torch", **loss_flags)
-    out.loss.backward()
-    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
-    return out.loss.detach(), out.nll.detach(), grads
-
-
-def assert_layouts_equal(model: Llama, groups: list[TokenizedGroup], rtol: float = 1e-5, **loss_flags) -> None:
-    unshared = pack_groups(groups, share_prefix=False)
-    shared = pack_groups(groups, share_prefix=True)
-    assert shared.num_tokens < unshared.num_tokens or all(len(g.query_ids) == 1 for g in groups)
-    assert shared.sequence_tokens == unshared.sequence_tokens == unshared.num_tokens
-    assert shared.num_target_tokens == unshared.num_target_tokens
-    loss_u, nll_u, grads_u = loss_nll_grads(model, unshared, **loss_flags)
-    loss_s, nll_s, grads_s = loss_nll_grads(model, shared, **loss_flags)
-    torch.testing.assert_close(loss_s, loss_u, rtol=rtol, atol=0)
-    torch.testing.assert_close(nll_s, nll_u, rtol=rtol, atol=0)
-    for name, grad in grads_u.items():
-        relative = (grads_s[name] - grad).norm() / grad.norm()
-        assert relative <= rtol, f"{name}: gradient differs by {relative:.2e} (relative)"
 
 
 def test_shared_layout_packs_each_query_once():

@@ -152,7 +152,7 @@ def test_overwrite_and_resume_together_are_refused(capsys):
 def test_readme_flag_tables_list_every_accepted_flag():
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     training = readme.split("\n## Training\n", 1)[1].split("**Checkpoints.**", 1)[0]
     rows = [line for line in training.splitlines() if line.startswith("| `--")]
     listed = set(re.findall(r"`(--[a-z0-9_-]+)", "\n".join(rows)))
