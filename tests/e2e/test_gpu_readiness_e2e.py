@@ -18,9 +18,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-# ----------------------------------------------------------------------------- process group
-
-
 # ----------------------------------------------------------------------------- accumulation
 
 COUNT_ALL_REDUCES = textwrap.dedent("""
@@ -141,9 +138,6 @@ def test_cpu_tests_start_their_processes_without_gpus(visible_devices_in_a_modul
     probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
                            capture_output=True, text=True, timeout=120)
     assert probe.stdout.strip() == "0", probe.stderr[-2000:]
-
-
-# ----------------------------------------------------------------------------- make gpu-check
 
 
 # ----------------------------------------------------------------------------- gpu-check orchestration

@@ -57,9 +57,6 @@ def test_a_lock_still_held_for_a_dead_owner_on_this_host_is_replaced(tmp_path, c
         os.close(inherited)
 
 
-# ---------------------------------------------------------------------------- inputs, in-process
-
-
 # ---------------------------------------------------------------------------- the command line
 
 

@@ -247,6 +247,3 @@ def test_checkpoint_without_recorded_inputs_warns_and_continues(inputs_of):
     assert "records no digests" in warning and "older fastalign" in warning
     with pytest.raises(ConfigError, match="--per_device_train_batch_size"):  # its layout still counts
         check(checkpoint_state(None), inputs_of(), per_device_train_batch_size=4)
-
-
-# ---------------------------------------------------------------------------- command line

@@ -212,6 +212,3 @@ def test_plot_draws_the_ranking_metrics_beside_the_loss():
     assert lines["pairwise accuracy"] == pytest.approx([0.52, 0.54, 0.56])
     assert lines["Kendall tau-b"] == pytest.approx([0.2, 0.4, 0.6])
     assert lines["top-1 accuracy"] == pytest.approx([0.4] * 3)
-
-
-# ----------------------------------------------------------------------------- through the command
