@@ -13,6 +13,8 @@ import torch
 from fastalign.data import sample_data_path
 from fastalign.demo import split_sample
 
+pytestmark = pytest.mark.slow
+
 
 def test_split_is_deterministic_disjoint_and_complete(tmp_path):
     lines = [line for line in sample_data_path().read_text().splitlines() if line.strip()]

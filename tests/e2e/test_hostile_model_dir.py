@@ -30,6 +30,8 @@ from fastalign.hf_weights import SAFETENSORS_SINGLE, CheckpointReader
 from fastalign.model import Llama, LlamaConfig, load_tokenizer
 from helpers.training import REPO, common
 
+pytestmark = pytest.mark.slow
+
 # -- custom code -------------------------------------------------------------------------------
 
 

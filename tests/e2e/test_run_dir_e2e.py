@@ -18,8 +18,10 @@ import sys
 import pytest
 
 from fastalign.run_lock import LOCK_FILE, hold_output_dir, take_lock
-from helpers.training import common, metrics, no_traceback, ok, run_train, start_train, wait_for_steps
 from helpers.run_dir import tree, write_owner
+from helpers.training import common, metrics, no_traceback, ok, run_train, start_train, wait_for_steps
+
+pytestmark = pytest.mark.slow
 
 
 def dead_pid() -> int:

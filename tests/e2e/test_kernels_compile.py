@@ -7,7 +7,7 @@ for sm_90 (H100) and sm_80 (A100), with the constexprs and num_warps the launche
 (fastalign.kernels.alignment_head.*_config) and each logits dtype. No CUDA driver is needed.
 
 conftest.py sets TRITON_INTERPRET for the whole pytest process, so the compiling happens in a
-subprocess without it: this file run as a script (`python tests/gpu/test_kernels_compile.py`) compiles
+subprocess without it: this file run as a script (`python tests/e2e/test_kernels_compile.py`) compiles
 all cases and prints one JSON line per case (registers, stack bytes, shared memory, or the error).
 """
 
@@ -22,6 +22,8 @@ import tempfile
 import time
 
 import pytest
+
+pytestmark = pytest.mark.slow
 
 ARCHS = {"sm90": 90, "sm80": 80}
 LOGIT_DTYPES = ("fp32", "bf16", "fp16")  # the logits slice is in the LM head's dtype
