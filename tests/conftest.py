@@ -33,7 +33,8 @@ def pytest_collection_modifyitems(config, items):
         return
     skip_gpu = pytest.mark.skip(reason="needs CUDA (run by `make gpu-check`)")
     for item in items:
-        if "gpu" in item.keywords:
+        # the marker, not `"gpu" in item.keywords`, which also holds for every test under tests/gpu/
+        if item.get_closest_marker("gpu"):
             item.add_marker(skip_gpu)
 
 
@@ -54,7 +55,7 @@ def _cpu_only_subprocesses():
 
 @pytest.fixture(autouse=True)
 def _gpus_for_gpu_tests(request, monkeypatch):
-    if "gpu" in request.keywords:
+    if request.node.get_closest_marker("gpu"):
         if _VISIBLE_DEVICES is None:
             monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
         else:
