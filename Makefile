@@ -1,10 +1,11 @@
 # Two commands for a fresh machine: `make demo` and `make test`. Each sets itself up first.
+# `make test-fast`: the in-process unit tier only (tests/unit), for a quick check while editing.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fastalign-installed
 
-.PHONY: setup test demo gpu-check bench-cpu clean
+.PHONY: setup test test-fast demo gpu-check bench-cpu clean
 
 setup: $(STAMP)
 
@@ -22,6 +23,9 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests/unit
 
 demo: $(STAMP)
 	$(PY) -m fastalign.demo

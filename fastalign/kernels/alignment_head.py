@@ -19,7 +19,7 @@ buffer, so no [N, V] tensor ever exists:
 
 Deterministic: every reduction has a fixed order (no atomics); GEMM shapes depend only on inputs.
 Importing needs triton but no GPU: on CPU the kernels run under TRITON_INTERPRET=1 (tests), and
-tests/test_kernels_compile.py compiles each of them to sm_80 / sm_90 cubins with the constexprs of
+tests/e2e/test_kernels_compile.py compiles each of them to sm_80 / sm_90 cubins with the constexprs of
 the `*_config` functions below (which the drivers pass), checking registers and spills.
 """
 
@@ -159,7 +159,7 @@ def _softmax_grad_slice_kernel(logits_ptr, stride_row, n_rows, n_cols, lse_ptr, 
 
 # ----------------------------------------------------------------------------- launch configs
 # Constexprs and launch options of each kernel, as the drivers below pass them;
-# tests/test_kernels_compile.py compiles exactly these for sm_80 / sm_90 with the real compiler.
+# tests/e2e/test_kernels_compile.py compiles exactly these for sm_80 / sm_90 with the real compiler.
 
 
 def lse_slice_config() -> dict:

@@ -14,7 +14,7 @@ Two halves:
   under FakeTensorMode is not possible here: the loss head's backward (`nonzero` of the tokens with
   a gradient) and the sdpa fallback (`cu_seqlens.tolist()`) read sizes from the data, which fake
   tensors cannot answer. The count is checked against autograd's saved tensors and the real
-  trainer's allocations on CPU (tests/test_plan.py).
+  trainer's allocations on CPU (tests/unit/test_plan.py).
 
 Sizes are bytes on the busiest rank. T = tokens of the micro-batch, N = its target tokens, Tk = its
 gathered key/value rows (shared prefix),
