@@ -38,9 +38,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.lib.machine import machine_info, machine_summary  # noqa: E402
-from benchmarks.lib.results import result_header, results_path, write_json  # noqa: E402
-from benchmarks.lib.tables import format_table  # noqa: E402
+from benchmarks.lib.machine import machine_info, machine_summary
+from benchmarks.lib.results import result_header, results_path, write_json
+from benchmarks.lib.tables import format_table
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("imports", "process group", "tokenizer", "data", "model build", "other setup", "first step")

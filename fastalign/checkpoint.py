@@ -261,7 +261,7 @@ def remove_partial_saves(root: Path) -> None:
 
 
 def start_branch(output_dir: str | os.PathLike, resume_step: int, resumed: Path,
-                 inputs: "RunInputs | None" = None) -> Path | None:
+                 inputs: RunInputs | None = None) -> Path | None:
     """Collective: resuming at `resume_step` (from `resumed`, which is never moved) abandons the
     checkpoints of later steps in `output_dir`; rank 0 moves them into abandoned-<UTC time>/
     (returned; None if there were none), so that rotation and `auto` see only the branch being

@@ -46,12 +46,11 @@ import math
 import os
 import sys
 from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 from fastalign.cli import BOOLEAN_FLAG, run_main
-from fastalign.errors import ConfigError, DataError
 from fastalign.data.jsonio import (
     FILE_SUFFIXES,
     SKIP_INVALID_HINT,
@@ -60,6 +59,7 @@ from fastalign.data.jsonio import (
     iter_json_values,
     json_type_name,
 )
+from fastalign.errors import ConfigError, DataError
 
 FORMATS = ("hh-rlhf", "pairs", "ratings")
 ALPACA_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:"

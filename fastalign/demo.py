@@ -29,9 +29,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from fastalign.cli import run_main
 from fastalign.errors import FastalignError

@@ -33,9 +33,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -56,7 +56,6 @@ from fastalign.errors import DataError
 from fastalign.loss import stable_alignment_loss
 from fastalign.model import Llama
 from fastalign.model_dir import load_tokenizer
-
 
 # ---------------------------------------------------------------------------------------------
 # Metrics (pure numpy; one record = the ratings and log-likelihoods of its responses)

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +47,7 @@ class KVCache:
     length: int = 0
 
     @classmethod
-    def empty(cls, model: Llama, capacity: int) -> "KVCache":
+    def empty(cls, model: Llama, capacity: int) -> KVCache:
         config, param = model.config, model.embed_tokens.weight
         shape = (capacity, config.num_key_value_heads, config.head_dim)
         make = lambda: [param.new_empty(shape) for _ in model.layers]  # noqa: E731

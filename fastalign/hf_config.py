@@ -163,7 +163,7 @@ class LlamaConfig:
     # -- Hugging Face config.json ------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path) -> "LlamaConfig":
+    def from_pretrained(cls, path) -> LlamaConfig:
         file = Path(path) / "config.json"
         refuse_custom_code(path)  # before anything reads the directory: its auto_map would name code
         try:
@@ -175,7 +175,7 @@ class LlamaConfig:
         return cls.from_hf_dict(hf, source=str(file))
 
     @classmethod
-    def from_hf_dict(cls, hf: dict, source: str = "config") -> "LlamaConfig":
+    def from_hf_dict(cls, hf: dict, source: str = "config") -> LlamaConfig:
         """Parse an HF config of a supported family (transformers 4 or 5 keys); refuse what this
         model cannot run, naming the key."""
 

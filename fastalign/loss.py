@@ -100,7 +100,7 @@ class LossPlan:
     num_tokens: int  # T
     vocab: int  # V it was validated against
 
-    def to(self, device, non_blocking: bool = False) -> "LossPlan":
+    def to(self, device, non_blocking: bool = False) -> LossPlan:
         def move(t: torch.Tensor) -> torch.Tensor:
             return t.to(device, non_blocking=non_blocking)
 

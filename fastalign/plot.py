@@ -20,8 +20,8 @@ import json
 import math
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from fastalign.cli import run_main
 from fastalign.errors import DataError, FastalignError

@@ -46,7 +46,7 @@ class StopOnSignal:
         self._previous: dict[int, object] = {}
         self._group = None
 
-    def __enter__(self) -> "StopOnSignal":
+    def __enter__(self) -> StopOnSignal:
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         if dist.is_initialized() and dist.get_world_size() > 1:

@@ -34,8 +34,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -164,7 +164,7 @@ class StepProfiler:
         self.failed = False  # the loop raised: no collective, no summary (a peer may be gone)
         self.written = False
 
-    def __enter__(self) -> "StepProfiler":
+    def __enter__(self) -> StepProfiler:
         global _recording
         if not self.steps:
             return self

@@ -35,11 +35,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from fastalign.errors import ConfigError
 from fastalign.data.token_cache import TOKENIZER_FILES, file_digest
+from fastalign.errors import ConfigError
 
 if TYPE_CHECKING:
     from fastalign.config import TrainConfig

@@ -61,7 +61,7 @@ class RunLock:
         os.close(self.fd)  # drops the flock
         self.fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -22,8 +22,8 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from fastalign.cli import run_main
 from fastalign.model_dir import load_tokenizer

@@ -8,21 +8,29 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from fastalign import best_model
+from fastalign import best_model, resume_inputs
 from fastalign import checkpoint as ckpt
 from fastalign import distributed as fdist
-from fastalign import resume_inputs
-from fastalign.alignment_model import (PREFIX, build_model, check_loss_backend, group_sums, loss_backend_name,
-                                       loss_plan_for, run_batch, uses_fsdp)
+from fastalign.alignment_model import (
+    PREFIX,
+    build_model,
+    check_loss_backend,
+    group_sums,
+    loss_backend_name,
+    loss_plan_for,
+    run_batch,
+    uses_fsdp,
+)
 from fastalign.config import TrainConfig, interval, step_token_budget
 from fastalign.console import format_metrics_line
 from fastalign.data.loading import load_groups
@@ -405,7 +413,7 @@ class Trainer:
         return grad_norm.to(env.device, non_blocking=True)  # CPU-offloaded grads: norm on the host
 
     def _start_log(self, step: int, epoch: float, window: Window, grad_norm: torch.Tensor,
-                   nonfinite: torch.Tensor) -> "PendingLog":
+                   nonfinite: torch.Tensor) -> PendingLog:
         """Reduce the window's statistics over ranks in one collective and start their copy to the
         host. On CUDA nothing here waits for the device: `_finish_log` reads the numbers after the
         next step has been queued, so logging (even every step) leaves no bubble on the GPU."""
@@ -425,7 +433,7 @@ class Trainer:
         return PendingLog(step=step, epoch=epoch, lr=window.lr,
                           elapsed=window.training_seconds(), values=sums, ready=ready)
 
-    def _finish_log(self, pending: "PendingLog", bar) -> None:
+    def _finish_log(self, pending: PendingLog, bar) -> None:
         """Write the metrics line of a logging step; NaN/inf stops the run."""
         if pending.ready is not None:
             pending.ready.synchronize()

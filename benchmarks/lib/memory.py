@@ -91,7 +91,7 @@ class PeakMemory:
     base_bytes: int = 0
     peak_reset: bool = True
 
-    def start(self) -> "PeakMemory":
+    def start(self) -> PeakMemory:
         import torch
 
         self.device = torch.device(self.device)
@@ -102,7 +102,7 @@ class PeakMemory:
 
     reset = start  # measure from now on (base and peak both reset)
 
-    def reset_peak(self) -> "PeakMemory":
+    def reset_peak(self) -> PeakMemory:
         import torch
 
         if self.device.type == "cuda":

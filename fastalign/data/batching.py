@@ -40,14 +40,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import numpy as np
 
-from fastalign.errors import ConfigError, DataError
 from fastalign.data.packing import PackedBatch, pack_groups
 from fastalign.data.tokenization import TokenizedData, TokenizedGroup
+from fastalign.errors import ConfigError, DataError
 
 # ---------------------------------------------------------------------------------------------
 # Candidate sampling

@@ -24,8 +24,9 @@ unshared layout; only the query's first Lq-1 tokens run once instead of k times.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,7 +82,7 @@ class PackedBatch:
         return dict(cu_seqlens=self.cu_seqlens, max_seqlen=self.max_seqlen, kv_index=self.kv_index,
                     cu_seqlens_k=self.cu_seqlens_k, max_seqlen_k=self.max_seqlen_k)
 
-    def to(self, device: Any, non_blocking: bool = False) -> "PackedBatch":
+    def to(self, device: Any, non_blocking: bool = False) -> PackedBatch:
         def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
             return None if tensor is None else tensor.to(device, non_blocking=non_blocking)
 

@@ -34,13 +34,20 @@ Records that arrive as Python dicts (a caller's own list, not a file) go through
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from fastalign.data.jsonio import REASON_MALFORMED_JSON, REASON_NOT_UTF8  # noqa: F401  (skip reasons, re-exported)
-from fastalign.data.jsonio import SKIP_INVALID_HINT, ParseFailure, iter_json_values, json_type_name
+from fastalign.data.jsonio import (  # noqa: F401  (skip reasons, re-exported)
+    REASON_MALFORMED_JSON,
+    REASON_NOT_UTF8,
+    SKIP_INVALID_HINT,
+    ParseFailure,
+    iter_json_values,
+    json_type_name,
+)
 from fastalign.errors import ConfigError, DataError
 
 # Reasons a record is skipped (keys of LoadedRecords.skipped): short and stable, users grep them.

@@ -36,9 +36,9 @@ import os
 import secrets
 import stat
 import zipfile
+from collections.abc import Callable
 from itertools import chain
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 

@@ -21,13 +21,14 @@ Every kept group therefore has >= 1 query token and >= 1 response, each with >= 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from tqdm.auto import tqdm
 
-from fastalign.errors import ConfigError
 from fastalign.data.records import LoadedRecords, Record, records_from_dicts
+from fastalign.errors import ConfigError
 
 TURN_MARKERS = ("\n\nHuman:", "\n\nAssistant:")
 

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastalign.kernels.alignment_head_torch import slice_view, vocab_slices, vocab_chunk_size
+from fastalign.kernels.alignment_head_torch import slice_view, vocab_chunk_size, vocab_slices
 from fastalign.kernels.group_math import GroupLayout, GroupOptions, GroupResult
 
 ROWS_PER_PROGRAM = 4  # lse kernel: rows per program, looping over the slice's columns

@@ -34,9 +34,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
 
 from fastalign import distributed as fdist
 from fastalign.cli import BOOLEAN_FLAG, number, positive_float, positive_int

@@ -4,8 +4,8 @@ flags' worst case, as fastalign.data.packing packs them (docs/design.md, fastali
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from fastalign.plan import memory as pm
 
