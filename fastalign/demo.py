@@ -3,8 +3,9 @@
     make demo                      # = python -m fastalign.demo
     python -m fastalign.demo --output_dir ./demo_output [--quick] [--family llama|mistral|qwen2|qwen3]
 
-1. builds a tiny Llama (or, with --family, Mistral, Qwen2 or Qwen3) in Hugging Face layout (random weights, byte-level BPE tokenizer trained on
-   the bundled sample `fastalign/data/sample_sandbox.jsonl`) with `fastalign.tiny`;
+1. builds a tiny Llama (or, with --family, Mistral, Qwen2 or Qwen3) in Hugging Face layout
+   (random weights, byte-level BPE tokenizer trained on the bundled sample
+   `fastalign/data/sample_sandbox.jsonl`) with `fastalign.tiny`;
 2. splits the sample into training records and held-out records (a fixed, seeded split);
 3. measures the held-out ranking metrics of the untrained model (`fastalign.evaluate`): how often
    the model finds the higher-rated response of a pair more likely, and more;
@@ -135,8 +136,10 @@ def summary_table(before: dict, after: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastalign.demo", allow_abbrev=False,
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--output_dir", type=Path, default=Path("demo_output"), help="Where everything goes. Default ./demo_output.")
-    p.add_argument("--quick", action="store_true", help="A seconds-long smoke run (tiny model, 6 steps); no learning to speak of.")
+    p.add_argument("--output_dir", type=Path, default=Path("demo_output"),
+                   help="Where everything goes. Default ./demo_output.")
+    p.add_argument("--quick", action="store_true",
+                   help="A seconds-long smoke run (tiny model, 6 steps); no learning to speak of.")
     p.add_argument("--family", choices=FAMILIES, default="llama",
                    help="Model family of the tiny model (fastalign.tiny --family). Default llama.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the model init and the held-out split. Default 0.")
@@ -224,8 +227,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"trained model (HF layout, loads in transformers): {trained_dir}")
     print(f"training metrics: {trained_dir / 'metrics.jsonl'}   plot them: python -m fastalign.plot {trained_dir}")
     print(f"demo results (metrics before/after, generations): {out / 'demo_results.json'}")
-    print(f"evaluate again: python -m fastalign.evaluate --model_name_or_path {trained_dir} --data_path {heldout_file}")
-    print(f"talk to it:     python -m fastalign.generate --model_name_or_path {trained_dir} --prompt \"How can I sleep better?\"")
+    print(f"evaluate again: python -m fastalign.evaluate --model_name_or_path {trained_dir} "
+          f"--data_path {heldout_file}")
+    print(f"talk to it:     python -m fastalign.generate --model_name_or_path {trained_dir} "
+          f"--prompt \"How can I sleep better?\"")
     return 0
 
 

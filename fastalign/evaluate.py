@@ -367,18 +367,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastalign.evaluate", allow_abbrev=False,
                                 description="Ranking metrics of a model on rated Sandbox records: does it "
                                 "find the higher-rated responses more likely? (see the module docstring)")
-    p.add_argument("--model_name_or_path", required=True, help="HF model directory: Llama, Mistral, Qwen2 or Qwen3 (config.json, weights, tokenizer).")
+    p.add_argument("--model_name_or_path", required=True,
+                   help="HF model directory: Llama, Mistral, Qwen2 or Qwen3 (config.json, weights, tokenizer).")
     p.add_argument("--data_path", required=True, help="Sandbox records: JSON array or JSONL (.gz welcome).")
     p.add_argument("--output_json", default=None, help="Write the metrics and per-record results here.")
-    p.add_argument("--model_max_length", type=positive_int, default=512, help="Longest query+response in tokens; responses are cut from the end, as in training. Default 512.")
-    p.add_argument("--max_tokens_per_batch", type=positive_int, default=8192, help="Tokens per packed forward (whole records). Default 8192.")
-    p.add_argument("--share_prefix", default=True, help="Run each query once per record, every response attending to it (same nll as query+response per response, fewer tokens computed). Default True.", **BOOLEAN_FLAG)
-    p.add_argument("--num_comp", type=positive_int, default=None, help="Responses scored per record, drawn with --seed when a record has more. Default: all.")
-    p.add_argument("--rating_scale", type=positive_float, default=7.0, help="Highest rating; scores must lie in 1..rating_scale. Default 7.")
+    p.add_argument("--model_max_length", type=positive_int, default=512,
+                   help="Longest query+response in tokens; responses are cut from the end, as in training. "
+                        "Default 512.")
+    p.add_argument("--max_tokens_per_batch", type=positive_int, default=8192,
+                   help="Tokens per packed forward (whole records). Default 8192.")
+    p.add_argument("--share_prefix", default=True,
+                   help="Run each query once per record, every response attending to it (same nll as query+response "
+                        "per response, fewer tokens computed). Default True.", **BOOLEAN_FLAG)
+    p.add_argument("--num_comp", type=positive_int, default=None,
+                   help="Responses scored per record, drawn with --seed when a record has more. Default: all.")
+    p.add_argument("--rating_scale", type=positive_float, default=7.0,
+                   help="Highest rating; scores must lie in 1..rating_scale. Default 7.")
     p.add_argument("--bf16", help="Run the model in bfloat16. Default False.", default=False, **BOOLEAN_FLAG)
-    p.add_argument("--skip_invalid", help="Drop invalid records (counted per reason) instead of stopping. Default False.", default=False, **BOOLEAN_FLAG)
-    p.add_argument("--stop_response", help="As in training: cut responses at the first turn marker. Default False.", default=False, **BOOLEAN_FLAG)
-    p.add_argument("--no_append_eos", help="As in training: no EOS after each response. Default False.", default=False, **BOOLEAN_FLAG)
+    p.add_argument("--skip_invalid",
+                   help="Drop invalid records (counted per reason) instead of stopping. Default False.",
+                   default=False, **BOOLEAN_FLAG)
+    p.add_argument("--stop_response",
+                   help="As in training: cut responses at the first turn marker. Default False.",
+                   default=False, **BOOLEAN_FLAG)
+    p.add_argument("--no_append_eos",
+                   help="As in training: no EOS after each response. Default False.", default=False, **BOOLEAN_FLAG)
     p.add_argument("--seed", type=int, default=42, help="Seed of the --num_comp draw. Default 42.")
     return p
 

@@ -64,7 +64,9 @@ def _attend(layer, x: torch.Tensor, cos, sin, cache: KVCache, index: int) -> tor
     keys = cache.keys[index][:start + t].transpose(0, 1)  # [Hkv, start+t, D]
     values = cache.values[index][:start + t].transpose(0, 1)
     # new position start+i sees cached positions and new ones up to itself
-    visible = torch.arange(start + t, device=x.device)[None, :] <= torch.arange(start, start + t, device=x.device)[:, None]
+    key_positions = torch.arange(start + t, device=x.device)  # [start+t]
+    query_positions = torch.arange(start, start + t, device=x.device)  # [t]
+    visible = key_positions[None, :] <= query_positions[:, None]  # [t, start+t]
     out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=visible,
                                          enable_gqa=attn.num_kv_heads != attn.num_heads)  # [Hq, t, D]
     return attn.o_proj(out.transpose(0, 1).reshape(t, attn.num_heads * attn.head_dim))
@@ -176,13 +178,15 @@ def read_prompts(path: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastalign.generate", allow_abbrev=False,
                                 description="Generate responses with a (trained) Llama directory, KV-cached.")
-    p.add_argument("--model_name_or_path", required=True, help="HF model directory: Llama, Mistral, Qwen2 or Qwen3 (config.json, weights, tokenizer).")
+    p.add_argument("--model_name_or_path", required=True,
+                   help="HF model directory: Llama, Mistral, Qwen2 or Qwen3 (config.json, weights, tokenizer).")
     p.add_argument("--prompt", action="append", default=[], help="A prompt (repeat the flag for several).")
     p.add_argument("--prompts_file", default=None, help="A text file with one prompt per line.")
     p.add_argument("--max_new_tokens", type=int, default=128, help="Most tokens generated per prompt. Default 128.")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample.")
     p.add_argument("--top_p", type=float, default=1.0, help="Nucleus sampling mass when sampling. Default 1.")
-    p.add_argument("--no_template", default=False, help="Send prompts as they are, without the Alpaca template.", **BOOLEAN_FLAG)
+    p.add_argument("--no_template", default=False,
+                   help="Send prompts as they are, without the Alpaca template.", **BOOLEAN_FLAG)
     p.add_argument("--seed", type=int, default=0, help="Sampling seed. Default 0.")
     p.add_argument("--bf16", default=False, help="Run the model in bfloat16. Default False.", **BOOLEAN_FLAG)
     return p

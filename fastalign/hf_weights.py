@@ -19,8 +19,10 @@ the mapping once copied, so host memory holds the model plus one chunk, not the 
 
 Names: a reader speaks fastalign's parameter names, which are the HF names without the leading
 "model." ("model.layers.0.mlp.up_proj.weight" -> "layers.0.mlp.up_proj.weight"; "lm_head.weight"
-stays), for every family alike (Qwen2's "...self_attn.q_proj.bias", Qwen3's "...self_attn.q_norm.weight").
-1-D weights (biases, norms) are read by row ranges like the others when FSDP shards them. Rotary `inv_freq` buffers that old conversions stored alongside the weights are skipped.
+stays), for every family alike (Qwen2's "...self_attn.q_proj.bias", Qwen3's
+"...self_attn.q_norm.weight"). 1-D weights (biases, norms) are read by row ranges like the others
+when FSDP shards them. Rotary `inv_freq` buffers that some conversions store alongside the weights
+are skipped.
 """
 
 from __future__ import annotations

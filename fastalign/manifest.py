@@ -128,8 +128,8 @@ def verify(root: Path, required: tuple[str, ...] = ()) -> str | None:
 
     Rank 0 refuses symbolic links and special files (`irregular_entry`), reads the manifest and
     checks that it lists `required` and every file present; the listed files are split over the
-    ranks (file i on rank i % world size), so a sharded checkpoint is read once in total. Returns None when it verifies, else why not (naming the
-    file).
+    ranks (file i on rank i % world size), so a sharded checkpoint is read once in total. Returns
+    None when it verifies, else why not (naming the file).
     """
     problem, files = None, None
     if dist.get_rank() == 0:

@@ -199,9 +199,11 @@ class Trainer:
         budget = self.batcher.step_token_budget
         log.info("%d optimizer steps (%d in epoch 0; %d groups x %d processes per step, %s), "
                  "warmup %d, %s schedule, logging every %d, %s", self.total_steps,
-                 self.batcher.steps_per_epoch(0), config.per_device_train_batch_size * config.gradient_accumulation_steps,
-                 env.world_size, f"packed into micro-batches of <= {budget} tokens" if budget
-                 else f"{config.gradient_accumulation_steps} micro-batches of {config.per_device_train_batch_size} groups",
+                 self.batcher.steps_per_epoch(0),
+                 config.per_device_train_batch_size * config.gradient_accumulation_steps, env.world_size,
+                 f"packed into micro-batches of <= {budget} tokens" if budget
+                 else f"{config.gradient_accumulation_steps} micro-batches of "
+                      f"{config.per_device_train_batch_size} groups",
                  warmup, config.lr_scheduler_type, self.logging_steps,
                  f"checkpoint every {self.save_steps} steps" if config.save_strategy == "steps"
                  else f"checkpoint {'each epoch' if config.save_strategy == 'epoch' else 'never'}")

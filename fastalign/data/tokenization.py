@@ -105,7 +105,8 @@ def tokenize_records(
     elif not all(isinstance(record, Record) for record in records):
         records = records_from_dicts(records, rating_scale=rating_scale)
     if model_max_length < 2:
-        raise ConfigError(f"--model_max_length must be at least 2 (one query and one response token), got {model_max_length}")
+        raise ConfigError("--model_max_length must be at least 2 (one query and one response token), "
+                          f"got {model_max_length}")
     bos_id = getattr(tokenizer, "bos_token_id", None)
     eos_id = getattr(tokenizer, "eos_token_id", None) if append_eos else None
     prefix = [bos_id] if bos_id is not None else []

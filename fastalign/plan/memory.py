@@ -301,7 +301,8 @@ def step_phases(c: LlamaConfig, state: StateBytes, mb: MicroBatch, opts: Options
                                      "activations": saved + shared + final, "loss-head slice": slice_bytes,
                                      "loss-head buffers": head_other, "backward buffers": 0}),
         Phase("last layer's backward", {**persistent, "gathered layers": root_gathered + held_layers * layer_gathered,
-                                        "activations": in_layer_backward + shared, "loss-head slice": 0, "loss-head buffers": 0,
+                                        "activations": in_layer_backward + shared, "loss-head slice": 0,
+                                        "loss-head buffers": 0,
                                         "backward buffers": layer_backward_bytes(c, mb, b) + layer_reduce
                                         + lm_head_grad + b * t * h}),
         Phase("end of backward", {**persistent, "gathered layers": root_gathered + layer_gathered,
