@@ -52,14 +52,14 @@ launched = float(sys.argv[1])
 import fastalign.train as train
 try:
     import fastalign.trainer as trainer  # the Trainer and the names it calls
-except ImportError:  # a tree from before train.py was split: all of them in train.py
+except ImportError:  # an older --fastalign_tree keeps the Trainer in train.py
     trainer = train
 imported = time.time()
 from fastalign import distributed as fdist
 from fastalign.cli import run_main
 try:
     from fastalign.cli import exit_process
-except ImportError:  # a tree from before it existed
+except ImportError:  # an older --fastalign_tree has no exit_process
     exit_process = sys.exit
 spent = {}
 def timed(owner, name, label):
@@ -72,7 +72,7 @@ def timed(owner, name, label):
             spent[label] = spent.get(label, 0.0) + time.time() - start
     setattr(owner, name, wrapper)
 timed(fdist, "init_distributed", "process group")
-# The trainer's load_tokenizer: fastalign.model_dir's; trees before it existed had it in fastalign.model.
+# The trainer's load_tokenizer: fastalign.model_dir's, or fastalign.model's in an older --fastalign_tree.
 for module in ("fastalign.model_dir", "fastalign.model"):
     try:
         owner = importlib.import_module(module)
@@ -219,7 +219,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     tree = (args.fastalign_tree or REPO).resolve()
     flags_file = tree / "fastalign" / "config.py"
-    if not flags_file.exists():  # a tree from before the split: the flags are in train.py
+    if not flags_file.exists():  # an older --fastalign_tree: the flags are in train.py
         flags_file = tree / "fastalign" / "train.py"
     has_cache = "--token_cache_dir" in flags_file.read_text()
 

@@ -171,7 +171,7 @@ def keep_sdpa_loop_out_of_compiled_graphs() -> None:
     """Before torch.compile (fastalign.distributed.apply_compile): Dynamo cannot trace a loop whose
     trip count comes from tensor data; keeping the sdpa fallback out of the graph lets a compiled
     decoder layer run it with one graph break instead of failing. Done here, not as a decorator at
-    import: `torch.compiler.disable` imports torch._dynamo (~1.7 s on a 2-core CPU), which
+    import: `torch.compiler.disable` imports torch._dynamo (seconds; benchmarks/RESULTS.md, "Start-up"), which
     `import fastalign.train` (--help, a refused flag) then does not pay. (Building the model on
     the meta device imports it anyway in torch 2.13: meta ops run torch._refs, which import it.)"""
     global _sdpa_per_sequence
@@ -193,7 +193,7 @@ def _sdpa_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: to
     for qi, ki, vi in zip(q.split(lengths), k.split(key_lengths), v.split(key_lengths)):
         # [L, H, D] -> [1, H, L, D]: with the leading batch dimension PyTorch on CPU takes its flash
         # kernel (_scaled_dot_product_flash_attention_for_cpu); 3-D [H, L, D] inputs take the math
-        # path (bmm, tril, softmax), measured 3.5x slower forward + backward.
+        # path (bmm, tril, softmax), several times slower (benchmarks/RESULTS.md, "Where the time goes").
         lq, lk = qi.shape[0], ki.shape[0]
         qi, ki, vi = (t.transpose(0, 1).unsqueeze(0) for t in (qi, ki, vi))
         if lq == lk:

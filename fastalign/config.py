@@ -40,8 +40,9 @@ def step_token_budget(flag: int | None, device: torch.device, *, batch_size: int
     """The GroupBatcher step budget for --max_tokens_per_batch: None (0) turns step packing off.
     Not given on a GPU: the original approach's own padded micro-batch, batch_size x num_comp x
     model_max_length tokens. One pass then never holds more tokens than a pass of the original
-    command, which ran on the same GPUs (a fixed larger default packed the published run's 8 groups
-    into one 11,520-token pass, ~80 GiB per rank), while shorter groups still share a pass."""
+    command, which ran on the same GPUs (a larger fixed budget would pack the published run's 8 groups
+    into one pass that does not fit: benchmarks/RESULTS.md, "Estimate"), while shorter groups still
+    share a pass."""
     if flag is None:
         return DEFAULT_CPU_STEP_TOKENS if device.type == "cpu" else batch_size * num_comp * model_max_length
     return flag or None

@@ -9,8 +9,8 @@ listed file has its size and checksum. Everything below the checkpoint directory
 directory or regular file: a symbolic link (to a file or a directory) could make a resume read
 anything outside it, and is refused naming it. CRC-32 (zlib) catches truncation, overwritten blocks and
 flipped bits; it is not a defence against a deliberate forgery (the safe loaders are:
-`fastalign.safe_dcp`, JSON for the small state). It runs at ~1.7 GB/s on one core, so each rank
-checksums the shard it has just written (still in the page cache) in a fraction of the write time.
+`fastalign.safe_dcp`, JSON for the small state). Each rank checksums the shard it has just written
+(still in the page cache), a fraction of the write time (benchmarks/RESULTS.md, "Checkpoint manifests").
 """
 
 from __future__ import annotations

@@ -176,8 +176,8 @@ class _SharedInts:
 def _batch_encoder(tokenizer: Any, sample_texts: list[str]) -> Callable[[list[str]], list[list[int]]]:
     """The fastest function equal to `tokenizer(texts, add_special_tokens=False)["input_ids"]`.
 
-    For a fast (Rust) tokenizer that is the backend's `encode_batch_fast` (no offsets computed:
-    ~30% quicker) -- but only when it gives the same ids as the tokenizer's own call on
+    For a fast (Rust) tokenizer that is the backend's `encode_batch_fast` (no offsets computed;
+    benchmarks/RESULTS.md, "Data pipeline") -- but only when it gives the same ids as the tokenizer's own call on
     `sample_texts` (a subclass may preprocess text in Python). The reference call also resets the
     backend to no truncation/padding, the state the direct call then runs in.
     """
