@@ -1,22 +1,6 @@
 """End-to-end demo on a laptop CPU, offline: build, evaluate, train, evaluate again, generate.
 
-    make demo                      # = python -m fastalign.demo
-    python -m fastalign.demo --output_dir ./demo_output [--quick] [--family llama|mistral|qwen2|qwen3]
-
-1. builds a tiny Llama (or, with --family, Mistral, Qwen2 or Qwen3) in Hugging Face layout
-   (random weights, byte-level BPE tokenizer trained on the bundled sample
-   `fastalign/data/sample_sandbox.jsonl`) with `fastalign.tiny`;
-2. splits the sample into training records and held-out records (a fixed, seeded split);
-3. measures the held-out ranking metrics of the untrained model (`fastalign.evaluate`): how often
-   the model finds the higher-rated response of a pair more likely, and more;
-4. trains it with the real command line, `python -m fastalign.train ...` with the original
-   train_alignment.py flags at small sizes, in a subprocess (its progress bar and log show);
-5. measures the same metrics on the trained model and prints a before/after table;
-6. prints greedy generations (`fastalign.generate`) for a few held-out questions.
-
-Everything lands under --output_dir: the tiny model, the split, the trained model (`trained/`:
-HF layout, loads in transformers), its metrics.jsonl, and demo_results.json. `--quick` is a
-seconds-long smoke run (smaller model, a few steps), for tests; it shows the plumbing, not learning.
+Details: docs/design.md section 7.11.
 """
 
 from __future__ import annotations
@@ -37,6 +21,9 @@ from pathlib import Path
 from fastalign.cli import run_main
 from fastalign.errors import FastalignError
 from fastalign.tiny import FAMILIES
+
+# The model, evaluation and generation modules are imported where used: `python -m fastalign.demo --help`
+# does not pay for them.
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,6 @@
 """Text generation with a fastalign Llama and a key/value cache: see what a trained model says.
 
-    python -m fastalign.generate --model_name_or_path DIR --prompt "How do I apologise to a friend?"
-    python -m fastalign.generate --model_name_or_path DIR --prompts_file prompts.txt \
-        --temperature 0.7 --top_p 0.9 --seed 1
-
-Each prompt is wrapped in the Alpaca template the Sandbox data uses
-("### Instruction:\\n{prompt}\\n\\n### Response:"; `--no_template` sends it as is) and tokenized as
-training tokenizes a query (BOS, then the text). Decoding is greedy by default (`--temperature 0`);
-a positive temperature samples, optionally from the top-p nucleus. Generation stops at EOS or after
-`--max_new_tokens`.
-
-The cache: the prompt runs once through the model's own modules (embedding, each layer's norms,
-projections, rotary and MLP, final norm, lm_head), keeping every layer's rotated keys and values;
-each new token then costs one position per layer, attending to the cached keys and values.
-One prompt at a time, no padding.
+Details: docs/design.md section 7.14.
 """
 
 from __future__ import annotations

@@ -1,20 +1,6 @@
 """The model's config: `LlamaConfig`, read from and written to a Hugging Face config.json.
 
-    config = LlamaConfig.from_pretrained(model_dir)      # refuses what the model cannot run, naming the key
-    config.to_hf_dict(torch.bfloat16)                    # config.json content transformers loads as is
-    config.flops_per_token(seq_len)                      # the trainer's MFU and the planner count with it
-
-Supported configs: the Llama-architecture decoders (RMSNorm, SwiGLU, grouped-query attention,
-explicit `head_dim`, RoPE with `rope_theta` and no scaling, or `linear` or `llama3` scaling, in the
-old key style (`rope_theta`, `rope_scaling`) or the transformers 5 one (`rope_parameters`)) of four
-`model_type`s, which differ only in the attention projections (`FAMILIES`):
-    llama    LLaMA 1/2/3.x, Vicuna, Alpaca, TinyLlama, ...; `attention_bias` (q/k/v/o biases) honoured
-    mistral  Mistral; `sliding_window` honoured by refusing longer sequences (below it, sliding-window
-             attention is full causal attention)
-    qwen2    Qwen2 / Qwen2.5: q/k/v biases; sliding window as Qwen2's config places it (refused likewise)
-    qwen3    Qwen3 (dense): per-head RMSNorm of q and k before RoPE (`q_norm`, `k_norm`); `attention_bias`
-Anything else (other model types, mixture-of-experts, MLP biases, other activations, other RoPE
-types, quantized checkpoints) is refused with a message naming the key. See docs/design.md section 4.
+Details: docs/design.md section 7.15.
 """
 
 from __future__ import annotations

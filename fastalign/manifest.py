@@ -1,16 +1,6 @@
 """Checkpoint manifests: every file's size and CRC-32, written last, checked before a resume.
 
-`manifest.json` in a checkpoint directory:
-
-    {"format": 1, "files": {"__0_0.distcp": {"size": 41004, "crc32": 3735928559}, ...}}
-
-A checkpoint is complete only if its manifest parses, lists the files a resume reads, and every
-listed file has its size and checksum. Everything below the checkpoint directory must be a plain
-directory or regular file: a symbolic link (to a file or a directory) could make a resume read
-anything outside it, and is refused naming it. CRC-32 (zlib) catches truncation, overwritten blocks and
-flipped bits; it is not a defence against a deliberate forgery (the safe loaders are:
-`fastalign.safe_dcp`, JSON for the small state). Each rank checksums the shard it has just written
-(still in the page cache), a fraction of the write time (benchmarks/RESULTS.md, "Checkpoint manifests").
+Details: docs/design.md section 7.20.
 """
 
 from __future__ import annotations

@@ -1,22 +1,6 @@
 """Records -> token ids per group (query once, each response on its own).
 
-Tokenization (`tokenize_records`)
----------------------------------
-The query and every response are tokenized separately (`tokenizer(text, add_special_tokens=False)`,
-batched over many texts) and their ids concatenated, so the query/response boundary is exact.
-The query gets the tokenizer's BOS in front (when it has one); each response gets EOS appended
-(when the tokenizer has one and `append_eos`). With `stop_response`, a response is cut before the
-first "\\n\\nHuman:" or "\\n\\nAssistant:" turn marker (before tokenizing). Each sequence
-(query + response) is then limited to `model_max_length` tokens by cutting the response from its end
-(the EOS goes first). Drop rules, each counted in `TokenizedData.stats`:
-  - `dropped_no_room`: the query (with BOS) leaves no room for one response token -> record dropped;
-  - `dropped_empty_query`: the query has no tokens at all (no text, no BOS), so nothing could
-    predict the first response token -> record dropped;
-  - `dropped_empty_responses`: a response with zero tokens (empty text and no EOS) is removed from
-    its group (the kept ones carry their index in the record in `TokenizedGroup.response_positions`,
-    so reports still name the record's own responses); `dropped_no_responses`: a group left without
-    responses -> record dropped.
-Every kept group therefore has >= 1 query token and >= 1 response, each with >= 1 token.
+Details: docs/design.md section 7.10.
 """
 
 from __future__ import annotations
@@ -93,7 +77,7 @@ def tokenize_records(
     progress: bool = False,
     chunk_size: int = 1024,
 ) -> TokenizedData:
-    """Tokenize records into groups (rules in the module docstring).
+    """Tokenize records into groups (rules: docs/design.md section 7.10).
 
     Texts are tokenized in batches of `chunk_size` records, so a fast tokenizer runs in Rust (on
     all cores) over many strings at once; `progress` shows a tqdm bar. Plain dicts are accepted

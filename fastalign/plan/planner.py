@@ -1,32 +1,6 @@
 """Will it fit, and how long will it take? Plan a training run before renting the GPUs.
 
-    python -m fastalign.plan --model_name_or_path DIR | --config config.json
-        --nproc_per_node N [--nnodes M] --gpu A100-80GB | --gpu_memory_gb X [--gpu_tflops Y]
-        [the training flags it reads: --bf16 --fsdp --gradient_checkpointing
-         --per_device_train_batch_size --gradient_accumulation_steps --max_tokens_per_batch
-         --model_max_length --num_comp --share_prefix --num_train_epochs --data_path ...]
-
-Memory per rank (fastalign/plan/memory.py): the trainer's model is built on the meta device and
-sharded by the trainer's own `apply_ac` / `apply_fsdp` on a fake process group of the requested
-world size (no GPU, no weights read), so parameter, gradient and optimizer-state shards are the
-sizes FSDP2 allocates; activations, gathered layers and the loss head's buffers are counted
-tensor by tensor for the largest micro-batch the data (or, without data, the flags) implies.
-
-Time: the FLOPs the trainer's MFU counts (`LlamaConfig.flops_per_token`) over the GPU's dense
-bf16 peak at an assumed utilisation, and the FSDP traffic per step over an assumed link
-bandwidth. Every time is an estimate and printed as one.
-
-Token counts follow the trainer's packed layout (fastalign.data.packing): without a shared prefix every
-response is packed with its own copy of the query; with `--share_prefix True` (the default) a
-group is a query segment of its first Lq - 1 tokens, then per response the last query token and
-the response, attending to the query segment's keys and values gathered next to its own. Micro-
-batches are the trainer's: `--max_tokens_per_batch` is the step-level budget (the groups of one
-optimizer step on a rank, per_device_train_batch_size x gradient_accumulation_steps, cut into
-micro-batches of at most that many tokens; default 4096 on CPU, on CUDA the original's padded
-micro-batch, per_device_train_batch_size x num_comp x model_max_length, as in
-fastalign.config.step_token_budget; 0: one micro-batch per per_device_train_batch_size groups).
-
-Exit status: 0 when the plan fits, 3 (EXIT_DOES_NOT_FIT) when it does not, 2 for a usage error.
+Details: docs/design.md section 7.24.
 """
 
 from __future__ import annotations
@@ -40,8 +14,9 @@ from pathlib import Path
 
 from fastalign import distributed as fdist
 from fastalign.cli import BOOLEAN_FLAG, number, positive_float, positive_int
-from fastalign.errors import ConfigError
+from fastalign.errors import ConfigError, ModelError
 from fastalign.hardware import GPUS, Gpu
+from fastalign.hf_config import LlamaConfig
 from fastalign.plan import memory as pm
 from fastalign.plan.workload import COUNT_FIELDS, Workload, step_budget, workload_from_data, workload_from_flags
 
@@ -219,8 +194,6 @@ def largest_budget_that_fits(config, state: pm.StateBytes, opts: pm.Options, usa
 
 def make_plan(args) -> dict:
     """Everything the report prints, as plain numbers (also written by --json)."""
-    from fastalign.hf_config import LlamaConfig
-
     config = (LlamaConfig.from_pretrained(args.model_name_or_path) if args.model_name_or_path
               else LlamaConfig.from_hf_dict(_read_json(args.config), source=args.config))
     config.check_length(args.model_max_length)  # as the trainer: a shorter sliding window is refused
@@ -435,8 +408,6 @@ def format_report(plan: dict) -> str:
 
 
 def _read_json(path: str) -> dict:
-    from fastalign.errors import ModelError
-
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
