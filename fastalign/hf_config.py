@@ -205,7 +205,7 @@ class LlamaConfig:
         known = {f.name for f in fields(cls)} - {"rope_theta", "rope_scaling", "torch_dtype", "model_type",
                                                   *(set(_FAMILY_FIELDS) - set(family.keys))}
         # An explicit null keeps a family default's meaning (Mistral's sliding_window: null = no
-        # window); elsewhere null means the LlamaConfig default, as before.
+        # window); elsewhere null means the LlamaConfig default.
         values = {**family.defaults,
                   **{k: hf[k] for k in known if k in hf and (hf[k] is not None or k in family.defaults)}}
         try:
