@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fastalign-installed
 
-.PHONY: setup test test-fast demo gpu-check bench-cpu clean
+.PHONY: setup lint test test-fast demo gpu-check bench-cpu clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 	fi
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	touch $(STAMP)
+
+# Lint rules and line length live in pyproject.toml ([tool.ruff]); the tree is not run through `ruff format`.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check fastalign benchmarks
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -40,23 +40,24 @@ import argparse
 import contextlib
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from torch.nn import CrossEntropyLoss  # noqa: E402
-from torch.nn.utils.rnn import pad_sequence  # noqa: E402
+import torch
+from torch.nn import CrossEntropyLoss
+from torch.nn.utils.rnn import pad_sequence
 
-from benchmarks.lib.inputs import build_llama_checkpoint  # noqa: E402
-from benchmarks.lib.memory import PeakMemory  # noqa: E402
-from benchmarks.lib.presets import TRAIN_PRESETS, TrainPreset  # noqa: E402
-from benchmarks.lib.results import result_header, results_path, write_json  # noqa: E402
-from benchmarks.lib.tables import fmt_bytes, format_table  # noqa: E402
-from benchmarks.lib.timing import summarize_times, timed  # noqa: E402
+from benchmarks.lib.inputs import build_llama_checkpoint
+from benchmarks.lib.memory import PeakMemory
+from benchmarks.lib.presets import TRAIN_PRESETS, TrainPreset
+from benchmarks.lib.results import result_header, results_path, write_json
+from benchmarks.lib.tables import fmt_bytes, format_table
+from benchmarks.lib.timing import summarize_times, timed
 
 IGNORE_INDEX = -100
 PAD_TOKEN_ID = 0  # any id works: padded positions are masked out of attention and labelled -100
@@ -83,7 +84,7 @@ class PaddedGroup:
     scores: torch.Tensor  # float32 [1, k]
     real_tokens: int  # tokens that are not padding
 
-    def to(self, device: "torch.device | str") -> "PaddedGroup":
+    def to(self, device: torch.device | str) -> PaddedGroup:
         return PaddedGroup(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
                            self.scores.to(device), self.real_tokens)
 
@@ -173,7 +174,7 @@ def autocast_context(device: torch.device, precision: str):
 class BaselineTrainer:
     """The original's optimizer step on one device (see the module docstring)."""
 
-    def __init__(self, model_dir: "str | Path", device: "str | torch.device", *, precision: str = "fp32",
+    def __init__(self, model_dir: str | Path, device: str | torch.device, *, precision: str = "fp32",
                  args: AlignmentArgs = AlignmentArgs(), learning_rate: float = 2e-5, weight_decay: float = 0.0,
                  max_grad_norm: float = 1.0, detect_anomaly: bool = False):
         from transformers import LlamaForCausalLM
@@ -291,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for i, step in enumerate(steps):
             if i == warmup:
                 memory.reset_peak()
-            _, seconds = timed(lambda: trainer.step(step), device)
+            _, seconds = timed(lambda step=step: trainer.step(step), device)
             if i >= warmup:
                 times.append(seconds)
         peak = memory.peak_bytes()

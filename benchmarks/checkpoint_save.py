@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.lib.machine import machine_summary  # noqa: E402
-from benchmarks.lib.results import result_header, results_path, write_json  # noqa: E402
-from benchmarks.lib.tables import format_table  # noqa: E402
+from benchmarks.lib.machine import machine_summary
+from benchmarks.lib.results import result_header, results_path, write_json
+from benchmarks.lib.tables import format_table
 
 PRESETS = {"default": 1024, "smoke": 4}  # MiB of fp32 parameters
 

@@ -26,16 +26,16 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from benchmarks.lib.machine import machine_info, machine_summary  # noqa: E402
-from benchmarks.lib.memory import rss_bytes  # noqa: E402
-from benchmarks.lib.results import result_header, results_path, write_json  # noqa: E402
-from benchmarks.lib.tables import format_table  # noqa: E402
-from fastalign import tiny  # noqa: E402
-from fastalign.cli import run_main  # noqa: E402
-from fastalign.data import GroupBatcher, load_records, tokenize_records  # noqa: E402
-from fastalign.model_dir import load_tokenizer  # noqa: E402
+from benchmarks.lib.machine import machine_info, machine_summary
+from benchmarks.lib.memory import rss_bytes
+from benchmarks.lib.results import result_header, results_path, write_json
+from benchmarks.lib.tables import format_table
+from fastalign import tiny
+from fastalign.cli import run_main
+from fastalign.data import GroupBatcher, load_records, tokenize_records
+from fastalign.model_dir import load_tokenizer
 
 WORDS = ("the a to of and in is it you that for be on with as are this not can but your if or they we "
          "would should people help feel safe honest kind harm legal friend money lost wallet return police "
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
                 batch_size=None, max_tokens_per_batch=args.max_tokens_per_batch),
         }
         for name, layout in layouts.items():
-            def epoch():
+            def epoch(layout=layout):
                 batcher = GroupBatcher(data, num_comp=3, seed=42, **layout)
                 micro = tokens = 0
                 for step in batcher.iter_steps(epoch=0):

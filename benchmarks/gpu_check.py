@@ -54,17 +54,17 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.lib.machine import slug  # noqa: E402
-from benchmarks.lib.paths import REPO_ROOT, RESULTS_DIR  # noqa: E402
-from benchmarks.lib.results import utc_date, write_json  # noqa: E402
-from benchmarks.lib.tables import format_table  # noqa: E402
-from fastalign.errors import FastalignError  # noqa: E402
+from benchmarks.lib.machine import slug
+from benchmarks.lib.paths import REPO_ROOT, RESULTS_DIR
+from benchmarks.lib.results import utc_date, write_json
+from benchmarks.lib.tables import format_table
+from fastalign.errors import FastalignError
 
 STAGING_DIR = RESULTS_DIR / "tmp"  # git-ignored
 DEFAULT_BUDGET_S = 420.0

@@ -25,11 +25,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.lib.machine import machine_summary  # noqa: E402
-from benchmarks.lib.memory import PeakMemory  # noqa: E402
-from benchmarks.lib.results import result_header, results_path, write_json  # noqa: E402
-from benchmarks.lib.tables import fmt_bytes, format_table  # noqa: E402
-from benchmarks.lib.workers import Worker, serve  # noqa: E402
+from benchmarks.lib.machine import machine_summary
+from benchmarks.lib.memory import PeakMemory
+from benchmarks.lib.results import result_header, results_path, write_json
+from benchmarks.lib.tables import fmt_bytes, format_table
+from benchmarks.lib.workers import Worker, serve
 
 TARGET_RATIO = 1.2
 
@@ -93,8 +93,8 @@ def build_checkpoints(root: Path, layers: int, preset: dict) -> tuple[dict[str, 
     """The same random bf16 weights in three layouts; returns the dirs and the file bytes."""
     import torch
 
-    from fastalign.hf_weights import hf_name
     from fastalign.hf_config import LlamaConfig
+    from fastalign.hf_weights import hf_name
     from fastalign.model import Llama
 
     config = LlamaConfig(**preset["model"], num_hidden_layers=layers, max_position_embeddings=4096)

@@ -52,13 +52,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastalign.errors import FastalignError  # noqa: E402
-from benchmarks.lib.machine import machine_summary  # noqa: E402
-from benchmarks.lib.memory import PeakMemory  # noqa: E402
-from benchmarks.lib.results import result_header, results_path, write_json  # noqa: E402
-from benchmarks.lib.tables import fmt_bytes, format_table  # noqa: E402
-from benchmarks.lib.timing import summarize_times, timed  # noqa: E402
-from benchmarks.lib.workers import Worker, error_line, serve  # noqa: E402
+from benchmarks.lib.machine import machine_summary
+from benchmarks.lib.memory import PeakMemory
+from benchmarks.lib.results import result_header, results_path, write_json
+from benchmarks.lib.tables import fmt_bytes, format_table
+from benchmarks.lib.timing import summarize_times, timed
+from benchmarks.lib.workers import Worker, error_line, serve
+from fastalign.errors import FastalignError
 
 METHODS = ("fastalign", "full_logits", "chunked_torch", "torch_linear_ce", "liger")
 CHUNKED_TOKENS = 512

@@ -52,20 +52,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.lib.machine import machine_summary  # noqa: E402
-from benchmarks.lib.memory import CPU_MEMORY_ENV, PeakMemory  # noqa: E402
-from benchmarks.lib.paths import REPO_ROOT  # noqa: E402
-from benchmarks.lib.presets import TRAIN_PRESETS  # noqa: E402
-from benchmarks.lib.results import result_header, results_path, write_json  # noqa: E402
-from benchmarks.lib.tables import fmt_bytes, format_table  # noqa: E402
-from benchmarks.lib.timing import median, summarize_times, synchronize  # noqa: E402
-from benchmarks.lib.workers import error_line  # noqa: E402
-from fastalign.errors import FastalignError  # noqa: E402
+from benchmarks.lib.machine import machine_summary
+from benchmarks.lib.memory import CPU_MEMORY_ENV, PeakMemory
+from benchmarks.lib.paths import REPO_ROOT
+from benchmarks.lib.presets import TRAIN_PRESETS
+from benchmarks.lib.results import result_header, results_path, write_json
+from benchmarks.lib.tables import fmt_bytes, format_table
+from benchmarks.lib.timing import median, summarize_times, synchronize
+from benchmarks.lib.workers import error_line
+from fastalign.errors import FastalignError
 
 LEARNING_RATE = 2e-5
 _RESULT = "@@peer-trl-result@@ "

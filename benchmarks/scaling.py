@@ -30,18 +30,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.lib.machine import machine_summary, peak_bf16_tflops  # noqa: E402
-from benchmarks.lib.memory import CPU_MEMORY_ENV, PeakMemory  # noqa: E402
-from benchmarks.lib.paths import RESULTS_DIR  # noqa: E402
-from benchmarks.lib.presets import TRAIN_PRESETS  # noqa: E402
-from benchmarks.lib.results import result_header, results_path, write_json  # noqa: E402
-from benchmarks.lib.tables import fmt_bytes, format_table  # noqa: E402
-from benchmarks.lib.timing import summarize_times  # noqa: E402
+from benchmarks.lib.machine import machine_summary, peak_bf16_tflops
+from benchmarks.lib.memory import CPU_MEMORY_ENV, PeakMemory
+from benchmarks.lib.paths import RESULTS_DIR
+from benchmarks.lib.presets import TRAIN_PRESETS
+from benchmarks.lib.results import result_header, results_path, write_json
+from benchmarks.lib.tables import fmt_bytes, format_table
+from benchmarks.lib.timing import summarize_times
 
 WORLD_SIZES = (1, 2)
 

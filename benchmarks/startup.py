@@ -38,9 +38,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.lib.machine import machine_info, machine_summary  # noqa: E402
-from benchmarks.lib.results import result_header, results_path, write_json  # noqa: E402
-from benchmarks.lib.tables import format_table  # noqa: E402
+from benchmarks.lib.machine import machine_info, machine_summary
+from benchmarks.lib.results import result_header, results_path, write_json
+from benchmarks.lib.tables import format_table
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("imports", "process group", "tokenizer", "data", "model build", "other setup", "first step")
@@ -52,14 +52,14 @@ launched = float(sys.argv[1])
 import fastalign.train as train
 try:
     import fastalign.trainer as trainer  # the Trainer and the names it calls
-except ImportError:  # a tree from before train.py was split: all of them in train.py
+except ImportError:  # an older --fastalign_tree keeps the Trainer in train.py
     trainer = train
 imported = time.time()
 from fastalign import distributed as fdist
 from fastalign.cli import run_main
 try:
     from fastalign.cli import exit_process
-except ImportError:  # a tree from before it existed
+except ImportError:  # an older --fastalign_tree has no exit_process
     exit_process = sys.exit
 spent = {}
 def timed(owner, name, label):
@@ -72,7 +72,7 @@ def timed(owner, name, label):
             spent[label] = spent.get(label, 0.0) + time.time() - start
     setattr(owner, name, wrapper)
 timed(fdist, "init_distributed", "process group")
-# The trainer's load_tokenizer: fastalign.model_dir's; trees before it existed had it in fastalign.model.
+# The trainer's load_tokenizer: fastalign.model_dir's, or fastalign.model's in an older --fastalign_tree.
 for module in ("fastalign.model_dir", "fastalign.model"):
     try:
         owner = importlib.import_module(module)
@@ -219,7 +219,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     tree = (args.fastalign_tree or REPO).resolve()
     flags_file = tree / "fastalign" / "config.py"
-    if not flags_file.exists():  # a tree from before the split: the flags are in train.py
+    if not flags_file.exists():  # an older --fastalign_tree: the flags are in train.py
         flags_file = tree / "fastalign" / "train.py"
     has_cache = "--token_cache_dir" in flags_file.read_text()
 

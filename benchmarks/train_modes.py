@@ -26,17 +26,18 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.lib.paths import REPO_ROOT  # noqa: E402
-from benchmarks.lib.presets import TRAIN_PRESETS  # noqa: E402
-from benchmarks.lib.results import result_header, results_path, write_json  # noqa: E402
-from benchmarks.lib.tables import format_table  # noqa: E402
-from benchmarks.lib.workers import error_line  # noqa: E402
-from fastalign.errors import FastalignError  # noqa: E402
+from benchmarks.lib.paths import REPO_ROOT
+from benchmarks.lib.presets import TRAIN_PRESETS
+from benchmarks.lib.results import result_header, results_path, write_json
+from benchmarks.lib.tables import format_table
+from benchmarks.lib.workers import error_line
+from fastalign.errors import FastalignError
 
 MODE_FLAGS = {
     "compile": ["--compile", "True"],

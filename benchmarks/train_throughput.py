@@ -52,20 +52,21 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastalign.errors import FastalignError  # noqa: E402
-from benchmarks.lib.inputs import lengthened_records, realignment_records  # noqa: E402
-from benchmarks.lib.machine import machine_summary, mfu  # noqa: E402
-from benchmarks.lib.memory import PeakMemory  # noqa: E402
-from benchmarks.lib.presets import TRAIN_PRESETS, TrainPreset  # noqa: E402
-from benchmarks.lib.results import result_header, results_path, write_json  # noqa: E402
-from benchmarks.lib.tables import fmt_bytes, format_table  # noqa: E402
-from benchmarks.lib.timing import median, summarize_times, timed  # noqa: E402
-from benchmarks.lib.workers import Worker, error_line, serve  # noqa: E402
+from benchmarks.lib.inputs import lengthened_records, realignment_records
+from benchmarks.lib.machine import machine_summary, mfu
+from benchmarks.lib.memory import PeakMemory
+from benchmarks.lib.presets import TRAIN_PRESETS, TrainPreset
+from benchmarks.lib.results import result_header, results_path, write_json
+from benchmarks.lib.tables import fmt_bytes, format_table
+from benchmarks.lib.timing import median, summarize_times, timed
+from benchmarks.lib.workers import Worker, error_line, serve
+from fastalign.errors import FastalignError
 
 SIDES = ("baseline", "fastalign", "fastalign_unshared")
 SHARE_PREFIX = {"fastalign": True, "fastalign_unshared": False}

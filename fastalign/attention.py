@@ -1,28 +1,6 @@
 """Causal attention over a packed batch of sequences, behind one function and three backends.
 
-A packed batch is a flat stream of T tokens made of S sequences laid end to end; `cu_seqlens`
-(int32 [S+1]) holds the sequence boundaries. Every backend computes causal attention *within*
-each sequence only: no token ever attends across a boundary, and no FLOP is spent on padding
-(there is none).
-
-Backends, chosen once at start (`resolve_backend`, flag `--attn_implementation`):
-
-    flash_attn    flash-attn's `flash_attn_varlen_func` (pip package flash-attn; CUDA, bf16/fp16)
-    torch_varlen  torch's own `torch.nn.attention.varlen.varlen_attn` (recent torch; CUDA,
-                  bf16/fp16, a GPU that runs FlashAttention: sm80 or newer)
-    sdpa          `scaled_dot_product_attention` run once per sequence; works everywhere (CPU
-                  included) and in any float dtype, with autograd. The fallback and the oracle.
-
-"auto" picks the first available in that order.
-
-Shared-prefix batches (fastalign.data.packing, docs/packed_batch.md): a segment's keys and values need
-not be its own. `kv_index` (int64 [Tk]) lists, segment by segment, the stream positions whose K/V
-the segment attends to (a response segment: its group's query segment, then itself), with
-`cu_seqlens_k` their boundaries. K/V are gathered into that second packed stream (`index_select`:
-its backward adds each response's gradient into the shared query's K/V), and causal attention is
-aligned bottom-right: the i-th of Lq queries sees the first Lk - Lq + i + 1 keys. flash-attn
-(>= 2.1) and torch's varlen_attn (the same FlashAttention-2 kernels) align causal masks that way
-when Lq != Lk; the SDPA fallback builds the bottom-right mask itself.
+Details: docs/design.md section 7.1.
 """
 
 from __future__ import annotations
@@ -136,7 +114,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     q [T, Hq, D], k and v [T, Hkv, D] with Hq a multiple of Hkv (grouped-query attention);
     cu_seqlens int32 [N+1]; max_seqlen = longest segment. Without `kv_index` each segment attends
     to itself; with it (int64 [Tk]), segment n attends to k/v[kv_index[cu_seqlens_k[n]:
-    cu_seqlens_k[n+1]]], causal aligned bottom-right (module docstring). Returns [T, Hq, D] in
+    cu_seqlens_k[n+1]]], causal aligned bottom-right (docs/design.md section 7.1). Returns [T, Hq, D] in
     q's dtype. Scale is 1/sqrt(D).
     """
     if kv_index is None:
@@ -171,7 +149,7 @@ def keep_sdpa_loop_out_of_compiled_graphs() -> None:
     """Before torch.compile (fastalign.distributed.apply_compile): Dynamo cannot trace a loop whose
     trip count comes from tensor data; keeping the sdpa fallback out of the graph lets a compiled
     decoder layer run it with one graph break instead of failing. Done here, not as a decorator at
-    import: `torch.compiler.disable` imports torch._dynamo (~1.7 s on a 2-core CPU), which
+    import: `torch.compiler.disable` imports torch._dynamo (seconds; benchmarks/RESULTS.md, "Start-up"), which
     `import fastalign.train` (--help, a refused flag) then does not pay. (Building the model on
     the meta device imports it anyway in torch 2.13: meta ops run torch._refs, which import it.)"""
     global _sdpa_per_sequence
@@ -193,7 +171,7 @@ def _sdpa_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: to
     for qi, ki, vi in zip(q.split(lengths), k.split(key_lengths), v.split(key_lengths)):
         # [L, H, D] -> [1, H, L, D]: with the leading batch dimension PyTorch on CPU takes its flash
         # kernel (_scaled_dot_product_flash_attention_for_cpu); 3-D [H, L, D] inputs take the math
-        # path (bmm, tril, softmax), measured 3.5x slower forward + backward.
+        # path (bmm, tril, softmax), several times slower (benchmarks/RESULTS.md, "Where the time goes").
         lq, lk = qi.shape[0], ki.shape[0]
         qi, ki, vi = (t.transpose(0, 1).unsqueeze(0) for t in (qi, ki, vi))
         if lq == lk:

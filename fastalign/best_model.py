@@ -26,6 +26,9 @@ from fastalign import safe_dcp
 from fastalign.distributed import broadcast_object, load_sharded_weights
 from fastalign.errors import ConfigError, FastalignError
 
+# fastalign.hf_weights is imported where used: fastalign.config imports this module, and
+# `python -m fastalign.train --help` does not pay for the weight reader.
+
 log = logging.getLogger("fastalign.train")
 
 # What the trainer's evaluation reports (fastalign.trainer.Trainer._evaluate); the ranking metrics

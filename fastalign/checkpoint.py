@@ -1,29 +1,6 @@
 """Resumable training checkpoints (torch.distributed.checkpoint) and the final HF export.
 
-A checkpoint is `output_dir/checkpoint-<step>/`:
-
-    .metadata, __<rank>_0.distcp   model and optimizer shards (DCP; loadable at another world size)
-    trainer_state.json             step, data position (epoch, step_in_epoch), batch layout, the
-                                   run's inputs (data and tokenizer digests: fastalign.resume_inputs), args
-    scheduler.json                 LR scheduler state
-    rng/rank<r>.json               each rank's torch / CUDA / python / numpy RNG states
-    manifest.json                  every other file's size and CRC-32 (fastalign.manifest), last
-
-It is written to `checkpoint-<step>.tmp/` and renamed by rank 0 once every rank has finished and
-the manifest is written, so a directory named `checkpoint-<step>` is complete; a crash leaves only
-a `.tmp` directory, which the next start removes. Nothing read on resume can run code: the small
-state is JSON and the DCP files go through `fastalign.safe_dcp`. A resume first verifies the
-checkpoint: every file regular (no symlink) and matching the manifest, the small state files valid
-field by field (`fastalign.checkpoint_state`). `auto` passes over a checkpoint that does not verify
-(with a warning) to the newest one that does; an explicit path that does not verify is an error.
-
-Lineage: resuming from checkpoint-S while checkpoints of later steps exist starts a new branch;
-the later ones (the abandoned branch) are moved into `output_dir/abandoned-<UTC time>/`, so
-rotation and `auto` only ever see the branch being trained.
-
-With `--save_only_model` a checkpoint is the HF model instead (config.json, model.safetensors,
-tokenizer: `from_pretrained` loads it) plus a trainer_state.json marked `save_only_model`. It holds
-no optimizer, scheduler or RNG state, so it cannot be resumed (`resolve_resume` says so).
+Details: docs/design.md section 7.2.
 """
 
 from __future__ import annotations
@@ -59,6 +36,8 @@ from fastalign.errors import ConfigError, FastalignError
 
 if TYPE_CHECKING:
     from fastalign.run_inputs import RunInputs
+
+# fastalign.model is imported where used: only the HF export builds a Llama.
 
 log = logging.getLogger("fastalign.checkpoint")
 
@@ -261,7 +240,7 @@ def remove_partial_saves(root: Path) -> None:
 
 
 def start_branch(output_dir: str | os.PathLike, resume_step: int, resumed: Path,
-                 inputs: "RunInputs | None" = None) -> Path | None:
+                 inputs: RunInputs | None = None) -> Path | None:
     """Collective: resuming at `resume_step` (from `resumed`, which is never moved) abandons the
     checkpoints of later steps in `output_dir`; rank 0 moves them into abandoned-<UTC time>/
     (returned; None if there were none), so that rotation and `auto` see only the branch being

@@ -1,22 +1,6 @@
 """A checkpoint's small state files, read and checked field by field before anything uses them.
 
-`trainer_state.json`, `scheduler.json` and `rng/rank<r>.json` are JSON that fastalign.checkpoint
-writes, but a resume reads them from a directory that may have been edited by hand, copied from
-elsewhere or crafted. Every value is checked here for its type and range, so a bad file is one
-ConfigError naming the file, the field and the reason, never a traceback deep in the loop nor a
-run that silently continues from a wrong place:
-
-    trainer_state.json   step: int, equal to N of checkpoint-N (a step of -4 would resume "before
-                         the start" and write checkpoint--4); epoch: int in [0, step];
-                         step_in_epoch: int in [0, step]; total_steps: int >= 1; batch_layout:
-                         {name: int}; inputs, args: objects (all but step, epoch, step_in_epoch
-                         may be absent)
-    scheduler.json       LambdaLR.state_dict(): last_epoch (= step), base_lrs, _last_lr (finite,
-                         >= 0); no other key (load_state_dict copies every key onto the scheduler)
-    rng/rank<r>.json     the exact shapes torch / random / numpy accept back (byte ranges, lengths)
-
-Each file must be a regular file, not a symbolic link (it could point at anything outside the
-checkpoint directory).
+Details: docs/design.md section 7.3.
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, NoReturn, Sequence
+from typing import NoReturn
 
 from fastalign.errors import FastalignError
 

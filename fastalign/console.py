@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import sys
 
+# tqdm is imported where used: `python -m fastalign.train --help` and a refused flag do not pay for it.
+
 LOG_FORMAT = "[fastalign %(asctime)s] %(message)s"
 
 

@@ -1,38 +1,6 @@
 """Convert other people's preference data into Sandbox records {"query", "responses", "scores"}.
 
-    python -m fastalign.convert --format hh-rlhf|pairs|ratings --input FILE --output FILE
-        [--chosen_score 7] [--rejected_score 1] [--no_template] [--rating_scale 7] [--skip_invalid]
-
-Input formats (one record each):
-
-    hh-rlhf  {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}   (Anthropic hh-rlhf)
-             Each text is split at its *last* "\\n\\nAssistant:"; the dialogue before it must be the
-             same in both (else the record is invalid); the two replies (whitespace-stripped)
-             become the responses, rated --chosen_score and --rejected_score.
-    pairs    {"prompt": "...", "chosen": "...", "rejected": "..."}
-    ratings  {"prompt": "...", "completions": ["...", ...], "ratings": [6, 2, ...]}
-             (ratings must lie in [1, --rating_scale], as the trainer requires)
-
-The query is the prompt in the Alpaca template of the original Sandbox data,
-"### Instruction:\\n<prompt>\\n\\n### Response:" (for hh-rlhf the prompt is the dialogue before the
-final assistant turn). `--no_template` keeps the raw prompt: for hh-rlhf that is the dialogue up to
-and including the final "\\n\\nAssistant:", i.e. the prompt exactly as hh-rlhf writes it.
-
-A record whose chosen and rejected texts are identical is invalid: it carries no preference, and
-the objective would push the same text up and down at once.
-
-Files: `.json` (one array), `.jsonl` (one record per line), and `.json.gz` / `.jsonl.gz`, chosen by
-the extension, for input and output alike; the input is read by `fastalign.data.jsonio`, the reader
-the trainer's `load_records` uses, so both name a file's problems alike. The output is written to a
-temporary file and renamed, so a failed run never leaves a half-written file behind. An invalid
-record (or a JSONL line that is not valid JSON) stops the conversion with a message naming the
-file, record, field and reason; with `--skip_invalid` it is dropped and counted. A summary
-(records in, written, skipped per reason) is always printed.
-
-Every record written passes the trainer's validation (`fastalign.data.load_records` with the same
---rating_scale): text fields are non-empty strings, one score per response, scores in
-[1, rating_scale] (the score flags are checked against it before any reading). This holds by
-construction, so the converter does not re-read its output (tests check it with load_records).
+Details: docs/design.md section 7.4.
 """
 
 from __future__ import annotations
@@ -46,12 +14,11 @@ import math
 import os
 import sys
 from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 from fastalign.cli import BOOLEAN_FLAG, run_main
-from fastalign.errors import ConfigError, DataError
 from fastalign.data.jsonio import (
     FILE_SUFFIXES,
     SKIP_INVALID_HINT,
@@ -60,6 +27,7 @@ from fastalign.data.jsonio import (
     iter_json_values,
     json_type_name,
 )
+from fastalign.errors import ConfigError, DataError
 
 FORMATS = ("hh-rlhf", "pairs", "ratings")
 ALPACA_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:"

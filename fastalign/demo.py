@@ -1,21 +1,6 @@
 """End-to-end demo on a laptop CPU, offline: build, evaluate, train, evaluate again, generate.
 
-    make demo                      # = python -m fastalign.demo
-    python -m fastalign.demo --output_dir ./demo_output [--quick] [--family llama|mistral|qwen2|qwen3]
-
-1. builds a tiny Llama (or, with --family, Mistral, Qwen2 or Qwen3) in Hugging Face layout (random weights, byte-level BPE tokenizer trained on
-   the bundled sample `fastalign/data/sample_sandbox.jsonl`) with `fastalign.tiny`;
-2. splits the sample into training records and held-out records (a fixed, seeded split);
-3. measures the held-out ranking metrics of the untrained model (`fastalign.evaluate`): how often
-   the model finds the higher-rated response of a pair more likely, and more;
-4. trains it with the real command line, `python -m fastalign.train ...` with the original
-   train_alignment.py flags at small sizes, in a subprocess (its progress bar and log show);
-5. measures the same metrics on the trained model and prints a before/after table;
-6. prints greedy generations (`fastalign.generate`) for a few held-out questions.
-
-Everything lands under --output_dir: the tiny model, the split, the trained model (`trained/`:
-HF layout, loads in transformers), its metrics.jsonl, and demo_results.json. `--quick` is a
-seconds-long smoke run (smaller model, a few steps), for tests; it shows the plumbing, not learning.
+Details: docs/design.md section 7.11.
 """
 
 from __future__ import annotations
@@ -29,13 +14,16 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from fastalign.cli import run_main
 from fastalign.errors import FastalignError
 from fastalign.tiny import FAMILIES
+
+# The model, evaluation and generation modules are imported where used: `python -m fastalign.demo --help`
+# does not pay for them.
 
 
 @dataclass(frozen=True)
@@ -48,8 +36,8 @@ class DemoSettings:
     max_new_tokens: int
 
 
-# Chosen by measurement on a shared 2-core CPU box: 84 optimizer steps (~2.5 minutes there, under
-# load) lift held-out pairwise accuracy from chance level to ~0.84 and top-1 accuracy to ~0.85.
+# Chosen by measurement: enough optimizer steps to lift the held-out ranking metrics well above chance
+# in minutes on a CPU (benchmarks/RESULTS.md, "The demo's settings").
 FULL = DemoSettings(
     model=dict(vocab_size=1024, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=172,
                max_position_embeddings=256),
@@ -135,8 +123,10 @@ def summary_table(before: dict, after: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastalign.demo", allow_abbrev=False,
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--output_dir", type=Path, default=Path("demo_output"), help="Where everything goes. Default ./demo_output.")
-    p.add_argument("--quick", action="store_true", help="A seconds-long smoke run (tiny model, 6 steps); no learning to speak of.")
+    p.add_argument("--output_dir", type=Path, default=Path("demo_output"),
+                   help="Where everything goes. Default ./demo_output.")
+    p.add_argument("--quick", action="store_true",
+                   help="A seconds-long smoke run (tiny model, 6 steps); no learning to speak of.")
     p.add_argument("--family", choices=FAMILIES, default="llama",
                    help="Model family of the tiny model (fastalign.tiny --family). Default llama.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the model init and the held-out split. Default 0.")
@@ -224,8 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"trained model (HF layout, loads in transformers): {trained_dir}")
     print(f"training metrics: {trained_dir / 'metrics.jsonl'}   plot them: python -m fastalign.plot {trained_dir}")
     print(f"demo results (metrics before/after, generations): {out / 'demo_results.json'}")
-    print(f"evaluate again: python -m fastalign.evaluate --model_name_or_path {trained_dir} --data_path {heldout_file}")
-    print(f"talk to it:     python -m fastalign.generate --model_name_or_path {trained_dir} --prompt \"How can I sleep better?\"")
+    print(f"evaluate again: python -m fastalign.evaluate --model_name_or_path {trained_dir} "
+          f"--data_path {heldout_file}")
+    print(f"talk to it:     python -m fastalign.generate --model_name_or_path {trained_dir} "
+          f"--prompt \"How can I sleep better?\"")
     return 0
 
 

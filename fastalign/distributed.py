@@ -1,19 +1,6 @@
 """Process groups, FSDP2 sharding, mixed precision, activation checkpointing, per-layer compile.
 
-A plain `python -m fastalign.train` runs as a one-rank process group (in-process store), so
-single-process and multi-process runs share the checkpointing and reduction code (the trainer
-skips FSDP2 for one fp32 process). Order of application (as in torchtitan):
-
-    build on meta -> apply_ac -> apply_compile -> apply_fsdp (layers, then root)
-                  -> to_empty -> load_sharded_weights -> init_buffers
-
-`--fsdp` maps to FSDP2 like this (HF/FSDP1 names, FSDP2 behaviour):
-    full_shard       shard params, grads, optimizer state; re-gather params in backward
-    shard_grad_op    shard them too, but keep the gathered params from forward to backward
-    hybrid_shard     shard within a node, replicate across nodes (2-D mesh); _zero2: keep gathered
-    no_shard / ""    replicate (every rank holds everything; gradients all-reduced)
-    auto_wrap        always on: every decoder layer is its own FSDP unit
-    offload          keep sharded params, grads and optimizer state in CPU memory
+Details: docs/design.md section 7.12.
 """
 
 from __future__ import annotations
@@ -31,6 +18,9 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from fastalign.errors import ConfigError, ModelError
+
+# The activation-checkpoint wrapper and fastalign.attention are imported where used: only runs that
+# ask for --gradient_checkpointing or --compile pay for them.
 
 FSDP_STRATEGIES = ("full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2", "no_shard")
 FSDP_FLAGS = FSDP_STRATEGIES + ("auto_wrap", "offload")

@@ -1,31 +1,6 @@
 """Held-out ranking evaluation: does the model prefer the responses the simulated society rated higher?
 
-For every record (one query, several rated responses) the model scores each response by its mean
-token log-likelihood given the query (= -nll of the training objective, computed by the same fused
-loss head over packed batches, so no [tokens, vocab] logits are ever built). The metrics compare
-that ordering with the ratings:
-
-    pairwise_accuracy  over all response pairs of all records whose ratings differ (tied ratings
-                       excluded), the fraction where the higher-rated response has the strictly
-                       higher log-likelihood. Pooled over pairs (a record with more responses
-                       weighs more). Chance: 0.5.
-    kendall_tau        Kendall's tau-b between ratings and log-likelihoods, computed per record and
-                       averaged over the records with >= 2 distinct ratings (tau-b handles tied
-                       ratings; a record whose log-likelihoods are all equal counts as 0).
-    top1_accuracy      over the records with >= 2 distinct ratings, how often the top-rated response
-                       (lowest index among tied top ratings, as the training objective picks its
-                       "best") has the highest log-likelihood (lowest index among exact ties).
-    mean_margin        mean over the same pairs as pairwise_accuracy of
-                       loglik(higher-rated) - loglik(lower-rated), in nats per token.
-    mean_loglik        mean over all scored responses of their mean token log-likelihood.
-    top1_chance        what top-1 accuracy a random ordering scores: mean of 1/k over those records.
-
-Per-category rows repeat all of these for each value of the records' optional "category" field.
-
-    python -m fastalign.evaluate --model_name_or_path DIR --data_path FILE [--output_json FILE]
-    torchrun --nproc_per_node=N -m fastalign.evaluate ...     # records sharded over ranks
-
-`evaluate_model(model, tokenizer, records, ...)` runs the same thing in-process (trainer, demo).
+Details: docs/design.md section 7.13.
 """
 
 from __future__ import annotations
@@ -33,9 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -56,7 +31,6 @@ from fastalign.errors import DataError
 from fastalign.loss import stable_alignment_loss
 from fastalign.model import Llama
 from fastalign.model_dir import load_tokenizer
-
 
 # ---------------------------------------------------------------------------------------------
 # Metrics (pure numpy; one record = the ratings and log-likelihoods of its responses)
@@ -154,7 +128,7 @@ def _mean(values: list[float]) -> float | None:
 
 
 def summarize(results: Sequence[RecordResult]) -> dict:
-    """Aggregate metrics over records (see the module docstring for the definitions)."""
+    """Aggregate metrics over records (definitions: docs/design.md section 7.13)."""
     pairs = sum(r.pairs for r in results)
     ranked = [r for r in results if r.kendall_tau is not None]
     all_logliks = [v for r in results for v in r.logliks]
@@ -367,19 +341,32 @@ def ranking_record(results: Sequence[RecordResult], prefix: str = "eval_") -> di
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastalign.evaluate", allow_abbrev=False,
                                 description="Ranking metrics of a model on rated Sandbox records: does it "
-                                "find the higher-rated responses more likely? (see the module docstring)")
-    p.add_argument("--model_name_or_path", required=True, help="HF model directory: Llama, Mistral, Qwen2 or Qwen3 (config.json, weights, tokenizer).")
+                                "find the higher-rated responses more likely? (metrics: docs/evaluation.md)")
+    p.add_argument("--model_name_or_path", required=True,
+                   help="HF model directory: Llama, Mistral, Qwen2 or Qwen3 (config.json, weights, tokenizer).")
     p.add_argument("--data_path", required=True, help="Sandbox records: JSON array or JSONL (.gz welcome).")
     p.add_argument("--output_json", default=None, help="Write the metrics and per-record results here.")
-    p.add_argument("--model_max_length", type=positive_int, default=512, help="Longest query+response in tokens; responses are cut from the end, as in training. Default 512.")
-    p.add_argument("--max_tokens_per_batch", type=positive_int, default=8192, help="Tokens per packed forward (whole records). Default 8192.")
-    p.add_argument("--share_prefix", default=True, help="Run each query once per record, every response attending to it (same nll as query+response per response, fewer tokens computed). Default True.", **BOOLEAN_FLAG)
-    p.add_argument("--num_comp", type=positive_int, default=None, help="Responses scored per record, drawn with --seed when a record has more. Default: all.")
-    p.add_argument("--rating_scale", type=positive_float, default=7.0, help="Highest rating; scores must lie in 1..rating_scale. Default 7.")
+    p.add_argument("--model_max_length", type=positive_int, default=512,
+                   help="Longest query+response in tokens; responses are cut from the end, as in training. "
+                        "Default 512.")
+    p.add_argument("--max_tokens_per_batch", type=positive_int, default=8192,
+                   help="Tokens per packed forward (whole records). Default 8192.")
+    p.add_argument("--share_prefix", default=True,
+                   help="Run each query once per record, every response attending to it (same nll as query+response "
+                        "per response, fewer tokens computed). Default True.", **BOOLEAN_FLAG)
+    p.add_argument("--num_comp", type=positive_int, default=None,
+                   help="Responses scored per record, drawn with --seed when a record has more. Default: all.")
+    p.add_argument("--rating_scale", type=positive_float, default=7.0,
+                   help="Highest rating; scores must lie in 1..rating_scale. Default 7.")
     p.add_argument("--bf16", help="Run the model in bfloat16. Default False.", default=False, **BOOLEAN_FLAG)
-    p.add_argument("--skip_invalid", help="Drop invalid records (counted per reason) instead of stopping. Default False.", default=False, **BOOLEAN_FLAG)
-    p.add_argument("--stop_response", help="As in training: cut responses at the first turn marker. Default False.", default=False, **BOOLEAN_FLAG)
-    p.add_argument("--no_append_eos", help="As in training: no EOS after each response. Default False.", default=False, **BOOLEAN_FLAG)
+    p.add_argument("--skip_invalid",
+                   help="Drop invalid records (counted per reason) instead of stopping. Default False.",
+                   default=False, **BOOLEAN_FLAG)
+    p.add_argument("--stop_response",
+                   help="As in training: cut responses at the first turn marker. Default False.",
+                   default=False, **BOOLEAN_FLAG)
+    p.add_argument("--no_append_eos",
+                   help="As in training: no EOS after each response. Default False.", default=False, **BOOLEAN_FLAG)
     p.add_argument("--seed", type=int, default=42, help="Seed of the --num_comp draw. Default 42.")
     return p
 

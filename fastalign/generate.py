@@ -1,28 +1,15 @@
 """Text generation with a fastalign Llama and a key/value cache: see what a trained model says.
 
-    python -m fastalign.generate --model_name_or_path DIR --prompt "How do I apologise to a friend?"
-    python -m fastalign.generate --model_name_or_path DIR --prompts_file prompts.txt \
-        --temperature 0.7 --top_p 0.9 --seed 1
-
-Each prompt is wrapped in the Alpaca template the Sandbox data uses
-("### Instruction:\\n{prompt}\\n\\n### Response:"; `--no_template` sends it as is) and tokenized as
-training tokenizes a query (BOS, then the text). Decoding is greedy by default (`--temperature 0`);
-a positive temperature samples, optionally from the top-p nucleus. Generation stops at EOS or after
-`--max_new_tokens`.
-
-The cache: the prompt runs once through the model's own modules (embedding, each layer's norms,
-projections, rotary and MLP, final norm, lm_head), keeping every layer's rotated keys and values;
-each new token then costs one position per layer, attending to the cached keys and values.
-One prompt at a time, no padding.
+Details: docs/design.md section 7.14.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +34,7 @@ class KVCache:
     length: int = 0
 
     @classmethod
-    def empty(cls, model: Llama, capacity: int) -> "KVCache":
+    def empty(cls, model: Llama, capacity: int) -> KVCache:
         config, param = model.config, model.embed_tokens.weight
         shape = (capacity, config.num_key_value_heads, config.head_dim)
         make = lambda: [param.new_empty(shape) for _ in model.layers]  # noqa: E731
@@ -64,7 +51,9 @@ def _attend(layer, x: torch.Tensor, cos, sin, cache: KVCache, index: int) -> tor
     keys = cache.keys[index][:start + t].transpose(0, 1)  # [Hkv, start+t, D]
     values = cache.values[index][:start + t].transpose(0, 1)
     # new position start+i sees cached positions and new ones up to itself
-    visible = torch.arange(start + t, device=x.device)[None, :] <= torch.arange(start, start + t, device=x.device)[:, None]
+    key_positions = torch.arange(start + t, device=x.device)  # [start+t]
+    query_positions = torch.arange(start, start + t, device=x.device)  # [t]
+    visible = key_positions[None, :] <= query_positions[:, None]  # [t, start+t]
     out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=visible,
                                          enable_gqa=attn.num_kv_heads != attn.num_heads)  # [Hq, t, D]
     return attn.o_proj(out.transpose(0, 1).reshape(t, attn.num_heads * attn.head_dim))
@@ -176,13 +165,15 @@ def read_prompts(path: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastalign.generate", allow_abbrev=False,
                                 description="Generate responses with a (trained) Llama directory, KV-cached.")
-    p.add_argument("--model_name_or_path", required=True, help="HF model directory: Llama, Mistral, Qwen2 or Qwen3 (config.json, weights, tokenizer).")
+    p.add_argument("--model_name_or_path", required=True,
+                   help="HF model directory: Llama, Mistral, Qwen2 or Qwen3 (config.json, weights, tokenizer).")
     p.add_argument("--prompt", action="append", default=[], help="A prompt (repeat the flag for several).")
     p.add_argument("--prompts_file", default=None, help="A text file with one prompt per line.")
     p.add_argument("--max_new_tokens", type=int, default=128, help="Most tokens generated per prompt. Default 128.")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample.")
     p.add_argument("--top_p", type=float, default=1.0, help="Nucleus sampling mass when sampling. Default 1.")
-    p.add_argument("--no_template", default=False, help="Send prompts as they are, without the Alpaca template.", **BOOLEAN_FLAG)
+    p.add_argument("--no_template", default=False,
+                   help="Send prompts as they are, without the Alpaca template.", **BOOLEAN_FLAG)
     p.add_argument("--seed", type=int, default=0, help="Sampling seed. Default 0.")
     p.add_argument("--bf16", default=False, help="Run the model in bfloat16. Default False.", **BOOLEAN_FLAG)
     return p

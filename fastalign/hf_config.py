@@ -1,20 +1,6 @@
 """The model's config: `LlamaConfig`, read from and written to a Hugging Face config.json.
 
-    config = LlamaConfig.from_pretrained(model_dir)      # refuses what the model cannot run, naming the key
-    config.to_hf_dict(torch.bfloat16)                    # config.json content transformers loads as is
-    config.flops_per_token(seq_len)                      # the trainer's MFU and the planner count with it
-
-Supported configs: the Llama-architecture decoders (RMSNorm, SwiGLU, grouped-query attention,
-explicit `head_dim`, RoPE with `rope_theta` and no scaling, or `linear` or `llama3` scaling, in the
-old key style (`rope_theta`, `rope_scaling`) or the transformers 5 one (`rope_parameters`)) of four
-`model_type`s, which differ only in the attention projections (`FAMILIES`):
-    llama    LLaMA 1/2/3.x, Vicuna, Alpaca, TinyLlama, ...; `attention_bias` (q/k/v/o biases) honoured
-    mistral  Mistral; `sliding_window` honoured by refusing longer sequences (below it, sliding-window
-             attention is full causal attention)
-    qwen2    Qwen2 / Qwen2.5: q/k/v biases; sliding window as Qwen2's config places it (refused likewise)
-    qwen3    Qwen3 (dense): per-head RMSNorm of q and k before RoPE (`q_norm`, `k_norm`); `attention_bias`
-Anything else (other model types, mixture-of-experts, MLP biases, other activations, other RoPE
-types, quantized checkpoints) is refused with a message naming the key. See docs/design.md section 4.
+Details: docs/design.md section 7.15.
 """
 
 from __future__ import annotations
@@ -163,7 +149,7 @@ class LlamaConfig:
     # -- Hugging Face config.json ------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path) -> "LlamaConfig":
+    def from_pretrained(cls, path) -> LlamaConfig:
         file = Path(path) / "config.json"
         refuse_custom_code(path)  # before anything reads the directory: its auto_map would name code
         try:
@@ -175,7 +161,7 @@ class LlamaConfig:
         return cls.from_hf_dict(hf, source=str(file))
 
     @classmethod
-    def from_hf_dict(cls, hf: dict, source: str = "config") -> "LlamaConfig":
+    def from_hf_dict(cls, hf: dict, source: str = "config") -> LlamaConfig:
         """Parse an HF config of a supported family (transformers 4 or 5 keys); refuse what this
         model cannot run, naming the key."""
 
@@ -219,7 +205,7 @@ class LlamaConfig:
         known = {f.name for f in fields(cls)} - {"rope_theta", "rope_scaling", "torch_dtype", "model_type",
                                                   *(set(_FAMILY_FIELDS) - set(family.keys))}
         # An explicit null keeps a family default's meaning (Mistral's sliding_window: null = no
-        # window); elsewhere null means the LlamaConfig default, as before.
+        # window); elsewhere null means the LlamaConfig default.
         values = {**family.defaults,
                   **{k: hf[k] for k in known if k in hf and (hf[k] is not None or k in family.defaults)}}
         try:

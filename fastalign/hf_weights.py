@@ -1,26 +1,6 @@
 """Weight files in Hugging Face layout: read tensor by tensor (or row range), write safetensors.
 
-Reading (`CheckpointReader`) understands the four layouts transformers writes or has written:
-
-    model.safetensors                                  one file
-    model.safetensors.index.json + model-0000i-of-n    sharded
-    pytorch_model.bin                                  legacy pickle (torch.save)
-    pytorch_model.bin.index.json + pytorch_model-...   legacy, sharded
-
-Safetensors files are opened with the safetensors library (`safe_open`), which checks the header
-before anything is read: a header length past the file or above its 100 MB limit, offsets that
-overlap, leave gaps, run past the end or are not integers >= 0, and shapes that disagree with a
-tensor's bytes are all refused (a ModelError naming the file). A weight's rows then come from
-`get_slice(name)[a:b]`, a view of the library's read-only file mapping: only the asked rows are
-touched (an FSDP rank reading its shard), each byte is read once, and no whole-file buffer exists.
-Legacy .bin files are opened with `torch.load(mmap=True, weights_only=True)`, one file at a time.
-Both are copied into the destination in chunks of rows, and each chunk's pages are dropped from
-the mapping once copied, so host memory holds the model plus one chunk, not the model plus the file.
-
-Names: a reader speaks fastalign's parameter names, which are the HF names without the leading
-"model." ("model.layers.0.mlp.up_proj.weight" -> "layers.0.mlp.up_proj.weight"; "lm_head.weight"
-stays), for every family alike (Qwen2's "...self_attn.q_proj.bias", Qwen3's "...self_attn.q_norm.weight").
-1-D weights (biases, norms) are read by row ranges like the others when FSDP shards them. Rotary `inv_freq` buffers that old conversions stored alongside the weights are skipped.
+Details: docs/design.md section 7.16.
 """
 
 from __future__ import annotations
@@ -32,9 +12,9 @@ import math
 import mmap
 import struct
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open

@@ -1,52 +1,6 @@
 """The Stable Alignment objective on packed batches, with a fused streaming LM head.
 
-    out = stable_alignment_loss(hidden, weight, targets, response_index, scores, group_index,
-                                rating_scale=7.0, margin=1.0, ratio=0.2, max_flow=False,
-                                margin_mode="paper", backend="auto")
-
-hidden [T, H] (final-norm hidden states, any float dtype; cast to weight's dtype if it differs),
-weight [V, H] (lm_head),
-targets int [T] (next token id, -100 = no loss), response_index int [T] (response of each
-position), scores float [S] (rating of each response), group_index int [S] (group of each
-response, 0..G-1). Returns `AlignmentLossOutput`: loss (fp32 scalar, mean of loss_g over the
-groups), nll (fp32 [S]), penalty (fp32 [G]), best (int64 [G], the best response of each group).
-loss, nll and penalty are differentiable w.r.t. hidden and weight.
-
-The math (docs/design.md section 1) is in fastalign/kernels/group_math.py, including `margin_mode="seed"`: a
-compatibility mode that reproduces the original code, which paired the response at position j of
-its group with the j-th largest rating of the group (ratings [3, 7, 5] give the 3-rated response
-margin 0 instead of (7 - 3) / rating_scale * margin).
-
-No [T, V] logits exist at any time: the forward streams the vocabulary in slices (running
-logsumexp + target logit per token), the backward recomputes each slice and turns it into the
-two gradient GEMMs. Positions with target -100 are dropped before any GEMM; in the backward,
-responses whose gradient weight is exactly zero (inactive penalty) are dropped as well.
-
-num_groups (keyword, optional): G when the caller knows it (a packed batch: its number of groups,
-fillers included); it is checked against group_index like everything else, never trusted.
-
-Host syncs (each one, on CUDA, stalls the CPU until the device has caught up, so it cannot queue
-the next kernels). Everything data-dependent is worked out from the index tensors alone, by
-`plan_loss`: validation (finite scores, group_index >= 0, targets in [0, V) or -100,
-response_index in [0, S) where there is a target, >= 1 target token per response, groups 0..G-1
-all non-empty and, when given, consistent with num_groups) is a flag in one small int64 tensor,
-read in one go with the sizes the plan needs (N = target tokens, K = the largest group, and G
-when num_groups is not given); only when a flag is set are the detailed messages worked out
-(extra reads are fine on the way to an error). The [G, K] group table is built from those sizes
-(no bincount, no second read).
-  - The trainer makes the plan on the host copy of each micro-batch (`fastalign.alignment_model.
-    loss_plan_for`) and passes it as `plan=`: the loss's forward then reads nothing from the
-    device at all, and no micro-batch waits for the device before its forward is queued.
-  - Without `plan=`, `plan_loss` runs inside the call, on hidden's device: that one read.
-  - backward: `nonzero(token_weight != 0)`, the tokens of responses with a non-zero gradient
-    weight (with an inactive penalty only the best response of a group gets a gradient, so this
-    skips up to (k-1)/k of the backward GEMM work): one read per call.
-The heads and the group step (Triton kernel or fastalign/kernels/group_math.py) read nothing: the twin marks
-each slice's target with a scatter and scatters d loss / d nll back without boolean masks.
-
-backend: "triton" (fastalign/kernels/alignment_head.py; on CPU only under TRITON_INTERPRET=1),
-"torch" (fastalign/kernels/alignment_head_torch.py, torch ops only) or "auto" (Triton on CUDA, else torch;
-also torch on CUDA when triton cannot be imported).
+Details: docs/design.md section 7.19.
 """
 
 from __future__ import annotations
@@ -61,6 +15,9 @@ import torch
 from fastalign.errors import FastalignError
 from fastalign.kernels import alignment_head_torch
 from fastalign.kernels.group_math import MARGIN_MODES, GroupLayout, GroupOptions, build_group_layout
+
+# fastalign.kernels.alignment_head (triton) is imported where used: only the Triton backend pays for it,
+# and an ImportError there becomes a message naming the backend.
 
 IGNORE_INDEX = -100
 BACKENDS = ("auto", "triton", "torch")
@@ -100,7 +57,7 @@ class LossPlan:
     num_tokens: int  # T
     vocab: int  # V it was validated against
 
-    def to(self, device, non_blocking: bool = False) -> "LossPlan":
+    def to(self, device, non_blocking: bool = False) -> LossPlan:
         def move(t: torch.Tensor) -> torch.Tensor:
             return t.to(device, non_blocking=non_blocking)
 
@@ -138,7 +95,11 @@ def stable_alignment_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
                           margin_mode: str = "paper", backend: str = "auto", *,
                           num_groups: int | None = None,
                           plan: LossPlan | None = None) -> AlignmentLossOutput:
-    """Stable Alignment loss of one packed micro-batch; see the module docstring.
+    """Stable Alignment loss of one packed micro-batch (docs/design.md section 7.19).
+
+    hidden [T, H] and weight [V, H] (lm_head); targets int [T] (-100: no loss), response_index int [T],
+    scores float [S], group_index int [S] (0..G-1). Returns loss (fp32 scalar), nll (fp32 [S]),
+    penalty (fp32 [G]) and best (int64 [G]).
 
     plan: `plan_loss(...)` of these same index tensors, made beforehand (then moved to hidden's
     device); without it the plan is made here, from the tensors on hidden's device.

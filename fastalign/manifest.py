@@ -1,16 +1,6 @@
 """Checkpoint manifests: every file's size and CRC-32, written last, checked before a resume.
 
-`manifest.json` in a checkpoint directory:
-
-    {"format": 1, "files": {"__0_0.distcp": {"size": 41004, "crc32": 3735928559}, ...}}
-
-A checkpoint is complete only if its manifest parses, lists the files a resume reads, and every
-listed file has its size and checksum. Everything below the checkpoint directory must be a plain
-directory or regular file: a symbolic link (to a file or a directory) could make a resume read
-anything outside it, and is refused naming it. CRC-32 (zlib) catches truncation, overwritten blocks and
-flipped bits; it is not a defence against a deliberate forgery (the safe loaders are:
-`fastalign.safe_dcp`, JSON for the small state). It runs at ~1.7 GB/s on one core, so each rank
-checksums the shard it has just written (still in the page cache) in a fraction of the write time.
+Details: docs/design.md section 7.20.
 """
 
 from __future__ import annotations
@@ -128,8 +118,8 @@ def verify(root: Path, required: tuple[str, ...] = ()) -> str | None:
 
     Rank 0 refuses symbolic links and special files (`irregular_entry`), reads the manifest and
     checks that it lists `required` and every file present; the listed files are split over the
-    ranks (file i on rank i % world size), so a sharded checkpoint is read once in total. Returns None when it verifies, else why not (naming the
-    file).
+    ranks (file i on rank i % world size), so a sharded checkpoint is read once in total. Returns
+    None when it verifies, else why not (naming the file).
     """
     problem, files = None, None
     if dist.get_rank() == 0:

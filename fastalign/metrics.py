@@ -37,7 +37,7 @@ class Window:
         return time.perf_counter() - self.started - self.paused
 
     @classmethod
-    def new(cls, device) -> "Window":
+    def new(cls, device) -> Window:
         return cls(torch.zeros(4, dtype=torch.float64, device=device), started=time.perf_counter())
 
 
@@ -50,7 +50,7 @@ class PendingLog:
     lr: float
     elapsed: float  # training seconds of the window (host clock; evaluation and saving excluded)
     values: torch.Tensor  # float64 [10 + world size], see Trainer._start_log
-    ready: "torch.cuda.Event | None"  # CUDA: recorded after the copy to the host
+    ready: torch.cuda.Event | None  # CUDA: recorded after the copy to the host
 
 
 def peak_flops(device: torch.device) -> float | None:

@@ -1,18 +1,7 @@
 """A plain Llama over packed batches: the nn.Modules (config in `fastalign.hf_config`, Hugging Face
 directory loading and saving in `fastalign.hf_io`).
 
-    model = Llama.from_pretrained(path, dtype=torch.bfloat16, device="cuda")
-    hidden = model(input_ids, position_ids, cu_seqlens, max_seqlen)   # [T, H], after the final norm
-    hidden = model(batch.input_ids, batch.position_ids, **batch.attention_inputs())  # a PackedBatch
-    model.lm_head.weight                                              # [V, H]; the loss applies it
-    model.save_pretrained(out_dir)                                    # transformers loads it as is
-
-The model never computes logits: the loss streams `hidden @ lm_head.weight.T` chunk by chunk.
-`DecoderLayer` is the unit FSDP wraps and that activation checkpointing and torch.compile apply
-to. Attention runs through `fastalign.attention.varlen_attention`; the backend is chosen once
-(`set_attention_backend`, `--attn_implementation`) and read back from `model.attn_backend`.
-The families (`fastalign.hf_config.FAMILIES`) differ only in the attention projections. See
-docs/design.md section 4.
+Details: docs/design.md section 7.21.
 """
 
 from __future__ import annotations

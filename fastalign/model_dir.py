@@ -1,20 +1,6 @@
 """A Hugging Face model directory read without running any of its code.
 
-transformers runs Python from a model directory when a file there has an `auto_map` (a
-`tokenizer_config.json` mapping `AutoTokenizer` to `tokenization_x.MyTokenizer`, a `config.json`
-mapping `AutoConfig` / `AutoModelForCausalLM`): with `trust_remote_code` unset it asks
-"run the custom code? [y/N]" on standard input, so a "y" in a pipe or a script runs the
-directory's code. fastalign never runs it:
-
-- `refuse_custom_code(directory)` refuses a directory whose tokenizer_config.json or config.json
-  has an `auto_map`, naming the file and the entry, before transformers reads anything;
-- `load_tokenizer(directory)` is the one way fastalign loads a tokenizer (train, evaluate,
-  generate, plan, demo, tiny, the benchmarks): that check, then AutoTokenizer with
-  `trust_remote_code=False`, so no prompt can appear whatever standard input holds.
-
-Configs and weights never go through transformers (`LlamaConfig.from_pretrained` parses
-config.json as JSON and calls `refuse_custom_code` too; weights are safetensors or `.bin` read with
-`weights_only=True`, see `fastalign.hf_weights`).
+Details: docs/design.md section 7.22.
 """
 
 from __future__ import annotations
@@ -23,6 +9,8 @@ import json
 from pathlib import Path
 
 from fastalign.errors import ModelError
+
+# transformers is imported where used: importing this module stays cheap for `--help` and refused flags.
 
 # The files whose `auto_map` makes transformers import the directory's code: AutoTokenizer reads
 # both (config.json when tokenizer_config.json names no tokenizer_class).

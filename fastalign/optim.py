@@ -40,8 +40,8 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     groups = [{"params": decay, "weight_decay": config.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     # The fused kernel (one pass over each parameter's p, grad, m, v) on CUDA and on CPU (torch
-    # >= 2.4; plain tensors and FSDP2's DTensor shards alike, gloo included): on CPU 3-4x faster
-    # than the multi-tensor path for the 19.5 M-parameter benchmark model (25-36 vs 106 ms per
-    # step, 1 thread), parameters equal to it within 6e-8 after 6 steps.
+    # >= 2.4; plain tensors and FSDP2's DTensor shards alike, gloo included): on CPU several times
+    # faster than the multi-tensor path, with the same parameters to rounding (benchmarks/RESULTS.md,
+    # "Where the time goes").
     return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                              eps=config.adam_epsilon, fused=True)

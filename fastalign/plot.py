@@ -1,16 +1,6 @@
 """Plot a training run's metrics.jsonl as one PNG.
 
-    python -m fastalign.plot OUTPUT_DIR [--output PNG]      # default: OUTPUT_DIR/metrics.png
-
-Panels over optimizer steps: loss, the evaluation's ranking metrics (eval_pairwise_accuracy,
-eval_kendall_tau, eval_top1_accuracy: what `python -m fastalign.evaluate` reports) beside it,
-nll_best, penalty, active-penalty fraction, tokens/s and learning rate. Evaluation lines of the
-same file (`eval_loss`, `eval_nll_best`, ...) are drawn as markers on the matching panel; epoch
-boundaries as dotted vertical lines. A value that is null,
-missing or not finite is left out (e.g. `mfu` on CPU). If a step appears twice, its last line
-counts. The file may be plotted while training still writes it: an unfinished last line (no
-newline yet) is ignored; any other line that is not a JSON object with a numeric "step" is an error
-naming the line.
+Details: docs/design.md section 7.25.
 """
 
 from __future__ import annotations
@@ -20,8 +10,8 @@ import json
 import math
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from fastalign.cli import run_main
 from fastalign.errors import DataError, FastalignError

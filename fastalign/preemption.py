@@ -5,10 +5,10 @@ checkpoint (unless --save_strategy no) and exits with 128 + the signal number (1
 130 for SIGINT), naming the checkpoint to resume from. A second signal exits at once, without
 saving: the first restores the signals' default action, so the kernel ends the process (status
 128 + signal in a shell) even while it is blocked in C, e.g. in a collective waiting on a dead
-peer, where a Python handler would not run until the call returned. Under torchrun a signal may reach only some ranks (a scheduler that
-signals one process, a node that is drained): the ranks agree on the flag once per step with one
-all_reduce of a single int on a CPU (gloo) group, so they all stop after the same step and no
-device synchronisation is added to the step.
+peer, where a Python handler would not run until the call returned. Under torchrun a signal may
+reach only some ranks (a scheduler that signals one process, a node that is drained): the ranks
+agree on the flag once per step with one all_reduce of a single int on a CPU (gloo) group, so they
+all stop after the same step and no device synchronisation is added to the step.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class StopOnSignal:
         self._previous: dict[int, object] = {}
         self._group = None
 
-    def __enter__(self) -> "StopOnSignal":
+    def __enter__(self) -> StopOnSignal:
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         if dist.is_initialized() and dist.get_world_size() > 1:

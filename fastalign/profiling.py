@@ -1,32 +1,6 @@
 """--profile_steps N: where a training step's time goes.
 
-torch.profiler records N optimizer steps after the first (the first is its warm-up: allocator
-growth, first-call set-up). Each rank writes a Chrome/Perfetto trace, OUTPUT_DIR/profile/
-rank<r>.pt.trace.json (chrome://tracing, ui.perfetto.dev, or TensorBoard's profiler plugin:
-`tensorboard --logdir OUTPUT_DIR/profile`), and rank 0 logs a table of the step time's shares,
-also written as OUTPUT_DIR/profile/summary.json.
-
-How the shares are measured. The trainer marks its phases with named regions (`region`, a
-torch.profiler `record_function` named `fastalign/<phase>`): data (packing a step's micro-batches,
-their loss plans and copies to the device), forward (the model), loss_head (the fused loss head,
-inside forward), backward, optimizer (gradient norm, clipping, AdamW step, LR schedule), paused
-(evaluation and checkpoints: not step time, as for tokens_per_s). Besides them the trace holds
-communication (the host side of c10d collectives: `c10d::*`, `gloo:*`, `nccl:*`,
-`record_param_comms`; on CUDA also the NCCL kernels on the device) and host waits (the host blocked
-on the device: `aten::_local_scalar_dense` (`.item()`, `.tolist()`), `cudaStreamSynchronize`,
-`cudaEventSynchronize`). Each profiled step (its `ProfilerStep#k` range) is cut at every start
-and end of these ranges, and each piece goes to the most specific range covering it: paused, then
-host_wait, communication, loss_head, then the phase regions; a piece in none of them is `other`
-(the loop's own bookkeeping, logging). The shares are fractions of the step time (the step's
-range minus its paused pieces), so with `other` they add up to 1; a large `other` means time the
-regions do not cover. Communication that overlaps computation (FSDP2 prefetches the next layer's
-weights) counts as communication.
-
-On CUDA the host runs ahead of the device, so a host range says little about the device's time.
-While profiling, each region therefore synchronizes the device when it starts and when it ends
-(`torch.cuda.synchronize`, not counted as a host wait): a region's range then covers the device
-work it queued. This removes the overlap between phases during the N profiled steps (they run a
-little slower than the others; tokens_per_s of their logging window says by how much).
+Details: docs/design.md section 7.26.
 """
 
 from __future__ import annotations
@@ -34,8 +8,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -91,7 +65,7 @@ def classify(name: str, on_device: bool) -> str | None:
 
 def breakdown(steps: list[tuple[float, float]], ranges: list[tuple[str, float, float]]) -> dict:
     """Seconds per category of the steps [(start, end)] (any time unit in, seconds out when the
-    unit is microseconds), given labelled ranges [(label, start, end)]; see the module docstring.
+    unit is microseconds), given labelled ranges [(label, start, end)]; see docs/design.md section 7.26.
 
     Returns {"steps": n, "step_time_s": mean step time, "seconds": {category: mean per step},
     "share": {category: fraction of the step time}}."""
@@ -164,7 +138,7 @@ class StepProfiler:
         self.failed = False  # the loop raised: no collective, no summary (a peer may be gone)
         self.written = False
 
-    def __enter__(self) -> "StepProfiler":
+    def __enter__(self) -> StepProfiler:
         global _recording
         if not self.steps:
             return self

@@ -1,33 +1,7 @@
 """What a checkpoint records about the inputs that decide its batches, and the check a resume
 makes with them.
 
-A resumed run continues at the checkpoint's data position (epoch, step in the epoch) of a plan that
-is a pure function of the data and the flags (docs/design.md section 3). When the data, the
-tokenizer or a flag that shapes the batches differs, that position names other batches and the
-run would go on, silently, on data it was never on. So each checkpoint's trainer_state.json holds
-
-    "batch_layout": {"world_size", "per_device_train_batch_size", "gradient_accumulation_steps",
-                     "num_comp", "seed", "steps_in_epoch_0"}       (fastalign.trainer writes it)
-    "inputs": {"data": {"path", "sha256"}, "eval_data": {"path", "sha256"} | null,
-               "tokenizer": {"path", "sha256"}, "model_max_length": int,
-               "step_token_budget": int | null, "share_prefix": bool}
-
-and `check` compares them with the resuming run's:
-
-- the data file, the eval data (when both runs evaluate), the tokenizer files, --model_max_length
-  and the steps of epoch 0 that follow from them: refused, naming each change (checkpoint vs now),
-  unless --allow_data_change True says it is deliberate; then a warning lists them and training
-  continues at the checkpoint's step and data position on the new data;
-- the batch layout (processes, batch size, accumulation, num_comp, seed): always refused: the
-  plan's steps would hold other groups;
-- the step's token budget (--max_tokens_per_batch) and --share_prefix: a warning only. A step holds
-  the same groups with the same loss under any packing, so lowering the budget after an
-  out-of-memory stop is an ordinary resume;
-- a checkpoint without "inputs" (written before fastalign recorded them): a warning that the data
-  cannot be checked; its batch layout is still compared.
-
-Digests are SHA-256 over the bytes, the ones the token cache keys on (fastalign.data.token_cache): an
-edited file differs, a copied or moved one does not.
+Details: docs/design.md section 7.27.
 """
 
 from __future__ import annotations
@@ -35,11 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from fastalign.errors import ConfigError
 from fastalign.data.token_cache import TOKENIZER_FILES, file_digest
+from fastalign.errors import ConfigError
 
 if TYPE_CHECKING:
     from fastalign.config import TrainConfig

@@ -15,9 +15,10 @@ so protecting the model directory protects the tokenizer.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 
@@ -50,7 +51,7 @@ class RunInputs:
         self.inputs = tuple(inputs)
 
     @classmethod
-    def from_config(cls, config: TrainConfig) -> "RunInputs":
+    def from_config(cls, config: TrainConfig) -> RunInputs:
         named = [("--model_name_or_path", config.model_name_or_path), ("--data_path", config.data_path),
                  ("--eval_data_path", config.eval_data_path)]
         return cls(RunInput(flag, str(given), Path(given).resolve()) for flag, given in named if given)
@@ -100,8 +101,8 @@ def refuse_destroying_inputs(output_dir: str | os.PathLike, inputs: RunInputs, *
 def export_targets(root: Path) -> list[Path]:
     """Files of `root` that the final export (Llama.save_pretrained into a non-empty directory)
     replaces or deletes: config, tokenizer and generation config, and every weight file."""
-    from fastalign.hf_weights import WEIGHT_FILE_GLOBS
     from fastalign.hf_io import TOKENIZER_FILES
+    from fastalign.hf_weights import WEIGHT_FILE_GLOBS
 
     names = ("config.json", "generation_config.json") + TOKENIZER_FILES
     return [root / name for name in names] + sorted(p for g in WEIGHT_FILE_GLOBS for p in root.glob(g))

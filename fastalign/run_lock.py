@@ -1,18 +1,7 @@
 """One run per output directory: rank 0 holds an exclusive lock on OUTPUT_DIR/.fastalign.lock for
 the run's life.
 
-Why: two trainers on one --output_dir (a scheduler relaunching a job that is still alive, with
---resume_from_checkpoint auto) delete each other's in-flight checkpoints and both append to
-metrics.jsonl. The lock is taken before anything in the directory is deleted, cleaned or written;
-a second trainer is refused on every rank and touches nothing of the running one.
-
-The lock is `fcntl.flock` on the file, which holds the owner as JSON: {"host", "pid", "started"}.
-The kernel drops a flock when its process ends in any way (an error, a signal, `kill -9`), so a
-lock whose flock is free is stale: the next run takes it over with a warning naming the dead
-owner. A flock still held while the recorded process is gone from this host (a forked child
-inherited the descriptor) is stale too: the file is replaced. On a normal exit the file is removed.
-Across nodes the lock holds where the filesystem honours flock between clients (local disks,
-NFSv4, Lustre mounted with -o flock).
+Details: docs/design.md section 7.28.
 """
 
 from __future__ import annotations
@@ -61,7 +50,7 @@ class RunLock:
         os.close(self.fd)  # drops the flock
         self.fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self
 
     def __exit__(self, *exc) -> None:

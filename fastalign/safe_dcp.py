@@ -1,17 +1,6 @@
 """Loading torch.distributed.checkpoint (DCP) directories without running code from them.
 
-DCP's own reader unpickles `.metadata` with plain `pickle.load` and its default planner reads
-every non-tensor entry of the shards (the optimizer's param_groups: lr, betas, ...) with
-`torch.load(weights_only=False)`: a downloaded or shared checkpoint could run any code on resume.
-Here `.metadata` goes through an unpickler that builds only the DCP metadata classes and the few
-plain values they hold (torch.Size, dtypes, layouts, paths), and non-tensor entries are read with
-`torch.load(weights_only=True)`. Tensor entries are already read with weights_only=True by DCP.
-Anything else is refused with `UnsafeCheckpointError`, naming the file.
-
-Before DCP reads a byte, every tensor of the state to fill is matched with the checkpoint's
-metadata: a checkpoint of another model (vocabulary, hidden size, family) is a
-`StateMismatchError` naming the tensors and both shapes, not DCP's own error from inside its
-collective read.
+Details: docs/design.md section 7.29.
 """
 
 from __future__ import annotations

@@ -1,18 +1,6 @@
 """A tiny, randomly initialised Llama (or Mistral, Qwen2, Qwen3) in Hugging Face layout, built offline in seconds.
 
-For the demo and the tests: no download, no GPU. The directory holds what a real checkpoint holds
-(config.json, generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json),
-so everything that loads a real one (transformers, fastalign.model) loads it unchanged.
-
-    python -m fastalign.tiny OUT_DIR [--family llama|mistral|qwen2|qwen3] [--data FILE] [--vocab_size 2048] [--seed 0]
-
-`--family` picks the transformers class that builds the model (LlamaForCausalLM, MistralForCausalLM,
-Qwen2ForCausalLM, Qwen3ForCausalLM; default llama) and the tokenizer's style. The tokenizer is a
-byte-level BPE trained on the queries and responses of a Sandbox file (default: the bundled
-sample), with </s> (EOS) and <unk>, no pad token; for llama and mistral also <s> (BOS, prepended
-like their tokenizers do), for qwen2 and qwen3 no BOS and a ChatML chat template instead, as
-Qwen's tokenizers have. Byte-level means every text round-trips exactly through encode/decode.
-The same texts, family and seed always give byte-identical files.
+Details: docs/design.md section 7.30.
 """
 
 from __future__ import annotations
@@ -22,11 +10,14 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from fastalign.cli import run_main
 from fastalign.model_dir import load_tokenizer
+
+# torch, tokenizers and transformers are imported where used: `python -m fastalign.tiny --help` does not pay
+# for them.
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # transformers model_type values

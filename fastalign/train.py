@@ -11,7 +11,7 @@ fastalign/config.py, the loop in fastalign/trainer.py (docs/design.md).
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch.distributed as dist
 
@@ -23,7 +23,6 @@ from fastalign.console import setup_logging
 from fastalign.errors import FastalignError
 from fastalign.run_lock import hold_output_dir
 from fastalign.trainer import Trainer
-
 
 _PEER_FAILURE_HINTS = ("connection reset", "connection closed", "broken pipe", "socket timeout",
                        "timed out", "nccl", "gloo")

@@ -8,21 +8,29 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from fastalign import best_model
+from fastalign import best_model, resume_inputs
 from fastalign import checkpoint as ckpt
 from fastalign import distributed as fdist
-from fastalign import resume_inputs
-from fastalign.alignment_model import (PREFIX, build_model, check_loss_backend, group_sums, loss_backend_name,
-                                       loss_plan_for, run_batch, uses_fsdp)
+from fastalign.alignment_model import (
+    PREFIX,
+    build_model,
+    check_loss_backend,
+    group_sums,
+    loss_backend_name,
+    loss_plan_for,
+    run_batch,
+    uses_fsdp,
+)
 from fastalign.config import TrainConfig, interval, step_token_budget
 from fastalign.console import format_metrics_line
 from fastalign.data.loading import load_groups
@@ -191,9 +199,11 @@ class Trainer:
         budget = self.batcher.step_token_budget
         log.info("%d optimizer steps (%d in epoch 0; %d groups x %d processes per step, %s), "
                  "warmup %d, %s schedule, logging every %d, %s", self.total_steps,
-                 self.batcher.steps_per_epoch(0), config.per_device_train_batch_size * config.gradient_accumulation_steps,
-                 env.world_size, f"packed into micro-batches of <= {budget} tokens" if budget
-                 else f"{config.gradient_accumulation_steps} micro-batches of {config.per_device_train_batch_size} groups",
+                 self.batcher.steps_per_epoch(0),
+                 config.per_device_train_batch_size * config.gradient_accumulation_steps, env.world_size,
+                 f"packed into micro-batches of <= {budget} tokens" if budget
+                 else f"{config.gradient_accumulation_steps} micro-batches of "
+                      f"{config.per_device_train_batch_size} groups",
                  warmup, config.lr_scheduler_type, self.logging_steps,
                  f"checkpoint every {self.save_steps} steps" if config.save_strategy == "steps"
                  else f"checkpoint {'each epoch' if config.save_strategy == 'epoch' else 'never'}")
@@ -405,7 +415,7 @@ class Trainer:
         return grad_norm.to(env.device, non_blocking=True)  # CPU-offloaded grads: norm on the host
 
     def _start_log(self, step: int, epoch: float, window: Window, grad_norm: torch.Tensor,
-                   nonfinite: torch.Tensor) -> "PendingLog":
+                   nonfinite: torch.Tensor) -> PendingLog:
         """Reduce the window's statistics over ranks in one collective and start their copy to the
         host. On CUDA nothing here waits for the device: `_finish_log` reads the numbers after the
         next step has been queued, so logging (even every step) leaves no bubble on the GPU."""
@@ -425,7 +435,7 @@ class Trainer:
         return PendingLog(step=step, epoch=epoch, lr=window.lr,
                           elapsed=window.training_seconds(), values=sums, ready=ready)
 
-    def _finish_log(self, pending: "PendingLog", bar) -> None:
+    def _finish_log(self, pending: PendingLog, bar) -> None:
         """Write the metrics line of a logging step; NaN/inf stops the run."""
         if pending.ready is not None:
             pending.ready.synchronize()

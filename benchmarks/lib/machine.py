@@ -22,7 +22,7 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def device_tag(device: "str | Any") -> str:
+def device_tag(device: str | Any) -> str:
     """Short device name for result file names: `cpu-2c` or the GPU name slug."""
     import torch
 
@@ -78,7 +78,7 @@ def _git_commit() -> str | None:
     return (head + ("-dirty" if dirty else "")) or None
 
 
-def machine_info(device: "str | Any" = "cpu") -> dict[str, Any]:
+def machine_info(device: str | Any = "cpu") -> dict[str, Any]:
     """What ran the benchmark: CPU, memory, GPU, library versions, source commit."""
     import torch
 
@@ -127,7 +127,7 @@ def peak_bf16_tflops(device_name: str) -> float | None:
     return gpu.tflops if gpu is not None else None
 
 
-def mfu(flops_per_second: float, device: "str | Any") -> float | None:
+def mfu(flops_per_second: float, device: str | Any) -> float | None:
     """Model FLOPs utilisation against the device's peak dense bf16 throughput (None on CPU).
 
     Count model FLOPs of real tokens only (fastalign.hf_config.LlamaConfig.flops_per_token: 6 x the

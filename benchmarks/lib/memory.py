@@ -1,16 +1,6 @@
 """Peak memory of a training loop, measured the same way by every benchmark.
 
-- CUDA: `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()` (allocator bytes,
-  so caching slack and the CUDA context are not counted).
-- CPU: peak resident set size (VmHWM) of a process that runs one side only, over the measured
-  steps, minus its resident set after imports and data preparation (before the model is built):
-  weights, gradients, optimizer state and activations count, load-time transients do not. Linux
-  resets VmHWM when "5" is written to /proc/self/clear_refs (after the warm-up steps, with freed
-  heap given back first); where that is refused the peak since process start is used and the JSON
-  says so (`peak_reset: false`). Such processes run with MALLOC_MMAP_THRESHOLD_ fixed so that
-  freed large blocks leave the RSS.
-
-torch is imported inside the methods that use it, for start-up time.
+Details: docs/design.md section 7.31.
 """
 
 from __future__ import annotations
@@ -78,7 +68,7 @@ CPU_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 @dataclass
 class PeakMemory:
-    """Peak memory of a training loop on one device (see the module docstring).
+    """Peak memory of a training loop on one device (docs/design.md section 7.31).
 
     Call `start()` after imports and data preparation, build the model, run the warm-up steps,
     then `reset_peak()` and the measured steps; `peak_bytes()` is then the steady-state training
@@ -91,7 +81,7 @@ class PeakMemory:
     base_bytes: int = 0
     peak_reset: bool = True
 
-    def start(self) -> "PeakMemory":
+    def start(self) -> PeakMemory:
         import torch
 
         self.device = torch.device(self.device)
@@ -102,7 +92,7 @@ class PeakMemory:
 
     reset = start  # measure from now on (base and peak both reset)
 
-    def reset_peak(self) -> "PeakMemory":
+    def reset_peak(self) -> PeakMemory:
         import torch
 
         if self.device.type == "cuda":

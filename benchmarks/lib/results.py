@@ -21,7 +21,7 @@ def utc_date() -> str:
     return utc_now().strftime("%Y-%m-%d")
 
 
-def results_path(benchmark: str, preset: str, device: "str | Any", out_dir: Path | None = None) -> Path:
+def results_path(benchmark: str, preset: str, device: str | Any, out_dir: Path | None = None) -> Path:
     """benchmarks/results/<benchmark>-<date>-<device>-<preset>.json (the date is UTC)."""
     out_dir = Path(out_dir) if out_dir is not None else RESULTS_DIR
     return out_dir / f"{benchmark}-{utc_date()}-{device_tag(device)}-{preset}.json"
@@ -37,7 +37,7 @@ def write_json(path: Path, payload: dict[str, Any]) -> Path:
     return path
 
 
-def result_header(benchmark: str, preset: str, device: "str | Any") -> dict[str, Any]:
+def result_header(benchmark: str, preset: str, device: str | Any) -> dict[str, Any]:
     """The fields every result JSON starts with."""
     return {
         "benchmark": benchmark,

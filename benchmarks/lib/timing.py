@@ -6,10 +6,11 @@ torch is imported inside `synchronize`, for start-up time.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
-def synchronize(device: "str | Any") -> None:
+def synchronize(device: str | Any) -> None:
     import torch
 
     device = torch.device(device)
@@ -17,7 +18,7 @@ def synchronize(device: "str | Any") -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], Any], device: "str | Any") -> tuple[Any, float]:
+def timed(fn: Callable[[], Any], device: str | Any) -> tuple[Any, float]:
     """Run fn once; return (its result, wall seconds) with the device synchronised on both ends."""
     synchronize(device)
     start = time.perf_counter()

@@ -9,8 +9,9 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from benchmarks.lib.memory import CPU_MEMORY_ENV
 from benchmarks.lib.paths import REPO_ROOT
@@ -31,7 +32,7 @@ class Worker:
     env: dict[str, str] | None = None
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
-    def start(self) -> "Worker":
+    def start(self) -> Worker:
         env = {**(os.environ if self.env is None else self.env), **CPU_MEMORY_ENV}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         self.proc = subprocess.Popen([sys.executable, *self.argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,

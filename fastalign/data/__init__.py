@@ -13,7 +13,6 @@ The bundled sample, `sample_sandbox.jsonl`, is package data of this package (`sa
 """
 
 from fastalign.data.batching import GroupBatcher, OptimizerStep, candidate_mask, draw_ranks, select_candidates
-from fastalign.errors import DataError
 from fastalign.data.packing import IGNORE_INDEX, PackedBatch, pack_groups, packed_tokens
 from fastalign.data.records import (
     REASON_CATEGORY_TYPE,
@@ -44,6 +43,7 @@ from fastalign.data.tokenization import (
     cut_at_turn_marker,
     tokenize_records,
 )
+from fastalign.errors import DataError
 
 __all__ = [
     "DataError", "Record", "LoadedRecords", "load_records", "records_from_dicts", "sample_data_path",

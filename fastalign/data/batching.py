@@ -1,53 +1,18 @@
 """Candidate sampling and the resumable plan of micro-batches over steps, accumulation and ranks.
 
-- Candidate sampling: a group with more than `num_comp` responses uses `num_comp` of them per epoch,
-  drawn uniformly without replacement from a hash of (seed, epoch, record index, response index):
-  stable across runs, processes, world sizes and resumption, independent of the other records.
-  The chosen responses keep their original order (so "ties: lowest index" keeps its meaning).
-- `seed_compat=True` (for `--margin_mode seed`, which reproduces the original train_alignment.py):
-  the original collator took `random.sample(list(zip(responses, scores)), min(k, num_comp))`, which
-  also puts the candidates in a random order (even when k <= num_comp), then `int()`-truncated the
-  scores (6.5 -> 6); its margin pairs each response with the rating at the same *position* of the
-  sorted ratings, so that order changes the loss. With `seed_compat` each group's candidates are the
-  same ones as without it, but in the order of their hash of (seed, epoch, record index, response
-  index) -- a uniformly random order, so subset + order is distributed as `random.sample`'s draw --
-  and their scores are truncated with `int()`. Like the draw itself, the order depends on nothing
-  else (not the rank, the world size or the resumption point). Without it (the default, paper mode)
-  candidates keep the file order and scores are used as they are.
-- A micro-batch holds whole groups: `batch_size` groups, or, when `max_tokens_per_batch` is set
-  (it then takes precedence and `batch_size` is ignored), as many consecutive groups as fit the token
-  budget, filled greedily. A single group larger than the budget forms a micro-batch on its own (it
-  cannot be split without breaking the group objective); `GroupBatcher.oversized_groups(epoch)`
-  counts those.
-- Step-level packing (`step_token_budget`, with `batch_size`): the groups a rank gets in one
-  optimizer step (its `batch_size`-group micro-batches, dealt as below) are re-cut, in the same
-  order, into micro-batches of at most `step_token_budget` packed tokens (of the layout in use),
-  filled greedily (a larger group goes alone). The step's groups, the loss (normalised over the
-  step's groups) and the plan's resumability do not change, only how many forward/backward passes
-  the step takes. Ranks that need fewer micro-batches than the busiest one get fillers.
-- `share_prefix` picks the packed layout (fastalign.data.packing); token budgets count its tokens.
-- Per epoch the groups are shuffled by (seed, epoch) (`shuffle=False` keeps file order), cut into
-  micro-batches, and the micro-batches dealt to optimizer steps of `world_size *
-  gradient_accumulation_steps` slots: step s takes the next W*A micro-batches and rank r gets those
-  at positions r, r+W, ... of the step. Every rank runs the same number of micro-batches per step;
-  where the epoch's last step runs short, a rank gets *filler* micro-batches (a real group,
-  `num_groups=0`) so the ranks' forwards and collectives stay matched. Every group appears exactly
-  once per epoch over all ranks (fillers aside). `OptimizerStep.global_groups` counts the step's
-  real groups on all ranks; the plan is a pure function of (data, seed, epoch, options), so every
-  rank computes the same plan without communicating, and `iter_steps(epoch, start_step)` resumes
-  exactly.
+Details: docs/design.md section 7.5.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import numpy as np
 
-from fastalign.errors import ConfigError, DataError
 from fastalign.data.packing import PackedBatch, pack_groups
 from fastalign.data.tokenization import TokenizedData, TokenizedGroup
+from fastalign.errors import ConfigError, DataError
 
 # ---------------------------------------------------------------------------------------------
 # Candidate sampling
@@ -144,7 +109,7 @@ class GroupBatcher:
 
     `batch_size` groups per micro-batch, or with `max_tokens_per_batch` (which then takes
     precedence) as many consecutive groups as fit that many tokens; a group larger than the budget
-    goes alone in its micro-batch. See the module docstring for the dealing of micro-batches to
+    goes alone in its micro-batch. See docs/design.md section 7.5 for the dealing of micro-batches to
     steps and ranks and for filler batches.
 
     `seed_compat=True` reproduces the original collator for `--margin_mode seed`: every group's

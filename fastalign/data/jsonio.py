@@ -1,18 +1,6 @@
 """Read JSON record files: one array (`.json`) or one value per line (`.jsonl`), optionally gzipped.
 
-The one reader behind `fastalign.data.load_records` (the trainer's data) and `fastalign.convert`
-(other people's data), so both name a file's problems the same way. It imports no torch: the
-converter starts in a fraction of a second.
-
-Layout: `.jsonl` / `.jsonl.gz` is one value per line, `.json` / `.json.gz` one JSON array; another
-suffix is read as an array when its first character is `[`, else as JSONL. Gzip is recognised by a
-`.gz` name or by the gzip magic bytes. Text is UTF-8; a leading byte-order mark is ignored.
-
-Errors: a JSONL line that is not UTF-8 or not valid JSON does not stop the reading: it comes out as
-a `ParseFailure` (with a message naming file, record and line), so a caller can drop it and go on
-(`--skip_invalid`) or raise it. Everything else raises `DataError` naming the file and the reason:
-no such file, corrupt or truncated gzip, a JSON array that does not parse (with line and column;
-nothing past the error can be read), a `.json` whose top level is not an array.
+Details: docs/design.md section 7.6.
 """
 
 from __future__ import annotations
@@ -22,9 +10,10 @@ import gzip
 import io
 import json
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 from fastalign.errors import DataError
 
@@ -107,7 +96,7 @@ def iter_json_values(path: str | Path, *, skipping_invalid: bool = False) -> Ite
 
     Reads JSONL line by line (a large file never sits in memory as a whole). `skipping_invalid`
     tells the reader that the caller drops invalid records: an error inside a JSON array then
-    says that it cannot be skipped. Raises DataError for unreadable files (module docstring).
+    says that it cannot be skipped. Raises DataError for unreadable files (docs/design.md section 7.6).
     """
     path = Path(path)
     try:

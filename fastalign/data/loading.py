@@ -3,8 +3,8 @@ runs (docs/design.md)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from fastalign import distributed as fdist
 from fastalign.config import TrainConfig
@@ -32,9 +32,9 @@ def load_groups(path: str, tokenizer: Callable[[], object], config: TrainConfig,
     Tokenized once per run and cached across runs (fastalign.data.token_cache); `tokenizer()` returns
     the tokenizer, loaded only when something has to be tokenized.
     """
-    from fastalign.hf_config import LlamaConfig
     from fastalign.data.packing import packed_tokens
     from fastalign.data.token_cache import cached_groups
+    from fastalign.hf_config import LlamaConfig
 
     def tokenize():
         tokenized, loaded = tokenize_file(path, tokenizer(), config)

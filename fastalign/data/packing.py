@@ -1,31 +1,13 @@
 """Tokenized groups -> one padding-free packed micro-batch (`PackedBatch`), in one of two layouts.
 
-No padding: the micro-batch is one flat stream of T tokens cut into segments (`cu_seqlens`); the
-contract of every field is in docs/packed_batch.md.
-
-Unshared layout (`share_prefix=False`): every response r of a group is the segment
-`query + response_r`, causal within itself. `targets[t]` is the next token id when that token is a
-response token of the same segment, else -100: the last query token predicts the first response
-token and the last token of each segment predicts nothing.
-
-Shared-prefix layout (`share_prefix=True`): a group of query q (Lq tokens) and k responses is
-    [q_0 .. q_{Lq-2}]                      the query segment (absent when Lq == 1); no targets
-    [q_{Lq-1}] + r_j, for j = 1..k         one response segment each
-Position ids are 0..Lq-2 in the query segment and Lq-1, Lq, ... in each response segment, exactly
-the positions these tokens have in `query + response_j`. A response segment attends to the keys
-and values of its group's query segment plus its own, causally (`kv_index` lists those stream
-positions per segment, `cu_seqlens_k` their boundaries; causal is aligned bottom-right, the
-convention of flash-attn >= 2.1). The per-response copy of the last query token sees the whole
-query and itself, as the last query token does in the unshared layout, so it computes the same
-hidden states in every layer and predicts the first response token; every other response token
-sees the same keys as there too. Hence logits, every nll_r and the objective are those of the
-unshared layout; only the query's first Lq-1 tokens run once instead of k times.
+Details: docs/design.md section 7.7.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,7 +63,7 @@ class PackedBatch:
         return dict(cu_seqlens=self.cu_seqlens, max_seqlen=self.max_seqlen, kv_index=self.kv_index,
                     cu_seqlens_k=self.cu_seqlens_k, max_seqlen_k=self.max_seqlen_k)
 
-    def to(self, device: Any, non_blocking: bool = False) -> "PackedBatch":
+    def to(self, device: Any, non_blocking: bool = False) -> PackedBatch:
         def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
             return None if tensor is None else tensor.to(device, non_blocking=non_blocking)
 
@@ -122,7 +104,7 @@ def pack_groups(groups: Sequence[TokenizedGroup], *, num_groups: int | None = No
                 share_prefix: bool = False) -> PackedBatch:
     """Pack every response of each group, in order, into one padding-free micro-batch.
 
-    `share_prefix` picks the layout (module docstring). `num_groups` defaults to len(groups);
+    `share_prefix` picks the layout (docs/design.md section 7.7). `num_groups` defaults to len(groups);
     GroupBatcher passes 0 for filler batches.
     """
     if not groups:

@@ -1,46 +1,25 @@
 """Sandbox records: reading a data file and validating each record.
 
-Data format
------------
-A data file holds sandbox records, as a JSON array (`.json`) or one JSON object per line
-(`.jsonl`); either may be gzip-compressed (`.json.gz`, `.jsonl.gz`; gzip is also recognised by its
-magic bytes). Another suffix is read as an array when its first character is `[`, else as JSONL.
-Text is UTF-8 (a leading byte-order mark is ignored). The files are read by `fastalign.data.jsonio`, the
-reader `fastalign.convert` uses too. Each record is
-
-    {"query": str, "responses": [str, ...], "scores": [number, ...],
-     "category": str (optional, carried through), "models": [...] (optional, ignored)}
-
-Validation (`load_records`)
----------------------------
-A record is invalid when it is not an object; `query` is missing or not a string; `responses` is
-missing, not a list, empty, or holds a non-string; `scores` is missing, not a list, or holds a
-non-number (booleans are not numbers); the two lists differ in length; a score is not finite (JSON
-`NaN`/`Infinity` parse in Python and are caught here); a score lies outside [1, rating_scale];
-`category` is present but neither a string nor null. Every error message names the file, the
-record index (0-based position in the file; JSONL also gives the line), the field and the reason.
-Unreadable files (missing, corrupt gzip, not UTF-8, malformed JSON with line and column, a `.json`
-whose top level is not an array, no records at all) raise too.
-
-By default the first problem raises `DataError` and nothing is returned (all or nothing). With
-`skip_invalid=True` invalid records are dropped and counted per reason in `LoadedRecords.skipped`
-(the keys are the `REASON_*` constants below); malformed or non-UTF-8 *lines* of a JSONL file are
-skipped the same way, but a malformed JSON array cannot be parsed past its error and still raises.
-
-Records that arrive as Python dicts (a caller's own list, not a file) go through the same rules
-(`records_from_dicts`): the first invalid one raises DataError naming its index and field.
+Details: docs/design.md section 7.8.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from fastalign.data.jsonio import REASON_MALFORMED_JSON, REASON_NOT_UTF8  # noqa: F401  (skip reasons, re-exported)
-from fastalign.data.jsonio import SKIP_INVALID_HINT, ParseFailure, iter_json_values, json_type_name
+from fastalign.data.jsonio import (  # noqa: F401  (skip reasons, re-exported)
+    REASON_MALFORMED_JSON,
+    REASON_NOT_UTF8,
+    SKIP_INVALID_HINT,
+    ParseFailure,
+    iter_json_values,
+    json_type_name,
+)
 from fastalign.errors import ConfigError, DataError
 
 # Reasons a record is skipped (keys of LoadedRecords.skipped): short and stable, users grep them.
@@ -165,7 +144,7 @@ def _validate(obj: Any, index: int, rating_scale: float) -> Record:
 
 
 def load_records(path: str | Path, *, rating_scale: float = 7.0, skip_invalid: bool = False) -> LoadedRecords:
-    """Read and validate a sandbox data file (rules in the module docstring).
+    """Read and validate a sandbox data file (rules: docs/design.md section 7.8).
 
     Raises DataError naming the file, record index, field and reason; with `skip_invalid` invalid
     records (and malformed JSONL lines) are dropped and counted per reason instead.

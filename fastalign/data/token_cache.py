@@ -1,29 +1,6 @@
 """Tokenized training data, cached between runs and shared by the ranks of one run.
 
-Tokenizing a large data file takes seconds to minutes, and every rank of a run needs the same
-groups. `cached_groups` tokenizes once: rank 0 loads and tokenizes (or finds an earlier run's
-entry), writes the entry, and tells the other ranks, which read it instead of tokenizing again.
-
-An entry is `<cache_dir>/<key>.npz`, the key a SHA-256 over
-  - the data file's bytes (content, not its name or mtime: a copied file hits, an edited one misses),
-  - every tokenizer file of the model directory (names and bytes),
-  - every setting that changes the groups (`model_max_length`, EOS, turn-marker cut, rating scale,
-    skipping invalid records) and the entry layout's version (FORMAT).
-It holds flat int32/float64/int64 arrays, one JSON string and a digest, read without pickle:
-nothing read from the cache can execute code. Entries are written to a new file and renamed, so a
-crash never leaves half an entry. The cache grows by one entry per distinct (data, tokenizer,
-settings); delete the directory to reclaim the space. A rank that cannot see rank 0's entry (nodes
-without a shared cache directory) tokenizes for itself.
-
-A cache directory may be shared, so an entry is untrusted input: every read verifies it
-(`read_entry`) before anything is built from it -- the zip layout, each array's dtype, rank and
-size against the bytes that hold it, the SHA-256 digest (over the key and every array, so an
-edited, damaged or renamed entry fails), and that the contents are what tokenization produces:
-offsets increasing and spanning the tokens, token ids inside the model's vocabulary, scores finite
-and on the rating scale, counts that add up. An entry that fails is a miss (a warning naming the
-file and the reason), re-made and rewritten. The digest is not a signature: whoever can write the
-directory can write an entry that verifies, with other tokens; see docs/data.md, "Start-up and
-the token cache".
+Details: docs/design.md section 7.9.
 """
 
 from __future__ import annotations
@@ -36,9 +13,9 @@ import os
 import secrets
 import stat
 import zipfile
+from collections.abc import Callable
 from itertools import chain
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 

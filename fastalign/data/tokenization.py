@@ -1,33 +1,18 @@
 """Records -> token ids per group (query once, each response on its own).
 
-Tokenization (`tokenize_records`)
----------------------------------
-The query and every response are tokenized separately (`tokenizer(text, add_special_tokens=False)`,
-batched over many texts) and their ids concatenated, so the query/response boundary is exact.
-The query gets the tokenizer's BOS in front (when it has one); each response gets EOS appended
-(when the tokenizer has one and `append_eos`). With `stop_response`, a response is cut before the
-first "\\n\\nHuman:" or "\\n\\nAssistant:" turn marker (before tokenizing). Each sequence
-(query + response) is then limited to `model_max_length` tokens by cutting the response from its end
-(the EOS goes first). Drop rules, each counted in `TokenizedData.stats`:
-  - `dropped_no_room`: the query (with BOS) leaves no room for one response token -> record dropped;
-  - `dropped_empty_query`: the query has no tokens at all (no text, no BOS), so nothing could
-    predict the first response token -> record dropped;
-  - `dropped_empty_responses`: a response with zero tokens (empty text and no EOS) is removed from
-    its group (the kept ones carry their index in the record in `TokenizedGroup.response_positions`,
-    so reports still name the record's own responses); `dropped_no_responses`: a group left without
-    responses -> record dropped.
-Every kept group therefore has >= 1 query token and >= 1 response, each with >= 1 token.
+Details: docs/design.md section 7.10.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from tqdm.auto import tqdm
 
-from fastalign.errors import ConfigError
 from fastalign.data.records import LoadedRecords, Record, records_from_dicts
+from fastalign.errors import ConfigError
 
 TURN_MARKERS = ("\n\nHuman:", "\n\nAssistant:")
 
@@ -92,7 +77,7 @@ def tokenize_records(
     progress: bool = False,
     chunk_size: int = 1024,
 ) -> TokenizedData:
-    """Tokenize records into groups (rules in the module docstring).
+    """Tokenize records into groups (rules: docs/design.md section 7.10).
 
     Texts are tokenized in batches of `chunk_size` records, so a fast tokenizer runs in Rust (on
     all cores) over many strings at once; `progress` shows a tqdm bar. Plain dicts are accepted
@@ -104,7 +89,8 @@ def tokenize_records(
     elif not all(isinstance(record, Record) for record in records):
         records = records_from_dicts(records, rating_scale=rating_scale)
     if model_max_length < 2:
-        raise ConfigError(f"--model_max_length must be at least 2 (one query and one response token), got {model_max_length}")
+        raise ConfigError("--model_max_length must be at least 2 (one query and one response token), "
+                          f"got {model_max_length}")
     bos_id = getattr(tokenizer, "bos_token_id", None)
     eos_id = getattr(tokenizer, "eos_token_id", None) if append_eos else None
     prefix = [bos_id] if bos_id is not None else []
@@ -174,8 +160,8 @@ class _SharedInts:
 def _batch_encoder(tokenizer: Any, sample_texts: list[str]) -> Callable[[list[str]], list[list[int]]]:
     """The fastest function equal to `tokenizer(texts, add_special_tokens=False)["input_ids"]`.
 
-    For a fast (Rust) tokenizer that is the backend's `encode_batch_fast` (no offsets computed:
-    ~30% quicker) -- but only when it gives the same ids as the tokenizer's own call on
+    For a fast (Rust) tokenizer that is the backend's `encode_batch_fast` (no offsets computed;
+    benchmarks/RESULTS.md, "Data pipeline") -- but only when it gives the same ids as the tokenizer's own call on
     `sample_texts` (a subclass may preprocess text in Python). The reference call also resets the
     backend to no truncation/padding, the state the direct call then runs in.
     """

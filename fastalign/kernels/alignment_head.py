@@ -1,26 +1,6 @@
 """Fused Stable Alignment LM head: Triton kernels around cuBLAS slice GEMMs.
 
-Same algorithm and interface as the PyTorch twin (fastalign/kernels/alignment_head_torch.py, the oracle of
-this module in tests); fastalign/loss.py drives both. The vocabulary is streamed in slices of C
-columns (chunk rule: `vocab_chunk_size`); per slice, the [N, C] logits come from one GEMM in the
-input dtype (fp32 accumulation inside the GEMM) and a Triton kernel consumes them in the same
-buffer, so no [N, V] tensor ever exists:
-
-- forward, `_lse_slice_kernel`: per token, updates the running max / sum-exp and picks the
-  target logit, all in fp32 (one read of the slice).
-- `_response_mean_kernel`: per response, the mean NLL over its tokens (fixed order, no atomics).
-- `_group_kernel`: per group, best response, margins (paper or seed), penalty, loss and each
-  response's d loss / d nll and d penalty / d nll (fastalign/kernels/group_math.py is its reference).
-- backward, `_softmax_grad_slice_kernel`: recomputed slice -> dZ = w * (softmax - onehot) in fp32,
-  stored in place in the input dtype; then grad_weight[slice] = dZ^T @ hidden (one GEMM over all
-  tokens, each row block written once) and grad_hidden += dZ @ W[slice] (fp32 accumulator, fed
-  by a GEMM with an fp32 output where torch offers `out_dtype`, else by fp32 copies).
-  Tokens whose weight is zero never reach this path (loss.py compacts them away).
-
-Deterministic: every reduction has a fixed order (no atomics); GEMM shapes depend only on inputs.
-Importing needs triton but no GPU: on CPU the kernels run under TRITON_INTERPRET=1 (tests), and
-tests/e2e/test_kernels_compile.py compiles each of them to sm_80 / sm_90 cubins with the constexprs of
-the `*_config` functions below (which the drivers pass), checking registers and spills.
+Details: docs/design.md section 7.17.
 """
 
 from __future__ import annotations
@@ -32,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastalign.kernels.alignment_head_torch import slice_view, vocab_slices, vocab_chunk_size
+from fastalign.kernels.alignment_head_torch import slice_view, vocab_chunk_size, vocab_slices
 from fastalign.kernels.group_math import GroupLayout, GroupOptions, GroupResult
 
 ROWS_PER_PROGRAM = 4  # lse kernel: rows per program, looping over the slice's columns

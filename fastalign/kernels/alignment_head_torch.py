@@ -18,10 +18,8 @@ import torch
 from fastalign.kernels.group_math import group_math as group_stats  # noqa: F401  (the twin's group step)
 
 # Transient budget for one logits slice [N, C] (plus the fp32 copy of the weight slice [C, H]).
-# CPU: 32 MiB; a slice that stays in cache is as fast or faster than a wide one (head forward +
-# backward, N = 1260 tokens, V = 32000, H = 256, 1 thread: 0.50-0.58 s at 32 MiB vs 0.74-1.03 s at
-# 256 MiB) and the peak memory drops by the difference (the whole [1260, 32000] fp32 logits, 154 MiB,
-# fit 256 MiB).
+# CPU: 32 MiB; a slice that stays in cache is as fast or faster than a wide one, and the peak
+# memory drops by the difference (benchmarks/RESULTS.md, "Where the time goes").
 CPU_CHUNK_BYTES = 32 << 20
 GPU_CHUNK_BYTES = 256 << 20
 MIN_CHUNK_COLUMNS = 128

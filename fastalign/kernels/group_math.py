@@ -1,25 +1,6 @@
 """Per-group Stable Alignment math on per-response NLLs (plain PyTorch; tiny, O(S) work).
 
-docs/design.md section 1, for one group of k responses with ratings s and mean NLLs nll:
-
-    best    = argmax_r s_r                          (ties: lowest index among the top-rated)
-    m_j     = (s_best - ref_j) / rating_scale * margin        for every j != best
-              ref_j = s_j                                     (margin_mode "paper")
-              ref_j = sorted(s, descending)[j]                (margin_mode "seed": the original
-                      code paired the response at position j with the j-th largest rating, so
-                      ratings [3, 7, 5] give the 3-rated response margin 7 - 7 = 0)
-    neg_j   = nll_best - nll_j + m_j
-    penalty = max(mean_j neg_j, 0)  or  max(max_j neg_j, 0) with max_flow;  0 when k == 1
-    loss_g  = nll_best + ratio * penalty
-
-"Position j" is the response's order inside its group (by response index). Besides the forward
-values this returns the two derivatives the fused head needs for its backward pass:
-d loss / d nll_r (loss = mean of loss_g over the groups) and d penalty_g / d nll_r. With
-max_flow, ties in neg_j route the (sub)gradient to the lowest index; a penalty of exactly 0 is
-inactive (gradient 0, like relu).
-
-Responses are laid out densely as [G, K] (K = largest group) so every reduction is a row
-reduction: deterministic on every device, and the same shape the Triton group kernel uses.
+Details: docs/design.md section 7.18.
 """
 
 from __future__ import annotations
@@ -95,7 +76,7 @@ def build_group_layout(group_index: torch.Tensor, num_groups: int,
 
 def group_math(nll: torch.Tensor, scores: torch.Tensor, layout: GroupLayout,
                opts: GroupOptions) -> GroupResult:
-    """Forward values and per-response derivatives of the objective (see module docstring)."""
+    """Forward values and per-response derivatives of the objective (docs/design.md section 7.18)."""
     slots = layout.slot_response  # [G, K]
     num_groups, k_max = slots.shape
     present = slots >= 0

@@ -1,25 +1,6 @@
 """Per-rank memory of one training step, for `python -m fastalign.plan`.
 
-Two halves:
-
-- Sharded state, exact: `measure_state` builds the trainer's own model on the meta device
-  (`alignment_model.AlignmentModel` over `model.Llama`), applies the trainer's `apply_ac` and `apply_fsdp`
-  on a DeviceMesh of the requested world size made by torch.distributed's *fake* backend (one
-  process, no GPU, no weights read, no communication), and reads rank 0's DTensor shards: their
-  storage sizes are what FSDP2 allocates (rank 0 holds the largest shard of every parameter;
-  shards are padded to equal size, so every rank allocates the same).
-- Activations and transients, arithmetic: `step_phases` counts, tensor by tensor, what autograd
-  saves in the forward of `DecoderLayer`, the final norm and the loss head (fastalign/loss.py,
-  fastalign/kernels/), and the buffers FSDP2 and the head hold during backward. Running the step itself
-  under FakeTensorMode is not possible here: the loss head's backward (`nonzero` of the tokens with
-  a gradient) and the sdpa fallback (`cu_seqlens.tolist()`) read sizes from the data, which fake
-  tensors cannot answer. The count is checked against autograd's saved tensors and the real
-  trainer's allocations on CPU (tests/unit/test_plan.py).
-
-Sizes are bytes on the busiest rank. T = tokens of the micro-batch, N = its target tokens, Tk = its
-gathered key/value rows (shared prefix),
-H = hidden, I = intermediate, Q = heads x head_dim, K = kv heads x head_dim, V = vocab, b = bytes
-of the compute dtype (2 for bf16, 4 for fp32).
+Details: docs/design.md section 7.23.
 """
 
 from __future__ import annotations
@@ -33,6 +14,9 @@ from fastalign import distributed as fdist
 from fastalign.alignment_model import AlignmentModel, uses_fsdp
 from fastalign.hf_config import LlamaConfig
 from fastalign.model import Llama
+
+# torch.distributed's fake backend, DTensor and the loss head's chunk rule are imported where used:
+# the planner's --help and a usage error do not pay for them.
 
 
 @dataclass(frozen=True)
@@ -301,7 +285,8 @@ def step_phases(c: LlamaConfig, state: StateBytes, mb: MicroBatch, opts: Options
                                      "activations": saved + shared + final, "loss-head slice": slice_bytes,
                                      "loss-head buffers": head_other, "backward buffers": 0}),
         Phase("last layer's backward", {**persistent, "gathered layers": root_gathered + held_layers * layer_gathered,
-                                        "activations": in_layer_backward + shared, "loss-head slice": 0, "loss-head buffers": 0,
+                                        "activations": in_layer_backward + shared, "loss-head slice": 0,
+                                        "loss-head buffers": 0,
                                         "backward buffers": layer_backward_bytes(c, mb, b) + layer_reduce
                                         + lm_head_grad + b * t * h}),
         Phase("end of backward", {**persistent, "gathered layers": root_gathered + layer_gathered,

@@ -1,32 +1,6 @@
 """Will it fit, and how long will it take? Plan a training run before renting the GPUs.
 
-    python -m fastalign.plan --model_name_or_path DIR | --config config.json
-        --nproc_per_node N [--nnodes M] --gpu A100-80GB | --gpu_memory_gb X [--gpu_tflops Y]
-        [the training flags it reads: --bf16 --fsdp --gradient_checkpointing
-         --per_device_train_batch_size --gradient_accumulation_steps --max_tokens_per_batch
-         --model_max_length --num_comp --share_prefix --num_train_epochs --data_path ...]
-
-Memory per rank (fastalign/plan/memory.py): the trainer's model is built on the meta device and
-sharded by the trainer's own `apply_ac` / `apply_fsdp` on a fake process group of the requested
-world size (no GPU, no weights read), so parameter, gradient and optimizer-state shards are the
-sizes FSDP2 allocates; activations, gathered layers and the loss head's buffers are counted
-tensor by tensor for the largest micro-batch the data (or, without data, the flags) implies.
-
-Time: the FLOPs the trainer's MFU counts (`LlamaConfig.flops_per_token`) over the GPU's dense
-bf16 peak at an assumed utilisation, and the FSDP traffic per step over an assumed link
-bandwidth. Every time is an estimate and printed as one.
-
-Token counts follow the trainer's packed layout (fastalign.data.packing): without a shared prefix every
-response is packed with its own copy of the query; with `--share_prefix True` (the default) a
-group is a query segment of its first Lq - 1 tokens, then per response the last query token and
-the response, attending to the query segment's keys and values gathered next to its own. Micro-
-batches are the trainer's: `--max_tokens_per_batch` is the step-level budget (the groups of one
-optimizer step on a rank, per_device_train_batch_size x gradient_accumulation_steps, cut into
-micro-batches of at most that many tokens; default 4096 on CPU, on CUDA the original's padded
-micro-batch, per_device_train_batch_size x num_comp x model_max_length, as in
-fastalign.config.step_token_budget; 0: one micro-batch per per_device_train_batch_size groups).
-
-Exit status: 0 when the plan fits, 3 (EXIT_DOES_NOT_FIT) when it does not, 2 for a usage error.
+Details: docs/design.md section 7.24.
 """
 
 from __future__ import annotations
@@ -34,14 +8,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
 
 from fastalign import distributed as fdist
 from fastalign.cli import BOOLEAN_FLAG, number, positive_float, positive_int
-from fastalign.errors import ConfigError
+from fastalign.errors import ConfigError, ModelError
 from fastalign.hardware import GPUS, Gpu
+from fastalign.hf_config import LlamaConfig
 from fastalign.plan import memory as pm
 from fastalign.plan.workload import COUNT_FIELDS, Workload, step_budget, workload_from_data, workload_from_flags
 
@@ -73,15 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--gpu_memory_gb", type=positive_float, help="GPU memory in GiB (overrides --gpu's).")
     where.add_argument("--gpu_tflops", type=positive_float, help="Dense bf16 peak TFLOP/s (overrides --gpu's).")
     where.add_argument("--mfu", type=positive_float, default=None,
-                       help=f"Assumed model-FLOPs utilisation (default {DEFAULT_MFU}, an assumption: no GPU rows in benchmarks/RESULTS.md yet).")
-    where.add_argument("--link_gb_s", type=positive_float, help="GPU-to-GPU bus bandwidth within a node, GB/s (default: --gpu's assumption).")
+                       help=f"Assumed model-FLOPs utilisation (default {DEFAULT_MFU}, an assumption: no GPU rows in "
+                            "benchmarks/RESULTS.md yet).")
+    where.add_argument("--link_gb_s", type=positive_float,
+                       help="GPU-to-GPU bus bandwidth within a node, GB/s (default: --gpu's assumption).")
     where.add_argument("--inter_node_gb_s", type=positive_float, default=INTER_NODE_GB_S,
                        help=f"Bandwidth per GPU between nodes, GB/s. Default {INTER_NODE_GB_S} (assumed).")
     where.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                       help="cuda (default): plan a GPU run (flash attention, Triton head, 256 MiB slices); cpu: a CPU run (sdpa, torch head, 32 MiB slices).")
+                       help="cuda (default): plan a GPU run (flash attention, Triton head, 256 MiB slices); cpu: a CPU "
+                            "run (sdpa, torch head, 32 MiB slices).")
     train = parser.add_argument_group("training flags (as python -m fastalign.train reads them)")
     train.add_argument("--bf16", default=False, **BOOLEAN_FLAG)
-    train.add_argument("--fsdp", default="", help="As the trainer: 'full_shard auto_wrap', 'shard_grad_op', 'hybrid_shard', 'offload', ''.")
+    train.add_argument("--fsdp", default="",
+                       help="As the trainer: 'full_shard auto_wrap', 'shard_grad_op', 'hybrid_shard', 'offload', ''.")
     train.add_argument("--gradient_checkpointing", default=False, **BOOLEAN_FLAG)
     train.add_argument("--per_device_train_batch_size", type=positive_int, default=8)
     train.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
@@ -98,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data (optional: without it the flags' worst case is planned)")
     data.add_argument("--data_path", help="Sandbox records; tokenized with --model_name_or_path's tokenizer.")
     data.add_argument("--num_records", type=positive_int, default=None,
-                      help="Without --data_path: records per epoch, for epoch times (token lengths from the two flags below).")
+                      help="Without --data_path: records per epoch, for epoch times (token lengths from the two flags "
+                           "below).")
     data.add_argument("--mean_sequence_tokens", type=positive_float, default=None,
                       help="Without --data_path: assumed mean query+response tokens (default --model_max_length).")
     data.add_argument("--mean_query_tokens", type=positive_float, default=None,
@@ -214,8 +194,6 @@ def largest_budget_that_fits(config, state: pm.StateBytes, opts: pm.Options, usa
 
 def make_plan(args) -> dict:
     """Everything the report prints, as plain numbers (also written by --json)."""
-    from fastalign.hf_config import LlamaConfig
-
     config = (LlamaConfig.from_pretrained(args.model_name_or_path) if args.model_name_or_path
               else LlamaConfig.from_hf_dict(_read_json(args.config), source=args.config))
     config.check_length(args.model_max_length)  # as the trainer: a shorter sliding window is refused
@@ -281,7 +259,8 @@ def estimate_time(config, args, fsdp_plan: fdist.FsdpPlan, work: Workload, gpu: 
            "communication_bytes_per_step_per_rank": inside + across,
            "compute_s_per_step": compute_s, "communication_s_per_step": comm_s, "step_s": step_s,
            "tokens_per_s": work.tokens_per_step / step_s,
-           "not_counted": "the host's AdamW step and the PCIe copies of offloaded shards" if fsdp_plan.offload else None}
+           "not_counted": ("the host's AdamW step and the PCIe copies of offloaded shards"
+                           if fsdp_plan.offload else None)}
     if work.steps_per_epoch is not None:
         out["steps_per_epoch"] = work.steps_per_epoch
         out["epoch_hours"] = work.steps_per_epoch * step_s / 3600
@@ -338,8 +317,9 @@ def what_would_fit(config, args, fsdp_plan: fdist.FsdpPlan, work: Workload, usab
         hints.append(f"fits with a smaller batch: --max_tokens_per_batch {budget} (the step's groups cut into "
                      f"micro-batches of at most {budget} tokens)")
     elif budget > 0:
-        hints.append(f"a smaller batch alone is not enough: micro-batches up to {budget} tokens fit, but the largest "
-                     f"group ({work.largest_group_tokens} tokens) cannot be split (lower --model_max_length or --num_comp)")
+        hints.append(f"a smaller batch alone is not enough: micro-batches up to {budget} tokens fit, but the "
+                     f"largest group ({work.largest_group_tokens} tokens) cannot be split (lower --model_max_length "
+                     "or --num_comp)")
     else:
         hints.append("a smaller batch alone is not enough: the parameters, gradients and optimizer state do not "
                      "fit by themselves")
@@ -354,18 +334,23 @@ def _gib(n: float) -> str:
 
 
 def _duration(seconds: float) -> str:
-    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.2f} s"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.2f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.2f} s"
 
 
 def format_report(plan: dict) -> str:
     m, w, g, load, mem, t = plan["model"], plan["world"], plan["gpu"], plan["workload"], plan["memory"], plan["time"]
     lines = [
-        f"model: {m['config']} ({m['parameters'] / 1e9:.2f} B parameters, {m['layers']} layers, hidden {m['hidden']}, vocab {m['vocab']})",
+        f"model: {m['config']} ({m['parameters'] / 1e9:.2f} B parameters, {m['layers']} layers, "
+        f"hidden {m['hidden']}, vocab {m['vocab']})",
         f"world: {w['ranks']} rank{'s' * (w['ranks'] > 1)} ({w['nnodes']} node{'s' * (w['nnodes'] > 1)} x "
         f"{w['nproc_per_node']}), fsdp {w['fsdp']}, "
-        f"{'bf16' if w['bf16'] else 'fp32'} compute, activation checkpointing {'on' if w['gradient_checkpointing'] else 'off'}, "
+        f"{'bf16' if w['bf16'] else 'fp32'} compute, "
+        f"activation checkpointing {'on' if w['gradient_checkpointing'] else 'off'}, "
         f"shared prefix {'on' if w['share_prefix'] else 'off'}",
-        f"GPU: {g['name'] or 'custom'}, {g['memory_gib']:g} GiB ({g['usable_gib']:.2f} GiB usable: {USABLE_FRACTION:.0%} minus "
+        f"GPU: {g['name'] or 'custom'}, {g['memory_gib']:g} GiB ({g['usable_gib']:.2f} GiB usable: "
+        f"{USABLE_FRACTION:.0%} minus "
         f"{RESERVED_GIB:g} GiB for the CUDA context, NCCL and cuBLAS)",
         f"micro-batches: --max_tokens_per_batch {load['max_tokens_per_batch'] or '0 (off)'}, "
         f"{load['micro_batches_per_step']:.3g} per rank per step (the time's workload); the largest "
@@ -379,7 +364,8 @@ def format_report(plan: dict) -> str:
     for part in pm.PART_NAMES:
         lines.append(f"  {part:<18} {_gib(mem['parts_bytes'][part]):>12}")
     lines.append(f"  {'total':<18} {_gib(mem['peak_bytes']):>12}")
-    lines.append("  by moment of the step: " + ", ".join(f"{name} {_gib(total)}" for name, total in mem["phases_bytes"].items())
+    phases = ", ".join(f"{name} {_gib(total)}" for name, total in mem["phases_bytes"].items())
+    lines.append(f"  by moment of the step: {phases}"
                  + f" (the loss-head slice, {_gib(mem['loss_head_slice_bytes'])}, lives in its backward)")
     if mem["host_offload_bytes_per_rank"]:
         lines.append(f"  offloaded to host: {_gib(mem['host_offload_bytes_per_rank'])} per rank")
@@ -407,7 +393,8 @@ def format_report(plan: dict) -> str:
             f"time (estimates): {t['flops_per_step']:.3g} FLOPs per step, each GPU at {t['mfu']:.0%} of "
             f"{t['tflops_peak']:g} TFLOP/s ({t['mfu_source']})",
             f"  compute {_duration(t['compute_s_per_step'])}/step, communication "
-            f"{t['communication_bytes_per_step_per_rank'] / 1e9:.2f} GB/rank/step = {_duration(t['communication_s_per_step'])} "
+            f"{t['communication_bytes_per_step_per_rank'] / 1e9:.2f} GB/rank/step = "
+            f"{_duration(t['communication_s_per_step'])} "
             f"at {t['link_gb_s']:g} GB/s (between nodes {t['inter_node_gb_s']:g} GB/s), assumed overlapped",
             f"  step ~{_duration(t['step_s'])}, ~{t['tokens_per_s']:,.0f} tokens/s (all ranks)"
             + (f"; not counted: {t['not_counted']}" if t["not_counted"] else ""),
@@ -421,8 +408,6 @@ def format_report(plan: dict) -> str:
 
 
 def _read_json(path: str) -> dict:
-    from fastalign.errors import ModelError
-
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:

@@ -4,8 +4,8 @@ flags' worst case, as fastalign.data.packing packs them (docs/design.md, fastali
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from fastalign.plan import memory as pm
 
@@ -83,7 +83,10 @@ def workload_from_flags(args) -> Workload:
     budget = step_budget(args)
 
     def cut(tokens: float) -> tuple[int, int]:  # (groups per micro-batch, micro-batches per step)
-        per_micro = args.per_device_train_batch_size if budget is None else max(1, min(step_groups, int(budget // tokens)))
+        if budget is None:
+            per_micro = args.per_device_train_batch_size
+        else:
+            per_micro = max(1, min(step_groups, int(budget // tokens)))
         return per_micro, math.ceil(step_groups / per_micro)
 
     per_micro, micro_batches = cut(group[0])
