@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 
 # Lint rules and line length live in pyproject.toml ([tool.ruff]); the tree is not run through `ruff format`.
 lint: $(STAMP)
-	$(VENV)/bin/ruff check fastalign benchmarks
+	$(VENV)/bin/ruff check fastalign benchmarks tests
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -125,9 +125,10 @@ def plan_tiny(tmp_path_factory):
 @pytest.fixture(scope="session")
 def family_tiny(tmp_path_factory):
     """family -> tiny model dir built by `fastalign.tiny` with that family's tokenizer style."""
+    from helpers.models import FAMILY_CLASSES
+
     from fastalign.data import sample_data_path
     from fastalign.tiny import build_tiny_llama, sandbox_texts
-    from helpers.models import FAMILY_CLASSES
 
     root = tmp_path_factory.mktemp("families")
     texts = sandbox_texts(sample_data_path())

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers.records import MULTI_TURN_CHOSEN, MULTI_TURN_REJECTED
 
 pytestmark = pytest.mark.slow

@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers.records import write_jsonl
 
 from fastalign.data import sample_data_path
-from helpers.records import write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +33,8 @@ def test_torchrun_two_ranks_give_the_single_process_result(tiny_dir, tmp_path):
     for ranks in (1, 2):
         out = tmp_path / f"r{ranks}.json"
         launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if ranks == 2 else []
-        cmd = [sys.executable, *launcher, "-m", "fastalign.evaluate", "--model_name_or_path", str(tiny_dir), "--data_path", str(data),
-               "--output_json", str(out), "--max_tokens_per_batch", "1500"]
+        cmd = [sys.executable, *launcher, "-m", "fastalign.evaluate", "--model_name_or_path", str(tiny_dir),
+               "--data_path", str(data), "--output_json", str(out), "--max_tokens_per_batch", "1500"]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]

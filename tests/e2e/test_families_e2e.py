@@ -8,11 +8,11 @@ import subprocess
 
 import pytest
 import torch
+from helpers.models import FAMILY_CLASSES
+from helpers.training import common, metrics, ok, run_train
 from safetensors.torch import load_file, save_file
 
 from fastalign.data import sample_data_path
-from helpers.models import FAMILY_CLASSES
-from helpers.training import common, metrics, ok, run_train
 
 pytestmark = pytest.mark.slow
 

@@ -49,6 +49,7 @@ def test_accumulation_all_reduces_replicated_gradients_once_per_step(tmp_path):
     per FSDP unit (2 layers + root) per step, not per micro-batch, and the same weights as
     full_shard (which reduce-scatters every micro-batch)."""
     from helpers.training import assert_same_weights, common
+
     from fastalign.data import sample_data_path
     from fastalign.tiny import build_tiny_llama, sandbox_texts
 

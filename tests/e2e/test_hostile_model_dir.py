@@ -23,14 +23,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.training import REPO, common
 
 from fastalign import model_dir
 from fastalign.errors import ModelError
-from fastalign.hf_weights import SAFETENSORS_SINGLE, CheckpointReader
 from fastalign.hf_config import LlamaConfig
+from fastalign.hf_weights import SAFETENSORS_SINGLE, CheckpointReader
 from fastalign.model import Llama
 from fastalign.model_dir import load_tokenizer
-from helpers.training import REPO, common
 
 pytestmark = pytest.mark.slow
 

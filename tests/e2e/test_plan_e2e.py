@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from fastalign.plan import memory as pm
-from fastalign.hf_config import LlamaConfig
 from helpers.planning import run_plan
+
+from fastalign.hf_config import LlamaConfig
+from fastalign.plan import memory as pm
 
 pytestmark = pytest.mark.slow
 

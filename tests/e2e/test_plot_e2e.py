@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers.records import metrics_line, write_metrics
 
 pytestmark = pytest.mark.slow

@@ -16,12 +16,20 @@ import time
 from pathlib import Path
 
 import pytest
-
-from fastalign.reporting import installed
 from helpers.training import (
-    REPO, assert_same_metrics, assert_same_weights, common, metrics, no_traceback, ok, run_train, start_train,
+    REPO,
+    assert_same_metrics,
+    assert_same_weights,
+    common,
+    metrics,
+    no_traceback,
+    ok,
+    run_train,
+    start_train,
     wait_for_steps,
 )
+
+from fastalign.reporting import installed
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +57,9 @@ def test_damaged_newest_checkpoint_auto_resumes_the_previous_explicit_is_an_erro
     shard = out / "checkpoint-4" / "__0_0.distcp"
     shard.write_bytes(shard.read_bytes()[:-1000])  # truncated by a kill / a full disk
 
-    stderr = no_traceback(run_train(common(model, data, out, max_steps=4, resume_from_checkpoint=out / "checkpoint-4", **FLAGS)))
+    stderr = no_traceback(
+        run_train(common(model, data, out, max_steps=4, resume_from_checkpoint=out / "checkpoint-4", **FLAGS))
+    )
     assert "error: --resume_from_checkpoint" in stderr and str(shard) in stderr and "truncated" in stderr
 
     result = ok(run_train(common(model, data, out, max_steps=4, resume_from_checkpoint="auto", **FLAGS)))

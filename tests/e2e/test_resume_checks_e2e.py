@@ -9,10 +9,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from fastalign import checkpoint as ckpt
 from helpers.checkpoints import edit_json, link_shard, reseal, setting
 from helpers.training import common, metrics, ok, run_train
+
+from fastalign import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 

@@ -16,10 +16,10 @@ import subprocess
 import sys
 
 import pytest
-
-from fastalign.run_lock import LOCK_FILE, hold_output_dir, take_lock
 from helpers.run_dir import tree, write_owner
 from helpers.training import common, metrics, no_traceback, ok, run_train, start_train, wait_for_steps
+
+from fastalign.run_lock import LOCK_FILE, hold_output_dir, take_lock
 
 pytestmark = pytest.mark.slow
 

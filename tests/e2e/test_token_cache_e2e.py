@@ -10,10 +10,10 @@ import sys
 
 import numpy as np
 import pytest
-
-from fastalign.data.token_cache import read_entry
 from helpers.cache_entries import rewrite, setitem
 from helpers.training import REPO, assert_same_metrics, common, metrics, ok, run_train
+
+from fastalign.data.token_cache import read_entry
 
 pytestmark = pytest.mark.slow
 

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from helpers.training import REPO, assert_same_metrics, assert_same_weights, common, metrics, ok, run_train
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 

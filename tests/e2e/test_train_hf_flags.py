@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from fastalign.reporting import installed
 from helpers.training import REPO, common, metrics, ok, run_train, run_train_on_terminal
 from helpers.wandb_offline import wandb_records
+
+from fastalign.reporting import installed
 
 pytestmark = pytest.mark.slow
 

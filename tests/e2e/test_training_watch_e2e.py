@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers.training import REPO, common, metrics, ok, run_train
 
 from fastalign import checkpoint as ckpt
-from helpers.training import REPO, common, metrics, ok, run_train
 
 pytestmark = pytest.mark.slow
 

@@ -110,7 +110,10 @@ def test_backend_runs_shared_prefix_segments_as_sdpa_does(backend, num_kv_heads)
                              scores=[1.0] * len(lengths)) for i, (q, lengths) in enumerate(shapes)]
     batch = pack_groups(groups, share_prefix=True).to("cuda")
     t = batch.num_tokens
-    q, k, v = (torch.randn(t, h, 64, device="cuda").to(torch.bfloat16).requires_grad_() for h in (8, num_kv_heads, num_kv_heads))
+    q, k, v = (
+        torch.randn(t, h, 64, device="cuda").to(torch.bfloat16).requires_grad_()
+        for h in (8, num_kv_heads, num_kv_heads)
+    )
     grad_out = torch.randn_like(q, dtype=torch.float32)
 
     def run(name, q, k, v):

@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-
 from helpers.training import common, metrics, ok, run_train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fastalign.plan import planner as fplan
 from fastalign.cli import run_main
+from fastalign.plan import planner as fplan
 
 
 def run_plan(argv: list[str], tmp_path: Path, capsys) -> tuple[int, dict, str]:

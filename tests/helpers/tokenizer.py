@@ -10,8 +10,8 @@ The session-wide `hf_tokenizer` fixture (tests/conftest.py) is one of these.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from fastalign import tiny
 

@@ -13,11 +13,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from helpers.bench_results import finite, only_json  # noqa: E402
+
 from benchmarks.lib import machine  # noqa: E402
 from benchmarks.lib.memory import PeakMemory  # noqa: E402
 from benchmarks.lib.results import results_path, utc_date  # noqa: E402
 from benchmarks.lib.workers import Worker  # noqa: E402
-from helpers.bench_results import finite, only_json  # noqa: E402
 
 
 def test_peak_flops_table_picks_the_specific_name_first():
@@ -194,8 +195,8 @@ def _stand_in_dpo(weight, hidden, target, ref_input, ref_weight, beta=0.1):
 def test_liger_side_batches_pairs_and_trains_against_its_initial_reference(tmp_path):
     from transformers import AutoTokenizer
 
-    from benchmarks.lib.presets import TRAIN_PRESETS
     from benchmarks.baseline_original import build_benchmark_dir, default_data_path
+    from benchmarks.lib.presets import TRAIN_PRESETS
     from benchmarks.peer_liger import LigerDPO, encode_pairs
     from benchmarks.peer_trl import best_worst_pairs, write_pairs
 

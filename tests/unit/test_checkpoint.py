@@ -6,10 +6,10 @@ import random
 
 import pytest
 import torch
+from helpers.checkpoints import make_checkpoint, sharded_toy, train_steps
 
 from fastalign import checkpoint as ckpt
 from fastalign.errors import ConfigError
-from helpers.checkpoints import make_checkpoint, sharded_toy, train_steps
 
 
 def test_latest_checkpoint_skips_partial_and_orders_numerically(tmp_path, process_group):

@@ -4,11 +4,11 @@ import gzip
 import json
 
 import pytest
+from helpers.records import MULTI_TURN_CHOSEN, MULTI_TURN_REJECTED
 
 from fastalign.cli import run_main
 from fastalign.convert import main
 from fastalign.data import load_records
-from helpers.records import MULTI_TURN_CHOSEN, MULTI_TURN_REJECTED
 
 DIALOGUE = "Human: What is 2+2?\n\nAssistant: 4.\n\nHuman: And times 3?"
 
@@ -224,7 +224,8 @@ def test_output_is_deterministic(tmp_path, capsys):
 def test_outputs_pass_the_trainers_validation(tmp_path, capsys, fmt, record, extra, suffix):
     source = write_jsonl(tmp_path / "in.jsonl", [record] * 2)
     output = tmp_path / f"out{suffix}"
-    assert convert(capsys, "--format", fmt, "--input", source, "--output", output, "--rating_scale", "5", *extra)[0] == 0
+    code = convert(capsys, "--format", fmt, "--input", source, "--output", output, "--rating_scale", "5", *extra)[0]
+    assert code == 0
     loaded = load_records(output, rating_scale=5)
     assert [(r.query, r.responses, r.scores) for r in loaded.records] == [
         (w["query"], w["responses"], w["scores"]) for w in read_records(output)]

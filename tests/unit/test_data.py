@@ -6,6 +6,7 @@ import gzip
 import json
 
 import pytest
+from helpers.tokenizer import build_tokenizer
 
 from fastalign.data import (
     REASON_CATEGORY_TYPE,
@@ -31,7 +32,6 @@ from fastalign.data import (
     tokenize_records,
 )
 from fastalign.errors import DataError as ErrorsDataError
-from helpers.tokenizer import build_tokenizer
 
 GOOD = [
     {"query": "### Instruction:\nq0\n\n### Response:", "responses": ["a", "b"], "scores": [7, 3],
@@ -104,23 +104,30 @@ BAD_RECORDS = [
     (["not", "an", "object"], REASON_NOT_OBJECT, None, "record is a JSON array, expected an object"),
     ("text", REASON_NOT_OBJECT, None, "record is a JSON string"),
     ({"responses": ["a"], "scores": [1]}, REASON_MISSING_QUERY, "query", "missing"),
-    ({"query": ["q"], "responses": ["a"], "scores": [1]}, REASON_QUERY_TYPE, "query", "expected a string, got a JSON array"),
+    ({"query": ["q"], "responses": ["a"], "scores": [1]}, REASON_QUERY_TYPE, "query",
+     "expected a string, got a JSON array"),
     ({"query": None, "responses": ["a"], "scores": [1]}, REASON_QUERY_TYPE, "query", "got a JSON null"),
     ({"query": "q", "scores": [1]}, REASON_MISSING_RESPONSES, "responses", "missing"),
     ({"query": "q", "responses": "a", "scores": [1]}, REASON_RESPONSES_TYPE, "responses", "expected a list of strings"),
-    ({"query": "q", "responses": ["a", 3], "scores": [1, 2]}, REASON_RESPONSES_TYPE, "responses[1]", "expected a string, got a JSON number"),
+    ({"query": "q", "responses": ["a", 3], "scores": [1, 2]}, REASON_RESPONSES_TYPE, "responses[1]",
+     "expected a string, got a JSON number"),
     ({"query": "q", "responses": [], "scores": []}, REASON_EMPTY_RESPONSES, "responses", "at least one response"),
     ({"query": "q", "responses": ["a"]}, REASON_MISSING_SCORES, "scores", "missing"),
     ({"query": "q", "responses": ["a"], "scores": 5}, REASON_SCORES_TYPE, "scores", "expected a list of numbers"),
-    ({"query": "q", "responses": ["a"], "scores": ["7"]}, REASON_SCORES_TYPE, "scores[0]", "expected a number, got a JSON string"),
-    ({"query": "q", "responses": ["a", "b"], "scores": [3, True]}, REASON_SCORES_TYPE, "scores[1]", "got a JSON boolean"),
+    ({"query": "q", "responses": ["a"], "scores": ["7"]}, REASON_SCORES_TYPE, "scores[0]",
+     "expected a number, got a JSON string"),
+    ({"query": "q", "responses": ["a", "b"], "scores": [3, True]}, REASON_SCORES_TYPE, "scores[1]",
+     "got a JSON boolean"),
     ({"query": "q", "responses": ["a"], "scores": [None]}, REASON_SCORES_TYPE, "scores[0]", "got a JSON null"),
-    ({"query": "q", "responses": ["a", "b"], "scores": [3]}, REASON_LENGTH_MISMATCH, "scores", "2 responses but 1 scores"),
-    ({"query": "q", "responses": ["a", "b"], "scores": [3, 8]}, REASON_SCORE_RANGE, "scores[1]", "score 8 is outside [1, 7]"),
+    ({"query": "q", "responses": ["a", "b"], "scores": [3]}, REASON_LENGTH_MISMATCH, "scores",
+     "2 responses but 1 scores"),
+    ({"query": "q", "responses": ["a", "b"], "scores": [3, 8]}, REASON_SCORE_RANGE, "scores[1]",
+     "score 8 is outside [1, 7]"),
     ({"query": "q", "responses": ["a"], "scores": [-1]}, REASON_SCORE_RANGE, "scores[0]", "score -1 is outside [1, 7]"),
     ({"query": "q", "responses": ["a"], "scores": [0.999]}, REASON_SCORE_RANGE, "scores[0]", "outside"),
     ({"query": "q", "responses": ["a"], "scores": [10 ** 400]}, REASON_SCORE_RANGE, "scores[0]", "outside"),
-    ({"query": "q", "responses": ["a"], "scores": [3], "category": 5}, REASON_CATEGORY_TYPE, "category", "expected a string or null"),
+    ({"query": "q", "responses": ["a"], "scores": [3], "category": 5}, REASON_CATEGORY_TYPE, "category",
+     "expected a string or null"),
 ]
 
 
@@ -149,8 +156,10 @@ def test_each_bad_record_raises_naming_file_index_field_and_reason(tmp_path, nam
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
 def test_non_finite_json_literals_are_rejected(tmp_path, literal):
     path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps(GOOD[0]) + "\n" + '{"query": "q", "responses": ["a"], "scores": [%s]}\n' % literal)
-    with pytest.raises(DataError, match=r"record 1 \(line 2\), field 'scores\[0\]': score -?(nan|inf) is not a finite number"):
+    path.write_text(json.dumps(GOOD[0]) + "\n" + f'{{"query": "q", "responses": ["a"], "scores": [{literal}]}}\n')
+    with pytest.raises(
+        DataError, match=r"record 1 \(line 2\), field 'scores\[0\]': score -?(nan|inf) is not a finite number"
+    ):
         load_records(path)
     assert load_records(path, skip_invalid=True).skipped == {REASON_SCORE_NOT_FINITE: 1}
 
@@ -357,7 +366,9 @@ def test_stop_response_cuts_at_first_turn_marker(tmp_path, hf_tokenizer):
     assert [cut_at_turn_marker(r) for r in responses] == ["Keep it.", "No.", "Plain answer."]
     loaded = _records(tmp_path, [{"query": "q", "responses": responses, "scores": [1, 2, 3]}])
     stopped = tokenize_records(loaded, tok, stop_response=True)
-    assert stopped.groups[0].response_ids == [_ids(tok, t) + [tok.eos_token_id] for t in ["Keep it.", "No.", "Plain answer."]]
+    assert stopped.groups[0].response_ids == [
+        _ids(tok, t) + [tok.eos_token_id] for t in ["Keep it.", "No.", "Plain answer."]
+    ]
     assert stopped.stats["stopped_responses"] == 2
     unstopped = tokenize_records(loaded, tok)
     assert unstopped.groups[0].response_ids[0] == _ids(tok, responses[0]) + [tok.eos_token_id]
@@ -391,7 +402,8 @@ def test_truncation_cuts_responses_from_the_end_and_drops_queries_without_room(t
 
 
 def test_chunked_batch_tokenization_matches_one_by_one(tmp_path, hf_tokenizer):
-    records = [{"query": f"Instruction {i}: what about café {i}?", "responses": [f"answer {j} " * (i % 4) for j in range(1 + i % 3)],
+    records = [{"query": f"Instruction {i}: what about café {i}?",
+                "responses": [f"answer {j} " * (i % 4) for j in range(1 + i % 3)],
                 "scores": [1 + (i + j) % 7 for j in range(1 + i % 3)]} for i in range(23)]
     loaded = _records(tmp_path, records)
     chunked = tokenize_records(loaded, hf_tokenizer, chunk_size=5, progress=True)

@@ -32,7 +32,9 @@ def groups_strategy(draw, max_groups=6, max_responses=4):
     for index in sorted(draw(st.sets(st.integers(0, 10_000), min_size=1, max_size=max_groups))):
         responses = draw(st.lists(token_ids, min_size=1, max_size=max_responses))
         scores = [float(draw(st.integers(1, 7))) for _ in responses]
-        groups.append(TokenizedGroup(record_index=index, query_ids=draw(token_ids), response_ids=responses, scores=scores))
+        groups.append(
+            TokenizedGroup(record_index=index, query_ids=draw(token_ids), response_ids=responses, scores=scores)
+        )
     return groups
 
 
@@ -45,7 +47,9 @@ def make_data(num_groups, *, max_responses=5, seed=0, first_index=0):
         query = rng.integers(1, 1000, size=int(rng.integers(1, 6))).tolist()
         responses = [rng.integers(1, 1000, size=int(rng.integers(1, 6))).tolist() for _ in range(k)]
         scores = rng.integers(1, 8, size=k).astype(float).tolist()
-        groups.append(TokenizedGroup(record_index=first_index + 3 * g, query_ids=query, response_ids=responses, scores=scores))
+        groups.append(
+            TokenizedGroup(record_index=first_index + 3 * g, query_ids=query, response_ids=responses, scores=scores)
+        )
     return TokenizedData(groups=groups, stats={})
 
 
@@ -86,7 +90,11 @@ def test_pack_groups_matches_the_oracle(groups):
     assert batch.max_seqlen == max(b - a for a, b in zip(cu, cu[1:]))
     assert batch.record_indices == [g.record_index for g in groups] and batch.num_groups == len(groups)
     assert batch.num_tokens == len(ids) == cu[-1]
-    assert batch.num_target_tokens == sum(t != -100 for t in targets) == sum(len(r) for g in groups for r in g.response_ids)
+    assert (
+        batch.num_target_tokens
+        == sum(t != -100 for t in targets)
+        == sum(len(r) for g in groups for r in g.response_ids)
+    )
 
 
 @FAST
@@ -178,7 +186,9 @@ def test_batcher_candidates_follow_record_index_not_layout(world_size):
                     for g, record_index in enumerate(batch.record_indices):
                         seen[record_index] = batch.scores[batch.group_index == g].tolist()
         for group in data.groups:
-            chosen = select_candidates(len(group.response_ids), group.record_index, num_comp=num_comp, seed=5, epoch=epoch)
+            chosen = select_candidates(
+                len(group.response_ids), group.record_index, num_comp=num_comp, seed=5, epoch=epoch
+            )
             assert seen[group.record_index] == [group.scores[j] for j in chosen]
 
 
@@ -331,7 +341,10 @@ def test_every_group_once_per_epoch_with_matched_ranks(num_groups, world_size, a
         assert {step.global_groups for step in steps} == {sum(b.num_groups for b in real)}
         assert sum(b.num_groups for step in steps for b in step.micro_batches) / steps[0].global_groups == 1
         if s < num_steps - 1:  # only the last step may run short
-            assert all(len(step.micro_batches) == accumulation for step in steps) and len(real) == world_size * accumulation
+            assert (
+                all(len(step.micro_batches) == accumulation for step in steps)
+                and len(real) == world_size * accumulation
+            )
         for step in steps:
             assert step.step_in_epoch == s and step.epoch == 0
             for batch in step.micro_batches:
@@ -365,7 +378,9 @@ def test_shuffle_is_seeded_by_seed_and_epoch():
     assert order(1) != order(0)                   # another epoch: another order
     assert order(0, seed=8) != order(0)           # another seed: another order
     unshuffled = run_epoch(data, **{**options, "shuffle": False, "world_size": 1, "gradient_accumulation_steps": 1})[0]
-    assert [i for step in unshuffled for b in step.micro_batches for i in b.record_indices] == [g.record_index for g in data.groups]
+    assert [i for step in unshuffled for b in step.micro_batches for i in b.record_indices] == [
+        g.record_index for g in data.groups
+    ]
 
 
 @pytest.mark.parametrize("token_budget", [None, 40])

@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections import Counter
 
 import pytest
+import torch
 from helpers.optional_deps import given, settings, st
-
-from fastalign.evaluate import kendall_tau_b, pairwise_counts, score_record, summarize, summarize_by_category, top1_correct
 from helpers.records import write_jsonl
 
+from fastalign.cli import run_main
+from fastalign.data import Record, load_records, sample_data_path
+from fastalign.evaluate import (
+    evaluate_model,
+    kendall_tau_b,
+    main,
+    pairwise_counts,
+    score_record,
+    summarize,
+    summarize_by_category,
+    top1_correct,
+)
+from fastalign.model import Llama
+from fastalign.model_dir import load_tokenizer
 
 # --- references written from the textbook definitions, independently of the implementation ---
 
@@ -116,7 +130,9 @@ ratings = st.lists(st.integers(1, 7), min_size=1, max_size=8)
 @given(ratings, st.data())
 def test_metrics_match_references(scores, data):
     # few distinct values so that ties in the log-likelihoods occur too
-    logliks = data.draw(st.lists(st.sampled_from([-3.0, -2.5, -1.0, -0.25]), min_size=len(scores), max_size=len(scores)))
+    logliks = data.draw(
+        st.lists(st.sampled_from([-3.0, -2.5, -1.0, -0.25]), min_size=len(scores), max_size=len(scores))
+    )
     tau, ref_tau = kendall_tau_b(scores, logliks), reference_tau_b(scores, logliks)
     assert (tau is None) == (ref_tau is None)
     if tau is not None:
@@ -128,17 +144,6 @@ def test_metrics_match_references(scores, data):
 
 
 # --- scoring with a real (tiny) model ---
-
-import json
-
-import torch
-
-from fastalign.cli import run_main
-from fastalign.data import Record, load_records, sample_data_path
-from fastalign.evaluate import evaluate_model, main
-from fastalign.model import Llama
-from fastalign.model_dir import load_tokenizer
-
 
 @pytest.fixture(scope="module")
 def sample_records():

@@ -8,14 +8,21 @@ import re
 
 import pytest
 import torch
-from helpers.models import TOL, assert_layouts_equal, hf_logits_per_sequence, our_logits, packed_batch, synthetic_groups
+from helpers.models import (
+    FAMILY_CLASSES,
+    TOL,
+    assert_layouts_equal,
+    hf_logits_per_sequence,
+    our_logits,
+    packed_batch,
+    synthetic_groups,
+)
 
 from fastalign.data import Record, tokenize_records
 from fastalign.errors import ModelError
 from fastalign.generate import generate_ids, prompt_ids
 from fastalign.model import Llama
 from fastalign.model_dir import load_tokenizer
-from helpers.models import FAMILY_CLASSES
 
 # (model_type, config keys): GQA everywhere (4 query heads over 2 key/value heads), tied and untied.
 VARIANTS = {

@@ -75,8 +75,8 @@ def test_gpu_check_fails_when_fewer_gpu_tests_ran_than_were_collected(tmp_path):
 def test_gpu_check_trains_the_bundled_and_the_long_query_data_at_gpu_size():
     # The CPU targets are judged on the bundled records and on long-query realignment-like ones;
     # the GPU run must measure both, with the same data settings, not only the bundled one.
-    from benchmarks.lib.presets import TRAIN_PRESETS
     from benchmarks.gpu_check import stages
+    from benchmarks.lib.presets import TRAIN_PRESETS
 
     presets = [stage.argv[stage.argv.index("--preset") + 1] for stage in stages("python", REPO, REPO)
                if stage.argv[1].endswith("train_throughput.py") and "--build_model_dir" not in stage.argv]
@@ -148,9 +148,9 @@ def test_environment_verdicts_name_the_cause_and_the_fix():
 def test_the_triton_probe_kernel_adds_one_and_its_launch_failure_is_one_line():
     pytest.importorskip("triton")
     import torch
+    from helpers.devices import TRITON_DEVICE
 
     from benchmarks.gpu_environment import triton_launch
-    from helpers.devices import TRITON_DEVICE
 
     if TRITON_DEVICE is None:
         pytest.skip("Triton needs CUDA, or TRITON_INTERPRET=1")

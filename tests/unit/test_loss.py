@@ -14,16 +14,16 @@ import math
 
 import pytest
 import torch
+from helpers.devices import to_device, triton_device
+from helpers.loss_oracle import oracle_alignment_loss, oracle_group_loss
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastalign import loss as loss_module
 from fastalign.errors import FastalignError
-from fastalign.loss import LossInputError, stable_alignment_loss
 from fastalign.kernels import alignment_head_torch
 from fastalign.kernels.alignment_head_torch import vocab_chunk_size
 from fastalign.kernels.group_math import GroupOptions, GroupResult, build_group_layout, group_math
-from helpers.devices import to_device, triton_device
-from helpers.loss_oracle import oracle_alignment_loss, oracle_group_loss
+from fastalign.loss import LossInputError, stable_alignment_loss
 
 try:
     from fastalign.kernels import alignment_head as triton_head
@@ -128,12 +128,12 @@ def assert_matches(got, want, rtol=2e-5, atol=2e-6):
     assert torch.equal(got["best"].cpu(), want["best"].cpu())
     for key in ("loss", "nll", "penalty"):
         torch.testing.assert_close(got[key].float().cpu(), want[key].float().cpu(), rtol=rtol,
-                                   atol=atol, msg=lambda m: f"{key}: {m}")
+                                   atol=atol, msg=lambda m, key=key: f"{key}: {m}")
     for key in ("grad_hidden", "grad_weight"):
         g, w = got[key].float().cpu(), want[key].float().cpu()
         scale = w.abs().max().item()
         torch.testing.assert_close(g, w, rtol=rtol * 10, atol=atol + 5e-6 * scale,
-                                   msg=lambda m: f"{key}: {m}")
+                                   msg=lambda m, key=key: f"{key}: {m}")
 
 
 def errors_vs(reference, got):

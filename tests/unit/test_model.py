@@ -7,15 +7,15 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.models import TOL, hf_logits_per_sequence, our_logits, packed_batch
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM
 
 from fastalign.attention import resolve_backend, varlen_attention
 from fastalign.errors import ConfigError, ModelError
-from fastalign.hf_weights import CheckpointReader
 from fastalign.hf_config import LlamaConfig
+from fastalign.hf_weights import CheckpointReader
 from fastalign.model import Llama
-from helpers.models import TOL, hf_logits_per_sequence, our_logits, packed_batch
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}
@@ -154,7 +154,9 @@ def test_original_llama_config_without_rope_keys():
     config = LlamaConfig.from_hf_dict({"architectures": ["LLaMAForCausalLM"], "hidden_size": 64,
                                        "intermediate_size": 100, "num_attention_heads": 4,
                                        "num_hidden_layers": 2, "vocab_size": 50, "pad_token_id": -1})
-    assert (config.rope_theta, config.rope_scaling, config.head_dim, config.num_key_value_heads) == (10000.0, None, 16, 4)
+    assert (config.rope_theta, config.rope_scaling, config.head_dim, config.num_key_value_heads) == (
+        10000.0, None, 16, 4
+    )
 
 
 def test_save_is_loaded_by_transformers(tmp_path):
@@ -242,8 +244,10 @@ def test_reader_reads_row_ranges_in_any_dtype(tmp_path):
 @pytest.mark.parametrize("edit, message", [
     (lambda c: c.update(mlp_bias=True), "mlp_bias=true is not supported"),
     (lambda c: c.update(model_type="gemma"), "model_type 'gemma' is not supported"),
-    (lambda c: c.update(model_type="mistral"), "architectures ['LlamaForCausalLM'] are not supported for model_type 'mistral'"),
-    (lambda c: c.update(num_local_experts=8, num_experts_per_tok=2), "mixture-of-experts models are not supported (num_local_experts=8"),
+    (lambda c: c.update(model_type="mistral"),
+     "architectures ['LlamaForCausalLM'] are not supported for model_type 'mistral'"),
+    (lambda c: c.update(num_local_experts=8, num_experts_per_tok=2),
+     "mixture-of-experts models are not supported (num_local_experts=8"),
     (lambda c: c.update(architectures=["LlamaForSequenceClassification"]), "LlamaForSequenceClassification"),
     (lambda c: c.update(hidden_act="gelu"), "hidden_act 'gelu'"),
     (lambda c: c.update(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}), "RoPE type 'yarn'"),

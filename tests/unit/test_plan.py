@@ -8,14 +8,13 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.planning import run_plan
 
 from fastalign.cli import run_main
 from fastalign.hf_config import LlamaConfig
 from fastalign.plan import memory as pm
 from fastalign.plan import planner as fplan
 from fastalign.plan import workload
-from helpers.planning import run_plan
-
 
 # Llama-2-7B (meta-llama/Llama-2-7b-hf config.json, the numbers that size the model)
 LLAMA2_7B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
@@ -105,11 +104,10 @@ def test_layer_saved_bytes_are_what_autograd_saves(family, kv_heads, dtype, shar
     layout kv_index (int64 [Tk], saved by the gather; one tensor for all layers) is counted once
     by `step_phases` besides the layer's bytes."""
     import torch
+    from helpers.plan_trainer_probe import mask_elements
 
     from fastalign.data import TokenizedGroup, pack_groups
     from fastalign.model import Llama
-
-    from helpers.plan_trainer_probe import mask_elements
 
     dtype = getattr(torch, dtype)
     config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
@@ -141,12 +139,12 @@ def test_layer_saved_bytes_are_what_autograd_saves(family, kv_heads, dtype, shar
 def test_data_workload_is_the_trainers_micro_batches(plan_tiny, share_prefix):
     """Oracle: the trainer's own batcher (fastalign.train's settings: step budget of the device,
     batch size, accumulation) on both ranks, every micro-batch packed by fastalign.data.packing."""
-    from fastalign.data import GroupBatcher
-    from fastalign.model_dir import load_tokenizer
-    from fastalign.config import DEFAULT_CPU_STEP_TOKENS
-    from fastalign.data.loading import tokenize_file
-
     from helpers.plan_trainer_probe import mask_elements
+
+    from fastalign.config import DEFAULT_CPU_STEP_TOKENS
+    from fastalign.data import GroupBatcher
+    from fastalign.data.loading import tokenize_file
+    from fastalign.model_dir import load_tokenizer
 
     model, data = plan_tiny
     argv = ["--model_name_or_path", str(model), "--data_path", str(data), "--gpu", "L4", "--device", "cpu",
@@ -194,15 +192,15 @@ def test_plan_with_data_prints_epoch_times(plan_tiny, tmp_path, capsys):
 # ----------------------------------------------------------------------------- the published run
 
 
-H, I, V, LAYERS, RANKS = 4096, 11008, 32000, 32, 8
-LAYER = 4 * H * H + 3 * H * I + 2 * H  # q, k, v, o; gate, up, down; two norms
+H, INTER, V, LAYERS, RANKS = 4096, 11008, 32000, 32, 8  # INTER: the intermediate (MLP) size
+LAYER = 4 * H * H + 3 * H * INTER + 2 * H  # q, k, v, o; gate, up, down; two norms
 PARAMS = LAYERS * LAYER + 2 * V * H + H  # + embedding, lm_head, final norm = 6,738,415,616
 ROOT = 2 * V * H + H
 # saved per token and layer in bf16: two norms (fp32 input 4H, rsqrt 4, normalised 2H, output
 # 2H), rotated q, the keys and values attended to (one-token queries: each response segment
 # gathers its own rows only, Tk = T), the attention output (2 bytes x 4 x 4096), fp32 lse per head
 # (4 x 32), MLP 4 x 2 x 11008
-PER_TOKEN_LAYER = 2 * (4 * H + 4 + 2 * H + 2 * H) + 2 * 4 * H + 4 * 32 + 8 * I
+PER_TOKEN_LAYER = 2 * (4 * H + 4 + 2 * H + 2 * H) + 2 * 4 * H + 4 * 32 + 8 * INTER
 
 
 def published_parts(t: int, accumulates: bool) -> dict:
@@ -218,11 +216,11 @@ def published_parts(t: int, accumulates: bool) -> dict:
         # + cos, sin [T, 1, 128] and kv_index int64 [Tk]
         "activations": LAYERS * PER_TOKEN_LAYER * t + 2 * 2 * t * 128 + 8 * t,
         "loss-head slice": 0, "loss-head buffers": 0,
-        # the MLP's activation gradients (3 x [T, I] bf16 while its [T, I] product is freed: more
+        # the MLP's activation gradients (3 x [T, INTER] bf16 while its [T, INTER] product is freed: more
         # than attention's dq, dk, dv and the gathered rows' gradients, 2 x (3 + 2) x T x 4096), the
         # layer's bf16 gradients and fp32 reduce-scatter input, the unsharded lm_head gradient and
         # the [T, H] gradient flowing down
-        "backward buffers": 2 * 2 * t * I + 6 * LAYER + reduce_out + 2 * V * H + 2 * t * H,
+        "backward buffers": 2 * 2 * t * INTER + 6 * LAYER + reduce_out + 2 * V * H + 2 * t * H,
     }
 
 
@@ -375,7 +373,10 @@ def test_whole_step_in_one_micro_batch_fits_any_budget(llama7b, tmp_path, capsys
                                    "--gradient_accumulation_steps", "2", "--model_max_length", "480",
                                    "--max_tokens_per_batch", "16384"], tmp_path, capsys)
     assert status == 0 and plan["memory"]["any_max_tokens_per_batch_fits"]
-    assert plan["memory"]["largest_max_tokens_per_batch_that_fits"] == 2 * 1440 == plan["workload"]["largest_micro_batch_tokens"]
+    assert (
+        plan["memory"]["largest_max_tokens_per_batch_that_fits"] == 2 * 1440
+        == plan["workload"]["largest_micro_batch_tokens"]
+    )
     assert "largest --max_tokens_per_batch that fits: any (a rank's whole step, 2880 tokens" in text
 
 

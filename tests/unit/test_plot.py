@@ -4,10 +4,10 @@ import json
 import struct
 
 import pytest
+from helpers.records import metrics_line, write_metrics
 
 from fastalign.cli import run_main
 from fastalign.plot import epoch_boundaries, main, read_metrics, series
-from helpers.records import metrics_line, write_metrics
 
 pytest.importorskip("matplotlib")
 

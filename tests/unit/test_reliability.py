@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.checkpoints import make_checkpoint, reseal, saved_checkpoints, sharded_toy
 from torch.distributed.checkpoint import filesystem as dcp_filesystem
 
 from fastalign import checkpoint as ckpt
 from fastalign import manifest, safe_dcp
 from fastalign.errors import ConfigError, FastalignError
-from helpers.checkpoints import make_checkpoint, reseal, saved_checkpoints, sharded_toy
 
 
 class Payload:

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.checkpoints import edit_json, link_shard, reseal, saved_checkpoints, setting, sharded_toy
 
 from fastalign import checkpoint as ckpt
 from fastalign import resume_inputs
 from fastalign.errors import ConfigError
-from helpers.checkpoints import reseal, saved_checkpoints, sharded_toy
-from helpers.checkpoints import edit_json, link_shard, setting
 
 # ---------------------------------------------------------------------------- small state files
 

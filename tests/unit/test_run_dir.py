@@ -11,13 +11,13 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
+from helpers.checkpoints import make_checkpoint
+from helpers.run_dir import tree, write_owner
 
 from fastalign import checkpoint as ckpt
 from fastalign.errors import ConfigError
 from fastalign.run_inputs import RunInputs, refuse_destroying_inputs
 from fastalign.run_lock import LOCK_FILE, hold_output_dir, take_lock
-from helpers.checkpoints import make_checkpoint
-from helpers.run_dir import tree, write_owner
 
 
 def test_a_second_holder_is_refused_naming_the_running_process(tmp_path, process_group):

@@ -10,14 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.models import VOCAB, assert_layouts_equal, loss_nll_grads, synthetic_groups
 
 from fastalign.attention import varlen_attention
 from fastalign.data import GroupBatcher, TokenizedData, pack_groups, packed_tokens, sample_data_path, tokenize_records
+from fastalign.data.records import load_records
 from fastalign.errors import DataError
 from fastalign.hf_config import LlamaConfig
 from fastalign.model import Llama
-from fastalign.data.records import load_records
-from helpers.models import VOCAB, assert_layouts_equal, loss_nll_grads, synthetic_groups
 
 
 def random_llama(vocab: int = VOCAB, dtype: torch.dtype = torch.float32, **keys) -> Llama:

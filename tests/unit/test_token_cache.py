@@ -12,14 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.cache_entries import rewrite, setitem
 
-from fastalign.data import token_cache
-from fastalign.data import load_records, sample_data_path, tokenize_records
-from fastalign.errors import DataError
-from fastalign.tiny import build_tokenizer, sandbox_texts
+from fastalign.data import load_records, sample_data_path, token_cache, tokenize_records
 from fastalign.data.token_cache import BadEntry, cache_key, cached_groups, entry_digest, read_entry, write_entry
 from fastalign.data.tokenization import TokenizedData
-from helpers.cache_entries import rewrite, setitem
+from fastalign.errors import DataError
+from fastalign.tiny import build_tokenizer, sandbox_texts
 
 VOCAB = 300  # the module's tokenizer's
 SETTINGS = {"model_max_length": 96, "append_eos": False, "stop_response": True, "rating_scale": 7.0,

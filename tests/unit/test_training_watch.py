@@ -10,15 +10,15 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers.checkpoints import make_checkpoint
 
 from fastalign import best_model
 from fastalign import checkpoint as ckpt
-from fastalign.console import format_metrics_line
-from fastalign.evaluate import ranking_record, score_record
-from fastalign.errors import FastalignError
-from fastalign.profiling import CATEGORIES, StepProfiler, breakdown, region
 from fastalign.config import parse_args
-from helpers.checkpoints import make_checkpoint
+from fastalign.console import format_metrics_line
+from fastalign.errors import FastalignError
+from fastalign.evaluate import ranking_record, score_record
+from fastalign.profiling import CATEGORIES, StepProfiler, breakdown, region
 
 REQUIRED = ["--model_name_or_path", "m", "--data_path", "d", "--output_dir", "o"]
 EVAL = ["--evaluation_strategy", "steps", "--eval_data_path", "e"]
