@@ -1,0 +1,251 @@
+"""LoRA (fastalign.lora, fastalign.peft_io, fastalign.merge; docs/lora.md): flags, layers, PEFT
+layout, and training through `python -m fastalign.train` (the slow tests at the end)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastalign.config import parse_args
+from fastalign.errors import ConfigError
+from fastalign.lora import LoraLinear, LoraSettings, init_adapters, inject_adapters
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(tiny HF Llama dir, 40-record Sandbox file) shared by the module's runs."""
+    from fastalign.data import sample_data_path
+    from fastalign.tiny import build_tiny_llama, sandbox_texts
+
+    root = tmp_path_factory.mktemp("tiny")
+    model = build_tiny_llama(root / "model", sandbox_texts(sample_data_path()), vocab_size=512, hidden_size=64,
+                             num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
+                             max_position_embeddings=256)
+    data = root / "data.jsonl"
+    data.write_text("\n".join(sample_data_path().read_text().splitlines()[:40]) + "\n")
+    return model, data
+
+
+def settings(**overrides) -> LoraSettings:
+    values = dict(r=4, alpha=8.0, dropout=0.0, target_modules=("q_proj", "v_proj"), modules_to_save=(),
+                  use_rslora=False)
+    values.update(overrides)
+    return LoraSettings(**values)
+
+
+def base_args(tmp_path: Path, *flags: str) -> list[str]:
+    return ["--model_name_or_path", str(tmp_path / "m"), "--data_path", "d.jsonl", "--output_dir",
+            str(tmp_path / "o"), *flags]
+
+
+# -- in-process --------------------------------------------------------------------------------
+
+
+def test_trl_flags_parse_with_trls_defaults(tmp_path):
+    config = parse_args(base_args(tmp_path, "--use_peft"))
+    assert (config.use_peft, config.lora_r, config.lora_alpha, config.lora_dropout) == (True, 16, 32.0, 0.05)
+    config = parse_args(base_args(tmp_path, "--use_peft", "--lora_target_modules", "q_proj", "v_proj",
+                                  "--lora_modules_to_save", "lm_head", "--use_rslora"))
+    assert config.lora_target_modules == ["q_proj", "v_proj"] and config.lora_modules_to_save == ["lm_head"]
+    assert LoraSettings.from_config(config).scaling == pytest.approx(32 / 4)  # alpha / sqrt(16)
+
+
+@pytest.mark.parametrize("flag", ["--load_in_4bit", "--load_in_8bit"])
+def test_quantized_bases_are_refused_naming_the_flag(tmp_path, capsys, flag):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(base_args(tmp_path, "--use_peft", flag))
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: quantized base models are not supported" in capsys.readouterr().err
+
+
+def tiny_llama(**config_overrides):
+    from fastalign.hf_config import LlamaConfig
+    from fastalign.model import Llama
+
+    values = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    values.update(config_overrides)
+    llama = Llama(LlamaConfig(**values))
+    llama.init_weights(torch.Generator().manual_seed(0))
+    return llama
+
+
+def test_a_target_that_matches_nothing_names_the_modules_that_exist():
+    with pytest.raises(ConfigError, match="'qproj' matches no module.*q_proj, up_proj, v_proj"):
+        inject_adapters(tiny_llama(), settings(target_modules=("qproj",)))
+
+
+def test_adapters_start_as_the_base_and_only_they_train():
+    llama = tiny_llama()
+    x = torch.randn(5, 32)
+    before = x @ llama.layers[0].self_attn.q_proj.weight.detach().to(torch.bfloat16).float().T
+    inject_adapters(llama, settings(), base_dtype=torch.bfloat16)
+    init_adapters(llama, seed=1)
+    q_proj = llama.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, LoraLinear) and not isinstance(llama.layers[0].self_attn.k_proj, LoraLinear)
+    trainable = {n for n, p in llama.named_parameters() if p.requires_grad}
+    assert trainable == {f"layers.{i}.self_attn.{m}.lora_{ab}.weight" for i in range(2) for m in ("q_proj", "v_proj")
+                         for ab in "AB"}
+    frozen_dtypes = {p.dtype for p in llama.parameters() if not p.requires_grad}
+    assert frozen_dtypes == {torch.bfloat16}  # no fp32 copy of the base
+    assert q_proj.lora_A.weight.dtype == torch.float32 and q_proj.lora_A.weight.abs().sum() > 0
+    torch.testing.assert_close(q_proj.to(torch.float32)(x), before, rtol=0, atol=0)  # B = 0
+
+
+def test_a_frozen_lm_head_gets_no_gradient_through_the_fused_head():
+    from fastalign.loss import stable_alignment_loss
+
+    hidden = torch.randn(6, 8, requires_grad=True)
+    weight = torch.randn(16, 8)  # frozen lm_head
+    out = stable_alignment_loss(hidden, weight, torch.tensor([1, 2, -100, 3, 4, -100]),
+                                torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([7.0, 2.0]), torch.tensor([0, 0]),
+                                rating_scale=7.0, margin=1.0, ratio=0.5, max_flow=False, margin_mode="paper",
+                                backend="torch")
+    out.loss.backward()
+    assert hidden.grad is not None and hidden.grad.abs().sum() > 0 and weight.grad is None
+
+
+def test_peft_keys_are_peft_own_keys():
+    peft = pytest.importorskip("peft")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fastalign.peft_io import peft_key
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = peft.get_peft_model(LlamaForCausalLM(config), peft.LoraConfig(
+        r=4, target_modules=["q_proj", "down_proj"], modules_to_save=["lm_head"], task_type="CAUSAL_LM"))
+    theirs = set(peft.get_peft_model_state_dict(model))
+    llama = tiny_llama(num_hidden_layers=1)
+    inject_adapters(llama, settings(target_modules=("q_proj", "down_proj"), modules_to_save=("lm_head",)))
+    ours = {peft_key(n) for n, p in llama.named_parameters() if p.requires_grad}
+    assert ours == theirs
+
+
+# -- through python -m fastalign.train ------------------------------------------------------------
+
+
+def run_train(args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "fastalign.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "fastalign.train", *args]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def lora_args(model: Path, data: Path, out: Path, **flags) -> list[str]:
+    args = {"model_name_or_path": model, "data_path": data, "output_dir": out, "model_max_length": 128,
+            "learning_rate": 1e-2, "logging_steps": 1, "lr_scheduler_type": "constant", "save_strategy": "no", "max_steps": 4, "use_peft": True,
+            "lora_r": 4, "lora_dropout": 0.0, "disable_tqdm": True}
+    args.update(flags)
+    return [x for k, v in args.items() for x in (f"--{k}", *(v if isinstance(v, list) else [str(v)]))]
+
+
+def peft_logits(model_dir: Path, adapter_dir: Path, ids: torch.Tensor) -> torch.Tensor:
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return peft.PeftModel.from_pretrained(base, adapter_dir).eval()(ids[None]).logits[0]
+
+
+def fastalign_logits(adapter_dir: Path, ids: torch.Tensor) -> torch.Tensor:
+    from fastalign.peft_io import load_adapted
+
+    llama = load_adapted(adapter_dir, attn_implementation="sdpa")
+    cu = torch.tensor([0, len(ids)], dtype=torch.int32)
+    return llama(ids, torch.arange(len(ids)), cu, len(ids)) @ llama.lm_head.weight.T
+
+
+@pytest.mark.slow
+def test_only_adapters_change_and_peft_loads_them_with_fastaligns_logits(tiny, tmp_path):
+    pytest.importorskip("peft")
+    model, data = tiny
+    out = tmp_path / "out"
+    run_train(lora_args(model, data, out, lora_target_modules="all-linear", lora_modules_to_save="lm_head"))
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(model) and config["peft_type"] == "LORA"
+    assert not (out / "model.safetensors").exists()
+    ids = torch.arange(1, 40)
+    ours, theirs = fastalign_logits(out, ids), peft_logits(model, out, ids)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    from transformers import AutoModelForCausalLM
+
+    base_logits = AutoModelForCausalLM.from_pretrained(model).eval()(ids[None]).logits[0]
+    assert (ours - base_logits).abs().max() > 1e-3  # the adapters moved the model
+    merged = tmp_path / "merged"
+    subprocess.run([sys.executable, "-m", "fastalign.merge", str(out), str(merged)], check=True, cwd=REPO,
+                   env=dict(os.environ, PYTHONPATH=str(REPO)))
+    merged_logits = AutoModelForCausalLM.from_pretrained(merged).eval()(ids[None]).logits[0]
+    torch.testing.assert_close(merged_logits, theirs, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_checkpoints_hold_adapters_only_and_resume_is_exact(tiny, tmp_path):
+    model, data = tiny
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_train(lora_args(model, data, full, lora_dropout=0.1))
+    run_train(lora_args(model, data, part, lora_dropout=0.1, save_strategy="steps", save_steps=2, max_steps=2))
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(str(part / "checkpoint-2")).read_metadata().state_dict_metadata
+    model_keys = {k for k in saved if k.startswith("model.")}
+    assert model_keys and all(".lora_" in k for k in model_keys)  # no base weight in the checkpoint
+    run_train(lora_args(model, data, part, lora_dropout=0.1, resume_from_checkpoint="auto"))
+    a, b = load_file(full / "adapter_model.safetensors"), load_file(part / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.slow
+def test_two_rank_fsdp_adapters_equal_one_rank(tiny, tmp_path):
+    model, data = tiny
+    one, two = tmp_path / "one", tmp_path / "two"
+    flags = dict(per_device_train_batch_size=2, gradient_checkpointing=True)
+    run_train(lora_args(model, data, one, gradient_accumulation_steps=2, **flags))
+    run_train(lora_args(model, data, two, **flags), nproc=2)  # FSDP2: frozen and trainable in one unit
+    a, b = load_file(one / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=key)
+
+
+@pytest.mark.slow
+def test_bf16_fsdp_keeps_fp32_adapters_over_a_bf16_base(tiny, tmp_path):
+    model, data = tiny
+    out = tmp_path / "out"
+    result = run_train(lora_args(model, data, out, bf16=True, lora_modules_to_save="lm_head"), nproc=2)
+    assert "frozen base in bf16" in result.stderr
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert {t.dtype for t in adapter.values()} == {torch.float32}  # fp32 master adapters under --bf16
+    assert "base_model.model.lm_head.weight" in adapter
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_each_family_trains_with_adapters_that_peft_loads(tmp_path, family):
+    pytest.importorskip("peft")
+    from fastalign.data import sample_data_path
+    from fastalign.tiny import build_tiny_llama, sandbox_texts
+
+    model = build_tiny_llama(tmp_path / "model", sandbox_texts(sample_data_path()), vocab_size=256, hidden_size=32,
+                             num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=64,
+                             max_position_embeddings=256, family=family)
+    out = tmp_path / "out"
+    run_train(lora_args(model, sample_data_path(), out, lora_target_modules="all-linear", max_steps=2))
+    ids = torch.arange(1, 20)
+    torch.testing.assert_close(fastalign_logits(out, ids), peft_logits(model, out, ids), rtol=1e-4, atol=1e-4)
