@@ -167,3 +167,13 @@ def merged_state(llama: nn.Module) -> dict[str, torch.Tensor]:
             weight = state[f"{name}.weight"]
             state[f"{name}.weight"] = (weight.float() + module.delta_weight()).to(weight.dtype)
     return state
+
+
+def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device="cpu"):
+    """An HF model directory, or a PEFT adapter directory over its base (adapter_config.json's
+    base_model_name_or_path); the tokenizer is then the base's (`model.source_dir`)."""
+    from fastalign.model import Llama
+
+    if is_adapter_dir(path):
+        return load_adapted(path, dtype=dtype, device=device)
+    return Llama.from_pretrained(path, dtype=dtype, device=device)

@@ -131,6 +131,58 @@ def test_peft_keys_are_peft_own_keys():
     assert ours == theirs
 
 
+def write_random_adapter(model_dir: Path, out: Path) -> Path:
+    """A PEFT adapter over `model_dir` with nonzero random A and B (as training would leave it)."""
+    from safetensors.torch import save_file
+
+    from fastalign.model import Llama
+    from fastalign.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, peft_key
+
+    lora = settings(target_modules=("q_proj", "down_proj"))
+    llama = Llama.from_pretrained(model_dir)
+    inject_adapters(llama, lora)
+    generator = torch.Generator().manual_seed(3)
+    tensors = {peft_key(name): torch.randn(p.shape, generator=generator) * 0.2
+               for name, p in llama.named_parameters() if p.requires_grad}
+    out.mkdir()
+    save_file(tensors, str(out / ADAPTER_WEIGHTS))
+    (out / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(lora, str(model_dir), ["down_proj", "q_proj"])))
+    return out
+
+
+def test_evaluate_and_generate_take_an_adapter_directory_as_the_merged_model(tiny, tmp_path, capsys):
+    from fastalign import evaluate, generate, merge
+    from fastalign.cli import run_main
+
+    model, data = tiny
+    adapter = write_random_adapter(model, tmp_path / "adapter")
+    merged = tmp_path / "merged"
+    assert run_main(merge.main, [str(adapter), str(merged)]) == 0
+    reports = []
+    for directory in (adapter, merged, model):
+        out = tmp_path / f"{directory.name}.json"
+        assert run_main(evaluate.main, ["--model_name_or_path", str(directory), "--data_path", str(data),
+                                        "--output_json", str(out), "--model_max_length", "64"]) == 0
+        reports.append(json.loads(out.read_text()))
+    assert reports[0]["metrics"]["mean_loglik"] == pytest.approx(reports[1]["metrics"]["mean_loglik"], rel=1e-5)
+    assert reports[0]["metrics"]["mean_loglik"] != pytest.approx(reports[2]["metrics"]["mean_loglik"], rel=1e-3)  # the adapter counts
+    capsys.readouterr()
+    texts = []
+    for directory in (adapter, merged):
+        assert run_main(generate.main, ["--model_name_or_path", str(directory), "--prompt", "Hello there",
+                                        "--max_new_tokens", "8"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1]
+
+
+def test_merge_refuses_a_directory_without_an_adapter(tiny, tmp_path, capsys):
+    from fastalign import merge
+    from fastalign.cli import run_main
+
+    assert run_main(merge.main, [str(tiny[0]), str(tmp_path / "merged")]) == 2
+    assert "no adapter_config.json" in capsys.readouterr().err and not (tmp_path / "merged").exists()
+
+
 # -- through python -m fastalign.train ------------------------------------------------------------
 
 
