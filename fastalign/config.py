@@ -250,11 +250,15 @@ def add_lora_flags(parser: argparse.ArgumentParser) -> None:
     lora.add_argument("--load_in_8bit", default=False, **BOOLEAN_FLAG, help="Refused when True, as --load_in_4bit.")
 
 
-def check_lora_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def refuse_quantized_bases(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for flag in ("load_in_4bit", "load_in_8bit"):
         if getattr(args, flag):
             parser.error(f"argument --{flag}: quantized base models are not supported; use --use_peft True "
                          "--bf16 True (the frozen base is held in bf16, the adapters train in fp32)")
+
+
+def check_lora_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    refuse_quantized_bases(parser, args)
     if not args.use_peft:
         return
     if args.save_only_model:

@@ -301,3 +301,34 @@ def test_each_family_trains_with_adapters_that_peft_loads(tmp_path, family):
     run_train(lora_args(model, sample_data_path(), out, lora_target_modules="all-linear", max_steps=2))
     ids = torch.arange(1, 20)
     torch.testing.assert_close(fastalign_logits(out, ids), peft_logits(model, out, ids), rtol=1e-4, atol=1e-4)
+
+
+def llama3_8b_config(path: Path) -> Path:
+    """Llama-3-8B's shape (config.json only: the planner reads no weights)."""
+    path.write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "vocab_size": 128256, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "tie_word_embeddings": False, "hidden_act": "silu", "bos_token_id": 128000, "eos_token_id": 128001}))
+    return path
+
+
+@pytest.mark.parametrize("use_peft, status", [(True, 0), (False, 3)])
+def test_planner_fits_8b_on_one_24gb_gpu_with_lora_only(tmp_path, capsys, use_peft, status):
+    from fastalign.plan.planner import main
+
+    seed_flags = ["--bf16", "True", "--fsdp", "full_shard auto_wrap", "--model_max_length", "480",
+                  "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "8", "--num_comp", "3"]
+    argv = ["--config", str(llama3_8b_config(tmp_path / "config.json")), "--gpu", "RTX4090",
+            "--gradient_checkpointing", "True", *seed_flags, "--use_peft", str(use_peft)]
+    assert main(argv) == status
+    report = capsys.readouterr().out
+    assert ("LoRA adapters over a frozen base" in report) == use_peft
+
+
+def test_planner_refuses_quantized_bases(tmp_path, capsys):
+    from fastalign.plan.planner import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(llama3_8b_config(tmp_path / "config.json")), "--gpu", "L4", "--load_in_4bit"])
+    assert exit_info.value.code == 2 and "--load_in_4bit" in capsys.readouterr().err
