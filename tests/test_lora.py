@@ -332,3 +332,15 @@ def test_planner_refuses_quantized_bases(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", str(llama3_8b_config(tmp_path / "config.json")), "--gpu", "L4", "--load_in_4bit"])
     assert exit_info.value.code == 2 and "--load_in_4bit" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_trains_adapters_and_evaluates_the_adapter_directory(tmp_path):
+    from fastalign import demo
+    from fastalign.cli import run_main
+
+    assert run_main(demo.main, ["--quick", "--use_peft", "--output_dir", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "demo_results.json").read_text())
+    assert "--use_peft" in results["settings"]["train_command"]
+    assert (tmp_path / "trained" / "adapter_config.json").is_file()
+    assert results["after"]["mean_loglik"] != results["before"]["mean_loglik"]  # the adapter was evaluated
