@@ -177,3 +177,13 @@ def trainable_summary(model: nn.Module) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.3f}%)"
+
+
+def check_resume_mode(saved_config: dict, use_peft: bool, checkpoint) -> None:
+    """A LoRA checkpoint holds adapters only, a full one every weight: refuse to resume one as the other."""
+    saved = bool(saved_config.get("use_peft", False))
+    if saved != use_peft:
+        kind = "LoRA adapters (--use_peft True)" if saved else "a full fine-tuning run (--use_peft False)"
+        raise ConfigError(f"--resume_from_checkpoint {checkpoint}: the checkpoint is from {kind}; resume it with "
+                          f"--use_peft {saved}")
+

@@ -183,6 +183,16 @@ def test_merge_refuses_a_directory_without_an_adapter(tiny, tmp_path, capsys):
     assert "no adapter_config.json" in capsys.readouterr().err and not (tmp_path / "merged").exists()
 
 
+def test_a_checkpoint_resumes_only_in_its_own_mode():
+    from fastalign.lora import check_resume_mode
+
+    check_resume_mode({"use_peft": True}, True, "ckpt")
+    with pytest.raises(ConfigError, match="ckpt: the checkpoint is from LoRA adapters.*--use_peft True"):
+        check_resume_mode({"use_peft": True}, False, "ckpt")
+    with pytest.raises(ConfigError, match="from a full fine-tuning run"):
+        check_resume_mode({}, True, "ckpt")
+
+
 # -- through python -m fastalign.train ------------------------------------------------------------
 
 
