@@ -237,7 +237,12 @@ def test_only_adapters_change_and_peft_loads_them_with_fastaligns_logits(tiny, t
     pytest.importorskip("peft")
     model, data = tiny
     out = tmp_path / "out"
+    base_files = {p.name: p.read_bytes() for p in model.iterdir()}
     run_train(lora_args(model, data, out, lora_target_modules="all-linear", lora_modules_to_save="lm_head"))
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == base_files  # the base is bit-identical
+    saved = load_file(out / "adapter_model.safetensors")
+    assert {k for k in saved if ".lora_" not in k} == {"base_model.model.lm_head.weight"}  # adapters + the head
+    assert len([k for k in saved if ".lora_A." in k]) == 2 * 7  # every projection of both layers
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(model) and config["peft_type"] == "LORA"
     assert not (out / "model.safetensors").exists()
@@ -354,3 +359,14 @@ def test_demo_trains_adapters_and_evaluates_the_adapter_directory(tmp_path):
     assert "--use_peft" in results["settings"]["train_command"]
     assert (tmp_path / "trained" / "adapter_config.json").is_file()
     assert results["after"]["mean_loglik"] != results["before"]["mean_loglik"]  # the adapter was evaluated
+
+
+@pytest.mark.slow
+def test_compile_and_activation_checkpointing_train_the_same_adapters(tiny, tmp_path):
+    model, data = tiny
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    run_train(lora_args(model, data, eager, max_steps=2))
+    run_train(lora_args(model, data, compiled, max_steps=2, compile=True, gradient_checkpointing=True))
+    a, b = load_file(eager / "adapter_model.safetensors"), load_file(compiled / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=key)
