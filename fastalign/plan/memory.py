@@ -114,7 +114,8 @@ def measure_state(config: LlamaConfig, *, world_size: int, procs_per_node: int, 
     layer_ids = {id(p) for layer in llama.layers for p in layer.parameters()}
     trained = dict(layer_grad_numel=sum(p.numel() for p in llama.layers[0].parameters() if p.requires_grad)
                    if len(llama.layers) else 0,
-                   root_grad_numel=sum(p.numel() for p in llama.parameters() if p.requires_grad and id(p) not in layer_ids),
+                   root_grad_numel=sum(p.numel() for p in llama.parameters()
+                                       if p.requires_grad and id(p) not in layer_ids),
                    lm_head_trains=llama.lm_head.weight.requires_grad) if lora is not None else {}
     fsdp = uses_fsdp(bf16, env, plan)
     if gradient_checkpointing:
