@@ -194,6 +194,37 @@ def test_a_checkpoint_resumes_only_in_its_own_mode():
         check_resume_mode({}, True, "ckpt")
 
 
+@pytest.fixture
+def process_group():
+    """A one-rank gloo group in this process (what `python -m fastalign.train` runs in)."""
+    import torch.distributed as dist
+
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    if created:
+        dist.destroy_process_group()
+
+
+def test_export_writes_the_trainable_tensors_and_a_failed_write_leaves_no_config(process_group, tmp_path):
+    from fastalign.errors import FastalignError
+    from fastalign.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_adapter
+
+    llama = tiny_llama()
+    lora = settings(target_modules=("all-linear",))
+    inject_adapters(llama, lora)
+    init_adapters(llama, seed=0)
+    export_adapter(llama, lora, tmp_path / "ok", "base")
+    config = json.loads((tmp_path / "ok" / ADAPTER_CONFIG).read_text())
+    assert config["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert len(load_file(tmp_path / "ok" / ADAPTER_WEIGHTS)) == 2 * 7 * 2  # A and B of 7 projections x 2 layers
+    (tmp_path / "bad" / ADAPTER_WEIGHTS).mkdir(parents=True)  # the weights cannot be written there
+    with pytest.raises(FastalignError, match="bad"):
+        export_adapter(llama, lora, tmp_path / "bad", "base")
+    assert not (tmp_path / "bad" / ADAPTER_CONFIG).exists()
+
+
 # -- through python -m fastalign.train ------------------------------------------------------------
 
 
