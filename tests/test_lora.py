@@ -101,17 +101,34 @@ def test_adapters_start_as_the_base_and_only_they_train():
     torch.testing.assert_close(q_proj.to(torch.float32)(x), before, rtol=0, atol=0)  # B = 0
 
 
-def test_a_frozen_lm_head_gets_no_gradient_through_the_fused_head():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_frozen_lm_head_gets_no_gradient_and_the_same_hidden_gradient(backend, monkeypatch):
+    from fastalign.kernels import alignment_head, alignment_head_torch
     from fastalign.loss import stable_alignment_loss
 
-    hidden = torch.randn(6, 8, requires_grad=True)
-    weight = torch.randn(16, 8)  # frozen lm_head
-    out = stable_alignment_loss(hidden, weight, torch.tensor([1, 2, -100, 3, 4, -100]),
-                                torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([7.0, 2.0]), torch.tensor([0, 0]),
-                                rating_scale=7.0, margin=1.0, ratio=0.5, max_flow=False, margin_mode="paper",
-                                backend="torch")
-    out.loss.backward()
-    assert hidden.grad is not None and hidden.grad.abs().sum() > 0 and weight.grad is None
+    if backend == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    impl = alignment_head if backend == "triton" else alignment_head_torch
+    weight_grads = []
+    real_head_grads = impl.head_grads
+    monkeypatch.setattr(impl, "head_grads", lambda *args, **kwargs: weight_grads.append(
+        kwargs.get("weight_grad", True)) or real_head_grads(*args, **kwargs))
+    generator = torch.Generator().manual_seed(0)
+    hidden_values, weight_values = torch.randn(6, 8, generator=generator), torch.randn(16, 8, generator=generator)
+    grads = []
+    for frozen in (False, True):
+        hidden = hidden_values.clone().requires_grad_(True)
+        weight = weight_values.clone().requires_grad_(not frozen)
+        out = stable_alignment_loss(hidden, weight, torch.tensor([1, 2, -100, 3, 4, -100]),
+                                    torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([7.0, 2.0]), torch.tensor([0, 0]),
+                                    rating_scale=7.0, margin=1.0, ratio=0.5, max_flow=False, margin_mode="paper",
+                                    backend=backend)
+        out.loss.backward()
+        grads.append(hidden.grad)
+        assert (weight.grad is None) == frozen
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    assert weight_grads == [True, False]  # the frozen head's [V, H] gradient is never computed
 
 
 def test_peft_keys_are_peft_own_keys():
