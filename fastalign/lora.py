@@ -97,11 +97,15 @@ def _targets(llama: nn.Module, settings: LoraSettings) -> list[str]:
             raise ConfigError("--lora_target_modules lm_head: the fused loss head reads lm_head's weight "
                               "directly and cannot carry an adapter; train it in full with "
                               "--lora_modules_to_save lm_head")
-        if not any(name == target or name.endswith("." + target) for name in linears):
+        if not any(_matches(name, target) for name in linears):
             raise ConfigError(f"--lora_target_modules {target!r} matches no module of the model; its linear "
                               f"modules are {', '.join(known)} (or all-linear)")
-    return [name for name in linears
-            if any(name == target or name.endswith("." + target) for target in settings.target_modules)]
+    return [name for name in linears if any(_matches(name, target) for target in settings.target_modules)]
+
+
+def _matches(module_name: str, target: str) -> bool:
+    """PEFT's rule for a target name: the module's full name, or its last dotted segments."""
+    return module_name == target or module_name.endswith("." + target)
 
 
 def _check_modules_to_save(llama: nn.Module, settings: LoraSettings) -> None:
@@ -118,8 +122,9 @@ def inject_adapters(llama: nn.Module, settings: LoraSettings, *, base_dtype: tor
     """Replace the targeted Linears of `llama` by LoraLinears, freeze everything else but the
     modules to save, and store the frozen parameters in `base_dtype` (None: as they are).
 
-    Call on the meta-device model, before activation checkpointing, compile and FSDP wrap the
-    layers. Returns the number of adapted modules.
+    The trainer calls it on the meta-device model, before activation checkpointing, compile and
+    FSDP wrap the layers; on a loaded model the base's values are kept. Returns the number of
+    adapted modules.
     """
     _check_modules_to_save(llama, settings)
     targets = _targets(llama, settings)
