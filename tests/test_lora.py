@@ -438,3 +438,15 @@ def test_a_damaged_newest_lora_checkpoint_falls_back_to_the_previous_one(tiny, t
     a, b = load_file(full / "adapter_model.safetensors"), load_file(part / "adapter_model.safetensors")
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.slow
+def test_the_lora_benchmark_measures_both_sides_from_the_same_first_loss(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "benchmarks/lora.py", "--preset", "cpu-smoke", "--steps", "2",
+                             "--work_dir", str(tmp_path / "work"), "--out_dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(next(tmp_path.glob("lora-*-cpu-smoke.json")).read_text())
+    assert report["sides"]["full"]["first_loss"] == report["sides"]["lora"]["first_loss"]
+    assert report["sides"]["lora"]["peak_mem_gb"] > 0 and report["ratios"]["tokens_per_s"] > 0
