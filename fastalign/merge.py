@@ -27,7 +27,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     with torch.device("meta"):
         writer = Llama(llama.config)  # the plain model's parameter names: no adapters
-    writer.save_pretrained(args.out_dir, state_dict=peft_io.merged_state(llama), tokenizer_dir=llama.source_dir)
+    # Merged in fp32, written in the dtype the base was saved in (a bf16 base stays its size).
+    saved_dtype = getattr(torch, llama.config.torch_dtype or "float32", None)
+    dtype = saved_dtype if saved_dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+    state = {name: tensor.to(dtype) for name, tensor in peft_io.merged_state(llama).items()}
+    writer.save_pretrained(args.out_dir, state_dict=state, tokenizer_dir=llama.source_dir)
     print(f"merged {args.adapter_dir} into {llama.source_dir}: wrote {args.out_dir}")
     return 0
 
