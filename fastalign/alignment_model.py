@@ -99,6 +99,11 @@ def build_model(config: TrainConfig, env: fdist.DistEnv, plan: fdist.FsdpPlan):
     with torch.device("meta"):
         llama = Llama(llama_config)  # fp32 parameters: the master weights
     llama.check_checkpoint(reader)  # names every missing / unknown / misshapen weight up front
+    if config.use_peft:
+        from fastalign import lora
+
+        lora.inject_adapters(llama, lora.LoraSettings.from_config(config),
+                             base_dtype=torch.bfloat16 if config.bf16 else None)  # bf16 base: no fp32 copy
     backend = llama.set_attention_backend(
         config.attn_implementation, device=env.device,
         dtype=torch.bfloat16 if config.bf16 else torch.float32)
@@ -116,6 +121,8 @@ def build_model(config: TrainConfig, env: fdist.DistEnv, plan: fdist.FsdpPlan):
                          reshard_after_forward=plan.reshard_after_forward, offload=plan.offload)
     model.to_empty(device="cpu" if plan.offload else env.device)
     fdist.load_sharded_weights(model, reader, prefix=PREFIX)
+    if config.use_peft:
+        lora.init_adapters(model, config.seed)
     llama.init_buffers()
     fdist.move_buffers(model, env.device)  # with CPU offload only the parameters stay on the host
     return model, llama, backend

@@ -391,6 +391,15 @@ def write_failure(what: str, target: Path, err: OSError, needed: int | None,
                "No complete checkpoint exists; free some space (or fix the path) and run again"))
 
 
+def state_options(model: nn.Module) -> StateDictOptions:
+    """What a checkpoint holds of the model: its trainable parameters (all of them, or LoRA's
+    adapters and modules to save; the frozen base is read from --model_name_or_path again). The
+    frozen ones are then absent on load: the shape check against the checkpoint (safe_dcp) names
+    any trainable one that is missing."""
+    frozen = any(not p.requires_grad for p in model.parameters())
+    return StateDictOptions(ignore_frozen_params=True, strict=not frozen)
+
+
 def save_checkpoint(
     output_dir: str | os.PathLike,
     step: int,
@@ -421,7 +430,7 @@ def save_checkpoint(
             problem = _portable(err)
     problem = broadcast_object(problem)  # also the barrier: the directory exists for every rank
 
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=state_options(model))
     needed = _tensor_bytes(model_state) + _tensor_bytes(optim_state)
     entries: dict[str, dict[str, int]] = {}
     if problem is None:
@@ -513,7 +522,7 @@ def load_checkpoint(
     scheduler_state = checkpoint_state.read_scheduler_state(path, trainer_state["step"])
     rng_file = path / checkpoint_state.RNG_DIR / f"rank{dist.get_rank()}.json"
     rng_state = checkpoint_state.read_rng_state(rng_file) if rng_file.is_file() else None
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=state_options(model))
     state = {"model": model_state, "optimizer": optim_state}
     try:
         safe_dcp.load(state, path)
@@ -523,7 +532,8 @@ def load_checkpoint(
             cause = f"its shards cannot be read ({type(cause).__name__}: {str(cause).strip()[:300]})"
         raise ConfigError(f"--resume_from_checkpoint {path}: {cause}") from None
     set_state_dict(
-        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+        options=state_options(model),
     )
     scheduler.load_state_dict(scheduler_state)
     if rng_state is not None:

@@ -128,6 +128,16 @@ class TrainConfig:
     local_rank: int
     fp16: bool
     push_to_hub: bool
+    # LoRA (TRL ModelConfig flags; fastalign.lora)
+    use_peft: bool
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    lora_target_modules: list[str] | None  # None: fastalign.lora.DEFAULT_TARGETS
+    lora_modules_to_save: list[str] | None
+    use_rslora: bool
+    load_in_4bit: bool
+    load_in_8bit: bool
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,7 +338,53 @@ def build_parser() -> argparse.ArgumentParser:
     hf.add_argument("--push_to_hub", default=False,
                     help="Refused when True: fastalign uploads nothing; upload --output_dir (an HF model directory) "
                          "yourself.", **BOOLEAN_FLAG)
+    add_lora_flags(parser)
     return parser
+
+
+def add_lora_flags(parser: argparse.ArgumentParser) -> None:
+    """TRL's ModelConfig flags for LoRA (docs/lora.md)."""
+    lora = parser.add_argument_group("LoRA flags (same meaning as in TRL's ModelConfig; docs/lora.md)")
+    lora.add_argument("--use_peft", default=False, **BOOLEAN_FLAG,
+                      help="Train LoRA adapters over a frozen base model and write a PEFT adapter "
+                      "(adapter_config.json, adapter_model.safetensors) to --output_dir. Default False.")
+    lora.add_argument("--lora_r", type=positive_int, default=16, help="LoRA rank. Default 16.")
+    lora.add_argument("--lora_alpha", type=positive_float, default=32.0,
+                      help="LoRA alpha: the update is scaled by alpha / r (alpha / sqrt(r) with --use_rslora). "
+                      "Default 32.")
+    lora.add_argument("--lora_dropout", type=number(float, low=0.0, high=1.0, what="a number in [0, 1]"),
+                      default=0.05, help="Dropout on the adapters' input. Default 0.05.")
+    lora.add_argument("--lora_target_modules", nargs="+", default=None, metavar="NAME|all-linear",
+                      help="Linear modules that get adapters, e.g. q_proj v_proj, or all-linear (every "
+                      "decoder linear). Default q_proj v_proj (PEFT's default for these families).")
+    lora.add_argument("--lora_modules_to_save", nargs="+", default=None, metavar="lm_head|embed_tokens",
+                      help="Modules trained in full beside the adapters and saved with them. Default none.")
+    lora.add_argument("--use_rslora", default=False, **BOOLEAN_FLAG,
+                      help="Rank-stabilised LoRA: scale by alpha / sqrt(r). Default False.")
+    lora.add_argument("--load_in_4bit", default=False, **BOOLEAN_FLAG,
+                      help="Refused when True: quantized base models are not supported (--use_peft with "
+                      "--bf16 True holds the frozen base in bf16).")
+    lora.add_argument("--load_in_8bit", default=False, **BOOLEAN_FLAG, help="Refused when True, as --load_in_4bit.")
+
+
+def refuse_quantized_bases(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for flag in ("load_in_4bit", "load_in_8bit"):
+        if getattr(args, flag):
+            parser.error(f"argument --{flag}: quantized base models are not supported; use --use_peft True "
+                         "--bf16 True (the frozen base is held in bf16, the adapters train in fp32)")
+
+
+def check_lora_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    refuse_quantized_bases(parser, args)
+    if not args.use_peft:
+        return
+    if args.save_only_model:
+        parser.error("argument --save_only_model: not supported with --use_peft (checkpoints hold the "
+                     "adapters and the optimizer; the final adapter is written to --output_dir)")
+    if args.load_best_model_at_end:
+        parser.error("argument --load_best_model_at_end: not supported with --use_peft yet")
+    if args.lora_target_modules and "all-linear" in args.lora_target_modules and len(args.lora_target_modules) > 1:
+        parser.error("argument --lora_target_modules: all-linear stands alone, not beside module names")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
@@ -371,6 +427,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         parser.error(f"argument --push_to_hub: fastalign uploads nothing; after training, "
                      f"{args.output_dir} is an HF model directory: upload it with "
                      f"`huggingface-cli upload <repo_id> {args.output_dir}`")
+    check_lora_flags(parser, args)
     local_rank_env = os.environ.get("LOCAL_RANK")
     if args.local_rank >= 0 and local_rank_env is not None and int(local_rank_env) != args.local_rank:
         parser.error(f"argument --local_rank: {args.local_rank} differs from LOCAL_RANK={local_rank_env} "

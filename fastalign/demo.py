@@ -59,6 +59,11 @@ QUICK = DemoSettings(
     max_new_tokens=8,
 )
 
+# --use_peft: adapters on every projection, no dropout; alpha 64 over r 16 (scaling 4) so that the
+# adapters move the tiny model within the same steps and learning rate as full training.
+LORA_FLAGS = ("--use_peft", "True", "--lora_target_modules", "all-linear", "--lora_r", "16", "--lora_alpha", "64",
+              "--lora_dropout", "0")
+
 # Before/after rows of the summary: (metric key, label, format, what the untrained baseline is)
 SUMMARY_ROWS = (
     ("pairwise_accuracy", "pairwise accuracy", "{:.3f}", "chance 0.5"),
@@ -82,19 +87,20 @@ def split_sample(sample: Path, out_dir: Path, heldout: int, seed: int) -> tuple[
 
 def evaluate_dir(model_dir: Path, records, settings: DemoSettings) -> dict:
     from fastalign.evaluate import evaluate_model
-    from fastalign.model import Llama
     from fastalign.model_dir import load_tokenizer
+    from fastalign.peft_io import load_model
 
-    model = Llama.from_pretrained(model_dir)
-    return evaluate_model(model, load_tokenizer(model_dir), records, model_max_length=settings.model_max_length)
+    model = load_model(model_dir)  # an HF model directory, or a LoRA adapter over its base
+    return evaluate_model(model, load_tokenizer(model.source_dir), records, model_max_length=settings.model_max_length)
 
 
 def sample_generations(model_dir: Path, records, settings: DemoSettings) -> list[str]:
     from fastalign.generate import generate
-    from fastalign.model import Llama
     from fastalign.model_dir import load_tokenizer
+    from fastalign.peft_io import load_model
 
-    model, tokenizer = Llama.from_pretrained(model_dir), load_tokenizer(model_dir)
+    model = load_model(model_dir)
+    tokenizer = load_tokenizer(model.source_dir)
     return [generate(model, tokenizer, r.query, template=False, max_new_tokens=settings.max_new_tokens)
             for r in records[:settings.generations]]
 
@@ -129,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="A seconds-long smoke run (tiny model, 6 steps); no learning to speak of.")
     p.add_argument("--family", choices=FAMILIES, default="llama",
                    help="Model family of the tiny model (fastalign.tiny --family). Default llama.")
+    p.add_argument("--use_peft", action="store_true",
+                   help="Train LoRA adapters (all-linear, r 16) over the frozen tiny model instead of all its weights.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the model init and the held-out split. Default 0.")
     return p
 
@@ -175,7 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                "--per_device_eval_batch_size", "8", "--save_strategy", "epoch", "--save_total_limit", "1",
                "--weight_decay", "0.", "--warmup_ratio", "0.03", "--lr_scheduler_type", "cosine",
                "--model_max_length", str(settings.model_max_length), "--rating_scale", "7", "--margin", "1",
-               "--max_flow", "False", "--ratio", "0.2", "--seed", str(args.seed), *settings.train_flags]
+               "--max_flow", "False", "--ratio", "0.2", "--seed", str(args.seed), *settings.train_flags,
+               *(LORA_FLAGS if args.use_peft else ())]
     shown = shlex.join(["python", *command[1:]]).replace(str(out) + "/", "")
     stage(4, f"training with the fastalign trainer's command line (paths relative to {out}):\n    {shown}")
     train_start = time.perf_counter()
@@ -211,7 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"(ties excluded) ===")
     print(summary_table(before["metrics"], after["metrics"]))
     print(f"\ntraining took {train_seconds:.0f}s; the whole demo {total:.0f}s")
-    print(f"trained model (HF layout, loads in transformers): {trained_dir}")
+    print(f"trained {'LoRA adapter (PEFT layout)' if args.use_peft else 'model (HF layout, loads in transformers)'}: "
+          f"{trained_dir}")
     print(f"training metrics: {trained_dir / 'metrics.jsonl'}   plot them: python -m fastalign.plot {trained_dir}")
     print(f"demo results (metrics before/after, generations): {out / 'demo_results.json'}")
     print(f"evaluate again: python -m fastalign.evaluate --model_name_or_path {trained_dir} "

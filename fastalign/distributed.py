@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from fastalign.errors import ConfigError, ModelError
+from fastalign.lora import is_adapter_name
 
 # The activation-checkpoint wrapper and fastalign.attention are imported where used: only runs that
 # ask for --gradient_checkpointing or --compile pay for them.
@@ -249,10 +250,11 @@ def load_sharded_weights(model: nn.Module, reader, *, prefix: str = "") -> None:
     Only the local rows are read from disk (the safetensors library's `get_slice` rows), so no
     rank materialises a full copy of the model. `model` must already be sharded and materialised
     (`to_empty`); shapes and names are checked beforehand by `Llama.check_checkpoint`.
+    LoRA adapters (fastalign.lora) are left for `init_adapters`.
     """
     for name, param in model.named_parameters():
         local, rows = local_rows(param)
-        if local.numel():
+        if local.numel() and not is_adapter_name(name):  # adapters are not in the base checkpoint
             reader.read_into(canonical_name(name, prefix), local, rows)
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from fastalign import peft_io
 from fastalign.cli import BOOLEAN_FLAG, exit_process, positive_float, positive_int, run_main
 from fastalign.data import (
     IGNORE_INDEX,
@@ -29,7 +30,6 @@ from fastalign.data import (
 from fastalign.distributed import init_distributed
 from fastalign.errors import DataError
 from fastalign.loss import stable_alignment_loss
-from fastalign.model import Llama
 from fastalign.model_dir import load_tokenizer
 
 # ---------------------------------------------------------------------------------------------
@@ -343,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Ranking metrics of a model on rated Sandbox records: does it "
                                 "find the higher-rated responses more likely? (metrics: docs/evaluation.md)")
     p.add_argument("--model_name_or_path", required=True,
-                   help="HF model directory: Llama, Mistral, Qwen2 or Qwen3 (config.json, weights, tokenizer).")
+                   help="HF model directory: Llama, Mistral, Qwen2 or Qwen3 (config.json, weights, tokenizer); or "
+                        "a PEFT LoRA adapter directory (the base model named by its adapter_config.json).")
     p.add_argument("--data_path", required=True, help="Sandbox records: JSON array or JSONL (.gz welcome).")
     p.add_argument("--output_json", default=None, help="Write the metrics and per-record results here.")
     p.add_argument("--model_max_length", type=positive_int, default=512,
@@ -384,9 +385,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise DataError(f"{args.data_path}: no valid records to evaluate ({loaded.skipped_summary()})")
     env = init_distributed()
     try:
-        model = Llama.from_pretrained(args.model_name_or_path, device=env.device,
-                                      dtype=torch.bfloat16 if args.bf16 else torch.float32)
-        tokenizer = load_tokenizer(args.model_name_or_path)
+        model = peft_io.load_model(args.model_name_or_path, device=env.device,
+                                   dtype=torch.bfloat16 if args.bf16 else torch.float32)  # or an adapter directory
+        tokenizer = load_tokenizer(model.source_dir)
         report = evaluate_model(
             model, tokenizer, loaded.records, model_max_length=args.model_max_length,
             max_tokens_per_batch=args.max_tokens_per_batch, share_prefix=args.share_prefix, num_comp=args.num_comp,

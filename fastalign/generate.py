@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fastalign import peft_io
 from fastalign.cli import BOOLEAN_FLAG, run_main
 from fastalign.errors import ConfigError
 from fastalign.model import Llama
@@ -166,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastalign.generate", allow_abbrev=False,
                                 description="Generate responses with a (trained) Llama directory, KV-cached.")
     p.add_argument("--model_name_or_path", required=True,
-                   help="HF model directory: Llama, Mistral, Qwen2 or Qwen3 (config.json, weights, tokenizer).")
+                   help="HF model directory: Llama, Mistral, Qwen2 or Qwen3 (config.json, weights, tokenizer); or "
+                   "a PEFT LoRA adapter directory (the base model named by its adapter_config.json).")
     p.add_argument("--prompt", action="append", default=[], help="A prompt (repeat the flag for several).")
     p.add_argument("--prompts_file", default=None, help="A text file with one prompt per line.")
     p.add_argument("--max_new_tokens", type=int, default=128, help="Most tokens generated per prompt. Default 128.")
@@ -186,9 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError("give at least one --prompt or a --prompts_file")
     check_sampling(args.max_new_tokens, args.temperature, args.top_p)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = Llama.from_pretrained(args.model_name_or_path, device=device,
-                                  dtype=torch.bfloat16 if args.bf16 else torch.float32)
-    tokenizer = load_tokenizer(args.model_name_or_path)
+    model = peft_io.load_model(args.model_name_or_path, device=device,
+                               dtype=torch.bfloat16 if args.bf16 else torch.float32)  # or an adapter directory
+    tokenizer = load_tokenizer(model.source_dir)
     for i, prompt in enumerate(prompts):
         response = generate(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_p=args.top_p, template=not args.no_template,

@@ -212,11 +212,10 @@ class _AlignmentHead(torch.autograd.Function):
         tokens_hidden = hidden.index_select(0, position)
         chunk = impl.vocab_chunk(tokens_hidden.shape[0], weight)
         grad_tokens, grad_weight = impl.head_grads(tokens_hidden, weight, plan.target[active],
-                                                   lse[active], token_weight[active], chunk)
+                                                   lse[active], token_weight[active], chunk,
+                                                   weight_grad=ctx.needs_input_grad[1])  # frozen head: none
         if grad_hidden is not None:
             grad_hidden.index_copy_(0, position, grad_tokens.to(hidden.dtype))
-        if not ctx.needs_input_grad[1]:
-            grad_weight = None
         return grad_hidden, grad_weight, None, None, None, None, None
 
 

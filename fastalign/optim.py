@@ -34,9 +34,11 @@ def warmup_steps_for(config: TrainConfig, total_steps: int) -> int:
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; like HF, no weight decay on biases and norm weights (the 1-D parameters)."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    """AdamW over the trainable parameters (all, or LoRA's adapters); like HF, no weight decay on
+    biases and norm weights (the 1-D parameters)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     # The fused kernel (one pass over each parameter's p, grad, m, v) on CUDA and on CPU (torch

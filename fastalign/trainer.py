@@ -188,6 +188,11 @@ class Trainer:
             "bf16" if config.bf16 else "fp32", attn_backend,
             loss_backend_name(config.loss_backend, env.device),
             "on" if config.gradient_checkpointing else "off", "on" if config.compile else "off")
+        if config.use_peft:
+            from fastalign.lora import trainable_summary
+
+            log.info("LoRA: %s on rank %d; frozen base in %s", trainable_summary(self.model), env.rank,
+                     "bf16" if config.bf16 else "fp32")
 
     def _setup_optimizer(self) -> None:
         """AdamW and the LR schedule over the run's total steps."""
@@ -265,6 +270,9 @@ class Trainer:
 
     def _check_resumable(self, resume: Path, state: dict) -> None:
         """Refuse to continue on other batches than the checkpoint's (fastalign.resume_inputs)."""
+        from fastalign.lora import check_resume_mode
+
+        check_resume_mode(state.get("config", {}), self.config.use_peft, resume)
         for warning in resume_inputs.check(state, resume, layout=self._batch_layout(), inputs=self.input_digests,
                                            allow_data_change=self.config.allow_data_change):
             if self.env.is_main:
@@ -305,8 +313,14 @@ class Trainer:
         if self.best is not None:
             best_model.load_for_export(self.best, self.output_dir, self.model, PREFIX, step)
         log.info("training done at step %d; writing the model to %s", step, self.output_dir)
-        ckpt.export_hf(self.model, self.llama.config, self.output_dir, self.config.model_name_or_path,
-                       prefix=PREFIX)
+        if self.config.use_peft:
+            from fastalign import lora, peft_io
+
+            peft_io.export_adapter(self.model, lora.LoraSettings.from_config(self.config), self.output_dir,
+                                   self.config.model_name_or_path, prefix=PREFIX)
+        else:
+            ckpt.export_hf(self.model, self.llama.config, self.output_dir, self.config.model_name_or_path,
+                           prefix=PREFIX)
         self.metrics.close()
 
     def _loop(self, bar) -> int:

@@ -216,12 +216,13 @@ def group_stats(nll: torch.Tensor, scores: torch.Tensor, layout: GroupLayout,
 
 def head_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                lse: torch.Tensor, token_weight: torch.Tensor,
-               chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backward of sum_t w_t * nll_t -> (grad_hidden fp32 [N, H], grad_weight [V, H] in W's dtype)."""
+               chunk: int, weight_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Backward of sum_t w_t * nll_t -> (grad_hidden fp32 [N, H], grad_weight [V, H] in W's dtype;
+    None without `weight_grad`: a frozen head (LoRA) skips its GEMMs and its [V, H] buffer)."""
     num_tokens, hidden_size = hidden.shape
     vocab = weight.shape[0]
     grad_hidden = torch.zeros(num_tokens, hidden_size, dtype=torch.float32, device=hidden.device)
-    grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if weight_grad else None
     buffer = torch.empty(num_tokens * min(chunk, vocab), dtype=hidden.dtype, device=hidden.device)
     token_weight = token_weight.float().contiguous()
     for start, stop in vocab_slices(vocab, chunk):
@@ -231,7 +232,8 @@ def head_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
         _softmax_grad_slice_kernel[grid](dz, dz.stride(0), num_tokens, stop - start, lse, targets,
                                          token_weight, start,
                                          **softmax_grad_slice_config(hidden.dtype))
-        torch.mm(dz.T, hidden, out=grad_weight[start:stop])  # each row block written once
+        if grad_weight is not None:
+            torch.mm(dz.T, hidden, out=grad_weight[start:stop])  # each row block written once
         grad_hidden = _add_product_fp32(grad_hidden, dz, w_slice)
     return grad_hidden, grad_weight
 

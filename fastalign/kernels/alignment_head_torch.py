@@ -99,21 +99,22 @@ def response_mean(token_values: torch.Tensor, response_ptr: torch.Tensor) -> tor
 
 def head_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                lse: torch.Tensor, token_weight: torch.Tensor,
-               chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+               chunk: int, weight_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Backward of sum_t token_weight_t * nll_t over the (active) tokens given.
 
     dZ = w * (softmax - onehot) per slice of recomputed logits; grad_hidden = dZ @ W,
     grad_weight = dZ^T @ hidden. The per-token weight w is a row scale, so it is applied to the
     small [N, H] side (hidden rows before the grad_weight GEMM, grad_hidden rows at the end)
     instead of to every logit: one pass less over each slice.
-    Returns (grad_hidden fp32 [N, H], grad_weight [V, H] in weight's dtype).
+    Returns (grad_hidden fp32 [N, H], grad_weight [V, H] in weight's dtype; None without
+    `weight_grad`: a frozen head (LoRA) skips its GEMMs and its [V, H] buffer).
     """
     num_tokens, hidden_size = hidden.shape
     vocab = weight.shape[0]
     h32 = hidden.float()
     weighted_hidden = h32 * token_weight[:, None]  # [N, H]
     grad_hidden = torch.zeros(num_tokens, hidden_size, device=hidden.device)
-    grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if weight_grad else None
     buffer = torch.empty(num_tokens * min(chunk, vocab), device=hidden.device)
     for start, stop in vocab_slices(vocab, chunk):
         w_slice = weight[start:stop].float()  # [C, H]
@@ -124,9 +125,9 @@ def head_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
         in_slice = (targets >= start) & (targets < stop)
         local = (targets - start).clamp(0, stop - start - 1)
         probs.scatter_add_(1, local[:, None], in_slice.to(probs.dtype).neg_()[:, None])
-        if grad_weight.dtype == torch.float32:
+        if grad_weight is not None and grad_weight.dtype == torch.float32:
             torch.mm(probs.T, weighted_hidden, out=grad_weight[start:stop])
-        else:
+        elif grad_weight is not None:
             grad_weight[start:stop] = torch.mm(probs.T, weighted_hidden)
         grad_hidden.addmm_(probs, w_slice)
     grad_hidden.mul_(token_weight[:, None])

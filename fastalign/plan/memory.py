@@ -13,6 +13,7 @@ import torch
 from fastalign import distributed as fdist
 from fastalign.alignment_model import AlignmentModel, uses_fsdp
 from fastalign.hf_config import LlamaConfig
+from fastalign.lora import LoraSettings, inject_adapters
 from fastalign.model import Llama
 
 # torch.distributed's fake backend, DTensor and the loss head's chunk rule are imported where used:
@@ -23,8 +24,8 @@ from fastalign.model import Llama
 class StateBytes:
     """What one rank keeps for the whole run (rank 0: the largest shard of each parameter)."""
 
-    params: int  # sharded fp32 master weights, as allocated (FSDP2 pads shards to equal size)
-    grads: int  # sharded fp32 gradients (FSDP2 writes them into the same padded layout)
+    params: int  # sharded fp32 master weights (a LoRA base: bf16 under --bf16), as allocated (FSDP2 pads shards)
+    grads: int  # sharded fp32 gradients of the trainable parameters (FSDP2: the same padded layout)
     optimizer: int  # AdamW exp_avg + exp_avg_sq (local shard shape) + one fp32 step per tensor
     layer_numel: int  # parameters of one decoder layer, unsharded
     root_numel: int  # embedding + final norm + lm_head, unsharded (a tied head counted once)
@@ -32,6 +33,17 @@ class StateBytes:
     fsdp: bool  # False: one fp32 process trains the plain module (no gathers, no reduce buffers)
     layer_shard_bytes: int = 0  # fp32 shard of one decoder layer (its reduce-scatter output)
     root_shard_bytes: int = 0  # fp32 shard of the root (embedding, final norm, lm_head)
+    layer_grad_numel: int | None = None  # trainable parameters of one layer (None: all; LoRA: the adapters)
+    root_grad_numel: int | None = None  # trainable root parameters (None: all; LoRA: its modules to save)
+    lm_head_trains: bool = True  # False: a frozen LoRA head, no [V, H] weight gradient
+
+    @property
+    def layer_reduce_numel(self) -> int:
+        return self.layer_numel if self.layer_grad_numel is None else self.layer_grad_numel
+
+    @property
+    def root_reduce_numel(self) -> int:
+        return self.root_numel if self.root_grad_numel is None else self.root_grad_numel
 
 
 @contextmanager
@@ -65,18 +77,30 @@ def _local_numel(tensor: torch.Tensor) -> int:
 
 
 def measure_state(config: LlamaConfig, *, world_size: int, procs_per_node: int, strategy: str,
-                  bf16: bool, gradient_checkpointing: bool, offload: bool) -> StateBytes:
-    """Shard the trainer's model as `fastalign.alignment_model.build_model` does and read rank 0's shards."""
+                  bf16: bool, gradient_checkpointing: bool, offload: bool,
+                  lora: LoraSettings | None = None) -> StateBytes:
+    """Shard the trainer's model as `fastalign.alignment_model.build_model` does and read rank 0's shards.
+
+    With `lora` the adapters are injected as the trainer does (a frozen base stored in bf16 under
+    `bf16`): gradients and AdamW state exist for the trainable parameters only."""
     plan = fdist.FsdpPlan(strategy=strategy, offload=offload)
     env = fdist.DistEnv(rank=0, world_size=world_size, local_rank=0, local_world_size=procs_per_node,
                         device=torch.device("cpu"), backend="fake")
     with torch.device("meta"):
         llama = Llama(config)
+    if lora is not None:
+        inject_adapters(llama, lora, base_dtype=torch.bfloat16 if bf16 else None)
     # the loss settings own no parameters or buffers: any valid values size the model alike
     model = AlignmentModel(llama, rating_scale=7.0, margin=1.0, ratio=0.2, max_flow=False,
                            margin_mode="paper", loss_backend="auto")
     layer_numel = sum(p.numel() for p in llama.layers[0].parameters()) if len(llama.layers) else 0
     root_numel = config.num_parameters() - config.num_hidden_layers * layer_numel
+    layer_ids = {id(p) for layer in llama.layers for p in layer.parameters()}
+    trained = dict(layer_grad_numel=sum(p.numel() for p in llama.layers[0].parameters() if p.requires_grad)
+                   if len(llama.layers) else 0,
+                   root_grad_numel=sum(p.numel() for p in llama.parameters()
+                                       if p.requires_grad and id(p) not in layer_ids),
+                   lm_head_trains=llama.lm_head.weight.requires_grad) if lora is not None else {}
     fsdp = uses_fsdp(bf16, env, plan)
     if gradient_checkpointing:
         fdist.apply_ac(llama.layers)
@@ -89,19 +113,24 @@ def measure_state(config: LlamaConfig, *, world_size: int, procs_per_node: int, 
                              reshard_after_forward=plan.reshard_after_forward)
             params = list(model.parameters())
             param_bytes = sum(_local_storage_bytes(p) for p in params)
-            local_numel = sum(_local_numel(p) for p in params)
-            layer_ids = {id(p) for layer in llama.layers for p in layer.parameters()}
-            layer_shard = sum(4 * _local_numel(p) for p in llama.layers[0].parameters()) if len(llama.layers) else 0
-            root_shard = sum(4 * _local_numel(p) for p in params if id(p) not in layer_ids)
+            trainable = [p for p in params if p.requires_grad]
+            grad_bytes = sum(_local_storage_bytes(p) for p in trainable)  # fp32, as the trainable shards
+            local_numel = sum(_local_numel(p) for p in trainable)
+            # fp32 gradient shards the running sums of accumulation use: trainable parameters only
+            layer_shard = sum(4 * _local_numel(p) for p in llama.layers[0].parameters()
+                              if p.requires_grad) if len(llama.layers) else 0
+            root_shard = sum(4 * _local_numel(p) for p in trainable if id(p) not in layer_ids)
     else:
         params = list(model.parameters())
         param_bytes = sum(p.numel() * p.element_size() for p in params)
-        local_numel = sum(p.numel() for p in params)
+        trainable = [p for p in params if p.requires_grad]
+        grad_bytes = sum(p.numel() * p.element_size() for p in trainable)
+        local_numel = sum(p.numel() for p in trainable)
         layer_shard = root_shard = 0
-    optimizer = 2 * 4 * local_numel + 4 * len(params)  # fused AdamW: m, v like the shard; fp32 step
-    return StateBytes(params=param_bytes, grads=param_bytes, optimizer=optimizer, layer_numel=layer_numel,
+    optimizer = 2 * 4 * local_numel + 4 * len(trainable)  # fused AdamW: m, v like the shard; fp32 step
+    return StateBytes(params=param_bytes, grads=grad_bytes, optimizer=optimizer, layer_numel=layer_numel,
                       root_numel=root_numel, lm_head_numel=config.vocab_size * config.hidden_size, fsdp=fsdp,
-                      layer_shard_bytes=layer_shard, root_shard_bytes=root_shard)
+                      layer_shard_bytes=layer_shard, root_shard_bytes=root_shard, **trained)
 
 
 @dataclass(frozen=True)
@@ -263,9 +292,9 @@ def step_phases(c: LlamaConfig, state: StateBytes, mb: MicroBatch, opts: Options
         layer_gathered = b * state.layer_numel
         held_layers = layers if keeps_layers else 2
         # unsharded gradients in the compute dtype, then the fp32 flat reduce-scatter input
-        layer_reduce = (b + 4) * state.layer_numel
-        root_reduce = (b + 4) * state.root_numel
-        lm_head_grad = b * state.lm_head_numel
+        layer_reduce = (b + 4) * state.layer_reduce_numel
+        root_reduce = (b + 4) * state.root_reduce_numel
+        lm_head_grad = b * state.lm_head_numel * state.lm_head_trains
         if opts.micro_batches_per_step > 1 and not opts.offload:
             layer_reduce += state.layer_shard_bytes
             root_reduce += state.root_shard_bytes

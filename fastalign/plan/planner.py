@@ -14,9 +14,11 @@ from pathlib import Path
 
 from fastalign import distributed as fdist
 from fastalign.cli import BOOLEAN_FLAG, number, positive_float, positive_int
+from fastalign.config import add_lora_flags, refuse_quantized_bases
 from fastalign.errors import ConfigError, ModelError
 from fastalign.hardware import GPUS, Gpu
 from fastalign.hf_config import LlamaConfig
+from fastalign.lora import LoraSettings
 from fastalign.plan import memory as pm
 from fastalign.plan.workload import COUNT_FIELDS, Workload, step_budget, workload_from_data, workload_from_flags
 
@@ -74,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Query computed once per group (default True); False: once per response.")
     train.add_argument("--num_train_epochs", type=positive_float, default=3.0)
     train.add_argument("--loss_backend", choices=("auto", "triton", "torch"), default="auto")
+    add_lora_flags(parser)  # the trainer's LoRA flags: a frozen base, adapter gradients and states
     data = parser.add_argument_group("data (optional: without it the flags' worst case is planned)")
     data.add_argument("--data_path", help="Sandbox records; tokenized with --model_name_or_path's tokenizer.")
     data.add_argument("--num_records", type=positive_int, default=None,
@@ -152,7 +155,8 @@ def plan_memory(config, args, world_size: int, procs_per_node: int, fsdp_plan: f
                 gradient_checkpointing: bool, work: Workload) -> tuple[pm.StateBytes, pm.Phase]:
     state = pm.measure_state(config, world_size=world_size, procs_per_node=procs_per_node,
                              strategy=fsdp_plan.strategy, bf16=args.bf16,
-                             gradient_checkpointing=gradient_checkpointing, offload=fsdp_plan.offload)
+                             gradient_checkpointing=gradient_checkpointing, offload=fsdp_plan.offload,
+                             lora=LoraSettings.from_config(args) if args.use_peft else None)
     opts = options(args, fsdp_plan, gradient_checkpointing, work)
     return state, pm.peak_phase(config, state, work.largest, opts)
 
@@ -215,6 +219,7 @@ def make_plan(args) -> dict:
         "world": {"ranks": args.world_size, "nnodes": args.nnodes, "nproc_per_node": args.nproc_per_node,
                   "fsdp": fsdp_plan.strategy + (" + offload" if fsdp_plan.offload else ""),
                   "bf16": args.bf16, "gradient_checkpointing": args.gradient_checkpointing,
+                  "use_peft": args.use_peft,
                   "share_prefix": args.share_prefix, "device": args.device, "epochs": args.num_train_epochs},
         "gpu": {"name": args.gpu, "memory_gib": memory_gib, "usable_gib": usable / GIB},
         "workload": {"source": work.source, "max_tokens_per_batch": step_budget_tokens or 0,
@@ -348,7 +353,8 @@ def format_report(plan: dict) -> str:
         f"{w['nproc_per_node']}), fsdp {w['fsdp']}, "
         f"{'bf16' if w['bf16'] else 'fp32'} compute, "
         f"activation checkpointing {'on' if w['gradient_checkpointing'] else 'off'}, "
-        f"shared prefix {'on' if w['share_prefix'] else 'off'}",
+        f"shared prefix {'on' if w['share_prefix'] else 'off'}"
+        + (", LoRA adapters over a frozen base" if w.get("use_peft") else ""),
         f"GPU: {g['name'] or 'custom'}, {g['memory_gib']:g} GiB ({g['usable_gib']:.2f} GiB usable: "
         f"{USABLE_FRACTION:.0%} minus "
         f"{RESERVED_GIB:g} GiB for the CUDA context, NCCL and cuBLAS)",
@@ -437,6 +443,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(str(err))
     if plan.offload and args.device != "cuda":
         parser.error("--fsdp offload: needs CUDA (as in the trainer)")
+    refuse_quantized_bases(parser, args)
     args.world_size = args.nproc_per_node * args.nnodes
     return args
 
