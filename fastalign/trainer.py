@@ -537,7 +537,7 @@ class Trainer:
         self._check_finite(nonfinite, step)  # never checkpoint non-finite weights
         state = {"step": step, "epoch": next_position[0], "step_in_epoch": next_position[1],
                  "total_steps": self.total_steps, "batch_layout": self._batch_layout(),
-                 resume_inputs.INPUTS_KEY: self.input_digests, "config": vars(self.config)}
+                 resume_inputs.INPUTS_KEY: self.input_digests, "args": vars(self.config)}
         best = None
         if self.best is not None:
             state[best_model.STATE_KEY] = self.best.state()
