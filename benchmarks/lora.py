@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.lib.presets import TRAIN_PRESETS  # noqa: E402
 from benchmarks.lib.results import result_header, results_path, write_json  # noqa: E402
 from benchmarks.lib.tables import format_table  # noqa: E402
-from benchmarks.train_modes import train  # noqa: E402
+from benchmarks.train_modes import prepare_model_dir, train  # noqa: E402
 from fastalign.errors import FastalignError  # noqa: E402
 
 LORA_FLAGS = ["--use_peft", "True", "--lora_target_modules", "all-linear", "--lora_r", "16", "--lora_alpha", "32",
@@ -49,16 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    from benchmarks.baseline_original import build_benchmark_dir, default_data_path
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bf16 = device == "cuda"
-    work_dir = args.work_dir.resolve()
-    work_dir.mkdir(parents=True, exist_ok=True)
     preset = TRAIN_PRESETS[args.preset]
-    model_dir = work_dir / f"model-{preset.name}"
-    if not (model_dir / "config.json").is_file():
-        build_benchmark_dir(preset, default_data_path(), model_dir)
+    work_dir, model_dir = prepare_model_dir(args.work_dir, preset.name)
     runs = {"full": train("full", work_dir, model_dir, args.steps, bf16, []),
             "lora": train("lora", work_dir, model_dir, args.steps, bf16, LORA_FLAGS)}
     sides = {name: summary(run) for name, run in runs.items()}

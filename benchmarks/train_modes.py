@@ -87,6 +87,20 @@ def train(name: str, work_dir: Path, model_dir: Path, steps: int, bf16: bool, fl
             "recompiles": _RECOMPILE.findall(text)}
 
 
+def prepare_model_dir(work_dir: Path, preset_name: str) -> tuple[Path, Path]:
+    """(work_dir resolved and created, the preset's model directory in it, built from the bundled data
+    when missing): the model every run of a work dir shares."""
+    from benchmarks.baseline_original import build_benchmark_dir, default_data_path
+
+    work_dir = work_dir.resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    preset = TRAIN_PRESETS[preset_name]
+    model_dir = work_dir / f"model-{preset.name}"
+    if not (model_dir / "config.json").is_file():
+        build_benchmark_dir(preset, default_data_path(), model_dir)
+    return work_dir, model_dir
+
+
 def eager_run(work_dir: Path, model_dir: Path, steps: int, bf16: bool) -> dict[str, Any]:
     """The eager run, made once per work_dir (the three mode stages share it)."""
     cached = work_dir / "eager.json"
@@ -122,19 +136,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    from benchmarks.baseline_original import build_benchmark_dir, default_data_path
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.mode in NEEDS_CUDA and device != "cuda":
         raise FastalignError(f"--mode {args.mode}: needs CUDA ({NEEDS_CUDA[args.mode]}); this machine has none")
     bf16 = device == "cuda"
     precision = "bf16" if bf16 else "fp32"
-    work_dir = args.work_dir.resolve()
-    work_dir.mkdir(parents=True, exist_ok=True)
     preset = TRAIN_PRESETS[args.preset]
-    model_dir = work_dir / f"model-{preset.name}"
-    if not (model_dir / "config.json").is_file():
-        build_benchmark_dir(preset, default_data_path(), model_dir)
+    work_dir, model_dir = prepare_model_dir(args.work_dir, preset.name)
     eager = eager_run(work_dir, model_dir, args.steps, bf16)
     run = train(args.mode, work_dir, model_dir, args.steps, bf16, MODE_FLAGS[args.mode])
     verdict = compare(eager, run, RTOL[precision])
