@@ -184,9 +184,9 @@ def trainable_summary(model: nn.Module) -> str:
     return f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.3f}%)"
 
 
-def check_resume_mode(saved_config: dict, use_peft: bool, checkpoint) -> None:
+def check_resume_mode(saved_args: dict, use_peft: bool, checkpoint) -> None:
     """A LoRA checkpoint holds adapters only, a full one every weight: refuse to resume one as the other."""
-    saved = bool(saved_config.get("use_peft", False))
+    saved = bool(saved_args.get("use_peft", False))
     if saved != use_peft:
         kind = "LoRA adapters (--use_peft True)" if saved else "a full fine-tuning run (--use_peft False)"
         raise ConfigError(f"--resume_from_checkpoint {checkpoint}: the checkpoint is from {kind}; resume it with "

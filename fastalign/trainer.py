@@ -272,7 +272,7 @@ class Trainer:
         """Refuse to continue on other batches than the checkpoint's (fastalign.resume_inputs)."""
         from fastalign.lora import check_resume_mode
 
-        check_resume_mode(state.get("config", {}), self.config.use_peft, resume)
+        check_resume_mode(state.get("args", {}), self.config.use_peft, resume)
         for warning in resume_inputs.check(state, resume, layout=self._batch_layout(), inputs=self.input_digests,
                                            allow_data_change=self.config.allow_data_change):
             if self.env.is_main:
