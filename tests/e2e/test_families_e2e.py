@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 from helpers.models import FAMILY_CLASSES
-from helpers.training import common, metrics, ok, run_train
+from helpers.training import common, metrics, ok, run_train, train_in_process
 from safetensors.torch import load_file, save_file
 
 from fastalign.data import sample_data_path
@@ -61,7 +61,7 @@ def test_qwen2_trains_with_biases_read_row_sliced_under_fsdp_as_on_one_rank(fami
     # max_tokens_per_batch 0: the same 2-group micro-batches on both sides, so the weights agree to
     # 1e-6 (step-level packing regroups them: summation order, checked in test_train)
     flags = dict(max_steps=2, per_device_train_batch_size=2, fsdp="full_shard auto_wrap", max_tokens_per_batch=0)
-    ok(run_train(common(model, data, tmp_path / "one", gradient_accumulation_steps=2, **flags)))
+    ok(train_in_process(common(model, data, tmp_path / "one", gradient_accumulation_steps=2, **flags)))
     ok(run_train(common(model, data, tmp_path / "two", gradient_accumulation_steps=1, **flags), nproc=2))
     assert_trained_as_family(model, tmp_path / "two", "qwen2", steps=2)
     for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
@@ -81,7 +81,7 @@ def test_trainer_refuses_sequences_longer_than_the_sliding_window(family_tiny, t
     (model / "config.json").write_text(json.dumps({**json.loads(config_file.read_text()), "sliding_window": 64}))
     data = tmp_path / "data.jsonl"
     data.write_text(sample_data_path().read_text().splitlines()[0] + "\n")
-    result: subprocess.CompletedProcess = run_train(common(model, data, tmp_path / "out", max_steps=1,
-                                                           model_max_length=96))
+    result: subprocess.CompletedProcess = train_in_process(common(model, data, tmp_path / "out", max_steps=1,
+                                                                  model_max_length=96))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "error: " in result.stderr and "sliding_window of 64" in result.stderr

@@ -26,6 +26,7 @@ from helpers.training import (
     ok,
     run_train,
     start_train,
+    train_in_process,
     wait_for_steps,
 )
 
@@ -41,7 +42,7 @@ def four_steps(tiny, tmp_path_factory):
     """An output dir with checkpoint-1 .. checkpoint-4 of one run (copy it before changing it)."""
     model, data = tiny
     out = tmp_path_factory.mktemp("four") / "out"
-    ok(run_train(common(model, data, out, max_steps=4, **FLAGS)))
+    ok(train_in_process(common(model, data, out, max_steps=4, **FLAGS)))
     assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{i}" for i in (1, 2, 3, 4)]
     return out
 
@@ -58,11 +59,11 @@ def test_damaged_newest_checkpoint_auto_resumes_the_previous_explicit_is_an_erro
     shard.write_bytes(shard.read_bytes()[:-1000])  # truncated by a kill / a full disk
 
     stderr = no_traceback(
-        run_train(common(model, data, out, max_steps=4, resume_from_checkpoint=out / "checkpoint-4", **FLAGS))
+        train_in_process(common(model, data, out, max_steps=4, resume_from_checkpoint=out / "checkpoint-4", **FLAGS))
     )
     assert "error: --resume_from_checkpoint" in stderr and str(shard) in stderr and "truncated" in stderr
 
-    result = ok(run_train(common(model, data, out, max_steps=4, resume_from_checkpoint="auto", **FLAGS)))
+    result = ok(train_in_process(common(model, data, out, max_steps=4, resume_from_checkpoint="auto", **FLAGS)))
     assert f"skipping {out / 'checkpoint-4'}" in result.stderr and str(shard) in result.stderr
     assert f"resumed from {out / 'checkpoint-3'}" in result.stderr
     assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
@@ -76,7 +77,7 @@ def test_resuming_an_older_checkpoint_starts_a_new_branch(tiny, four_steps, tmp_
     later `auto` continues the new branch."""
     model, data = tiny
     out = copy_run(four_steps, tmp_path / "out")
-    result = ok(run_train(common(model, data, out, max_steps=3, save_total_limit=1,
+    result = ok(train_in_process(common(model, data, out, max_steps=3, save_total_limit=1,
                                  resume_from_checkpoint=out / "checkpoint-2", **FLAGS)))
     assert "starts a new branch" in result.stderr
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
@@ -85,7 +86,7 @@ def test_resuming_an_older_checkpoint_starts_a_new_branch(tiny, four_steps, tmp_
     (abandoned,) = out.glob("abandoned-*")
     assert sorted(p.name for p in abandoned.iterdir()) == ["checkpoint-3", "checkpoint-4"]
 
-    result = ok(run_train(common(model, data, out, max_steps=4, save_total_limit=1,
+    result = ok(train_in_process(common(model, data, out, max_steps=4, save_total_limit=1,
                                  resume_from_checkpoint="auto", **FLAGS)))
     assert f"resumed from {out / 'checkpoint-3'}" in result.stderr
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
@@ -161,7 +162,7 @@ def test_signal_finishes_the_step_saves_and_names_the_resume_point(tiny, tmp_pat
         assert "cannot be resumed" in stopped and "--resume_from_checkpoint" not in stopped
         return
     assert f"--resume_from_checkpoint {out / f'checkpoint-{step}'}" in stderr
-    result = ok(run_train(common(model, data, out, **dict(flags, max_steps=step + 1),
+    result = ok(train_in_process(common(model, data, out, **dict(flags, max_steps=step + 1),
                                  resume_from_checkpoint="auto")))
     assert f"resumed from {out / f'checkpoint-{step}'}" in result.stderr
 
@@ -173,13 +174,13 @@ def test_kill_9_mid_run_then_auto_resume_equals_the_uninterrupted_run(tiny, tmp_
     flags = dict(max_steps=16, per_device_train_batch_size=2, save_strategy="steps", save_steps=1,
                  save_total_limit=2)
     full, killed = tmp_path / "full", tmp_path / "killed"
-    ok(run_train(common(model, data, full, **flags)))
+    ok(train_in_process(common(model, data, full, **flags)))
     proc = start_train(common(model, data, killed, **flags))
     wait_for_steps(killed, proc, 4)
     proc.kill()
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL  # killed, not finished
-    result = ok(run_train(common(model, data, killed, resume_from_checkpoint="auto", **flags)))
+    result = ok(train_in_process(common(model, data, killed, resume_from_checkpoint="auto", **flags)))
     assert "resumed from" in result.stderr
     assert_same_metrics(metrics(full), metrics(killed))
     assert_same_weights(full, killed, atol=0)

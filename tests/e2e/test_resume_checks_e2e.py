@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from helpers.checkpoints import edit_json, link_shard, reseal, setting
-from helpers.training import common, metrics, ok, run_train
+from helpers.training import common, metrics, ok, train_in_process
 
 from fastalign import checkpoint as ckpt
 
@@ -42,7 +42,7 @@ def two_steps(tiny, tmp_path_factory):
     model, data = tiny
     root = tmp_path_factory.mktemp("two")
     shutil.copy(data, root / "data.jsonl")
-    ok(run_train(common(model, root / "data.jsonl", root / "out", max_steps=2, **FLAGS)))
+    ok(train_in_process(common(model, root / "data.jsonl", root / "out", max_steps=2, **FLAGS)))
     return root
 
 
@@ -59,12 +59,12 @@ def test_resume_on_edited_data_is_refused_and_accepted_with_allow_data_change(ti
     lines = data.read_text().splitlines()
     data.write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # the same records, shuffled
     before = snapshot(out)
-    line = refused(run_train(common(model, data, out, max_steps=3, resume_from_checkpoint="auto", **FLAGS)))
+    line = refused(train_in_process(common(model, data, out, max_steps=3, resume_from_checkpoint="auto", **FLAGS)))
     assert f"--data_path: other contents (checkpoint: {two_steps / 'data.jsonl'}, sha256 " in line
     assert f"now: {data}, sha256 " in line and "--allow_data_change True" in line
     assert snapshot(out) == before
 
-    result = ok(run_train(common(model, data, out, max_steps=3, resume_from_checkpoint="auto",
+    result = ok(train_in_process(common(model, data, out, max_steps=3, resume_from_checkpoint="auto",
                                  allow_data_change=True, **FLAGS)))
     assert "--allow_data_change: resuming" in result.stderr and f"resumed from {out / 'checkpoint-2'}" in result.stderr
     assert [m["step"] for m in metrics(out)] == [1, 2, 3]
@@ -77,7 +77,7 @@ def test_resume_with_another_model_max_length_is_refused(tiny, run_copy):
     model, _ = tiny
     data, out = run_copy
     flags = {**FLAGS, "model_max_length": 96}
-    line = refused(run_train(common(model, data, out, max_steps=3, resume_from_checkpoint="auto", **flags)))
+    line = refused(train_in_process(common(model, data, out, max_steps=3, resume_from_checkpoint="auto", **flags)))
     assert "--model_max_length (checkpoint 128, now 96)" in line
 
 
@@ -110,7 +110,7 @@ def test_damaged_checkpoint_is_an_error_line_and_stays_intact(tiny, run_copy, fa
     data, out = run_copy
     expected = fault(out / "checkpoint-2")
     before = snapshot(out)
-    line = refused(run_train(common(model, data, out, max_steps=3,
+    line = refused(train_in_process(common(model, data, out, max_steps=3,
                                     resume_from_checkpoint=out / "checkpoint-2", **FLAGS)))
     assert line.startswith(f"error: --resume_from_checkpoint: {out / 'checkpoint-2'} does not verify")
     assert expected in line
@@ -128,9 +128,9 @@ def test_resume_with_a_model_of_another_vocabulary_is_an_error_line(tiny, run_co
                              num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
                              max_position_embeddings=256)
     before = snapshot(out)
-    line = refused(run_train(common(other, data, out, max_steps=3, resume_from_checkpoint="auto", **FLAGS)))
+    line = refused(train_in_process(common(other, data, out, max_steps=3, resume_from_checkpoint="auto", **FLAGS)))
     assert "the tokenizer files of --model_name_or_path: other contents" in line
-    line = refused(run_train(common(other, data, out, max_steps=3, resume_from_checkpoint="auto",
+    line = refused(train_in_process(common(other, data, out, max_steps=3, resume_from_checkpoint="auto",
                                     allow_data_change=True, **FLAGS)))
     vocab = [json.loads((path / "config.json").read_text())["vocab_size"] for path in (model, other)]
     assert vocab[0] != vocab[1]

@@ -17,7 +17,16 @@ import sys
 
 import pytest
 from helpers.run_dir import tree, write_owner
-from helpers.training import common, metrics, no_traceback, ok, run_train, start_train, wait_for_steps
+from helpers.training import (
+    common,
+    metrics,
+    no_traceback,
+    ok,
+    run_train,
+    start_train,
+    train_in_process,
+    wait_for_steps,
+)
 
 from fastalign.run_lock import LOCK_FILE, hold_output_dir, take_lock
 
@@ -68,10 +77,10 @@ def test_overwrite_output_dir_keeps_the_model_it_starts_from(tiny, tmp_path):
     model, data = tiny
     out = tmp_path / "out"
     flags = dict(max_steps=2, per_device_train_batch_size=2, save_strategy="steps", save_steps=1)
-    ok(run_train(common(model, data, out, save_only_model=True, **flags)))
+    ok(train_in_process(common(model, data, out, save_only_model=True, **flags)))
     start = out / "checkpoint-2"
     before = tree(out)
-    result = run_train(common(start, data, out, overwrite_output_dir=True, **flags))
+    result = train_in_process(common(start, data, out, overwrite_output_dir=True, **flags))
     stderr = no_traceback(result)
     assert (f"error: --overwrite_output_dir True would delete {start}, which holds "
             f"--model_name_or_path {start}") in stderr
@@ -108,7 +117,7 @@ def test_a_stale_lock_from_a_dead_process_is_taken_over_through_the_command(tiny
     out = tmp_path / "out"
     pid = dead_pid()
     write_owner(out, socket.gethostname(), pid)
-    result = ok(run_train(common(model, data, out, max_steps=1, per_device_train_batch_size=2)))
+    result = ok(train_in_process(common(model, data, out, max_steps=1, per_device_train_batch_size=2)))
     assert f"taking over the stale lock of pid {pid} on host {socket.gethostname()}" in result.stderr
     assert [m["step"] for m in metrics(out)] == [1] and not (out / LOCK_FILE).exists()
 

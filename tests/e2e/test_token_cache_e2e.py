@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 from helpers.cache_entries import rewrite, setitem
-from helpers.training import REPO, assert_same_metrics, common, metrics, ok, run_train
+from helpers.training import REPO, assert_same_metrics, common, metrics, ok, train_in_process
 
 from fastalign.data.token_cache import read_entry
 
@@ -80,7 +80,7 @@ def test_trainer_rebuilds_an_entry_with_ids_far_beyond_the_vocabulary_under_a_me
     model, data = tiny
     cache = tmp_path / "cache"
     flags = dict(max_steps=2, per_device_train_batch_size=2, token_cache_dir=cache, disable_tqdm=True)
-    ok(run_train(common(model, data, tmp_path / "clean", **flags)))
+    ok(train_in_process(common(model, data, tmp_path / "clean", **flags)))
     (entry,) = cache.glob("*.npz")
     # a valid digest: the vocabulary check alone has to refuse it
     rewrite(entry, response_tokens=setitem(0, 2 ** 31 - 1))

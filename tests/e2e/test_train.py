@@ -14,7 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.training import REPO, assert_same_metrics, assert_same_weights, common, metrics, ok, run_train
+from helpers.training import (
+    REPO,
+    assert_same_metrics,
+    assert_same_weights,
+    common,
+    metrics,
+    ok,
+    run_train,
+    train_in_process,
+)
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -49,7 +58,7 @@ def test_one_rank_x4_equals_two_ranks_x2_equals_four_ranks_x1(tiny, tmp_path):
     flags = dict(max_steps=3, per_device_train_batch_size=2, fsdp="full_shard auto_wrap", max_tokens_per_batch=0)
     one, two, four = tmp_path / "one", tmp_path / "two", tmp_path / "four"
     # Activation checkpointing on one side only: recomputation must not change the numbers.
-    ok(run_train(common(model, data, one, gradient_accumulation_steps=4, gradient_checkpointing=True,
+    ok(train_in_process(common(model, data, one, gradient_accumulation_steps=4, gradient_checkpointing=True,
                         **flags)))
     ok(run_train(common(model, data, two, gradient_accumulation_steps=2, **flags), nproc=2))
     ok(run_train(common(model, data, four, gradient_accumulation_steps=1, **flags), nproc=4))
@@ -67,7 +76,7 @@ def test_both_layouts_and_step_packing_on_two_ranks_equal_one_rank_of_single_gro
     model, data = tiny
     flags = dict(max_steps=2, per_device_train_batch_size=1, fsdp="full_shard auto_wrap")
     original, shared, unshared = tmp_path / "original", tmp_path / "shared", tmp_path / "unshared"
-    ok(run_train(common(model, data, original, gradient_accumulation_steps=4, share_prefix=False,
+    ok(train_in_process(common(model, data, original, gradient_accumulation_steps=4, share_prefix=False,
                         max_tokens_per_batch=0, **flags)))
     result = ok(run_train(common(model, data, shared, gradient_accumulation_steps=2, **flags), nproc=2))
     assert re.search(r"share_prefix True: \d+ computed of \d+ sequence tokens \(\d+\.\d% saved\)", result.stderr)
@@ -89,7 +98,7 @@ def test_resume_after_step_3_equals_uninterrupted_run(tiny, tmp_path, share_pref
                  save_strategy="steps", save_steps=3, lr_scheduler_type="cosine", warmup_steps=2,
                  num_comp=2, share_prefix=share_prefix)
     full = tmp_path / "full"
-    ok(run_train(common(model, data, full, **flags)))
+    ok(train_in_process(common(model, data, full, **flags)))
     assert sorted(p.name for p in full.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
 
     # A run that died after step 5: checkpoint-3 complete, checkpoint-6 half written, metrics
@@ -102,7 +111,7 @@ def test_resume_after_step_3_equals_uninterrupted_run(tiny, tmp_path, share_pref
     partial = [line for line in (full / "metrics.jsonl").read_text().splitlines()][:5]
     (resumed / "metrics.jsonl").write_text("\n".join(partial) + '\n{"step": 6, "lo')  # died mid-line
 
-    result = ok(run_train(common(model, data, resumed, resume_from_checkpoint="auto", **flags)))
+    result = ok(train_in_process(common(model, data, resumed, resume_from_checkpoint="auto", **flags)))
     assert "resumed from" in result.stderr and "checkpoint-3" in result.stderr
     assert_same_metrics(metrics(full), metrics(resumed))
     assert_same_weights(full, resumed, atol=0)
@@ -166,7 +175,7 @@ def test_bad_data_exits_2_naming_the_record(tiny, tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path):
     model, data = tiny
     out = tmp_path / "out"
-    result = run_train(common(model, data, out, max_steps=6, per_device_train_batch_size=4,
+    result = train_in_process(common(model, data, out, max_steps=6, per_device_train_batch_size=4,
                               save_strategy="steps", save_steps=1, max_grad_norm=0,
                               learning_rate=1e30, logging_steps=3, bf16=True))  # FSDP2 on 1 rank
     assert result.returncode == 2, result.stderr[-2000:]
@@ -197,7 +206,7 @@ def test_update_that_overflows_the_weights_saves_and_exports_nothing(tiny, tmp_p
     model, data = tiny
     out = tmp_path / "out"
     flags = dict(save_strategy="steps", save_steps=1) if save == "every step" else {}
-    result = run_train(common(model, data, out, max_steps=1, per_device_train_batch_size=4,
+    result = train_in_process(common(model, data, out, max_steps=1, per_device_train_batch_size=4,
                               max_grad_norm=0, learning_rate=1e39, lr_scheduler_type="linear", **flags))
     assert result.returncode == 2, result.stderr[-2000:]
     assert "NaN/inf by step 1" in result.stderr and "No checkpoint was written" in result.stderr
@@ -220,13 +229,13 @@ def test_fresh_start_refuses_another_runs_checkpoints_unless_overwriting(tiny, t
     (out / "metrics.jsonl").write_text('{"step": 50, "loss": 1.0}\n')
     flags = dict(max_steps=1, per_device_train_batch_size=4, save_strategy="steps", save_steps=1,
                  save_total_limit=1)
-    result = run_train(common(model, data, out, **flags))
+    result = train_in_process(common(model, data, out, **flags))
     assert result.returncode == 2, result.stderr[-2000:]
     assert str(out) in result.stderr and "checkpoint-50" in result.stderr
     assert "--resume_from_checkpoint auto" in result.stderr and "--overwrite_output_dir True" in result.stderr
     assert foreign.is_dir() and not (out / "model.safetensors").exists()
 
-    ok(run_train(common(model, data, out, overwrite_output_dir=True, **flags)))
+    ok(train_in_process(common(model, data, out, overwrite_output_dir=True, **flags)))
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
     assert [m["step"] for m in metrics(out)] == [1]
 
@@ -238,8 +247,8 @@ def test_resume_can_extend_the_run_with_a_larger_max_steps(tiny, tmp_path):
     out = tmp_path / "out"
     flags = dict(per_device_train_batch_size=2, save_strategy="steps", save_steps=4,
                  lr_scheduler_type="linear")
-    ok(run_train(common(model, data, out, max_steps=4, **flags)))
-    result = ok(run_train(common(model, data, out, max_steps=6, resume_from_checkpoint="auto", **flags)))
+    ok(train_in_process(common(model, data, out, max_steps=4, **flags)))
+    result = ok(train_in_process(common(model, data, out, max_steps=6, resume_from_checkpoint="auto", **flags)))
     assert "resumed from" in result.stderr and "checkpoint-4" in result.stderr
     assert "planned for 4 steps as a run of 6 steps" in result.stderr
     lines = metrics(out)
@@ -256,8 +265,8 @@ def test_resume_takes_this_runs_learning_rate(tiny, tmp_path):
     out = tmp_path / "out"
     flags = dict(per_device_train_batch_size=2, save_strategy="steps", save_steps=4,
                  lr_scheduler_type="linear", max_steps=6)
-    ok(run_train(common(model, data, out, **flags) + ["--max_steps", "4"]))
-    ok(run_train(common(model, data, out, resume_from_checkpoint="auto", learning_rate=1e-5, **flags)))
+    ok(train_in_process(common(model, data, out, **flags) + ["--max_steps", "4"]))
+    ok(train_in_process(common(model, data, out, resume_from_checkpoint="auto", learning_rate=1e-5, **flags)))
     lines = metrics(out)
     assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
     assert lines[3]["lr"] == pytest.approx(1e-3 * (1 - 3 / 4))
@@ -268,7 +277,7 @@ def test_output_dir_that_is_a_file_is_a_clean_error(tiny, tmp_path):
     model, data = tiny
     not_a_dir = tmp_path / "afile"
     not_a_dir.write_text("x")
-    result = run_train(common(model, data, not_a_dir, max_steps=1))
+    result = train_in_process(common(model, data, not_a_dir, max_steps=1))
     assert result.returncode == 2, result.stderr[-2000:]
     assert "error: --output_dir" in result.stderr and "Traceback" not in result.stderr
 
@@ -315,9 +324,9 @@ def test_accumulation_over_unequal_micro_batches_equals_one_micro_batch(tiny, tm
     # Through the command line: the same 4 groups as 4 single-group passes (step packing off) and
     # as one pass (step-level packing at the default budget).
     split, whole = tmp_path / "split", tmp_path / "whole"
-    ok(run_train(common(model, data, split, max_steps=1, per_device_train_batch_size=1, max_tokens_per_batch=0,
+    ok(train_in_process(common(model, data, split, max_steps=1, per_device_train_batch_size=1, max_tokens_per_batch=0,
                         gradient_accumulation_steps=4)))
-    ok(run_train(common(model, data, whole, max_steps=1, per_device_train_batch_size=1,
+    ok(train_in_process(common(model, data, whole, max_steps=1, per_device_train_batch_size=1,
                         gradient_accumulation_steps=4)))
     assert_same_metrics(metrics(split), metrics(whole))  # grad_norm: the step's gradient
     # Adam's first update is lr * g / (|g| + eps): elements with |g| near eps amplify the
@@ -347,7 +356,7 @@ def test_data_flags_take_effect_through_the_command(tiny, tmp_path):
     assert flagged["stopped_responses"] == 1 and flagged["tokens"] < default["tokens"]
 
     out = tmp_path / "out"
-    result = ok(run_train(common(model, mixed, out, max_steps=1, per_device_train_batch_size=2,
+    result = ok(train_in_process(common(model, mixed, out, max_steps=1, per_device_train_batch_size=2,
                                  skip_invalid=True, stop_response=True, no_append_eos=True)))
     summary = next(line for line in result.stderr.splitlines() if "train data" in line)
     assert "7 valid records, skipped 1 " in summary

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.training import REPO, common, metrics, ok, run_train, run_train_on_terminal
+from helpers.training import REPO, common, metrics, ok, run_train, run_train_on_terminal, train_in_process
 from helpers.wandb_offline import wandb_records
 
 from fastalign.reporting import installed
@@ -77,13 +77,13 @@ def test_save_only_model_writes_loadable_model_checkpoints_that_cannot_resume(mo
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
     model, data = tiny
-    again = run_train(common(model, data, out, max_steps=6) + ["--resume_from_checkpoint", str(checkpoint)])
+    again = train_in_process(common(model, data, out, max_steps=6) + ["--resume_from_checkpoint", str(checkpoint)])
     assert again.returncode == 2 and "Traceback" not in again.stderr
     assert "--save_only_model" in again.stderr and "cannot resume" in again.stderr
     # `auto` (a job script's relaunch) must not start fresh over the run: that would replace its
     # metrics and, step by step, its checkpoints.
     before = {p: p.read_bytes() for p in [out / "metrics.jsonl", *(f for f in checkpoint.iterdir() if f.is_file())]}
-    relaunched = run_train(common(model, data, out, max_steps=6, resume_from_checkpoint="auto"))
+    relaunched = train_in_process(common(model, data, out, max_steps=6, resume_from_checkpoint="auto"))
     assert relaunched.returncode == 2 and "Traceback" not in relaunched.stderr
     assert "only --save_only_model checkpoints (checkpoint-4)" in relaunched.stderr
     assert f"--model_name_or_path {checkpoint}" in relaunched.stderr

@@ -1,18 +1,27 @@
 """Running the trainer as a user does, for the end-to-end tests: `python -m fastalign.train` or
-torchrun, its flags, its exit status and what it writes (metrics.jsonl, model.safetensors)."""
+torchrun, its flags, its exit status and what it writes (metrics.jsonl, model.safetensors).
+
+`train_in_process` runs the same `main` in the test's process: for runs where the process itself
+is not what a test checks, it saves the seconds of imports each `python -m` pays."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import socket
 import subprocess
 import sys
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,6 +48,63 @@ def run_train(args: list[str], nproc: int = 1, timeout: int = 300,
                f"--nproc_per_node={nproc}", "-m", "fastalign.train", *args]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **(extra_env or {}))
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+
+
+def _write_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+@contextlib.contextmanager
+def _as_a_fresh_process():
+    """What `python -m fastalign.train` starts with and a test's process lacks: no root log handler
+    (pytest's own would make main's logging.basicConfig a no-op), Python's default warning filters
+    with warnings printed to stderr, and one thread (the subprocesses' OMP_NUM_THREADS=1). Restored
+    after, with the process group a failed run leaves behind destroyed."""
+    root = logging.getLogger()
+    handlers, level, threads = root.handlers[:], root.level, torch.get_num_threads()
+    root.handlers = []
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            warnings.resetwarnings()
+            warnings.simplefilter("default")
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", category)
+            warnings.showwarning = _write_warning
+            yield
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers, root.level = handlers, level
+        torch.set_num_threads(threads)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train_in_process(args: list[str]) -> subprocess.CompletedProcess:
+    """`python -m fastalign.train ARGS` run as `fastalign.train.main` in this process: the exit
+    status run_main gives (2 and an `error:` line for a clean error; for a bug, 1 and the traceback
+    on stderr, as the interpreter would), stdout and stderr (log lines included) captured.
+
+    For one-process runs whose test checks files, metrics, lines and exit statuses, not the process.
+    With CUDA it is `run_train`: the subprocess sees no GPU there (tests/conftest.py), this process does.
+    """
+    if torch.cuda.is_available():
+        return run_train(args)
+    from fastalign.cli import run_main
+    from fastalign.train import main
+
+    args = [str(arg) for arg in args]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with _as_a_fresh_process(), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            status = run_main(main, args)
+        except SystemExit as exit_:  # argparse's usage errors (2)
+            status = exit_.code if isinstance(exit_.code, int) else 1
+        except Exception:
+            traceback.print_exc()
+            status = 1
+    return subprocess.CompletedProcess(["fastalign.train", *args], status, stdout.getvalue(), stderr.getvalue())
 
 
 def run_train_on_terminal(args: list[str], timeout: int = 300) -> tuple[int, str]:
