@@ -23,6 +23,7 @@ from helpers.training import (
     ok,
     run_train,
     train_in_process,
+    train_ranks,
 )
 from safetensors.torch import load_file
 
@@ -60,8 +61,8 @@ def test_one_rank_x4_equals_two_ranks_x2_equals_four_ranks_x1(tiny, tmp_path):
     # Activation checkpointing on one side only: recomputation must not change the numbers.
     ok(train_in_process(common(model, data, one, gradient_accumulation_steps=4, gradient_checkpointing=True,
                         **flags)))
-    ok(run_train(common(model, data, two, gradient_accumulation_steps=2, **flags), nproc=2))
-    ok(run_train(common(model, data, four, gradient_accumulation_steps=1, **flags), nproc=4))
+    ok(train_ranks(common(model, data, two, gradient_accumulation_steps=2, **flags), nproc=2))
+    ok(train_ranks(common(model, data, four, gradient_accumulation_steps=1, **flags), nproc=4))
     for other in (two, four):
         assert_same_metrics(metrics(one), metrics(other))
         assert_same_weights(one, other)
@@ -78,9 +79,9 @@ def test_both_layouts_and_step_packing_on_two_ranks_equal_one_rank_of_single_gro
     original, shared, unshared = tmp_path / "original", tmp_path / "shared", tmp_path / "unshared"
     ok(train_in_process(common(model, data, original, gradient_accumulation_steps=4, share_prefix=False,
                         max_tokens_per_batch=0, **flags)))
-    result = ok(run_train(common(model, data, shared, gradient_accumulation_steps=2, **flags), nproc=2))
+    result = ok(train_ranks(common(model, data, shared, gradient_accumulation_steps=2, **flags), nproc=2))
     assert re.search(r"share_prefix True: \d+ computed of \d+ sequence tokens \(\d+\.\d% saved\)", result.stderr)
-    ok(run_train(common(model, data, unshared, gradient_accumulation_steps=2, share_prefix=False, **flags), nproc=2))
+    ok(train_ranks(common(model, data, unshared, gradient_accumulation_steps=2, share_prefix=False, **flags), nproc=2))
     for other in (shared, unshared):
         assert_same_metrics(metrics(original), metrics(other))
         assert_same_weights(original, other, atol=5e-6)

@@ -11,7 +11,6 @@ import io
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,13 +23,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+from helpers.forked import free_port, run_forked
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_train(args: list[str], nproc: int = 1, timeout: int = 300,
@@ -105,6 +100,18 @@ def train_in_process(args: list[str]) -> subprocess.CompletedProcess:
             traceback.print_exc()
             status = 1
     return subprocess.CompletedProcess(["fastalign.train", *args], status, stdout.getvalue(), stderr.getvalue())
+
+
+def train_ranks(args: list[str], nproc: int, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node=NPROC -m fastalign.train ARGS` as ranks forked from this process
+    (helpers/forked.py): the same process group and collectives without each rank's imports. For
+    tests of what several ranks compute; torchrun's own behaviour is tested with `run_train`.
+    The result's `ranks` holds each rank's outcome. With CUDA it is `run_train`."""
+    if torch.cuda.is_available():
+        return run_train(args, nproc=nproc, timeout=timeout)
+    from fastalign.train import main
+
+    return run_forked(main, args, nproc=nproc, timeout=timeout)
 
 
 def run_train_on_terminal(args: list[str], timeout: int = 300) -> tuple[int, str]:
