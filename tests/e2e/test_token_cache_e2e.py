@@ -1,36 +1,18 @@
 """The token cache through the trainer: a two-rank run tokenizes once, and a hostile entry is rebuilt
-under a memory limit."""
+under a memory limit. The runs are forked ranks (helpers/ranks.py): what they tokenize and train is the point."""
 
 from __future__ import annotations
-
-import os
-import resource
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from helpers.cache_entries import rewrite, setitem
-from helpers.training import REPO, assert_same_metrics, common, metrics, ok, train_in_process
+from helpers.ranks import run_ranks
+from helpers.train_mains import counting_tokenizations, with_address_space_headroom
+from helpers.training import assert_same_metrics, common, metrics, ok, train_in_process
 
 from fastalign.data.token_cache import read_entry
 
 pytestmark = pytest.mark.slow
-
-
-# Counts tokenize_records calls per process, then runs the command's own main().
-COUNTING_MAIN = """
-import os, sys
-import fastalign.data as data
-from fastalign import train
-from fastalign.cli import exit_process, run_main
-original = data.tokenize_records
-def counted(*args, **kwargs):
-    print(f"TOKENIZE rank={os.environ.get('RANK')}", flush=True)
-    return original(*args, **kwargs)
-data.tokenize_records = counted
-exit_process(run_main(train.main, sys.argv[1:]))
-"""
 
 
 @pytest.mark.slow
@@ -38,22 +20,17 @@ def test_two_rank_run_tokenizes_once_and_the_next_run_not_at_all(tiny, tmp_path)
     """... and a 2-rank run on a poisoned entry: rank 0 alone warns and re-tokenizes, rank 1 reads
     what rank 0 rewrote, and both train on the real tokens."""
     model, data = tiny
-    script = tmp_path / "counting_main.py"
-    script.write_text(COUNTING_MAIN)
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    two_ranks = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     runs = []
     # the same global batches: 2 ranks x 1 micro-batch, then 1 rank x 2 accumulated micro-batches
-    for name, launch, accumulation in (("two_ranks", two_ranks, 1), ("one_rank", [], 2), ("poisoned", two_ranks, 1)):
+    for name, nproc in (("two_ranks", 2), ("one_rank", 1), ("poisoned", 2)):
         if name == "poisoned":
             (entry,) = (tmp_path / "cache").glob("*.npz")
             rewrite(entry, scores=setitem(0, np.nan))
         out = tmp_path / name
         flags = common(model, data, out, max_steps=2, per_device_train_batch_size=2,
-                       gradient_accumulation_steps=accumulation, token_cache_dir=tmp_path / "cache",
+                       gradient_accumulation_steps=2 // nproc, token_cache_dir=tmp_path / "cache",
                        disable_tqdm=True)
-        result = ok(subprocess.run([sys.executable, *launch, str(script), *flags], capture_output=True,
-                                   text=True, timeout=300, cwd=REPO, env=env))
+        result = ok(run_ranks(counting_tokenizations, flags, nproc=nproc))
         runs.append((result.stdout.count("TOKENIZE"), result, metrics(out)))
     assert runs[0][0] == 1 and "TOKENIZE rank=0" in runs[0][1].stdout
     assert runs[1][0] == 0 and "(cache hit)" in runs[1][1].stderr
@@ -66,13 +43,11 @@ def test_two_rank_run_tokenizes_once_and_the_next_run_not_at_all(tiny, tmp_path)
     assert [m["loss"] for m in poisoned] == pytest.approx([m["loss"] for m in runs[0][2]], rel=1e-5)
 
 
-# Address space for the trainer below: a tiny run needs under 2 GiB here; the old reader's list of
-# one int per id up to 2**31 - 1 needs over 16 GiB for its slots alone.
-ADDRESS_SPACE_LIMIT = 3 * 2 ** 30
-
-
-def limit_address_space() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_LIMIT, ADDRESS_SPACE_LIMIT))
+# Address space the trainer below may add to what it maps when it starts (its imports, or a forked
+# rank's inherited test process): a tiny run needs under 0.5 GiB more; the old reader's list of one int
+# per id up to 2**31 - 1 needs over 16 GiB for its slots alone.
+ADDRESS_SPACE_HEADROOM = 2 * 2 ** 30
+OLD_READERS_NEED = 16 * 2 ** 30
 
 
 @pytest.mark.slow
@@ -85,10 +60,9 @@ def test_trainer_rebuilds_an_entry_with_ids_far_beyond_the_vocabulary_under_a_me
     # a valid digest: the vocabulary check alone has to refuse it
     rewrite(entry, response_tokens=setitem(0, 2 ** 31 - 1))
     out = tmp_path / "poisoned"
-    cmd = [sys.executable, "-m", "fastalign.train", *common(model, data, out, **flags)]
-    result = ok(subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
-                               env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
-                               preexec_fn=limit_address_space))
+    result = ok(run_ranks(with_address_space_headroom, [ADDRESS_SPACE_HEADROOM, *common(model, data, out, **flags)]))
+    limit = int(result.stdout.split("ADDRESS_SPACE_LIMIT ")[1].split()[0])
+    assert limit < OLD_READERS_NEED  # the limit would stop the old reader
     warnings = [line for line in result.stderr.splitlines() if f"token cache entry {entry} is not used" in line]
     assert len(warnings) == 1 and "token id 2147483647 outside the model's vocabulary [0, 512)" in warnings[0]
     assert "(tokenized)" in result.stderr
