@@ -1,14 +1,14 @@
-"""python -m fastalign.evaluate as a user runs it: a bad record is a clean error, and two ranks give
-the one-process result."""
+"""fastalign.evaluate as a user runs it: `python -m` with a bad record is a clean error, and two
+ranks give the one-process result."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
+from helpers.ranks import run_ranks
 from helpers.records import write_jsonl
 
 from fastalign.data import sample_data_path
@@ -27,16 +27,18 @@ def test_cli_bad_record_is_a_clean_error(tiny_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_give_the_single_process_result(tiny_dir, tmp_path):
+def test_two_ranks_give_the_single_process_result(tiny_dir, tmp_path):
+    """fastalign.evaluate's main on 2 ranks (forked, helpers/ranks.py: what they compute is the point)
+    and on 1, as `python -m`."""
+    from fastalign.evaluate import main
+
     data = write_jsonl(tmp_path / "eval.jsonl", sample_data_path().read_text().splitlines()[:7])
     outputs = {}
     for ranks in (1, 2):
         out = tmp_path / f"r{ranks}.json"
-        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if ranks == 2 else []
-        cmd = [sys.executable, *launcher, "-m", "fastalign.evaluate", "--model_name_or_path", str(tiny_dir),
-               "--data_path", str(data), "--output_json", str(out), "--max_tokens_per_batch", "1500"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        args = ["--model_name_or_path", tiny_dir, "--data_path", data, "--output_json", out,
+                "--max_tokens_per_batch", "1500"]
+        proc = run_ranks(main, args, nproc=ranks)
         assert proc.returncode == 0, proc.stderr[-3000:]
         outputs[ranks] = json.loads(out.read_text())
     assert outputs[2]["settings"]["world_size"] == 2
