@@ -1,5 +1,6 @@
 """Training each model family through the command line: steps, biases under FSDP, the sliding window
-refusal."""
+refusal. The trainer's main takes the flags in the test's process or forked ranks (helpers/training.py):
+what the family trains to is the point, not the process."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import subprocess
 import pytest
 import torch
 from helpers.models import FAMILY_CLASSES
-from helpers.training import common, metrics, ok, run_train, train_in_process
+from helpers.training import common, metrics, ok, train_in_process, train_ranks
 from safetensors.torch import load_file, save_file
 
 from fastalign.data import sample_data_path
@@ -38,8 +39,8 @@ def test_training_steps_through_the_command_line(family_tiny, family, tmp_path):
     data.write_text("\n".join(sample_data_path().read_text().splitlines()[:16]) + "\n")
     out = tmp_path / "out"
     layer = FAMILY_CLASSES[family].replace("ForCausalLM", "DecoderLayer")
-    ok(run_train(common(family_tiny[family], data, out, max_steps=3, per_device_train_batch_size=2,
-                        learning_rate=3e-3, fsdp_transformer_layer_cls_to_wrap=layer)))
+    ok(train_in_process(common(family_tiny[family], data, out, max_steps=3, per_device_train_batch_size=2,
+                               learning_rate=3e-3, fsdp_transformer_layer_cls_to_wrap=layer)))
     assert_trained_as_family(family_tiny[family], out, family, steps=3)
 
 
@@ -62,7 +63,7 @@ def test_qwen2_trains_with_biases_read_row_sliced_under_fsdp_as_on_one_rank(fami
     # 1e-6 (step-level packing regroups them: summation order, checked in test_train)
     flags = dict(max_steps=2, per_device_train_batch_size=2, fsdp="full_shard auto_wrap", max_tokens_per_batch=0)
     ok(train_in_process(common(model, data, tmp_path / "one", gradient_accumulation_steps=2, **flags)))
-    ok(run_train(common(model, data, tmp_path / "two", gradient_accumulation_steps=1, **flags), nproc=2))
+    ok(train_ranks(common(model, data, tmp_path / "two", gradient_accumulation_steps=1, **flags), nproc=2))
     assert_trained_as_family(model, tmp_path / "two", "qwen2", steps=2)
     for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
