@@ -1,4 +1,4 @@
-"""The planner against the real trainer under torchrun, and python -m fastalign.plan's exit status."""
+"""The planner against the real trainer on 1 and 2 ranks, and python -m fastalign.plan's exit status."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import plan_trainer_probe
 from helpers.planning import run_plan
+from helpers.ranks import run_ranks
 
 from fastalign.hf_config import LlamaConfig
 from fastalign.plan import memory as pm
@@ -21,15 +23,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def probe_trainer(model: Path, data: Path, out: Path, nproc: int, flags: list[str]) -> list[dict]:
-    """tests/helpers/plan_trainer_probe.py under torchrun: per rank, the trainer's shard bytes and peak."""
+    """tests/helpers/plan_trainer_probe.py on `nproc` forked ranks (helpers/ranks.py: what the trainer
+    allocates is the point, not the launcher): per rank, the trainer's shard bytes and peak."""
     result_file = out / f"probe{nproc}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(REPO / "tests" / "helpers" / "plan_trainer_probe.py"), str(result_file),
-           "--model_name_or_path", str(model), "--data_path", str(data), "--output_dir", str(out / f"run{nproc}"),
-           "--save_strategy", "no", "--logging_steps", "1000", "--model_max_length", "256", "--num_comp", "3",
-           *flags]
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    args = [result_file, "--model_name_or_path", model, "--data_path", data, "--output_dir", out / f"run{nproc}",
+            "--save_strategy", "no", "--logging_steps", "1000", "--model_max_length", "256", "--num_comp", "3",
+            *flags]
+    proc = run_ranks(plan_trainer_probe.main, args, nproc=nproc)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(result_file.read_text())
 

@@ -1,4 +1,6 @@
-"""One rank of the real trainer, measured for tests/unit/test_plan.py (run under torchrun, gloo).
+"""One rank of the real trainer, measured for tests/e2e/test_plan_e2e.py (gloo): `main([OUT_JSON,
+<fastalign.train flags>])` on each rank, through helpers/ranks.py's `run_ranks` (forked ranks, or
+torchrun with CUDA), or as a script:
 
     torchrun --nproc_per_node=N tests/helpers/plan_trainer_probe.py OUT_JSON <fastalign.train flags>
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -47,8 +50,8 @@ def mask_elements(batch) -> int:
     return int((queries * keys)[queries != keys].sum())
 
 
-def main() -> int:
-    out_path, flags = sys.argv[1], sys.argv[2:]
+def main(argv: Sequence[str] | None = None) -> int:
+    out_path, *flags = sys.argv[1:] if argv is None else argv
     torch.set_num_threads(1)
     args = parse_args(flags)
     env = fdist.init_distributed()
