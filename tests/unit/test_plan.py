@@ -1,5 +1,6 @@
-"""python -m fastalign.plan: shard sizes and peak against the real trainer (gloo, 1 and 2 ranks),
-the published 7B run against hand arithmetic, 1 / 8 / 64 ranks, and an impossible plan."""
+"""python -m fastalign.plan, in-process: the data workload and saved activations against the trainer's,
+the published 7B run against hand arithmetic, 1 / 8 / 64 ranks, and an impossible plan (shard sizes and
+peak against the real trainer on 1 and 2 ranks: tests/e2e/test_plan_e2e.py)."""
 
 from __future__ import annotations
 
