@@ -90,7 +90,9 @@ def test_overwrite_output_dir_keeps_the_model_it_starts_from(tiny, tmp_path):
 @pytest.mark.slow
 def test_a_second_trainer_on_a_live_run_is_refused_and_the_first_finishes_intact(tiny, tmp_path):
     """A scheduler relaunching a job that is still alive (`auto`): the relaunch exits 2 naming the
-    live run; the first run, paused meanwhile (SIGSTOP) so it is surely alive, then finishes."""
+    live run; the first run, paused meanwhile (SIGSTOP) so it is surely alive, then finishes.
+    The first is a real process (its pid holds the lock); the relaunch is the trainer's main in
+    the test's process, another pid, refused by the lock alone."""
     model, data = tiny
     out = tmp_path / "out"
     flags = dict(max_steps=12, per_device_train_batch_size=2, save_strategy="steps", save_steps=4)
@@ -98,7 +100,7 @@ def test_a_second_trainer_on_a_live_run_is_refused_and_the_first_finishes_intact
     try:
         wait_for_steps(out, first, 5)  # checkpoint-4 written, the lock long since
         os.kill(first.pid, signal.SIGSTOP)
-        second = run_train(common(model, data, out, resume_from_checkpoint="auto", **flags))
+        second = train_in_process(common(model, data, out, resume_from_checkpoint="auto", **flags))
     finally:
         os.kill(first.pid, signal.SIGCONT)
     stderr = no_traceback(second)
