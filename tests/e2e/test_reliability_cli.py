@@ -7,26 +7,25 @@ from __future__ import annotations
 import glob
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers.ranks import run_ranks
+from helpers.train_mains import with_file_size_limit
 from helpers.training import (
-    REPO,
     assert_same_metrics,
     assert_same_weights,
     common,
     metrics,
     no_traceback,
     ok,
-    run_train,
     start_train,
     train_in_process,
+    train_ranks,
     wait_for_steps,
 )
 
@@ -92,18 +91,10 @@ def test_resuming_an_older_checkpoint_starts_a_new_branch(tiny, four_steps, tmp_
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
 
 
-def limit_file_size(limit: int):
-    """preexec_fn: writes past `limit` bytes fail with EFBIG (an OSError, as a full disk's ENOSPC)."""
-    def apply():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return apply
-
-
 def run_limited(args: list[str], limit: int) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "fastalign.train", *args], capture_output=True, text=True,
-                          timeout=300, cwd=REPO, env=env, preexec_fn=limit_file_size(limit))
+    """The trainer whose writes past `limit` bytes fail with EFBIG (as a full disk's ENOSPC), in a
+    process of its own (helpers/ranks.py: forked on CPU) so that the limit binds it alone."""
+    return run_ranks(with_file_size_limit, [limit, *args])
 
 
 def test_write_failure_in_a_checkpoint_and_in_the_export_is_a_clean_error(tiny, four_steps, tmp_path):
@@ -220,8 +211,8 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tiny, tmp_path
     step = int(stops[0].split("stopped after step ")[1].split()[0])
     assert all(f"after step {step} " in line for line in stops)
     assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{step}"]
-    result = ok(run_train(common(model, data, out, **dict(flags, max_steps=step + 1),
-                                 resume_from_checkpoint="auto"), nproc=2))
+    result = ok(train_ranks(common(model, data, out, **dict(flags, max_steps=step + 1),
+                                   resume_from_checkpoint="auto"), nproc=2))
     assert f"resumed from {out / f'checkpoint-{step}'}" in result.stderr
 
 
