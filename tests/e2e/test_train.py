@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.ranks import run_ranks
+from helpers.train_mains import print_seed_compat
 from helpers.training import (
-    REPO,
     assert_same_metrics,
     assert_same_weights,
     common,
@@ -33,9 +31,9 @@ pytestmark = pytest.mark.slow
 def test_tiny_model_learns(tiny, tmp_path):
     model, data = tiny
     out = tmp_path / "out"
-    ok(run_train(common(model, data, out, max_steps=12, per_device_train_batch_size=4,
-                        learning_rate=3e-3, max_tokens_per_batch=600, evaluation_strategy="steps",
-                        eval_steps=6, eval_data_path=data, per_device_eval_batch_size=8)))
+    ok(train_in_process(common(model, data, out, max_steps=12, per_device_train_batch_size=4,
+                               learning_rate=3e-3, max_tokens_per_batch=600, evaluation_strategy="steps",
+                               eval_steps=6, eval_data_path=data, per_device_eval_batch_size=8)))
     evals = [m for m in metrics(out) if "eval_loss" in m]
     assert [m["step"] for m in evals] == [6, 12]
     assert evals[1]["eval_loss"] < evals[0]["eval_loss"]
@@ -168,7 +166,7 @@ def test_bad_data_exits_2_naming_the_record(tiny, tmp_path):
     broken = json.loads(records[1])
     del broken["scores"]
     bad.write_text("\n".join([records[0], json.dumps(broken), records[2]]) + "\n")
-    result = run_train(common(model, bad, tmp_path / "out", max_steps=1))
+    result = train_in_process(common(model, bad, tmp_path / "out", max_steps=1))
     assert result.returncode == 2, result.stderr[-2000:]
     assert "error:" in result.stderr and "scores" in result.stderr and "Traceback" not in result.stderr
 
@@ -369,20 +367,8 @@ def test_margin_mode_seed_packs_candidates_as_the_original_collator(tiny, tmp_pa
     """--margin_mode seed makes the trainer's batcher reproduce the original candidate order and
     int() scores (data.GroupBatcher seed_compat); paper mode keeps file order."""
     model, data = tiny
-    script = (
-        "import sys\n"
-        "from fastalign import distributed as fdist\n"
-        "from fastalign.config import parse_args\n"
-        "from fastalign.trainer import Trainer\n"
-        "args = parse_args(sys.argv[1:])\n"
-        "trainer = Trainer(args, fdist.init_distributed())\n"
-        "trainer.setup()\n"
-        "print('seed_compat', trainer.batcher.seed_compat)\n"
-    )
     for mode, expected in (("seed", True), ("paper", False)):
         args = common(model, data, tmp_path / mode, margin_mode=mode, max_steps=1)
-        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-        result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
-                                timeout=120, cwd=REPO, env=env)
+        result = run_ranks(print_seed_compat, args)  # the trainer set up in a process of its own
         assert result.returncode == 0, result.stderr[-3000:]
         assert f"seed_compat {expected}" in result.stdout
