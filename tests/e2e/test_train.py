@@ -154,7 +154,7 @@ def test_original_command_line_under_torchrun_loads_in_transformers(tiny, tmp_pa
 
 def test_bad_flag_exits_2_with_message(tiny, tmp_path):
     model, data = tiny
-    result = run_train(common(model, data, tmp_path / "out") + ["--num_compare", "3"])
+    result = train_in_process(common(model, data, tmp_path / "out") + ["--num_compare", "3"])
     assert result.returncode == 2
     assert "--num_compare" in result.stderr and "Traceback" not in result.stderr
 
