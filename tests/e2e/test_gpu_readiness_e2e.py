@@ -2,10 +2,10 @@
 without the optional test packages, CPU tests keep to the CPU on any machine, the process group
 can reduce host tensors under CPU offload, and gradient accumulation all-reduces once per step.
 
-Most of these tests check a process: a pytest run, `benchmarks/gpu_check.py`, a gpu-check over
-stand-in stages that wait for their time limits. They are all started together when the module
-starts (`background`) and each test waits for its own: their imports share the cores and the
-stand-ins' waits overlap the other tests' work, instead of queueing one after the other."""
+Most of these tests check a process: a pytest run, a gpu-check over stand-in stages that wait for
+their time limits. They are all started together when the module starts (`background`) and each
+test waits for its own: their imports share the cores and the stand-ins' waits overlap the other
+tests' work, instead of queueing one after the other."""
 
 from __future__ import annotations
 
@@ -81,9 +81,6 @@ def _background_processes(root: Path) -> dict[str, tuple[str, list[str], dict[st
         "triton_off": ("test_triton_cases_never_use_cpu_tensors_without_the_interpreter",
                        pytest_ + ["-q", "-rs", "tests/unit/test_loss.py", "-k", "triton and not compile"],
                        dict(plain, TRITON_INTERPRET="0")),
-        "backends": ("test_gpu_check_reports_backends_and_versions_and_a_results_row",
-                     [sys.executable, "benchmarks/gpu_check.py", "--only", "--out_dir", str(root / "backends-out")],
-                     {"PYTHONPATH": str(REPO)}),
         "failing": ("test_gpu_check_runs_stages_in_the_budget_and_reports_each_status",
                     stand_ins + [str(root / "failing.json"), str(root / "failing-out"), str(BUDGET_S["failing"])],
                     stand_ins_env),
@@ -197,6 +194,31 @@ def test_gpu_check_passes_when_nothing_failed_even_if_the_budget_cut_a_stage(bac
     assert status == 0
 
 
+def run_gpu_check(args: list[str]) -> subprocess.CompletedProcess:
+    """`python benchmarks/gpu_check.py ARGS`: its main in a process forked from this one, or with
+    CUDA (which a fork cannot use) the script. tests/e2e/test_benchmarks_e2e.py runs the script."""
+    if torch.cuda.is_available():
+        return subprocess.run([sys.executable, "benchmarks/gpu_check.py", *args], capture_output=True, text=True,
+                              timeout=120, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    from helpers.forked import run_forked
+
+    from benchmarks import gpu_check
+
+    return run_forked(gpu_check.main, args, timeout=120)
+
+
+def test_gpu_check_reports_backends_and_versions_and_a_results_row(tmp_path):
+    result = run_gpu_check(["--only", "--out_dir", str(tmp_path)])
+    info = json.loads((tmp_path / "environment.json").read_text())
+    assert info["attention_backend"] in ("flash_attn", "torch_varlen", "sdpa")
+    assert info["loss_backend"] in ("triton", "torch") and info["torch"] == torch.__version__
+    assert "triton" in info and "flash_attn" in info and "flash_attn_usable" in info
+    for key in ("attention_backend", "loss_backend", "torch", "triton"):
+        assert f"{key}: " in result.stdout  # on the console too
+    row = (tmp_path / "results-row.md").read_text()
+    assert row.startswith("| ") and f"attention {info['attention_backend']}" in row and "triton " in row
+
+
 def test_gpu_check_stops_at_a_fatal_environment_with_every_stage_listed(tmp_path, capsys):
     from benchmarks import gpu_check
     from fastalign.cli import run_main
@@ -227,20 +249,6 @@ def test_gpu_check_only_brings_the_stages_a_chosen_one_needs(tmp_path):
     assert [(s["name"], s["status"]) for s in summary["stages"]] == [
         ("environment", "ok"), ("broken", "failed"), ("after_broken", "skipped")]
     assert status == 1
-
-
-def test_gpu_check_reports_backends_and_versions_and_a_results_row(background):
-    root, started = background
-    result = started["backends"].result()
-    out_dir = root / "backends-out"
-    info = json.loads((out_dir / "environment.json").read_text())
-    assert info["attention_backend"] in ("flash_attn", "torch_varlen", "sdpa")
-    assert info["loss_backend"] in ("triton", "torch") and info["torch"] == torch.__version__
-    assert "triton" in info and "flash_attn" in info and "flash_attn_usable" in info
-    for key in ("attention_backend", "loss_backend", "torch", "triton"):
-        assert f"{key}: " in result.stdout  # on the console too
-    row = (out_dir / "results-row.md").read_text()
-    assert row.startswith("| ") and f"attention {info['attention_backend']}" in row and "triton " in row
 
 
 # ----------------------------------------------------------------------------- accumulation
