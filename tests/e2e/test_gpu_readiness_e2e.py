@@ -111,6 +111,21 @@ def background(request, tmp_path_factory, _cpu_only_subprocesses):
 # ----------------------------------------------------------------------------- the suite itself
 
 
+@pytest.fixture(scope="module")
+def visible_devices_in_a_module_fixture():
+    # Module fixtures (a trained run shared by a module's tests) start before per-test fixtures.
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_cpu_tests_start_their_processes_without_gpus(visible_devices_in_a_module_fixture):
+    # Training under torchrun with 4 ranks, `mfu is None`, gloo: the CPU tests' assumptions hold
+    # on a machine with 0, 1 or 8 GPUs because their processes see none (conftest.py).
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == "" == visible_devices_in_a_module_fixture
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                           capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip() == "0", probe.stderr[-2000:]
+
+
 def _collected(stdout: str) -> list[str]:
     return sorted(line for line in stdout.splitlines() if "::" in line)
 
@@ -136,62 +151,7 @@ def test_triton_cases_never_use_cpu_tensors_without_the_interpreter(background):
     assert "Triton needs CUDA, or TRITON_INTERPRET=1" in result.stdout
 
 
-@pytest.fixture(scope="module")
-def visible_devices_in_a_module_fixture():
-    # Module fixtures (a trained run shared by a module's tests) start before per-test fixtures.
-    return os.environ.get("CUDA_VISIBLE_DEVICES")
-
-
-def test_cpu_tests_start_their_processes_without_gpus(visible_devices_in_a_module_fixture):
-    # Training under torchrun with 4 ranks, `mfu is None`, gloo: the CPU tests' assumptions hold
-    # on a machine with 0, 1 or 8 GPUs because their processes see none (conftest.py).
-    assert os.environ.get("CUDA_VISIBLE_DEVICES") == "" == visible_devices_in_a_module_fixture
-    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
-                           capture_output=True, text=True, timeout=120)
-    assert probe.stdout.strip() == "0", probe.stderr[-2000:]
-
-
 # ----------------------------------------------------------------------------- gpu-check orchestration
-
-
-def _stand_in_run(background, name: str) -> tuple[int, float, Path]:
-    """(the check's exit status, its seconds, its out_dir) of a background run over the stand-ins."""
-    root, started = background
-    result = started[name].result()
-    assert result.returncode == 0, result.stderr[-4000:]
-    outcome = json.loads((root / f"{name}.json").read_text())
-    return outcome["status"], outcome["elapsed"], root / f"{name}-out"
-
-
-def test_gpu_check_runs_stages_in_the_budget_and_reports_each_status(background):
-    """ok, failed (first error line), skipped (needs a failed stage / optional package / GPU memory
-    / budget), timeout (its own limit) and cut (the budget's limit), in summary.json and exit 1."""
-    status, elapsed, out_dir = _stand_in_run(background, "failing")
-    summary = json.loads((out_dir / "summary.json").read_text())
-    got = {s["name"]: s for s in summary["stages"]}
-    assert list(got) == ["environment", "fine", "broken", "after_broken", "hangs", "optional", "big_gpu", "long",
-                         "late"]
-    assert {name: s["status"] for name, s in got.items()} == {
-        "environment": "ok", "fine": "ok", "broken": "failed", "after_broken": "skipped", "hangs": "timeout",
-        "optional": "skipped", "big_gpu": "skipped", "long": "cut", "late": "skipped"}
-    assert got["broken"]["note"] == "RuntimeError: the first cause" and got["broken"]["returncode"] == 3
-    assert got["after_broken"]["note"] == "needs broken, which did not pass"
-    assert "its own limit" in got["hangs"]["note"] and "started" in got["hangs"]["note"]
-    assert got["optional"]["note"] == "trl is not importable here"
-    assert got["big_gpu"]["note"] == "needs 64 GiB of GPU memory, has 40"
-    assert "the budget stopped it" in got["long"]["note"] and "working" in got["long"]["note"]
-    assert f"of the {BUDGET_S['failing']:.0f} s budget left, it needs about 20 s" in got["late"]["note"]
-    assert (out_dir / "broken.log").read_text().startswith("loading")
-    assert status == 1 and elapsed < 30
-    row = (out_dir / "results-row.md").read_text()
-    assert "broken failed (RuntimeError: the first cause)" in row and "long cut" in row
-
-
-def test_gpu_check_passes_when_nothing_failed_even_if_the_budget_cut_a_stage(background):
-    status, _, out_dir = _stand_in_run(background, "passing")
-    summary = json.loads((out_dir / "summary.json").read_text())
-    assert [s["status"] for s in summary["stages"]] == ["ok", "ok", "skipped", "cut"]
-    assert status == 0
 
 
 def run_gpu_check(args: list[str]) -> subprocess.CompletedProcess:
@@ -249,6 +209,46 @@ def test_gpu_check_only_brings_the_stages_a_chosen_one_needs(tmp_path):
     assert [(s["name"], s["status"]) for s in summary["stages"]] == [
         ("environment", "ok"), ("broken", "failed"), ("after_broken", "skipped")]
     assert status == 1
+
+
+def _stand_in_run(background, name: str) -> tuple[int, float, Path]:
+    """(the check's exit status, its seconds, its out_dir) of a background run over the stand-ins."""
+    root, started = background
+    result = started[name].result()
+    assert result.returncode == 0, result.stderr[-4000:]
+    outcome = json.loads((root / f"{name}.json").read_text())
+    return outcome["status"], outcome["elapsed"], root / f"{name}-out"
+
+
+def test_gpu_check_runs_stages_in_the_budget_and_reports_each_status(background):
+    """ok, failed (first error line), skipped (needs a failed stage / optional package / GPU memory
+    / budget), timeout (its own limit) and cut (the budget's limit), in summary.json and exit 1."""
+    status, elapsed, out_dir = _stand_in_run(background, "failing")
+    summary = json.loads((out_dir / "summary.json").read_text())
+    got = {s["name"]: s for s in summary["stages"]}
+    assert list(got) == ["environment", "fine", "broken", "after_broken", "hangs", "optional", "big_gpu", "long",
+                         "late"]
+    assert {name: s["status"] for name, s in got.items()} == {
+        "environment": "ok", "fine": "ok", "broken": "failed", "after_broken": "skipped", "hangs": "timeout",
+        "optional": "skipped", "big_gpu": "skipped", "long": "cut", "late": "skipped"}
+    assert got["broken"]["note"] == "RuntimeError: the first cause" and got["broken"]["returncode"] == 3
+    assert got["after_broken"]["note"] == "needs broken, which did not pass"
+    assert "its own limit" in got["hangs"]["note"] and "started" in got["hangs"]["note"]
+    assert got["optional"]["note"] == "trl is not importable here"
+    assert got["big_gpu"]["note"] == "needs 64 GiB of GPU memory, has 40"
+    assert "the budget stopped it" in got["long"]["note"] and "working" in got["long"]["note"]
+    assert f"of the {BUDGET_S['failing']:.0f} s budget left, it needs about 20 s" in got["late"]["note"]
+    assert (out_dir / "broken.log").read_text().startswith("loading")
+    assert status == 1 and elapsed < 30
+    row = (out_dir / "results-row.md").read_text()
+    assert "broken failed (RuntimeError: the first cause)" in row and "long cut" in row
+
+
+def test_gpu_check_passes_when_nothing_failed_even_if_the_budget_cut_a_stage(background):
+    status, _, out_dir = _stand_in_run(background, "passing")
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert [s["status"] for s in summary["stages"]] == ["ok", "ok", "skipped", "cut"]
+    assert status == 0
 
 
 # ----------------------------------------------------------------------------- accumulation
