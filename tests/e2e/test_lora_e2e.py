@@ -3,8 +3,8 @@ agree with fastalign's logits, exact resume, 2 ranks equal 1, families, compile 
 
 One-process runs are `fastalign.train.main` in the test's process and several ranks are forked from
 it (helpers/training.py): these tests check what the runs write, not the launcher, whose own
-behaviour the trainer's process tests cover. The merge stays a real `python -m fastalign.merge`,
-the one test of that command as a process."""
+behaviour the trainer's process tests cover. The merge and the LoRA benchmark stay real processes,
+the one test of each command as a process."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.forked import run_forked
 from helpers.training import REPO, ok, train_in_process, train_ranks
 from safetensors.torch import load_file
 
@@ -212,24 +211,13 @@ def test_compile_and_activation_checkpointing_train_the_same_adapters(tiny, tmp_
     assert_same_adapters(eager, compiled, atol=1e-5)
 
 
-def run_lora_benchmark(args: list[str]) -> subprocess.CompletedProcess:
-    """`python benchmarks/lora.py ARGS`; without CUDA its main in a process forked from this one
-    (its two training runs are processes either way)."""
-    if torch.cuda.is_available():
-        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-        return subprocess.run([sys.executable, "benchmarks/lora.py", *args], capture_output=True, text=True,
-                              timeout=300, cwd=REPO, env=env)
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    from benchmarks import lora
-
-    return run_forked(lora.main, args, timeout=300)
-
-
 @pytest.mark.slow
 def test_the_lora_benchmark_measures_both_sides_from_the_same_first_loss(tmp_path):
-    result = run_lora_benchmark(["--preset", "cpu-smoke", "--steps", "2", "--work_dir", str(tmp_path / "work"),
-                                 "--out_dir", str(tmp_path)])
+    # the script as a process: the one test of `python benchmarks/lora.py` itself
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "benchmarks/lora.py", "--preset", "cpu-smoke", "--steps", "2",
+                             "--work_dir", str(tmp_path / "work"), "--out_dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(next(tmp_path.glob("lora-*-cpu-smoke.json")).read_text())
     assert report["sides"]["full"]["first_loss"] == report["sides"]["lora"]["first_loss"]
