@@ -1,26 +1,31 @@
-"""LoRA through `python -m fastalign.train` (docs/lora.md): only adapters change, PEFT and the merge
-agree with fastalign's logits, exact resume, 2 ranks equal 1, families, compile and checkpointing."""
+"""LoRA through fastalign.train's command line (docs/lora.md): only adapters change, PEFT and the merge
+agree with fastalign's logits, exact resume, 2 ranks equal 1, families, compile and checkpointing.
+
+One-process runs are `fastalign.train.main` in the test's process and several ranks are forked from
+it (helpers/training.py): these tests check what the runs write, not the launcher, whose own
+behaviour the trainer's process tests cover. The merge and the LoRA benchmark stay real processes,
+the one test of each command as a process."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers.training import REPO, ok
-from helpers.training import run_train as run_command
+from helpers.training import REPO, ok, train_in_process, train_ranks
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
 
-def run_train(args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
-    """`python -m fastalign.train` (torchrun with `nproc` > 1) that must succeed."""
-    return ok(run_command(args, nproc=nproc))
+def train(args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
+    """A run that must succeed: in this process, or `nproc` forked ranks (subprocesses with CUDA)."""
+    return ok(train_in_process(args) if nproc == 1 else train_ranks(args, nproc=nproc))
 
 
 def lora_args(model: Path, data: Path, out: Path, **flags) -> list[str]:
@@ -48,13 +53,24 @@ def fastalign_logits(adapter_dir: Path, ids: torch.Tensor) -> torch.Tensor:
     return llama(ids, torch.arange(len(ids)), cu, len(ids)) @ llama.lm_head.weight.T
 
 
+def assert_same_adapters(a_dir: Path, b_dir: Path, atol: float = 0.0) -> None:
+    """Bit-identical with atol 0 (an exact resume), else within atol."""
+    a, b = load_file(a_dir / "adapter_model.safetensors"), load_file(b_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        if atol == 0.0:
+            assert torch.equal(a[key], b[key]), key
+        else:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=key)
+
+
 @pytest.mark.slow
 def test_only_adapters_change_and_peft_loads_them_with_fastaligns_logits(tiny, tmp_path):
     pytest.importorskip("peft")
     model, data = tiny
     out = tmp_path / "out"
     base_files = {p.name: p.read_bytes() for p in model.iterdir()}
-    run_train(lora_args(model, data, out, lora_target_modules="all-linear", lora_modules_to_save="lm_head"))
+    train(lora_args(model, data, out, lora_target_modules="all-linear", lora_modules_to_save="lm_head"))
     assert {p.name: p.read_bytes() for p in model.iterdir()} == base_files  # the base is bit-identical
     saved = load_file(out / "adapter_model.safetensors")
     assert {k for k in saved if ".lora_" not in k} == {"base_model.model.lm_head.weight"}  # adapters + the head
@@ -76,22 +92,48 @@ def test_only_adapters_change_and_peft_loads_them_with_fastaligns_logits(tiny, t
     torch.testing.assert_close(merged_logits, theirs, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.slow
-def test_checkpoints_hold_adapters_only_and_resume_is_exact(tiny, tmp_path):
+@pytest.fixture(scope="module")
+def stopped_run(tiny, tmp_path_factory):
+    """(model, data, a 4-step run, the same run stopped after step 3 with a checkpoint after each
+    step): dropout on, so that an exact resume must also restore the random state. The resume
+    tests each resume a copy of the stopped run."""
     model, data = tiny
-    full, part = tmp_path / "full", tmp_path / "part"
-    run_train(lora_args(model, data, full, lora_dropout=0.1))
-    run_train(lora_args(model, data, part, lora_dropout=0.1, save_strategy="steps", save_steps=2, max_steps=2))
+    root = tmp_path_factory.mktemp("lora-resume")
+    full, part = root / "full", root / "part"
+    train(lora_args(model, data, full, lora_dropout=0.1))
+    train(lora_args(model, data, part, lora_dropout=0.1, save_strategy="steps", save_steps=1, max_steps=3))
+    return model, data, full, part
+
+
+@pytest.mark.slow
+def test_checkpoints_hold_adapters_only_and_resume_is_exact(stopped_run, tmp_path):
+    model, data, full, stopped = stopped_run
+    part = tmp_path / "part"
+    shutil.copytree(stopped, part)
     from torch.distributed.checkpoint import FileSystemReader
 
-    saved = FileSystemReader(str(part / "checkpoint-2")).read_metadata().state_dict_metadata
-    model_keys = {k for k in saved if k.startswith("model.")}
-    assert model_keys and all(".lora_" in k for k in model_keys)  # no base weight in the checkpoint
-    run_train(lora_args(model, data, part, lora_dropout=0.1, resume_from_checkpoint="auto"))
-    a, b = load_file(full / "adapter_model.safetensors"), load_file(part / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    for step in (1, 2, 3):
+        saved = FileSystemReader(str(part / f"checkpoint-{step}")).read_metadata().state_dict_metadata
+        model_keys = {k for k in saved if k.startswith("model.")}
+        assert model_keys and all(".lora_" in k for k in model_keys), step  # no base weight in the checkpoint
+    result = train(lora_args(model, data, part, lora_dropout=0.1, resume_from_checkpoint="auto"))
+    assert "resumed from" in result.stderr and "checkpoint-3 at step 3" in result.stderr
+    assert_same_adapters(full, part)
+
+
+@pytest.mark.slow
+def test_a_damaged_newest_lora_checkpoint_falls_back_to_the_previous_one(stopped_run, tmp_path):
+    model, data, full, stopped = stopped_run
+    part = tmp_path / "part"
+    shutil.copytree(stopped, part)
+    shard = next((part / "checkpoint-3").glob("*.distcp"))
+    damaged = bytearray(shard.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF  # one flipped bit in an adapter's bytes: the manifest catches it
+    shard.write_bytes(bytes(damaged))
+    result = train(lora_args(model, data, part, lora_dropout=0.1, save_strategy="steps", save_steps=1,
+                             resume_from_checkpoint="auto"))
+    assert "checkpoint-3" in result.stderr and "resumed from" in result.stderr and "checkpoint-2" in result.stderr
+    assert_same_adapters(full, part)
 
 
 @pytest.mark.slow
@@ -99,19 +141,16 @@ def test_two_rank_fsdp_adapters_equal_one_rank(tiny, tmp_path):
     model, data = tiny
     one, two = tmp_path / "one", tmp_path / "two"
     flags = dict(per_device_train_batch_size=2, gradient_checkpointing=True)
-    run_train(lora_args(model, data, one, gradient_accumulation_steps=2, **flags))
-    run_train(lora_args(model, data, two, **flags), nproc=2)  # FSDP2: frozen and trainable in one unit
-    a, b = load_file(one / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=key)
+    train(lora_args(model, data, one, gradient_accumulation_steps=2, **flags))
+    train(lora_args(model, data, two, **flags), nproc=2)  # FSDP2: frozen and trainable in one unit
+    assert_same_adapters(one, two, atol=1e-5)
 
 
 @pytest.mark.slow
 def test_bf16_fsdp_keeps_fp32_adapters_over_a_bf16_base(tiny, tmp_path):
     model, data = tiny
     out = tmp_path / "out"
-    result = run_train(lora_args(model, data, out, bf16=True, lora_modules_to_save="lm_head"), nproc=2)
+    result = train(lora_args(model, data, out, bf16=True, lora_modules_to_save="lm_head"), nproc=2)
     assert "frozen base in bf16" in result.stderr
     adapter = load_file(out / "adapter_model.safetensors")
     assert {t.dtype for t in adapter.values()} == {torch.float32}  # fp32 master adapters under --bf16
@@ -129,17 +168,33 @@ def test_each_family_trains_with_adapters_that_peft_loads(tmp_path, family):
                              num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=64,
                              max_position_embeddings=256, family=family)
     out = tmp_path / "out"
-    run_train(lora_args(model, sample_data_path(), out, lora_target_modules="all-linear", max_steps=2))
+    train(lora_args(model, sample_data_path(), out, lora_target_modules="all-linear", max_steps=2))
     ids = torch.arange(1, 20)
     torch.testing.assert_close(fastalign_logits(out, ids), peft_logits(model, out, ids), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
-def test_demo_trains_adapters_and_evaluates_the_adapter_directory(tmp_path):
+def test_demo_trains_adapters_and_evaluates_the_adapter_directory(tmp_path, monkeypatch):
     from fastalign import demo
     from fastalign.cli import run_main
 
+    # The demo's training command runs as fastalign.train.main in this process (its command line
+    # is the demo's, unchanged); tests/e2e/test_demo.py runs the demo and its training as processes.
+    real_run = subprocess.run
+    trained = []
+
+    def run(command, *args, **kwargs):
+        if list(command[:3]) != [sys.executable, "-m", "fastalign.train"]:
+            return real_run(command, *args, **kwargs)
+        trained.append(command)
+        result = train_in_process(command[3:])
+        sys.stdout.write(result.stdout)
+        sys.stderr.write(result.stderr)
+        return result
+
+    monkeypatch.setattr(demo.subprocess, "run", run)
     assert run_main(demo.main, ["--quick", "--use_peft", "--output_dir", str(tmp_path)]) == 0
+    assert len(trained) == 1
     results = json.loads((tmp_path / "demo_results.json").read_text())
     assert "--use_peft" in results["settings"]["train_command"]
     assert (tmp_path / "trained" / "adapter_config.json").is_file()
@@ -150,33 +205,15 @@ def test_demo_trains_adapters_and_evaluates_the_adapter_directory(tmp_path):
 def test_compile_and_activation_checkpointing_train_the_same_adapters(tiny, tmp_path):
     model, data = tiny
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    run_train(lora_args(model, data, eager, max_steps=2))
-    run_train(lora_args(model, data, compiled, max_steps=2, compile=True, gradient_checkpointing=True))
-    a, b = load_file(eager / "adapter_model.safetensors"), load_file(compiled / "adapter_model.safetensors")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=key)
-
-
-@pytest.mark.slow
-def test_a_damaged_newest_lora_checkpoint_falls_back_to_the_previous_one(tiny, tmp_path):
-    model, data = tiny
-    full, part = tmp_path / "full", tmp_path / "part"
-    run_train(lora_args(model, data, full))
-    run_train(lora_args(model, data, part, save_strategy="steps", save_steps=1, max_steps=3))
-    shard = next((part / "checkpoint-3").glob("*.distcp"))
-    damaged = bytearray(shard.read_bytes())
-    damaged[len(damaged) // 2] ^= 0xFF  # one flipped bit in an adapter's bytes: the manifest catches it
-    shard.write_bytes(bytes(damaged))
-    result = run_train(lora_args(model, data, part, save_strategy="steps", save_steps=1,
-                                 resume_from_checkpoint="auto"))
-    assert "checkpoint-3" in result.stderr and "resumed from" in result.stderr and "checkpoint-2" in result.stderr
-    a, b = load_file(full / "adapter_model.safetensors"), load_file(part / "adapter_model.safetensors")
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    train(lora_args(model, data, eager, max_steps=2))
+    # A forked rank: what torch.compile caches stays out of the test's process.
+    ok(train_ranks(lora_args(model, data, compiled, max_steps=2, compile=True, gradient_checkpointing=True), 1))
+    assert_same_adapters(eager, compiled, atol=1e-5)
 
 
 @pytest.mark.slow
 def test_the_lora_benchmark_measures_both_sides_from_the_same_first_loss(tmp_path):
+    # the script as a process: the one test of `python benchmarks/lora.py` itself
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "benchmarks/lora.py", "--preset", "cpu-smoke", "--steps", "2",
                              "--work_dir", str(tmp_path / "work"), "--out_dir", str(tmp_path)],
