@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -24,8 +25,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.commands import command_in_process, run_module
-from helpers.training import common
+from helpers.commands import command_in_process
+from helpers.training import REPO, common
 
 from fastalign import model_dir
 from fastalign.errors import ModelError
@@ -73,10 +74,35 @@ def hostile(tiny, tmp_path):
 YES = "y\n" * 20  # answers every prompt
 
 
-def run_with_yes(module: str, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    """`python -m module args` with "y" piped to standard input; transformers' module cache (where
-    it would copy the directory's code) under tmp_path."""
-    return run_module(module, args, stdin=YES, extra_env={"HF_HOME": str(tmp_path / "hf_home")})
+@pytest.fixture(scope="module")
+def piped_yes(tiny, tmp_path_factory) -> dict[str, tuple[Path, Path, subprocess.CompletedProcess]]:
+    """command -> (its hostile model copy, its marker, `python -m command` on that copy with "y"
+    piped to standard input), for evaluate and generate, both started at once (their imports
+    overlap); transformers' module cache (where it would copy the directory's code) beside each."""
+    model, data = tiny
+    started = {}
+    for module, args in (("fastalign.evaluate", ["--data_path", data]), ("fastalign.generate", ["--prompt", "hi"])):
+        root = tmp_path_factory.mktemp(module.rsplit(".", 1)[1])
+        directory = shutil.copytree(model, root / "model")
+        marker = root / "MARKER"
+        plant_code(directory, marker)
+        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HOME=str(root / "hf_home"))
+        proc = subprocess.Popen([sys.executable, "-m", module, "--model_name_or_path", str(directory),
+                                 *map(str, args)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+        proc.stdin.write(YES)  # at once, as a pipe from `yes`; communicate() closes it
+        proc.stdin.flush()
+        started[module] = directory, marker, proc
+    runs = {}
+    try:
+        for module, (directory, marker, proc) in started.items():
+            stdout, stderr = proc.communicate(timeout=300)
+            runs[module] = directory, marker, subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    finally:
+        for _, _, proc in started.values():  # a timed-out one is not left running
+            proc.kill()
+            proc.wait()
+    return runs
 
 
 @pytest.fixture
@@ -104,15 +130,13 @@ def test_train_with_yes_on_stdin_runs_no_code_from_the_model_dir(hostile, tmp_pa
     assert_refused_without_running(proc, directory / "tokenizer_config.json", marker)
 
 
-def test_evaluate_with_yes_on_stdin_runs_no_code_from_the_model_dir(hostile, tmp_path):
-    directory, marker, data = hostile
-    proc = run_with_yes("fastalign.evaluate", ["--model_name_or_path", directory, "--data_path", data], tmp_path)
+def test_evaluate_with_yes_on_stdin_runs_no_code_from_the_model_dir(piped_yes):
+    directory, marker, proc = piped_yes["fastalign.evaluate"]
     assert_refused_without_running(proc, directory / "tokenizer_config.json", marker)
 
 
-def test_generate_with_yes_on_stdin_runs_no_code_from_the_model_dir(hostile, tmp_path):
-    directory, marker, _ = hostile
-    proc = run_with_yes("fastalign.generate", ["--model_name_or_path", directory, "--prompt", "hi"], tmp_path)
+def test_generate_with_yes_on_stdin_runs_no_code_from_the_model_dir(piped_yes):
+    directory, marker, proc = piped_yes["fastalign.generate"]
     assert_refused_without_running(proc, directory / "tokenizer_config.json", marker)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.background import Pending
 from helpers.train_probes import FAKE_PEAK_FLOPS, run_probed_train
 from helpers.training import common, metrics, ok, run_train_on_terminal, train_in_process, train_ranks
 from helpers.wandb_offline import wandb_records
@@ -32,6 +33,25 @@ def bar_free(stderr: str) -> None:
         for marker in ("[fastalign ", "error:"):
             if marker in piece:
                 assert piece.lstrip().startswith(marker), repr(piece)
+
+
+# ------------------------------------------------------------------------------ the probed run
+
+
+@pytest.fixture(scope="module", autouse=True)
+def probed_started(tiny, tmp_path_factory):
+    """The trainer's main with probes (helpers/train_probes.py), started before the module's other
+    runs in a forked process: most of its time is the probes' sleeps, during which they go on."""
+    model, data = tiny
+    out = tmp_path_factory.mktemp("probed") / "out"
+    flags = common(model, data, out, max_steps=5, save_strategy="steps", save_steps=2,
+                   evaluation_strategy="steps", eval_steps=3, eval_data_path=data,
+                   per_device_train_batch_size=4, per_device_eval_batch_size=8,
+                   adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6, ddp_timeout=77)
+    flags += ["--local-rank=0"]  # torch.distributed.launch's spelling
+    pending = Pending(run_probed_train, flags)
+    yield out, pending
+    pending.close()
 
 
 # ------------------------------------------------------------------------------ logger, checkpoint
@@ -180,16 +200,9 @@ def test_wandb_goes_offline_without_a_login_or_a_network(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------ optimizer, process group, window
 
 @pytest.fixture(scope="module")
-def probed_run(tiny, tmp_path_factory):
-    """The trainer's main with probes (helpers/train_probes.py), in a forked process."""
-    model, data = tiny
-    out = tmp_path_factory.mktemp("probed") / "out"
-    flags = common(model, data, out, max_steps=5, save_strategy="steps", save_steps=2,
-                   evaluation_strategy="steps", eval_steps=3, eval_data_path=data,
-                   per_device_train_batch_size=4, per_device_eval_batch_size=8,
-                   adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6, ddp_timeout=77)
-    flags += ["--local-rank=0"]  # torch.distributed.launch's spelling
-    result, probes = run_probed_train(flags)
+def probed_run(probed_started):
+    out, pending = probed_started
+    result, probes = pending.result()
     return out, result, probes
 
 
