@@ -35,23 +35,28 @@ def bar_free(stderr: str) -> None:
                 assert piece.lstrip().startswith(marker), repr(piece)
 
 
-# ------------------------------------------------------------------------------ the probed run
+# ------------------------------------------------------------------------------ runs started first
 
 
 @pytest.fixture(scope="module", autouse=True)
-def probed_started(tiny, tmp_path_factory):
-    """The trainer's main with probes (helpers/train_probes.py), started before the module's other
-    runs in a forked process: most of its time is the probes' sleeps, during which they go on."""
+def started(tiny, tmp_path_factory):
+    """Runs started before the module's others, each in a process forked from this one and
+    collected by its tests, so that they go on beside the rest: the trainer's main with probes
+    (helpers/train_probes.py), most of whose time is the probes' sleeps, and `python -m
+    fastalign.train` on a terminal, most of whose time is its interpreter's imports."""
     model, data = tiny
-    out = tmp_path_factory.mktemp("probed") / "out"
-    flags = common(model, data, out, max_steps=5, save_strategy="steps", save_steps=2,
+    probed = tmp_path_factory.mktemp("probed") / "out"
+    flags = common(model, data, probed, max_steps=5, save_strategy="steps", save_steps=2,
                    evaluation_strategy="steps", eval_steps=3, eval_data_path=data,
                    per_device_train_batch_size=4, per_device_eval_batch_size=8,
                    adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6, ddp_timeout=77)
     flags += ["--local-rank=0"]  # torch.distributed.launch's spelling
-    pending = Pending(run_probed_train, flags)
-    yield out, pending
-    pending.close()
+    diverging = common(model, data, tmp_path_factory.mktemp("terminal") / "out", max_steps=6,
+                       per_device_train_batch_size=4, max_grad_norm=0, learning_rate=1e30, logging_steps=1)
+    runs = {"probed": Pending(run_probed_train, flags), "terminal": Pending(run_train_on_terminal, diverging)}
+    yield probed, runs
+    for pending in runs.values():
+        pending.close()
 
 
 # ------------------------------------------------------------------------------ logger, checkpoint
@@ -200,9 +205,9 @@ def test_wandb_goes_offline_without_a_login_or_a_network(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------ optimizer, process group, window
 
 @pytest.fixture(scope="module")
-def probed_run(probed_started):
-    out, pending = probed_started
-    result, probes = pending.result()
+def probed_run(started):
+    out, runs = started
+    result, probes = runs["probed"].result()
     return out, result, probes
 
 
@@ -261,11 +266,8 @@ def test_log_lines_start_their_own_line_beside_the_bar(probed_run):
     bar_free(err)
 
 
-def test_an_error_starts_its_own_line_after_the_bar(tiny, tmp_path):
-    model, data = tiny
-    status, terminal = run_train_on_terminal(common(
-        model, data, tmp_path / "out", max_steps=6, per_device_train_batch_size=4, max_grad_norm=0,
-        learning_rate=1e30, logging_steps=1))
+def test_an_error_starts_its_own_line_after_the_bar(started):
+    status, terminal = started[1]["terminal"].result()  # 6 steps at learning rate 1e30, on a terminal
     assert status == 2 and "NaN" in terminal
     assert "train:" in terminal and "step=1/6 epoch=" in terminal  # the bar and a log line above it
     bar_free(terminal)
