@@ -89,16 +89,22 @@ def breakdown(steps: list[tuple[float, float]], ranges: list[tuple[str, float, f
 
 
 def events_breakdown(events, complete_steps: int) -> dict:
-    """`breakdown` of a torch.profiler run's events (`profile.events()`), over its first
-    `complete_steps` steps (a profile ended before its schedule holds a last, unfinished one)."""
+    """`breakdown` of a torch.profiler run's raw Kineto events (`profile.profiler.kineto_results.events()`),
+    over its first `complete_steps` steps (a profile ended before its schedule holds a last, unfinished one).
+
+    Raw events, not `profile.events()`: that builds a Python FunctionEvent per event and their tree,
+    about 3 s per 45,000 events (two steps of the tiny test model; a real model records far more),
+    while every other rank waits for this one's summary. The breakdown needs names and times only."""
     steps, ranges = [], []
     for event in events:
-        start, end = event.time_range.start, event.time_range.end
-        if event.name.startswith("ProfilerStep"):  # "ProfilerStep*" here, "ProfilerStep#k" in the trace
+        if getattr(event, "is_hidden_event", lambda: False)():  # profile.events() leaves them out too
+            continue
+        name = event.name()
+        start, end = event.start_ns() / 1e3, event.end_ns() / 1e3  # microseconds, as breakdown's seconds assume
+        if name.startswith("ProfilerStep"):  # "ProfilerStep#k", as in the trace
             steps.append((start, end))
             continue
-        on_device = event.device_type != torch.autograd.DeviceType.CPU
-        label = classify(event.name, on_device)
+        label = classify(name, event.device_type() != torch.autograd.DeviceType.CPU)
         if label is not None:
             ranges.append((label, start, end))
     return breakdown(sorted(steps)[:complete_steps], ranges)
@@ -181,7 +187,8 @@ class StepProfiler:
         global _recording
         _recording = False  # the N steps are done: no more synchronizing regions
         # step() calls so far: 1 warm-up + the recorded steps that finished
-        mine = events_breakdown(profile.events(), complete_steps=min(self.steps, profile.step_num - 1))
+        mine = events_breakdown(profile.profiler.kineto_results.events(),
+                                complete_steps=min(self.steps, profile.step_num - 1))
         if self.failed or not mine["steps"]:  # no step ended while recording: nothing to show
             return  # (the same on every rank: they step together)
         self.written = True

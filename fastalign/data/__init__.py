@@ -10,10 +10,17 @@ path the trainer, evaluation, benchmarks and tests use). See docs/design.md sect
     batching      candidate sampling, micro-batches, optimizer steps and ranks
 
 The bundled sample, `sample_sandbox.jsonl`, is package data of this package (`sample_data_path`).
+
+`packing` and `batching` (the stages that need torch) are imported when one of their names is first
+used: a command that only reads records (`python -m fastalign.convert`) starts without importing
+torch, about 1.5 s sooner.
 """
 
-from fastalign.data.batching import GroupBatcher, OptimizerStep, candidate_mask, draw_ranks, select_candidates
-from fastalign.data.packing import IGNORE_INDEX, PackedBatch, pack_groups, packed_tokens
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from fastalign.data.records import (
     REASON_CATEGORY_TYPE,
     REASON_EMPTY_RESPONSES,
@@ -44,6 +51,26 @@ from fastalign.data.tokenization import (
     tokenize_records,
 )
 from fastalign.errors import DataError
+
+if TYPE_CHECKING:
+    from fastalign.data.batching import GroupBatcher, OptimizerStep, candidate_mask, draw_ranks, select_candidates
+    from fastalign.data.packing import IGNORE_INDEX, PackedBatch, pack_groups, packed_tokens
+
+_LAZY = {name: "packing" for name in ("IGNORE_INDEX", "PackedBatch", "pack_groups", "packed_tokens")} | {
+    name: "batching" for name in ("GroupBatcher", "OptimizerStep", "candidate_mask", "draw_ranks", "select_candidates")}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "DataError", "Record", "LoadedRecords", "load_records", "records_from_dicts", "sample_data_path",

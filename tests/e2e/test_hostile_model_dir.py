@@ -2,12 +2,14 @@
 
 Custom code: a tokenizer_config.json (or config.json) whose `auto_map` names a Python file of the
 directory makes transformers ask "run the custom code? [y/N]" and read the answer from standard
-input; the file here creates a marker when imported. With "y" piped in, train, evaluate and
-generate must exit 2 with an `error:` naming the file and its auto_map, the marker absent.
+input; the file here creates a marker when imported. With "y" on standard input, train, evaluate
+and generate must exit 2 with an `error:` naming the file and its auto_map, the marker absent:
+evaluate and generate as `python -m` with "y" piped in, train's main in this process with "y" as
+sys.stdin (what transformers' prompt reads; `python -m fastalign.train` runs in other tests).
 
 Safetensors: headers whose offsets overlap, are negative or run past the file, or whose length is
 huge, are refused as a ModelError naming the file (in-process), and as `error:` + exit 2 through
-the command line.
+the command line (evaluate's main in this process).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.commands import command_in_process
 from helpers.training import REPO, common
 
 from fastalign import model_dir
@@ -68,12 +71,49 @@ def hostile(tiny, tmp_path):
     return directory, marker, data
 
 
-def run_with_yes(module: str, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    """`python -m module args` with "y" answering every prompt on standard input; transformers'
-    module cache (where it would copy the directory's code) under tmp_path."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf_home"))
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], input="y\n" * 20,
-                          capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+YES = "y\n" * 20  # answers every prompt
+
+
+@pytest.fixture(scope="module")
+def piped_yes(tiny, tmp_path_factory) -> dict[str, tuple[Path, Path, subprocess.CompletedProcess]]:
+    """command -> (its hostile model copy, its marker, `python -m command` on that copy with "y"
+    piped to standard input), for evaluate and generate, both started at once (their imports
+    overlap); transformers' module cache (where it would copy the directory's code) beside each."""
+    model, data = tiny
+    started = {}
+    for module, args in (("fastalign.evaluate", ["--data_path", data]), ("fastalign.generate", ["--prompt", "hi"])):
+        root = tmp_path_factory.mktemp(module.rsplit(".", 1)[1])
+        directory = shutil.copytree(model, root / "model")
+        marker = root / "MARKER"
+        plant_code(directory, marker)
+        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HOME=str(root / "hf_home"))
+        proc = subprocess.Popen([sys.executable, "-m", module, "--model_name_or_path", str(directory),
+                                 *map(str, args)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+        proc.stdin.write(YES)  # at once, as a pipe from `yes`; communicate() closes it
+        proc.stdin.flush()
+        started[module] = directory, marker, proc
+    runs = {}
+    try:
+        for module, (directory, marker, proc) in started.items():
+            stdout, stderr = proc.communicate(timeout=300)
+            runs[module] = directory, marker, subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    finally:
+        for _, _, proc in started.values():  # a timed-out one is not left running
+            proc.kill()
+            proc.wait()
+    return runs
+
+
+@pytest.fixture
+def yes_in_process(tmp_path, monkeypatch):
+    """`command_in_process(module, args)` with "y" as standard input; transformers' module cache
+    under tmp_path (for the subprocess it is with CUDA, and for this process's transformers)."""
+    from transformers import dynamic_module_utils
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "hf_home" / "modules"))
+    return lambda module, args: command_in_process(module, args, stdin=YES)
 
 
 def assert_refused_without_running(proc: subprocess.CompletedProcess, file: Path, marker: Path) -> None:
@@ -84,21 +124,19 @@ def assert_refused_without_running(proc: subprocess.CompletedProcess, file: Path
     assert error and str(file) in error[-1] and "auto_map" in error[-1] and "evil_code.EvilTokenizer" in error[-1]
 
 
-def test_train_with_yes_on_stdin_runs_no_code_from_the_model_dir(hostile, tmp_path):
+def test_train_with_yes_on_stdin_runs_no_code_from_the_model_dir(hostile, tmp_path, yes_in_process):
     directory, marker, data = hostile
-    proc = run_with_yes("fastalign.train", common(directory, data, tmp_path / "out", max_steps=1), tmp_path)
+    proc = yes_in_process("fastalign.train", common(directory, data, tmp_path / "out", max_steps=1))
     assert_refused_without_running(proc, directory / "tokenizer_config.json", marker)
 
 
-def test_evaluate_with_yes_on_stdin_runs_no_code_from_the_model_dir(hostile, tmp_path):
-    directory, marker, data = hostile
-    proc = run_with_yes("fastalign.evaluate", ["--model_name_or_path", directory, "--data_path", data], tmp_path)
+def test_evaluate_with_yes_on_stdin_runs_no_code_from_the_model_dir(piped_yes):
+    directory, marker, proc = piped_yes["fastalign.evaluate"]
     assert_refused_without_running(proc, directory / "tokenizer_config.json", marker)
 
 
-def test_generate_with_yes_on_stdin_runs_no_code_from_the_model_dir(hostile, tmp_path):
-    directory, marker, _ = hostile
-    proc = run_with_yes("fastalign.generate", ["--model_name_or_path", directory, "--prompt", "hi"], tmp_path)
+def test_generate_with_yes_on_stdin_runs_no_code_from_the_model_dir(piped_yes):
+    directory, marker, proc = piped_yes["fastalign.generate"]
     assert_refused_without_running(proc, directory / "tokenizer_config.json", marker)
 
 
@@ -203,8 +241,8 @@ def test_damaged_safetensors_is_refused_naming_the_file(damaged):
 
 
 @pytest.mark.parametrize("damaged", ["overlapping offsets"], indirect=True)
-def test_damaged_safetensors_through_the_command_line_exits_2(damaged, tiny, tmp_path):
-    proc = run_with_yes("fastalign.evaluate", ["--model_name_or_path", damaged, "--data_path", tiny[1]], tmp_path)
+def test_damaged_safetensors_through_the_command_line_exits_2(damaged, tiny, yes_in_process):
+    proc = yes_in_process("fastalign.evaluate", ["--model_name_or_path", damaged, "--data_path", tiny[1]])
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert f"error: {damaged / SAFETENSORS_SINGLE}: not a valid safetensors file" in proc.stderr

@@ -41,13 +41,32 @@ ENDING = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("group", ["group", "none"])
-def test_exit_keeps_the_status_and_the_output_and_skips_finalisation_only_under_gloo(tmp_path, group):
-    script, log = tmp_path / "ending.py", tmp_path / "probe.log"
+@pytest.fixture(scope="module")
+def endings(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """case -> (the script's process, its log file), the two processes started at once."""
+    root = tmp_path_factory.mktemp("endings")
+    script = root / "ending.py"
     script.write_text(ENDING)
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, str(script), group, str(log)], capture_output=True, text=True,
-                            timeout=120, env=env)
+    started = {group: subprocess.Popen([sys.executable, str(script), group, str(root / f"{group}.log")],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+               for group in ("group", "none")}
+    results = {}
+    try:
+        for group, proc in started.items():
+            stdout, stderr = proc.communicate(timeout=120)
+            result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+            results[group] = result, root / f"{group}.log"
+    finally:
+        for proc in started.values():  # a timed-out one is not left running
+            proc.kill()
+            proc.wait()
+    return results
+
+
+@pytest.mark.parametrize("group", ["group", "none"])
+def test_exit_keeps_the_status_and_the_output_and_skips_finalisation_only_under_gloo(endings, group):
+    result, log = endings[group]
     assert result.returncode == 3, result.stderr[-3000:]
     assert result.stdout == "printed before the exit"
     assert log.read_text() == "logged before the exit\n"

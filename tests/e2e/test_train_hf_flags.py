@@ -1,20 +1,23 @@
-"""HF Trainer flags through `python -m fastalign.train`: each value reaches the optimizer, the
+"""HF Trainer flags through the trainer's command line: each value reaches the optimizer, the
 logger or the checkpoint; refusals name the flag; log lines never glue onto the progress bar; the
-tokens/s window leaves evaluation and checkpoint time out."""
+tokens/s window leaves evaluation and checkpoint time out.
+
+The bar needs a terminal: that run is `python -m fastalign.train` on a pseudo-terminal. The others
+run the same `main` in a process forked from this one or in this process (helpers/training.py).
+"""
 
 from __future__ import annotations
 
 import glob
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers.training import REPO, common, metrics, ok, run_train, run_train_on_terminal, train_in_process
+from helpers.background import Pending
+from helpers.train_probes import FAKE_PEAK_FLOPS, run_probed_train
+from helpers.training import common, metrics, ok, run_train_on_terminal, train_in_process, train_ranks
 from helpers.wandb_offline import wandb_records
 
 from fastalign.reporting import installed
@@ -32,6 +35,30 @@ def bar_free(stderr: str) -> None:
                 assert piece.lstrip().startswith(marker), repr(piece)
 
 
+# ------------------------------------------------------------------------------ runs started first
+
+
+@pytest.fixture(scope="module", autouse=True)
+def started(tiny, tmp_path_factory):
+    """Runs started before the module's others, each in a process forked from this one and
+    collected by its tests, so that they go on beside the rest: the trainer's main with probes
+    (helpers/train_probes.py), most of whose time is the probes' sleeps, and `python -m
+    fastalign.train` on a terminal, most of whose time is its interpreter's imports."""
+    model, data = tiny
+    probed = tmp_path_factory.mktemp("probed") / "out"
+    flags = common(model, data, probed, max_steps=5, save_strategy="steps", save_steps=2,
+                   evaluation_strategy="steps", eval_steps=3, eval_data_path=data,
+                   per_device_train_batch_size=4, per_device_eval_batch_size=8,
+                   adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6, ddp_timeout=77)
+    flags += ["--local-rank=0"]  # torch.distributed.launch's spelling
+    diverging = common(model, data, tmp_path_factory.mktemp("terminal") / "out", max_steps=6,
+                       per_device_train_batch_size=4, max_grad_norm=0, learning_rate=1e30, logging_steps=1)
+    runs = {"probed": Pending(run_probed_train, flags), "terminal": Pending(run_train_on_terminal, diverging)}
+    yield probed, runs
+    for pending in runs.values():
+        pending.close()
+
+
 # ------------------------------------------------------------------------------ logger, checkpoint
 
 
@@ -46,8 +73,11 @@ def model_only_run(tiny, tmp_path_factory):
                    run_name="my-run", logging_dir=out / "tb", dataloader_num_workers=2, eval_data_path=data)
     flags += ["--logging_first_step", "--save_only_model", "True", "--disable_tqdm", "True",
               "--report_to", *(report or ["none"])]  # space-separated, as HF takes it too
-    env = {"WANDB_MODE": "offline"}  # what no network resolves to; never try the network in tests
-    result = ok(run_train(flags, extra_env=env))
+    # WANDB_MODE: what no network resolves to; never try the network in tests. A forked process
+    # (helpers/forked.py): wandb wraps the process's stdio and starts a service, never in the test's.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WANDB_MODE", "offline")
+        result = ok(train_ranks(flags, nproc=1))
     return out, result, report
 
 
@@ -174,53 +204,10 @@ def test_wandb_goes_offline_without_a_login_or_a_network(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------ optimizer, process group, window
 
-# Runs the trainer's own main() with probes: the process group's timeout as torch receives it, a
-# save / evaluation that each take SLOW seconds (as a large checkpoint would), and a device peak
-# of FAKE_PEAK_FLOPS (so that a CPU run logs an MFU).
-FAKE_PEAK_FLOPS = 1e9
-
-PROBED_MAIN = """
-import json, os, sys, time
-import torch.distributed as dist
-from fastalign import train, trainer
-from fastalign.cli import exit_process, run_main
-
-SLOW = 1.5
-trainer.peak_flops = lambda device: FAKE_PEAK_FLOPS  # an MFU on CPU, to check what it counts
-seen = {}
-init = dist.init_process_group
-def recording_init(*args, **kwargs):
-    seen["timeout_s"] = kwargs["timeout"].total_seconds()
-    return init(*args, **kwargs)
-dist.init_process_group = recording_init
-for name in ("_save", "_evaluate"):
-    original = getattr(trainer.Trainer, name)
-    def slow(self, *args, _original=original, **kwargs):
-        time.sleep(SLOW)
-        return _original(self, *args, **kwargs)
-    setattr(trainer.Trainer, name, slow)
-status = run_main(train.main, sys.argv[1:])
-seen["LOCAL_RANK"] = os.environ.get("LOCAL_RANK")
-print("PROBES " + json.dumps(seen))
-exit_process(status)
-""".replace("FAKE_PEAK_FLOPS", repr(FAKE_PEAK_FLOPS))
-
-
 @pytest.fixture(scope="module")
-def probed_run(tiny, tmp_path_factory):
-    model, data = tiny
-    out = tmp_path_factory.mktemp("probed") / "out"
-    flags = common(model, data, out, max_steps=5, save_strategy="steps", save_steps=2,
-                   evaluation_strategy="steps", eval_steps=3, eval_data_path=data,
-                   per_device_train_batch_size=4, per_device_eval_batch_size=8,
-                   adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6, ddp_timeout=77)
-    flags += ["--local-rank=0"]  # torch.distributed.launch's spelling
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    env.pop("LOCAL_RANK", None)
-    result = subprocess.run([sys.executable, "-c", PROBED_MAIN, *flags], capture_output=True, text=True,
-                            timeout=300, cwd=REPO, env=env)
-    ok(result)
-    probes = json.loads(result.stdout.split("PROBES ", 1)[1])
+def probed_run(started):
+    out, runs = started
+    result, probes = runs["probed"].result()
     return out, result, probes
 
 
@@ -246,7 +233,7 @@ def test_tokens_per_s_leaves_out_evaluation_and_checkpoint_time(probed_run):
     rates = {m["step"]: m["tokens_per_s"] for m in lines if "tokens_per_s" in m}
     assert sorted(rates) == [1, 2, 3, 4, 5] and [m["step"] for m in lines if "eval_loss" in m] == [3]
     # A tiny step takes ~10-50 ms; the windows of steps 3, 4 and 5 (after the save at 2, the eval
-    # at 3, the save at 4) each held a 1.5 s pause; steps 1 and 2 none. Counted in, the pauses
+    # at 3, the save at 4) each held a SLOW_S (1.5 s) pause; steps 1 and 2 none. Counted in, the pauses
     # would put those rates ~20-100x below the clean ones (measured: ~600 vs >= 10000 tokens/s).
     clean = min(rates[1], rates[2])
     for step in (3, 4, 5):
@@ -279,11 +266,8 @@ def test_log_lines_start_their_own_line_beside_the_bar(probed_run):
     bar_free(err)
 
 
-def test_an_error_starts_its_own_line_after_the_bar(tiny, tmp_path):
-    model, data = tiny
-    status, terminal = run_train_on_terminal(common(
-        model, data, tmp_path / "out", max_steps=6, per_device_train_batch_size=4, max_grad_norm=0,
-        learning_rate=1e30, logging_steps=1))
+def test_an_error_starts_its_own_line_after_the_bar(started):
+    status, terminal = started[1]["terminal"].result()  # 6 steps at learning rate 1e30, on a terminal
     assert status == 2 and "NaN" in terminal
     assert "train:" in terminal and "step=1/6 epoch=" in terminal  # the bar and a log line above it
     bar_free(terminal)
@@ -314,10 +298,10 @@ def test_hf_flags_fastalign_does_not_do_are_refused(tmp_path, flags, needles, ca
         assert str(out) in err  # names the directory to upload
 
 
-def test_triton_loss_backend_where_it_cannot_run_is_refused_at_start(tiny, tmp_path):
+def test_triton_loss_backend_where_it_cannot_run_is_refused_at_start(tiny, tmp_path, monkeypatch):
     model, data = tiny
-    result = run_train(common(model, data, tmp_path / "out", loss_backend="triton"),
-                       extra_env={"TRITON_INTERPRET": "0"})
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # read when the backend is chosen, not only at import
+    result = train_in_process(common(model, data, tmp_path / "out", loss_backend="triton"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "error: --loss_backend triton" in result.stderr
     assert "train:" not in result.stderr and not (tmp_path / "out" / "metrics.jsonl").exists()

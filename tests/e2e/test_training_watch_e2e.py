@@ -1,14 +1,17 @@
-"""A whole watched run through the command line: step logs, evaluation rankings, the best model, the profile."""
+"""A whole watched run through the command line: step logs, evaluation rankings, the best model, the profile.
+
+The trainer's and the evaluator's `main` run in this process (helpers/training.py, helpers/commands.py):
+what is checked is what they log and write, not the process; both commands run as `python -m` in
+other tests."""
 
 from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 
 import pytest
-from helpers.training import REPO, common, metrics, ok, run_train
+from helpers.commands import command_in_process
+from helpers.training import common, metrics, ok, train_in_process
 
 from fastalign import checkpoint as ckpt
 
@@ -24,7 +27,7 @@ def test_a_run_logs_each_step_evaluates_rankings_keeps_the_best_and_profiles(tin
     *highest* eval_loss (the first evaluation: the tiny model learns), 2 steps profiled."""
     model, data = tiny
     out = tmp_path / "out"
-    result = ok(run_train(common(
+    result = ok(train_in_process(common(
         model, data, out, max_steps=6, per_device_train_batch_size=8, learning_rate=3e-3,
         max_tokens_per_batch=1200, evaluation_strategy="steps", eval_steps=2, eval_data_path=data,
         save_strategy="steps", save_steps=2, save_total_limit=1, load_best_model_at_end=True,
@@ -60,9 +63,8 @@ def test_a_run_logs_each_step_evaluates_rankings_keeps_the_best_and_profiles(tin
     assert ckpt.read_trainer_state(out / "checkpoint-6")["best_checkpoint"]["step"] == 2
     assert "--load_best_model_at_end: exporting" in log and "checkpoint-2" in log
     report = out / "evaluate.json"
-    subprocess.run([sys.executable, "-m", "fastalign.evaluate", "--model_name_or_path", str(out),
-                    "--data_path", str(data), "--num_comp", "3", "--model_max_length", "128",
-                    "--output_json", str(report)], check=True, capture_output=True, cwd=REPO)
+    ok(command_in_process("fastalign.evaluate", ["--model_name_or_path", out, "--data_path", data, "--num_comp", "3",
+                                                 "--model_max_length", "128", "--output_json", report]))
     evaluated = json.loads(report.read_text())
     for key in RANKING:  # equal to fastalign.evaluate on the exported weights: the step-2 weights
         assert evals[0][key] == pytest.approx(evaluated["metrics"][key.removeprefix("eval_")], abs=1e-12)

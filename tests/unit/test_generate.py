@@ -145,3 +145,10 @@ def test_cli_prints_each_prompt_and_response(tiny_dir, tmp_path, capsys):
 def test_cli_errors_are_clean(tiny_dir, extra, expected, capsys):
     assert run_main(main, ["--model_name_or_path", str(tiny_dir), *extra]) == 2
     assert expected in capsys.readouterr().err
+
+
+def test_cli_missing_model_is_a_clean_error(tmp_path, capsys):
+    # an empty directory; `python -m fastalign.generate` itself runs in tests/e2e/test_hostile_model_dir.py
+    assert run_main(main, ["--model_name_or_path", str(tmp_path), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "config.json" in err

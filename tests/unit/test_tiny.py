@@ -80,3 +80,17 @@ def test_same_seed_gives_identical_files_and_rng_is_left_alone(tiny_dir, tmp_pat
     other = build_tiny_llama(tmp_path / "again", TEXTS, vocab_size=400, seed=4, **SHAPE)  # rebuild in place
     assert (other / "tokenizer.json").read_bytes() == (tiny_dir / "tokenizer.json").read_bytes()
     assert (other / "model.safetensors").read_bytes() != (tiny_dir / "model.safetensors").read_bytes()
+
+
+def test_cli_refuses_a_sandbox_file_it_cannot_use_without_a_traceback(tmp_path, capsys):
+    # the command's own entry (python -m fastalign.tiny = run_main(main)); `python -m` itself runs in
+    # tests/e2e/test_tiny_e2e.py
+    from fastalign.cli import run_main
+    from fastalign.tiny import main
+
+    sandbox = tmp_path / "sandbox.jsonl"
+    sandbox.write_text('{"query": "q", "responses": ["a"], "scores": [9]}\n')
+    assert run_main(main, [str(tmp_path / "bad"), "--data", str(sandbox)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()
