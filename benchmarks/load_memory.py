@@ -6,7 +6,9 @@ below 1.2x the model's size in its target dtype in host memory.
 A random Llama of a few hundred MB is saved (bf16, as released checkpoints are) as one
 safetensors file, as sharded safetensors and as a legacy pytorch_model.bin. Each load runs in its
 own fresh process: peak RSS (VmHWM) minus RSS just before the load (after imports), against the
-bytes of the loaded parameters. Both loaders read the weights through file mappings (the
+bytes of the loaded parameters. The processes start together (their imports paid side by side,
+once on a machine with a core per process), then load one at a time, so no load is timed or
+metered beside another. Both loaders read the weights through file mappings (the
 safetensors library, torch.load mmap=True), so bytes read show in no read() counter: a mapping's
 pages that stay resident show in the peak instead. transformers' `LlamaForCausalLM.from_pretrained`
 on the same files is the baseline.
@@ -22,6 +24,7 @@ import argparse
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -86,7 +89,7 @@ def serve_loads() -> int:
 
     import fastalign.model  # noqa: F401
 
-    return serve({"load": load})
+    return serve({"ready": lambda: {"ok": True}, "load": load})
 
 
 def build_checkpoints(root: Path, layers: int, preset: dict) -> tuple[dict[str, Path], int]:
@@ -111,7 +114,7 @@ def build_checkpoints(root: Path, layers: int, preset: dict) -> tuple[dict[str, 
     return dirs, file_bytes
 
 
-def main() -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=8, help="decoder layers (8: ~150M parameters)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
@@ -119,7 +122,7 @@ def main() -> int:
     parser.add_argument("--out_dir", "--out-dir", type=Path, default=None,
                         help="where the JSON goes (default benchmarks/results/)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.serve:
         return serve_loads()
 
@@ -127,13 +130,26 @@ def main() -> int:
     header = result_header("load_memory", preset_name, "cpu")
     rows, results = [], []
     with tempfile.TemporaryDirectory(prefix="fastalign-load-") as tmp:
-        dirs, checkpoint_bytes = build_checkpoints(Path(tmp), args.layers, PRESETS[args.preset])
-        for layout, dtype, loader in PRESETS[args.preset]["cases"]:
-            worker = Worker([str(Path(__file__).resolve()), "--serve"]).start()
-            try:
-                r = worker.call("load", loader=loader, path=str(dirs[layout]), dtype=dtype)
-            finally:
+        cases = PRESETS[args.preset]["cases"]
+        # One fresh process per load, all started at once: each imports while the checkpoints are
+        # built, and `ready` waits until every one has, so that the loads run alone.
+        workers = [Worker([str(Path(__file__).resolve()), "--serve"]) for _ in cases]
+        try:
+            for worker in workers:
+                worker.start()
+            dirs, checkpoint_bytes = build_checkpoints(Path(tmp), args.layers, PRESETS[args.preset])
+            for worker in workers:
+                worker.send("ready")
+            for worker in workers:
+                worker.receive("ready")
+            replies = []
+            for worker, (layout, dtype, loader) in zip(workers, cases):
+                replies.append(worker.call("load", loader=loader, path=str(dirs[layout]), dtype=dtype))
+                worker.close()  # its memory back before the next load
+        finally:
+            for worker in workers:
                 worker.close()
+        for r, (layout, dtype, loader) in zip(replies, cases):
             ratio = r["peak_bytes"] / r["model_bytes"]
             ratio_after_use = r["peak_after_use_bytes"] / r["model_bytes"]
             r.update(layout=layout, dtype=dtype, loader=loader, ratio=ratio, ratio_after_use=ratio_after_use)
