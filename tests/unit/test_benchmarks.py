@@ -125,11 +125,15 @@ class OutOfMemoryError(RuntimeError):
     pass
 
 
+def ready(device):
+    return {"ok": True}
+
+
 def broken_setup(**kwargs):
     raise OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
 
 
-sys.exit(serve({"ready": loss_head.handle_ready, "setup": broken_setup}))
+sys.exit(serve({"ready": ready, "setup": broken_setup}))
 """
 
 
@@ -143,12 +147,13 @@ def test_loss_head_fails_when_a_method_that_could_run_fails(tmp_path, monkeypatc
     script.write_text(FAILING_WORKER)
     real_start = loss_head.start_workers
 
-    def start_workers(plan, device):  # fastalign's worker replaced by one whose setup fails
-        workers = real_start(plan, device)
-        key = next(key for key in workers if key[1] == "fastalign")
-        workers[key].close()
-        workers[key] = Worker([str(script), str(ROOT)]).start()
-        workers[key].call("ready", device=device)
+    def start_workers(plan, device):  # fastalign's worker is one whose setup fails; the others are real
+        rest = [i for i, (_, method) in enumerate(plan) if method != "fastalign"]
+        workers = {(rest[i], method): worker for (i, method), worker in real_start([plan[i] for i in rest],
+                                                                                   device).items()}
+        failing = Worker([str(script), str(ROOT)]).start()
+        failing.call("ready", device=device)
+        workers[next((i, method) for i, (_, method) in enumerate(plan) if method == "fastalign")] = failing
         return workers
 
     monkeypatch.setattr(loss_head, "start_workers", start_workers)
