@@ -15,6 +15,7 @@ on the same files is the baseline.
 
     python benchmarks/load_memory.py                 # ~310 MB bf16 model (150M parameters)
     python benchmarks/load_memory.py --layers 2      # smaller, quicker
+    python benchmarks/load_memory.py --layouts sharded,bin   # only these layouts' loads
     python benchmarks/load_memory.py --preset smoke --out_dir /tmp/x   # a toy model: the script runs
 """
 
@@ -36,6 +37,7 @@ from benchmarks.lib.workers import Worker, serve
 
 TARGET_RATIO = 1.2
 
+LAYOUTS = ("safetensors", "sharded", "bin")
 CASES = [  # (layout, target dtype, loader)
     ("safetensors", "bfloat16", "fastalign"), ("safetensors", "bfloat16", "transformers"),
     ("safetensors", "float32", "fastalign"), ("safetensors", "float32", "transformers"),
@@ -92,8 +94,10 @@ def serve_loads() -> int:
     return serve({"ready": lambda: {"ok": True}, "load": load})
 
 
-def build_checkpoints(root: Path, layers: int, preset: dict) -> tuple[dict[str, Path], int]:
-    """The same random bf16 weights in three layouts; returns the dirs and the file bytes."""
+def build_checkpoints(root: Path, layers: int, preset: dict,
+                      layouts: Sequence[str] = LAYOUTS) -> tuple[dict[str, Path], int]:
+    """The same random bf16 weights in the given layouts (of LAYOUTS); returns their dirs and the
+    weights' bytes."""
     import torch
 
     from fastalign.hf_config import LlamaConfig
@@ -105,13 +109,16 @@ def build_checkpoints(root: Path, layers: int, preset: dict) -> tuple[dict[str, 
     model.init_weights(torch.Generator().manual_seed(0))
     model.to(torch.bfloat16)
     dirs = {"safetensors": root / "single", "sharded": root / "sharded", "bin": root / "bin"}
-    model.save_pretrained(dirs["safetensors"])
-    model.save_pretrained(dirs["sharded"], max_shard_size=preset["shard_bytes"])
-    dirs["bin"].mkdir()
-    torch.save({hf_name(k): v for k, v in model.state_dict().items()}, dirs["bin"] / "pytorch_model.bin")
-    (dirs["bin"] / "config.json").write_text((dirs["safetensors"] / "config.json").read_text())
+    if {"safetensors", "bin"} & set(layouts):  # the .bin layout takes this one's config.json
+        model.save_pretrained(dirs["safetensors"])
+    if "sharded" in layouts:
+        model.save_pretrained(dirs["sharded"], max_shard_size=preset["shard_bytes"])
+    if "bin" in layouts:
+        dirs["bin"].mkdir()
+        torch.save({hf_name(k): v for k, v in model.state_dict().items()}, dirs["bin"] / "pytorch_model.bin")
+        (dirs["bin"] / "config.json").write_text((dirs["safetensors"] / "config.json").read_text())
     file_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return dirs, file_bytes
+    return {layout: dirs[layout] for layout in layouts}, file_bytes
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -119,25 +126,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=8, help="decoder layers (8: ~150M parameters)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
                         help="model shape: default (hidden 1024, vocab 32000) or smoke (a toy model)")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS),
+                        help=f"comma-separated layouts to load (default all: {','.join(LAYOUTS)})")
     parser.add_argument("--out_dir", "--out-dir", type=Path, default=None,
                         help="where the JSON goes (default benchmarks/results/)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
         return serve_loads()
+    layouts = [layout for layout in LAYOUTS if layout in args.layouts.split(",")]
+    unknown = set(args.layouts.split(",")) - set(LAYOUTS)
+    if unknown or not layouts:
+        parser.error(f"--layouts: choose from {','.join(LAYOUTS)} (got {args.layouts!r})")
 
-    preset_name = ("" if args.preset == "default" else f"{args.preset}-") + f"{args.layers}layers"
+    # A selection of layouts gets its own file name, so it never overwrites a full run's figures.
+    preset_name = (("" if args.preset == "default" else f"{args.preset}-") + f"{args.layers}layers"
+                   + ("" if len(layouts) == len(LAYOUTS) else "-" + "-".join(layouts)))
     header = result_header("load_memory", preset_name, "cpu")
     rows, results = [], []
     with tempfile.TemporaryDirectory(prefix="fastalign-load-") as tmp:
-        cases = PRESETS[args.preset]["cases"]
+        cases = [case for case in PRESETS[args.preset]["cases"] if case[0] in layouts]
         # One fresh process per load, all started at once: each imports while the checkpoints are
         # built, and `ready` waits until every one has, so that the loads run alone.
         workers = [Worker([str(Path(__file__).resolve()), "--serve"]) for _ in cases]
         try:
             for worker in workers:
                 worker.start()
-            dirs, checkpoint_bytes = build_checkpoints(Path(tmp), args.layers, PRESETS[args.preset])
+            dirs, checkpoint_bytes = build_checkpoints(Path(tmp), args.layers, PRESETS[args.preset], layouts)
             for worker in workers:
                 worker.send("ready")
             for worker in workers:

@@ -41,6 +41,27 @@ def test_results_path_names_benchmark_date_device_preset(tmp_path):
     assert path.name == f"train_throughput-{utc_date()}-cpu-{machine._cpu_count()}c-cpu-tiny.json"
 
 
+def test_load_memory_writes_and_loads_every_layout(tmp_path):
+    """Each checkpoint layout the script writes loads all of its bytes in the target dtype, measured
+    as a worker measures a load (here in this process; tests/e2e runs the script, whose fresh
+    processes load the single-file layout with each loader)."""
+    from benchmarks import load_memory
+
+    dirs, checkpoint_bytes = load_memory.build_checkpoints(tmp_path, 1, load_memory.PRESETS["smoke"])
+    assert set(dirs) == {"safetensors", "sharded", "bin"} and finite(checkpoint_bytes, positive=True)
+    assert len(list(dirs["sharded"].glob("model-*-of-*.safetensors"))) > 1
+    assert [p.name for p in dirs["bin"].glob("*.safetensors")] == []
+    for layout in ("sharded", "bin"):
+        r = load_memory.load("fastalign", str(dirs[layout]), "bfloat16")
+        assert r["model_bytes"] == checkpoint_bytes, layout  # bf16 checkpoint loaded as bf16
+        assert finite(r["seconds"], positive=True), layout
+        assert finite(r["peak_bytes"], positive=True) and r["peak_after_use_bytes"] >= r["peak_bytes"], layout
+    only, _ = load_memory.build_checkpoints(tmp_path / "one", 1, load_memory.PRESETS["smoke"], ["sharded"])
+    assert list(only) == ["sharded"] and sorted(p.name for p in (tmp_path / "one").iterdir()) == ["sharded"]
+    with pytest.raises(SystemExit):  # argparse's usage error
+        load_memory.main(["--layouts", "safetensors,zip"])
+
+
 @pytest.fixture(scope="module")
 def tokenized_groups():
     from transformers import AutoTokenizer
