@@ -4,10 +4,11 @@ Also checked, because a benchmark is only worth its fairness: both sides of a co
 the same loss on the same groups, every loss-head method the same loss, every training mode the
 eager run's losses.
 
-Each script's `main` runs in a process forked from this one (helpers/bench_runs.py); the processes
-a script starts itself (workers, ranks, probes, training runs) are what it measures and stay real.
-The longer runs start together when the module does, two at a time (`runs`), each test waiting for
-its own; `test_every_script_starts_as_a_command` runs each script as a user does.
+Each script's `main` runs in a process forked from this one (helpers/bench_runs.py; peer_trl's in
+a new interpreter); the processes a script starts itself (workers, ranks, probes, training runs)
+are what it measures and stay real. The longer runs start together when the module does, two at a
+time (`runs`), each test waiting for its own; `test_every_script_starts_as_a_command` starts each
+script as a user does.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ process's. With CUDA both are `run_script`: a forked child cannot use CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -130,7 +131,8 @@ class RunPool:
             sys.stderr.flush()
             pid = os.fork()
             if pid == 0:
-                os.setpgid(0, 0)  # the run and its workers: one group to kill on a timeout
+                with contextlib.suppress(OSError):  # the run and its workers: one group to kill on a timeout
+                    os.setpgid(0, 0)
                 _run_rank(main, argv, {"OMP_NUM_THREADS": "1", **script_env()}, logs, 0)
             self.started[key] = _Started(pid, logs, time.monotonic() + timeout, argv)
 
