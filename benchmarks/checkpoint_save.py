@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -68,7 +69,7 @@ def measure(size_mib: int, trials: int, scratch: Path) -> list[dict]:
     return rows
 
 
-def main() -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
     parser.add_argument("--size_mib", type=int, default=None, help="MiB of fp32 parameters (default: the preset's)")
@@ -76,7 +77,7 @@ def main() -> int:
     parser.add_argument("--scratch", type=Path, default=None,
                         help="where checkpoints are written (default: a temp dir)")
     parser.add_argument("--out_dir", type=Path, default=None, help="JSON result directory (default benchmarks/results)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     size = args.size_mib or PRESETS[args.preset]
     with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
         rows = measure(size, args.trials, Path(scratch))

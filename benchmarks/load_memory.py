@@ -6,13 +6,16 @@ below 1.2x the model's size in its target dtype in host memory.
 A random Llama of a few hundred MB is saved (bf16, as released checkpoints are) as one
 safetensors file, as sharded safetensors and as a legacy pytorch_model.bin. Each load runs in its
 own fresh process: peak RSS (VmHWM) minus RSS just before the load (after imports), against the
-bytes of the loaded parameters. Both loaders read the weights through file mappings (the
+bytes of the loaded parameters. The processes start together (their imports paid side by side,
+once on a machine with a core per process), then load one at a time, so no load is timed or
+metered beside another. Both loaders read the weights through file mappings (the
 safetensors library, torch.load mmap=True), so bytes read show in no read() counter: a mapping's
 pages that stay resident show in the peak instead. transformers' `LlamaForCausalLM.from_pretrained`
 on the same files is the baseline.
 
     python benchmarks/load_memory.py                 # ~310 MB bf16 model (150M parameters)
     python benchmarks/load_memory.py --layers 2      # smaller, quicker
+    python benchmarks/load_memory.py --layouts sharded,bin   # only these layouts' loads
     python benchmarks/load_memory.py --preset smoke --out_dir /tmp/x   # a toy model: the script runs
 """
 
@@ -22,6 +25,7 @@ import argparse
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,6 +37,7 @@ from benchmarks.lib.workers import Worker, serve
 
 TARGET_RATIO = 1.2
 
+LAYOUTS = ("safetensors", "sharded", "bin")
 CASES = [  # (layout, target dtype, loader)
     ("safetensors", "bfloat16", "fastalign"), ("safetensors", "bfloat16", "transformers"),
     ("safetensors", "float32", "fastalign"), ("safetensors", "float32", "transformers"),
@@ -86,11 +91,13 @@ def serve_loads() -> int:
 
     import fastalign.model  # noqa: F401
 
-    return serve({"load": load})
+    return serve({"ready": lambda: {"ok": True}, "load": load})
 
 
-def build_checkpoints(root: Path, layers: int, preset: dict) -> tuple[dict[str, Path], int]:
-    """The same random bf16 weights in three layouts; returns the dirs and the file bytes."""
+def build_checkpoints(root: Path, layers: int, preset: dict,
+                      layouts: Sequence[str] = LAYOUTS) -> tuple[dict[str, Path], int]:
+    """The same random bf16 weights in the given layouts (of LAYOUTS); returns their dirs and the
+    weights' bytes."""
     import torch
 
     from fastalign.hf_config import LlamaConfig
@@ -102,38 +109,62 @@ def build_checkpoints(root: Path, layers: int, preset: dict) -> tuple[dict[str, 
     model.init_weights(torch.Generator().manual_seed(0))
     model.to(torch.bfloat16)
     dirs = {"safetensors": root / "single", "sharded": root / "sharded", "bin": root / "bin"}
-    model.save_pretrained(dirs["safetensors"])
-    model.save_pretrained(dirs["sharded"], max_shard_size=preset["shard_bytes"])
-    dirs["bin"].mkdir()
-    torch.save({hf_name(k): v for k, v in model.state_dict().items()}, dirs["bin"] / "pytorch_model.bin")
-    (dirs["bin"] / "config.json").write_text((dirs["safetensors"] / "config.json").read_text())
+    if {"safetensors", "bin"} & set(layouts):  # the .bin layout takes this one's config.json
+        model.save_pretrained(dirs["safetensors"])
+    if "sharded" in layouts:
+        model.save_pretrained(dirs["sharded"], max_shard_size=preset["shard_bytes"])
+    if "bin" in layouts:
+        dirs["bin"].mkdir()
+        torch.save({hf_name(k): v for k, v in model.state_dict().items()}, dirs["bin"] / "pytorch_model.bin")
+        (dirs["bin"] / "config.json").write_text((dirs["safetensors"] / "config.json").read_text())
     file_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return dirs, file_bytes
+    return {layout: dirs[layout] for layout in layouts}, file_bytes
 
 
-def main() -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=8, help="decoder layers (8: ~150M parameters)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
                         help="model shape: default (hidden 1024, vocab 32000) or smoke (a toy model)")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS),
+                        help=f"comma-separated layouts to load (default all: {','.join(LAYOUTS)})")
     parser.add_argument("--out_dir", "--out-dir", type=Path, default=None,
                         help="where the JSON goes (default benchmarks/results/)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.serve:
         return serve_loads()
+    layouts = [layout for layout in LAYOUTS if layout in args.layouts.split(",")]
+    unknown = set(args.layouts.split(",")) - set(LAYOUTS)
+    if unknown or not layouts:
+        parser.error(f"--layouts: choose from {','.join(LAYOUTS)} (got {args.layouts!r})")
 
-    preset_name = ("" if args.preset == "default" else f"{args.preset}-") + f"{args.layers}layers"
+    # A selection of layouts gets its own file name, so it never overwrites a full run's figures.
+    preset_name = (("" if args.preset == "default" else f"{args.preset}-") + f"{args.layers}layers"
+                   + ("" if len(layouts) == len(LAYOUTS) else "-" + "-".join(layouts)))
     header = result_header("load_memory", preset_name, "cpu")
     rows, results = [], []
     with tempfile.TemporaryDirectory(prefix="fastalign-load-") as tmp:
-        dirs, checkpoint_bytes = build_checkpoints(Path(tmp), args.layers, PRESETS[args.preset])
-        for layout, dtype, loader in PRESETS[args.preset]["cases"]:
-            worker = Worker([str(Path(__file__).resolve()), "--serve"]).start()
-            try:
-                r = worker.call("load", loader=loader, path=str(dirs[layout]), dtype=dtype)
-            finally:
+        cases = [case for case in PRESETS[args.preset]["cases"] if case[0] in layouts]
+        # One fresh process per load, all started at once: each imports while the checkpoints are
+        # built, and `ready` waits until every one has, so that the loads run alone.
+        workers = [Worker([str(Path(__file__).resolve()), "--serve"]) for _ in cases]
+        try:
+            for worker in workers:
+                worker.start()
+            dirs, checkpoint_bytes = build_checkpoints(Path(tmp), args.layers, PRESETS[args.preset], layouts)
+            for worker in workers:
+                worker.send("ready")
+            for worker in workers:
+                worker.receive("ready")
+            replies = []
+            for worker, (layout, dtype, loader) in zip(workers, cases):
+                replies.append(worker.call("load", loader=loader, path=str(dirs[layout]), dtype=dtype))
+                worker.close()  # its memory back before the next load
+        finally:
+            for worker in workers:
                 worker.close()
+        for r, (layout, dtype, loader) in zip(replies, cases):
             ratio = r["peak_bytes"] / r["model_bytes"]
             ratio_after_use = r["peak_after_use_bytes"] / r["model_bytes"]
             r.update(layout=layout, dtype=dtype, loader=loader, ratio=ratio, ratio_after_use=ratio_after_use)

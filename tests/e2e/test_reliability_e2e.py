@@ -43,9 +43,10 @@ def test_second_signal_exits_at_once(tmp_path):
 def test_checkpoint_save_benchmark_runs_its_smoke_preset(tmp_path):
     import json
 
-    result = subprocess.run([sys.executable, "benchmarks/checkpoint_save.py", "--preset", "smoke", "--trials", "1",
-                             "--out_dir", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=REPO,
-                            env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
+    from helpers.bench_runs import run_bench
+
+    # forked from this process (helpers/bench_runs.py); tests/e2e/test_benchmarks_e2e.py starts the script
+    result = run_bench("checkpoint_save", "--preset", "smoke", "--trials", "1", "--out_dir", tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     (written,) = tmp_path.glob("checkpoint_save-*-smoke-4mib.json")
     (row,) = json.loads(written.read_text())["results"]

@@ -41,6 +41,27 @@ def test_results_path_names_benchmark_date_device_preset(tmp_path):
     assert path.name == f"train_throughput-{utc_date()}-cpu-{machine._cpu_count()}c-cpu-tiny.json"
 
 
+def test_load_memory_writes_and_loads_every_layout(tmp_path):
+    """Each checkpoint layout the script writes loads all of its bytes in the target dtype, measured
+    as a worker measures a load (here in this process; tests/e2e runs the script, whose fresh
+    processes load the single-file layout with each loader)."""
+    from benchmarks import load_memory
+
+    dirs, checkpoint_bytes = load_memory.build_checkpoints(tmp_path, 1, load_memory.PRESETS["smoke"])
+    assert set(dirs) == {"safetensors", "sharded", "bin"} and finite(checkpoint_bytes, positive=True)
+    assert len(list(dirs["sharded"].glob("model-*-of-*.safetensors"))) > 1
+    assert [p.name for p in dirs["bin"].glob("*.safetensors")] == []
+    for layout in ("sharded", "bin"):
+        r = load_memory.load("fastalign", str(dirs[layout]), "bfloat16")
+        assert r["model_bytes"] == checkpoint_bytes, layout  # bf16 checkpoint loaded as bf16
+        assert finite(r["seconds"], positive=True), layout
+        assert finite(r["peak_bytes"], positive=True) and r["peak_after_use_bytes"] >= r["peak_bytes"], layout
+    only, _ = load_memory.build_checkpoints(tmp_path / "one", 1, load_memory.PRESETS["smoke"], ["sharded"])
+    assert list(only) == ["sharded"] and sorted(p.name for p in (tmp_path / "one").iterdir()) == ["sharded"]
+    with pytest.raises(SystemExit):  # argparse's usage error
+        load_memory.main(["--layouts", "safetensors,zip"])
+
+
 @pytest.fixture(scope="module")
 def tokenized_groups():
     from transformers import AutoTokenizer
@@ -125,11 +146,15 @@ class OutOfMemoryError(RuntimeError):
     pass
 
 
+def ready(device):
+    return {"ok": True}
+
+
 def broken_setup(**kwargs):
     raise OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
 
 
-sys.exit(serve({"ready": loss_head.handle_ready, "setup": broken_setup}))
+sys.exit(serve({"ready": ready, "setup": broken_setup}))
 """
 
 
@@ -143,12 +168,13 @@ def test_loss_head_fails_when_a_method_that_could_run_fails(tmp_path, monkeypatc
     script.write_text(FAILING_WORKER)
     real_start = loss_head.start_workers
 
-    def start_workers(plan, device):  # fastalign's worker replaced by one whose setup fails
-        workers = real_start(plan, device)
-        key = next(key for key in workers if key[1] == "fastalign")
-        workers[key].close()
-        workers[key] = Worker([str(script), str(ROOT)]).start()
-        workers[key].call("ready", device=device)
+    def start_workers(plan, device):  # fastalign's worker is one whose setup fails; the others are real
+        rest = [i for i, (_, method) in enumerate(plan) if method != "fastalign"]
+        workers = {(rest[i], method): worker for (i, method), worker in real_start([plan[i] for i in rest],
+                                                                                   device).items()}
+        failing = Worker([str(script), str(ROOT)]).start()
+        failing.call("ready", device=device)
+        workers[next((i, method) for i, (_, method) in enumerate(plan) if method == "fastalign")] = failing
         return workers
 
     monkeypatch.setattr(loss_head, "start_workers", start_workers)
