@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from helpers.forked import _run_rank, run_forked
+from helpers.forked import run_forked, run_rank
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -133,7 +133,7 @@ class RunPool:
             if pid == 0:
                 with contextlib.suppress(OSError):  # the run and its workers: one group to kill on a timeout
                     os.setpgid(0, 0)
-                _run_rank(main, argv, {"OMP_NUM_THREADS": "1", **script_env()}, logs, 0)
+                run_rank(main, argv, {"OMP_NUM_THREADS": "1", **script_env()}, logs, 0)
             self.started[key] = _Started(pid, logs, time.monotonic() + timeout, argv)
 
     def _reap(self) -> None:

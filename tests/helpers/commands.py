@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from helpers.training import REPO, _as_a_fresh_process
+from helpers.training import REPO, as_a_fresh_process
 
 
 def run_module(module: str, args: Sequence[object], stdin: str = "", timeout: int = 300,
@@ -44,7 +44,7 @@ def command_in_process(module: str, args: Sequence[object], stdin: str = "") -> 
     stdout, stderr, saved_stdin = io.StringIO(), io.StringIO(), sys.stdin
     sys.stdin = io.StringIO(stdin)
     try:
-        with _as_a_fresh_process(), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        with as_a_fresh_process(), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             try:
                 status = run_main(main, args)
             except SystemExit as exit_:  # argparse's usage errors (2)

@@ -49,7 +49,7 @@ class RankRuns(subprocess.CompletedProcess):
         self.ranks = ranks
 
 
-def _run_rank(main: Callable[[Sequence[str] | None], int | None], args: list[str], env: dict[str, str],
+def run_rank(main: Callable[[Sequence[str] | None], int | None], args: list[str], env: dict[str, str],
               logs: Path, rank: int) -> None:
     """The child's whole life: fresh stdio into its own files, rank environment, one thread, the
     default warning filters and no log handler (as in a new interpreter), then `run_main`; never
@@ -105,7 +105,7 @@ def run_forked(main: Callable[[Sequence[str] | None], int | None], args: Sequenc
         rank_env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank)) if nproc > 1 else env
         pid = os.fork()
         if pid == 0:
-            _run_rank(main, args, rank_env, logs, rank)
+            run_rank(main, args, rank_env, logs, rank)
         pids.append(pid)
     statuses: dict[int, int] = {}
     deadline = time.monotonic() + timeout

@@ -50,7 +50,7 @@ def _write_warning(message, category, filename, lineno, file=None, line=None) ->
 
 
 @contextlib.contextmanager
-def _as_a_fresh_process():
+def as_a_fresh_process():
     """What `python -m fastalign.train` starts with and a test's process lacks: no root log handler
     (pytest's own would make main's logging.basicConfig a no-op), Python's default warning filters
     with warnings printed to stderr, and one thread (the subprocesses' OMP_NUM_THREADS=1). Restored
@@ -91,7 +91,7 @@ def train_in_process(args: list[str]) -> subprocess.CompletedProcess:
 
     args = [str(arg) for arg in args]
     stdout, stderr = io.StringIO(), io.StringIO()
-    with _as_a_fresh_process(), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+    with as_a_fresh_process(), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         try:
             status = run_main(main, args)
         except SystemExit as exit_:  # argparse's usage errors (2)
