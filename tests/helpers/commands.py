@@ -9,18 +9,15 @@ the subprocesses of the e2e tests do not (tests/conftest.py), and the results mu
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import io
 import os
 import subprocess
 import sys
-import traceback
 from collections.abc import Sequence
 
 import torch
 
-from helpers.training import REPO, as_a_fresh_process
+from helpers.training import REPO, main_in_process
 
 
 def run_module(module: str, args: Sequence[object], stdin: str = "", timeout: int = 300,
@@ -37,21 +34,4 @@ def command_in_process(module: str, args: Sequence[object], stdin: str = "") -> 
     for a usage error), stdout and stderr, log lines included. `run_module` with CUDA."""
     if torch.cuda.is_available():
         return run_module(module, args, stdin=stdin)
-    from fastalign.cli import run_main
-
-    main = importlib.import_module(module).main
-    args = [str(arg) for arg in args]
-    stdout, stderr, saved_stdin = io.StringIO(), io.StringIO(), sys.stdin
-    sys.stdin = io.StringIO(stdin)
-    try:
-        with as_a_fresh_process(), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            try:
-                status = run_main(main, args)
-            except SystemExit as exit_:  # argparse's usage errors (2)
-                status = exit_.code if isinstance(exit_.code, int) else 1
-            except Exception:
-                traceback.print_exc()
-                status = 1
-    finally:
-        sys.stdin = saved_stdin
-    return subprocess.CompletedProcess([module, *args], status, stdout.getvalue(), stderr.getvalue())
+    return main_in_process(importlib.import_module(module).main, args, module, stdin=stdin)

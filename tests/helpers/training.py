@@ -86,20 +86,32 @@ def train_in_process(args: list[str]) -> subprocess.CompletedProcess:
     """
     if torch.cuda.is_available():
         return run_train(args)
-    from fastalign.cli import run_main
     from fastalign.train import main
 
+    return main_in_process(main, args, "fastalign.train")
+
+
+def main_in_process(main, args: list[object], name: str, stdin: str = "") -> subprocess.CompletedProcess:
+    """`python -m NAME ARGS` as `run_main(main, ARGS)` in this process, `stdin` as sys.stdin: the exit
+    status (2 and an `error:` line for a clean error, 1 and the traceback for a bug, argparse's own for
+    a usage error), stdout and stderr, log lines included."""
+    from fastalign.cli import run_main
+
     args = [str(arg) for arg in args]
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with as_a_fresh_process(), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        try:
-            status = run_main(main, args)
-        except SystemExit as exit_:  # argparse's usage errors (2)
-            status = exit_.code if isinstance(exit_.code, int) else 1
-        except Exception:
-            traceback.print_exc()
-            status = 1
-    return subprocess.CompletedProcess(["fastalign.train", *args], status, stdout.getvalue(), stderr.getvalue())
+    stdout, stderr, saved_stdin = io.StringIO(), io.StringIO(), sys.stdin
+    sys.stdin = io.StringIO(stdin)
+    try:
+        with as_a_fresh_process(), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                status = run_main(main, args)
+            except SystemExit as exit_:  # argparse's usage errors (2)
+                status = exit_.code if isinstance(exit_.code, int) else 1
+            except Exception:
+                traceback.print_exc()
+                status = 1
+    finally:
+        sys.stdin = saved_stdin
+    return subprocess.CompletedProcess([name, *args], status, stdout.getvalue(), stderr.getvalue())
 
 
 def train_ranks(args: list[str], nproc: int, timeout: int = 300) -> subprocess.CompletedProcess:
