@@ -88,19 +88,20 @@ def breakdown(steps: list[tuple[float, float]], ranges: list[tuple[str, float, f
             "share": {k: (v / step_time if step_time else 0.0) for k, v in totals.items()}}
 
 
-def events_breakdown(events, complete_steps: int) -> dict:
-    """`breakdown` of a torch.profiler run's raw Kineto events (`profile.profiler.kineto_results.events()`),
+def events_breakdown(results, complete_steps: int) -> dict:
+    """`breakdown` of a torch.profiler run's raw Kineto events (`results` is `profile.profiler.kineto_results`),
     over its first `complete_steps` steps (a profile ended before its schedule holds a last, unfinished one).
 
     Raw events, not `profile.events()`: that builds a Python FunctionEvent per event and their tree,
     about 3 s per 45,000 events (two steps of the tiny test model; a real model records far more),
     while every other rank waits for this one's summary. The breakdown needs names and times only."""
     steps, ranges = [], []
-    for event in events:
+    origin = results.trace_start_ns()  # times relative to it, in integers: float64 would round absolute ns
+    for event in results.events():
         if getattr(event, "is_hidden_event", lambda: False)():  # profile.events() leaves them out too
             continue
         name = event.name()
-        start, end = event.start_ns() / 1e3, event.end_ns() / 1e3  # microseconds, as breakdown's seconds assume
+        start, end = (event.start_ns() - origin) / 1e3, (event.end_ns() - origin) / 1e3  # us, as breakdown assumes
         if name.startswith("ProfilerStep"):  # "ProfilerStep#k", as in the trace
             steps.append((start, end))
             continue
@@ -187,7 +188,7 @@ class StepProfiler:
         global _recording
         _recording = False  # the N steps are done: no more synchronizing regions
         # step() calls so far: 1 warm-up + the recorded steps that finished
-        mine = events_breakdown(profile.profiler.kineto_results.events(),
+        mine = events_breakdown(profile.profiler.kineto_results,
                                 complete_steps=min(self.steps, profile.step_num - 1))
         if self.failed or not mine["steps"]:  # no step ended while recording: nothing to show
             return  # (the same on every rank: they step together)

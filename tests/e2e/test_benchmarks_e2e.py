@@ -97,8 +97,8 @@ def loss_head_run(runs):
 
 # Every script users run, as they run it (`python benchmarks/NAME.py`, from any folder, no PYTHONPATH):
 # the tests below fork the scripts' `main`s, this one starts the interpreter on each file.
-SCRIPTS = ("baseline_original", "checkpoint_save", "data_pipeline", "load_memory", "loss_head", "peer_trl",
-           "scaling", "startup", "train_modes", "train_throughput")
+SCRIPTS = ("baseline_original", "checkpoint_save", "data_pipeline", "gpu_check", "load_memory", "loss_head",
+           "peer_trl", "scaling", "startup", "train_modes", "train_throughput")
 
 
 def test_every_script_starts_as_a_command(tmp_path):

@@ -28,8 +28,8 @@ def test_cli_bad_record_is_a_clean_error(tiny_dir, tmp_path):
 
 @pytest.mark.slow
 def test_two_ranks_give_the_single_process_result(tiny_dir, tmp_path):
-    """fastalign.evaluate's main on 2 ranks (forked, helpers/ranks.py: what they compute is the point)
-    and on 1, as `python -m`."""
+    """fastalign.evaluate's main on 2 ranks and on 1 (forked, helpers/ranks.py: what they compute is
+    the point; test_cli_bad_record_is_a_clean_error starts `python -m fastalign.evaluate`)."""
     from fastalign.evaluate import main
 
     data = write_jsonl(tmp_path / "eval.jsonl", sample_data_path().read_text().splitlines()[:7])

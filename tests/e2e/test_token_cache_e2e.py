@@ -44,10 +44,10 @@ def test_two_rank_run_tokenizes_once_and_the_next_run_not_at_all(tiny, tmp_path)
 
 
 # Address space the trainer below may add to what it maps when it starts (its imports, or a forked
-# rank's inherited test process): a tiny run needs under 0.5 GiB more; the old reader's list of one int
-# per id up to 2**31 - 1 needs over 16 GiB for its slots alone.
+# rank's inherited test process): a tiny run needs under 0.5 GiB more; a reader that keeps one list slot
+# per id up to the largest id (2**31 - 1) would need over 16 GiB for its slots alone.
 ADDRESS_SPACE_HEADROOM = 2 * 2 ** 30
-OLD_READERS_NEED = 16 * 2 ** 30
+ONE_SLOT_PER_ID_NEEDS = 16 * 2 ** 30
 
 
 @pytest.mark.slow
@@ -62,7 +62,7 @@ def test_trainer_rebuilds_an_entry_with_ids_far_beyond_the_vocabulary_under_a_me
     out = tmp_path / "poisoned"
     result = ok(run_ranks(with_address_space_headroom, [ADDRESS_SPACE_HEADROOM, *common(model, data, out, **flags)]))
     limit = int(result.stdout.split("ADDRESS_SPACE_LIMIT ")[1].split()[0])
-    assert limit < OLD_READERS_NEED  # the limit would stop the old reader
+    assert limit < ONE_SLOT_PER_ID_NEEDS  # the limit would stop a reader with a slot per id
     warnings = [line for line in result.stderr.splitlines() if f"token cache entry {entry} is not used" in line]
     assert len(warnings) == 1 and "token id 2147483647 outside the model's vocabulary [0, 512)" in warnings[0]
     assert "(tokenized)" in result.stderr

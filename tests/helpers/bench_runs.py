@@ -113,10 +113,11 @@ class RunPool:
         return result
 
     def close(self) -> None:
-        for key, run in list(self.started.items()):
-            self._kill(run)
-            self._finish(key, None)
         self.queued.clear()
+        for run in self.started.values():
+            self._kill(run)
+        for key in list(self.started):
+            self._finish(key, None)
 
     def _fill(self) -> None:
         if torch.cuda.is_available():
@@ -131,9 +132,14 @@ class RunPool:
             sys.stderr.flush()
             pid = os.fork()
             if pid == 0:
-                with contextlib.suppress(OSError):  # the run and its workers: one group to kill on a timeout
-                    os.setpgid(0, 0)
-                run_rank(main, argv, {"OMP_NUM_THREADS": "1", **script_env()}, logs, 0)
+                try:
+                    with contextlib.suppress(OSError):  # the run and its workers: one group to kill on a timeout
+                        os.setpgid(0, 0)
+                    run_rank(main, argv, {"OMP_NUM_THREADS": "1", **script_env()}, logs, 0)
+                finally:
+                    os._exit(1)  # never back into the test session
+            with contextlib.suppress(OSError):  # also here: the group exists before any kill (either may run first)
+                os.setpgid(pid, pid)
             self.started[key] = _Started(pid, logs, time.monotonic() + timeout, argv)
 
     def _reap(self) -> None:
@@ -146,17 +152,29 @@ class RunPool:
                 self._finish(key, None)
 
     def _kill(self, run: _Started) -> None:
-        try:
-            os.killpg(run.pid, signal.SIGKILL)
-        except ProcessLookupError:  # the run had ended (its group with it)
-            pass
-        try:
+        """SIGTERM to the run's group first: a torchrun agent among them forwards it to its workers,
+        which live in sessions of their own; SIGKILL to what is left after a grace period."""
+        _signal_group(run.pid, signal.SIGTERM)
+        until, reaped = time.monotonic() + 5.0, False
+        while not reaped and time.monotonic() < until:
+            reaped = os.waitpid(run.pid, os.WNOHANG)[0] != 0
+            time.sleep(0.05)
+        _signal_group(run.pid, signal.SIGKILL)
+        if not reaped:
             os.waitpid(run.pid, 0)
-        except ChildProcessError:  # reaped already
-            pass
 
     def _finish(self, key: str, returncode: int | None) -> None:
         run = self.started.pop(key)
-        out, err = ((run.logs / f"0.{name}").read_text(errors="replace") for name in ("out", "err"))
+        out, err = ((run.logs / f"0.{name}").read_text(errors="replace") if (run.logs / f"0.{name}").exists()
+                    else "" for name in ("out", "err"))
         shutil.rmtree(run.logs, ignore_errors=True)
         self.done[key] = subprocess.CompletedProcess(run.argv, returncode, out, err)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    """`sig` to the process group `pid` leads, or to `pid` alone where it has none (setpgid failed)."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)

@@ -20,10 +20,9 @@ import torch
 from helpers.training import REPO, main_in_process
 
 
-def run_module(module: str, args: Sequence[object], stdin: str = "", timeout: int = 300,
-               extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_module(module: str, args: Sequence[object], stdin: str = "", timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -m module ARGS` in a new interpreter, `stdin` piped to it."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **(extra_env or {}))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], input=stdin, capture_output=True,
                           text=True, timeout=timeout, cwd=REPO, env=env)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,6 +36,16 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# Seconds the other ranks get to end after one exits non-zero (they usually exit 2 on the same
+# error); then they are killed (status -9), as torchrun ends the group when a rank fails instead of
+# waiting out the collectives.
+FAILED_RANK_GRACE_S = 20
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
 
 
 class RankRuns(subprocess.CompletedProcess):
@@ -89,7 +100,7 @@ def run_forked(main: Callable[[Sequence[str] | None], int | None], args: Sequenc
                timeout: float = 300, extra_env: dict[str, str] | None = None) -> RankRuns:
     """`main(args)` in `nproc` forked ranks (RANK, WORLD_SIZE, MASTER_PORT ... as torchrun sets
     them when nproc > 1); waits for all, kills all after `timeout` seconds (an AssertionError with
-    what each rank wrote)."""
+    what each rank wrote), and the rest FAILED_RANK_GRACE_S after a rank exits non-zero."""
     if dist.is_initialized():
         raise RuntimeError("fork ranks from a process without a process group (the children would inherit it)")
     args = [str(arg) for arg in args]
@@ -100,33 +111,39 @@ def run_forked(main: Callable[[Sequence[str] | None], int | None], args: Sequenc
     logs = Path(tempfile.mkdtemp(prefix="fastalign-ranks-"))
     sys.stdout.flush()
     sys.stderr.flush()
-    pids = []
-    for rank in range(nproc):
-        rank_env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank)) if nproc > 1 else env
-        pid = os.fork()
-        if pid == 0:
-            run_rank(main, args, rank_env, logs, rank)
-        pids.append(pid)
+    pids: list[int] = []
     statuses: dict[int, int] = {}
-    deadline = time.monotonic() + timeout
-    while len(statuses) < nproc and time.monotonic() < deadline:
+    timed_out = rank_failed = False
+    try:
+        for rank in range(nproc):
+            rank_env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank)) if nproc > 1 else env
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    run_rank(main, args, rank_env, logs, rank)
+                finally:
+                    os._exit(1)  # never back into the test session
+            pids.append(pid)
+        deadline = time.monotonic() + timeout
+        while len(statuses) < nproc and time.monotonic() < deadline:
+            for pid in pids:
+                if pid not in statuses:
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                    if done:
+                        statuses[pid] = os.waitstatus_to_exitcode(status)
+                        if statuses[pid] != 0 and not rank_failed:  # as torchrun: the others are ended
+                            rank_failed = True
+                            deadline = min(deadline, time.monotonic() + FAILED_RANK_GRACE_S)
+            time.sleep(0.01)
+        timed_out = len(statuses) < nproc and not rank_failed
+    finally:
         for pid in pids:
             if pid not in statuses:
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    statuses[pid] = os.waitstatus_to_exitcode(status)
-        time.sleep(0.01)
-    timed_out = len(statuses) < nproc
-    for pid in pids:
-        if pid not in statuses:
-            os.kill(pid, signal.SIGKILL)
-            statuses[pid] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-    ranks = [subprocess.CompletedProcess(args, statuses[pid], (logs / f"{rank}.out").read_text(),
-                                         (logs / f"{rank}.err").read_text()) for rank, pid in enumerate(pids)]
-    for rank in range(nproc):
-        for name in ("out", "err"):
-            (logs / f"{rank}.{name}").unlink()
-    logs.rmdir()
+                os.kill(pid, signal.SIGKILL)
+                statuses[pid] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        ranks = [subprocess.CompletedProcess(args, statuses[pid], _read(logs / f"{rank}.out"),
+                                             _read(logs / f"{rank}.err")) for rank, pid in enumerate(pids)]
+        shutil.rmtree(logs, ignore_errors=True)
     result = RankRuns(args, ranks)
     if timed_out:
         raise AssertionError(f"{nproc} forked ranks still running after {timeout} s:\n{result.stderr[-4000:]}")

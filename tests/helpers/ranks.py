@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run_ranks(main: Callable[[Sequence[str] | None], int | None], args: Sequence[object], nproc: int = 1,
-              timeout: float = 300, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+              timeout: float = 300) -> subprocess.CompletedProcess:
     """`main(args)` on `nproc` ranks (RANK, WORLD_SIZE, MASTER_PORT ... as torchrun sets them when
     nproc > 1; none for 1, as `python -m`): the exit status (0 when every rank exited 0), stdout and
     stderr (the ranks' in rank order when forked). Forked, the result's `ranks` holds each rank's."""
@@ -32,10 +32,9 @@ def run_ranks(main: Callable[[Sequence[str] | None], int | None], args: Sequence
     if not torch.cuda.is_available():
         from helpers.forked import run_forked
 
-        return run_forked(main, args, nproc=nproc, timeout=timeout, extra_env=extra_env)
+        return run_forked(main, args, nproc=nproc, timeout=timeout)
     launch = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]), OMP_NUM_THREADS="1",
-               **(extra_env or {}))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]), OMP_NUM_THREADS="1")
     cmd = [sys.executable, *launch, "-m", "helpers.ranks", f"{main.__module__}:{main.__name__}", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
 

@@ -29,10 +29,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run_train(args: list[str], nproc: int = 1, timeout: int = 300,
-              rendezvous: bool = False, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+              rendezvous: bool = False) -> subprocess.CompletedProcess:
     """`python -m fastalign.train`, or torchrun with `nproc` processes: `--standalone`, or with
-    `rendezvous` the multi-node flags of docs/training.md (c10d rendezvous, one node here); `extra_env`
-    adds environment variables."""
+    `rendezvous` the multi-node flags of docs/training.md (c10d rendezvous, one node here)."""
     if nproc == 1:
         cmd = [sys.executable, "-m", "fastalign.train", *args]
     else:
@@ -41,7 +40,7 @@ def run_train(args: list[str], nproc: int = 1, timeout: int = 300,
                   if rendezvous else ["--standalone"])
         cmd = [sys.executable, "-m", "torch.distributed.run", *launch,
                f"--nproc_per_node={nproc}", "-m", "fastalign.train", *args]
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **(extra_env or {}))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
 
 

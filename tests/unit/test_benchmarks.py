@@ -138,7 +138,6 @@ def test_original_loss_matches_fastalign_loss_on_the_same_logits():
 FAILING_WORKER = """
 import sys
 sys.path.insert(0, sys.argv[1])
-from benchmarks import loss_head
 from benchmarks.lib.workers import serve
 
 

@@ -18,7 +18,7 @@ from fastalign.config import parse_args
 from fastalign.console import format_metrics_line
 from fastalign.errors import FastalignError
 from fastalign.evaluate import ranking_record, score_record
-from fastalign.profiling import CATEGORIES, StepProfiler, breakdown, region
+from fastalign.profiling import CATEGORIES, StepProfiler, breakdown, classify, events_breakdown, region
 
 REQUIRED = ["--model_name_or_path", "m", "--data_path", "d", "--output_dir", "o"]
 EVAL = ["--evaluation_strategy", "steps", "--eval_data_path", "e"]
@@ -181,6 +181,41 @@ def test_profile_writes_a_trace_and_a_summary_in_process(tmp_path, process_group
     summary = json.loads((tmp_path / "profile" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["world_size"] == 1 and summary["step_time_s"] > 0
     assert summary["seconds"]["forward"] > 0 and summary["seconds"]["backward"] > 0
+
+
+def test_raw_event_breakdown_equals_the_one_from_torchs_function_events():
+    """The breakdown reads Kineto's raw events (fast, but torch-internal); torch's public
+    `profile.events()` must give the same steps and seconds, so a torch upgrade that changes the
+    raw events fails here."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function, schedule
+
+    def both(prof) -> None:  # when the trace is ready, as StepProfiler reads it
+        steps, ranges = [], []
+        for event in prof.events():
+            start, end = event.time_range.start, event.time_range.end
+            if event.name.startswith("ProfilerStep"):
+                steps.append((start, end))
+            elif (label := classify(event.name, event.device_type != torch.autograd.DeviceType.CPU)) is not None:
+                ranges.append((label, start, end))
+        results.append((events_breakdown(prof.profiler.kineto_results, complete_steps=3),
+                        breakdown(sorted(steps)[:3], ranges)))
+
+    model, results = torch.nn.Linear(64, 64), []
+    with profile(activities=[ProfilerActivity.CPU], on_trace_ready=both,
+                 schedule=schedule(wait=0, warmup=1, active=3, repeat=1)) as prof:
+        for _ in range(5):
+            with record_function("fastalign/forward"):
+                loss = model(torch.randn(8, 64)).square().mean()
+            with record_function("fastalign/backward"):
+                loss.backward()
+            prof.step()
+    ((raw, public),) = results
+    assert raw["steps"] == public["steps"] == 3
+    assert raw["step_time_s"] == pytest.approx(public["step_time_s"], abs=1e-6)
+    for category in CATEGORIES:
+        assert raw["seconds"][category] == pytest.approx(public["seconds"][category], abs=1e-6), category
+    assert raw["seconds"]["forward"] > 0 and raw["seconds"]["backward"] > 0
 
 
 def test_profile_that_cannot_be_written_is_a_clean_error(tmp_path, process_group):
