@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.bench_runs import run_bench
 from helpers.gpu_check_stand_ins import fake_environment, stand_in_stages  # and the source tree on sys.path
 
 pytestmark = pytest.mark.slow
@@ -154,21 +155,8 @@ def test_triton_cases_never_use_cpu_tensors_without_the_interpreter(background):
 # ----------------------------------------------------------------------------- gpu-check orchestration
 
 
-def run_gpu_check(args: list[str]) -> subprocess.CompletedProcess:
-    """`python benchmarks/gpu_check.py ARGS`: its main in a process forked from this one, or with
-    CUDA (which a fork cannot use) the script. tests/e2e/test_benchmarks_e2e.py runs the script."""
-    if torch.cuda.is_available():
-        return subprocess.run([sys.executable, "benchmarks/gpu_check.py", *args], capture_output=True, text=True,
-                              timeout=120, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
-    from helpers.forked import run_forked
-
-    from benchmarks import gpu_check
-
-    return run_forked(gpu_check.main, args, timeout=120)
-
-
 def test_gpu_check_reports_backends_and_versions_and_a_results_row(tmp_path):
-    result = run_gpu_check(["--only", "--out_dir", str(tmp_path)])
+    result = run_bench("gpu_check", "--only", "--out_dir", tmp_path, timeout=120)
     info = json.loads((tmp_path / "environment.json").read_text())
     assert info["attention_backend"] in ("flash_attn", "torch_varlen", "sdpa")
     assert info["loss_backend"] in ("triton", "torch") and info["torch"] == torch.__version__
@@ -258,17 +246,11 @@ def test_gpu_check_passes_when_nothing_failed_even_if_the_budget_cut_a_stage(bac
 
 def count_all_reduces(prefix: Path, args: list[str]) -> subprocess.CompletedProcess:
     """fastalign.train on 2 ranks with FSDP2's gradient all-reduces counted per rank
-    (helpers/all_reduce_counter.py): forked ranks, or torchrun where forks cannot use CUDA."""
+    (helpers/all_reduce_counter.py)."""
     from helpers import all_reduce_counter
+    from helpers.ranks import run_ranks
 
-    if torch.cuda.is_available():
-        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               all_reduce_counter.__file__, str(prefix), *args],
-                              capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
-    from helpers.forked import run_forked
-
-    return run_forked(all_reduce_counter.main, [prefix, *args], nproc=2)
+    return run_ranks(all_reduce_counter.main, [prefix, *args], nproc=2)
 
 
 def test_accumulation_all_reduces_replicated_gradients_once_per_step(tmp_path):

@@ -2,9 +2,7 @@
 accumulation all-reduces once per optimizer step, not once per micro-batch.
 
 `main([PREFIX, *train args])` trains and writes the number of all-reduces this rank's FSDP2 issued
-to PREFIX.rank<RANK>. It is the `main` of ranks forked from the test's process (helpers/forked.py)
-and, where forks cannot be used (CUDA), a script for torchrun:
-`torchrun --nproc_per_node=2 tests/helpers/all_reduce_counter.py PREFIX ARGS`.
+to PREFIX.rank<RANK>; `helpers.ranks.run_ranks` runs it on the ranks.
 """
 
 from __future__ import annotations
@@ -36,9 +34,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         dist.all_reduce = real_all_reduce
     Path(f"{prefix}.rank{os.environ['RANK']}").write_text(str(len(calls)))
     return status
-
-
-if __name__ == "__main__":
-    from fastalign.cli import exit_process, run_main
-
-    exit_process(run_main(main))

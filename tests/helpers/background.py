@@ -2,17 +2,19 @@
 module's run that mostly waits (sleeps that stand in for slow saves) while the module's other
 tests go on beside it.
 
-The child returns through a pickle file and ends with os._exit (no pytest teardown, no atexit
-handler of the parent); it leads its own process group, so that `close` ends what it started.
+The child returns through a JSON file (JSON values and CompletedProcess; no pickle) and ends with
+os._exit (no pytest teardown, no atexit handler of the parent); it leads its own process group, so
+that `close` ends what it started.
 With CUDA the function runs at once in this process instead: a forked child must not touch a
 CUDA context its parent may hold.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import pickle
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from helpers.forked import signal_group
 
 
 class Pending:
@@ -34,7 +38,7 @@ class Pending:
         if torch.cuda.is_available():
             self.value = self._call(fn, args)
             return
-        fd, name = tempfile.mkstemp(prefix="fastalign-pending-", suffix=".pickle")
+        fd, name = tempfile.mkstemp(prefix="fastalign-pending-", suffix=".json")
         os.close(fd)
         self.path = Path(name)
         sys.stdout.flush()
@@ -48,7 +52,7 @@ class Pending:
                 os.dup2(quiet, 1)
                 os.dup2(quiet, 2)
                 outcome = self._call(fn, args)
-                self.path.write_bytes(pickle.dumps(outcome))
+                self.path.write_text(json.dumps(outcome, default=_encode))
                 status = 0
             finally:
                 os._exit(status)
@@ -79,7 +83,7 @@ class Pending:
             self.path.unlink()
             if status != 0 or not outcome:
                 raise AssertionError(f"the forked process ended with status {status} and no result")
-            self.value = pickle.loads(outcome)
+            self.value = json.loads(outcome, object_hook=_decode)
         kind, value = self.value
         if kind == "error":
             raise AssertionError(f"the forked process raised:\n{value}")
@@ -87,10 +91,17 @@ class Pending:
 
     def close(self) -> None:
         if self.pid is not None:
-            try:
-                os.killpg(self.pid, signal.SIGKILL)
-            except ProcessLookupError:  # setpgid not reached yet, or the group is gone
-                os.kill(self.pid, signal.SIGKILL)
+            signal_group(self.pid, signal.SIGKILL)
             os.waitpid(self.pid, 0)
             self.pid = None
             self.path.unlink(missing_ok=True)
+
+
+def _encode(value: Any) -> dict:
+    if isinstance(value, subprocess.CompletedProcess):
+        return {"completed_process": [value.args, value.returncode, value.stdout, value.stderr]}
+    raise TypeError(f"a background result must be JSON or a CompletedProcess, not {type(value).__name__}")
+
+
+def _decode(obj: dict) -> Any:
+    return subprocess.CompletedProcess(*obj["completed_process"]) if set(obj) == {"completed_process"} else obj

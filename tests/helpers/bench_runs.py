@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from helpers.forked import run_forked, run_rank
+from helpers.forked import run_forked, run_rank, signal_group
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -154,12 +154,12 @@ class RunPool:
     def _kill(self, run: _Started) -> None:
         """SIGTERM to the run's group first: a torchrun agent among them forwards it to its workers,
         which live in sessions of their own; SIGKILL to what is left after a grace period."""
-        _signal_group(run.pid, signal.SIGTERM)
+        signal_group(run.pid, signal.SIGTERM)
         until, reaped = time.monotonic() + 5.0, False
         while not reaped and time.monotonic() < until:
             reaped = os.waitpid(run.pid, os.WNOHANG)[0] != 0
             time.sleep(0.05)
-        _signal_group(run.pid, signal.SIGKILL)
+        signal_group(run.pid, signal.SIGKILL)
         if not reaped:
             os.waitpid(run.pid, 0)
 
@@ -169,12 +169,3 @@ class RunPool:
                     else "" for name in ("out", "err"))
         shutil.rmtree(run.logs, ignore_errors=True)
         self.done[key] = subprocess.CompletedProcess(run.argv, returncode, out, err)
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    """`sig` to the process group `pid` leads, or to `pid` alone where it has none (setpgid failed)."""
-    try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)

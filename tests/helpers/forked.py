@@ -14,6 +14,7 @@ its parent may hold.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -42,6 +43,16 @@ def free_port() -> int:
 # error); then they are killed (status -9), as torchrun ends the group when a rank fails instead of
 # waiting out the collectives.
 FAILED_RANK_GRACE_S = 20
+
+
+def signal_group(pid: int, sig: int) -> None:
+    """`sig` to the process group `pid` leads, or to `pid` alone where it has none (setpgid failed or
+    not reached yet)."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
 
 
 def _read(path: Path) -> str:

@@ -2,9 +2,8 @@
 and an evaluation that each take SLOW_S seconds (as a large checkpoint would), and a device peak of
 FAKE_PEAK_FLOPS (so that a CPU run logs an MFU).
 
-`run_probed_train` runs it in a process forked from the test's (helpers/forked.py), so the probes
-never touch the test process; with CUDA, this file as a script in a new interpreter (a forked child
-cannot use CUDA). Either way the process prints `PROBES {json}` last on stdout.
+`run_probed_train` runs it through `helpers.ranks.run_ranks` (a forked process, or a new interpreter
+with CUDA), so the probes never touch the test process; it prints `PROBES {json}` last on stdout.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,22 +52,8 @@ def probed_main(argv: Sequence[str]) -> int:
 
 def run_probed_train(args: Sequence[object], timeout: int = 300) -> tuple[subprocess.CompletedProcess, dict]:
     """(the run's outcome, the probes it printed) for `python -m fastalign.train ARGS` with the probes."""
-    import torch
+    from helpers.ranks import run_ranks
 
-    args = [str(arg) for arg in args]
-    if torch.cuda.is_available():
-        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-        result = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
-                                timeout=timeout, cwd=REPO, env=env)
-    else:
-        from helpers.forked import run_forked
-
-        result = run_forked(probed_main, args, timeout=timeout)
+    result = run_ranks(probed_main, args, timeout=timeout)
     assert result.returncode == 0, result.stderr[-4000:]
     return result, json.loads(result.stdout.split("PROBES ", 1)[1])
-
-
-if __name__ == "__main__":
-    from fastalign.cli import exit_process, run_main
-
-    exit_process(run_main(probed_main, sys.argv[1:]))

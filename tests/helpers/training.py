@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from helpers.forked import free_port, run_forked
+from helpers.forked import free_port
+from helpers.ranks import run_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -117,12 +118,10 @@ def train_ranks(args: list[str], nproc: int, timeout: int = 300) -> subprocess.C
     """`torchrun --nproc_per_node=NPROC -m fastalign.train ARGS` as ranks forked from this process
     (helpers/forked.py): the same process group and collectives without each rank's imports. For
     tests of what several ranks compute; torchrun's own behaviour is tested with `run_train`.
-    The result's `ranks` holds each rank's outcome. With CUDA it is `run_train`."""
-    if torch.cuda.is_available():
-        return run_train(args, nproc=nproc, timeout=timeout)
+    The result's `ranks` holds each rank's outcome. With CUDA, real processes (helpers/ranks.py)."""
     from fastalign.train import main
 
-    return run_forked(main, args, nproc=nproc, timeout=timeout)
+    return run_ranks(main, args, nproc=nproc, timeout=timeout)
 
 
 def run_train_on_terminal(args: list[str], timeout: int = 300) -> tuple[int, str]:
